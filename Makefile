@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make run` (the main job on the embedded tiny model)
+# and `make test`. Both create .venv and install what they need; torch 2.13.0 (CPU) goes first
+# so that nothing later pulls a CUDA build.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/mistral-export
+STAMP  := $(VENV)/.installed
+OUTDIR ?= build/tiny
+PROMPT ?= def read_config(path):
+
+.PHONY: run test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(CLI) inspect tiny --context 4096
+	$(CLI) generate tiny --prompt '$(PROMPT)' --max-new-tokens 80
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

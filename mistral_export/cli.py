@@ -1,0 +1,123 @@
+"""The `mistral-export` command line: parses, calls one stage function, prints."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mistral_export.errors import MistralExportError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn a Mistral checkpoint into ONNX / TensorRT engines and a Triton model repository.")
+
+ModelArg = Annotated[str, typer.Argument(help="A checkpoint folder (HF config.json or native params.json), "
+                                              "or a preset: tiny, mistral-7b-v0.1, mistral-7b-v0.3.")]
+
+
+class Backend(str, Enum):
+    eager = "eager"
+    onnxruntime = "onnxruntime"
+
+
+class Attention(str, Enum):
+    reference = "reference"
+    triton = "triton"
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A user mistake becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        yield
+    except MistralExportError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def inspect(model: ModelArg,
+            context: Annotated[int, typer.Option(help="Context length for the KV-cache estimate.")] = 32768) -> None:
+    """Config, parameter count, weight bytes per dtype and KV-cache bytes per sequence."""
+    from mistral_export.model.config import load_config
+    from mistral_export.model.inspect import describe
+
+    with user_errors():
+        rows = describe(load_config(model), context)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 64,
+    chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Prefill the prompt in chunks of this many tokens.")] = None,
+    backend: Annotated[Backend, typer.Option(help="eager: the PyTorch reference model; onnxruntime: an exported ONNX.")] = Backend.eager,
+    onnx: Annotated[Optional[Path], typer.Option(help="ONNX file for --backend onnxruntime (default: export to a temporary folder).")] = None,
+    attention: Annotated[Attention, typer.Option(help="Eager attention kernels: reference (torch) or triton (CUDA).")] = Attention.reference,
+) -> None:
+    """Greedy generation, tokens streamed to the terminal as they come."""
+    from mistral_export.model.config import resolve_model_dir
+    from mistral_export.model.tokenizer import load_tokenizer
+
+    with user_errors():
+        folder = resolve_model_dir(model)
+        if folder is None:
+            raise MistralExportError(f"preset '{model}' has no weights or tokenizer; pass a checkpoint folder or 'tiny'")
+        runner = _make_runner(model, backend, onnx, attention)
+        tokenizer = load_tokenizer(folder)
+        _stream(runner, tokenizer, prompt, max_new_tokens, chunk_size)
+
+
+def _make_runner(model: str, backend: Backend, onnx: Path | None, attention: Attention):
+    from mistral_export.engines.runner import EagerRunner
+    from mistral_export.model.checkpoint import load_model
+
+    if backend is Backend.onnxruntime:
+        from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
+
+        if onnx is None:
+            raise MistralExportError("--backend onnxruntime needs --onnx PATH (from `mistral-export export`)")
+        return OnnxRuntimeRunner(onnx)
+    device = "cpu"
+    if attention is Attention.triton:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MistralExportError("--attention triton needs a CUDA GPU; none is visible to torch")
+        import mistral_export.plugins.torch_cuda  # noqa: F401  (registers the CUDA kernels)
+
+        device = "cuda"
+    return EagerRunner(load_model(model, device=device), device=device)
+
+
+def _stream(runner, tokenizer, prompt: str, max_new_tokens: int, chunk_size: int | None) -> None:
+    from mistral_export.engines.runner import greedy_tokens
+
+    prompt_ids = tokenizer.encode(prompt)
+    typer.echo(prompt, nl=False)
+    generated: list[int] = []
+    shown = ""
+    for token in greedy_tokens(runner, prompt_ids, max_new_tokens, chunk_size, stop_id=tokenizer.eos_id):
+        generated.append(token)
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    typer.echo("")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
