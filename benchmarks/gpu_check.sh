@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One prepared GPU check of the Triton kernels (a few minutes; installs nothing; needs python3 with torch+triton).
+# Results go to $OUT if set (the device tool's output folder), else benchmarks/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+results="${OUT:-benchmarks/results}"
+mkdir -p "$results"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee "$results/gpu_check_nvidia_smi.txt"
+# The kernel checks and timings bound their own time (GPU_CHECK_BUDGET_S); the outer timeout is a backstop.
+timeout 330 python3 benchmarks/gpu_check.py 2>&1 | tee "$results/gpu_check_log.txt"
+status=${PIPESTATUS[0]}
+# The CUDA cases of the kernel test suite (same cases as the interpreter runs on CPU), bounded.
+if command -v pytest >/dev/null 2>&1 || python3 -c "import pytest" 2>/dev/null; then
+  timeout 75 python3 -m pytest tests/test_kernels.py -k cuda -q -p no:cacheprovider 2>&1 | tail -25 \
+    | tee "$results/gpu_check_pytest.txt"
+fi
+exit "$status"

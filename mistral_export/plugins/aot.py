@@ -1,0 +1,232 @@
+"""Ahead-of-time compilation of the plugin kernels to PTX, for TensorRT's `aot_impl` (no GPU, no TensorRT).
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole pipeline on a CPU-only
+machine; only the PTX is kept. TensorRT launches an AOT kernel with its arguments in the order
+(input pointers, extra int32 scalars, output pointers), which is the parameter order of
+`chunk_attention_kernel` and `rolling_cache_update_kernel`.
+
+Two things Triton adds that TensorRT does not expect are dealt with here:
+* Triton ≥ 3.3 appends `global_scratch` / `profile_scratch` pointer parameters to every kernel. These kernels
+  use neither (sizes checked to be 0), so the unreferenced trailing parameters are removed from the PTX entry,
+  leaving exactly the parameters TensorRT passes.
+* Only int32 scalars can be passed; the float `scale` is baked into the PTX as a constant instead.
+
+Grids and scalar arguments are written with + - * // only, so the same functions evaluate on Python ints
+(tests, torch) and on TensorRT's symbolic shape expressions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+# Targets a release build compiles for: Ampere (A100, A10/RTX 30), Ada (L4/L40/RTX 40), Hopper (H100/H200).
+SUPPORTED_CAPABILITIES = (80, 86, 89, 90)
+AOT_DTYPES = ("fp16", "bf16", "fp32")
+# TensorRT's AOT launch sets no dynamic shared-memory attribute, so stay within the default 48 KB limit.
+MAX_STATIC_SHARED_MEM = 48 * 1024
+
+ATTENTION_INPUTS = ("q_ptr", "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr", "past_len_ptr")
+ATTENTION_SCALARS = (
+    "stride_qb", "stride_qh", "stride_qs",
+    "stride_kb", "stride_kh", "stride_ks",
+    "stride_cb", "stride_ch", "stride_cc",
+    "stride_ob", "stride_oh", "stride_os",
+    "seq_len", "capacity", "window",
+)
+ATTENTION_OUTPUTS = ("out_ptr",)
+
+CACHE_UPDATE_INPUTS = ("cache_ptr", "new_ptr", "past_len_ptr", "after_ptr")
+CACHE_UPDATE_SCALARS = (
+    "stride_cb", "stride_ch", "stride_cc",
+    "stride_nb", "stride_nh", "stride_ns",
+    "seq_len", "capacity",
+)
+CACHE_UPDATE_OUTPUTS = ("cache_out_ptr",)
+
+
+@dataclass(frozen=True)
+class AotTile:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """A compiled kernel and what TensorRT needs to launch it."""
+
+    name: str
+    ptx: str
+    num_warps: int
+    shared_mem: int
+    params: tuple[str, ...]  # runtime parameters, in PTX order
+    constants: dict[str, Any] = field(default_factory=dict)
+    capability: int = 90
+
+    @property
+    def block_threads(self) -> int:
+        return self.num_warps * 32
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in AOT_DTYPES:
+        raise ValueError(f"dtype must be one of {AOT_DTYPES}; got {dtype!r}")
+
+
+def _check_head_dim(head_dim: int) -> None:
+    from .kernels import SUPPORTED_HEAD_DIMS
+
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}; got {head_dim}")
+
+
+def _check_capability(capability: int) -> None:
+    if capability not in SUPPORTED_CAPABILITIES:
+        raise ValueError(f"capability must be one of {SUPPORTED_CAPABILITIES} (sm_XY as XY); got {capability}")
+
+
+def cdiv(a, b):
+    """Ceiling division that also works on TensorRT shape expressions (they support + - * //)."""
+    return (a + (b - 1)) // b
+
+
+def chunk_attention_tile(dtype: str, head_dim: int) -> AotTile:
+    """Tiles whose shared memory fits 48 KB on every supported target (checked by tests/test_aot_ptx.py)."""
+    _check_dtype(dtype)
+    _check_head_dim(head_dim)
+    if dtype == "fp32":
+        return AotTile(block_m=32, block_n=32 if head_dim >= 128 else 64, num_warps=4, num_stages=1)
+    if head_dim >= 128:
+        return AotTile(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return AotTile(block_m=64, block_n=64, num_warps=4, num_stages=2)
+
+
+CACHE_UPDATE_BLOCK_ROWS = 16
+
+
+def _strip_unused_trailing_params(ptx: str, name: str, keep: int) -> str:
+    """Drops the entry parameters after the first `keep`, which must be unreferenced in the body."""
+    entry = re.search(r"\.entry\s+" + re.escape(name) + r"\(\s*(.*?)\s*\)", ptx, flags=re.S)
+    if entry is None:
+        raise RuntimeError(f"no .entry {name} in the PTX")
+    params = [p.strip() for p in entry.group(1).split(",")]
+    if len(params) < keep:
+        raise RuntimeError(f"{name} has {len(params)} PTX parameters, fewer than the {keep} TensorRT passes")
+    extra = params[keep:]
+    for decl in extra:
+        pname = decl.split()[-1]
+        if len(re.findall(re.escape(pname) + r"\b", ptx)) != 1:
+            raise RuntimeError(f"{name}: trailing parameter {pname} is used by the kernel; cannot drop it")
+    if not extra:
+        return ptx
+    new_block = ",\n\t".join(params[:keep])
+    return ptx[: entry.start(1)] + new_block + ptx[entry.end(1):]
+
+
+def ptx_entry_params(ptx: str, name: str) -> list[str]:
+    """Parameter declarations of the PTX entry `name` (used by tests to check the launch contract)."""
+    entry = re.search(r"\.entry\s+" + re.escape(name) + r"\(\s*(.*?)\s*\)", ptx, flags=re.S)
+    if entry is None:
+        raise RuntimeError(f"no .entry {name} in the PTX")
+    return [p.strip() for p in entry.group(1).split(",") if p.strip()]
+
+
+def _compile(fn, signature: dict[str, str], constants: dict[str, Any], aligned: Sequence[str],
+             capability: int, num_warps: int, num_stages: int, n_runtime: int) -> AotKernel:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(fn.arg_names)
+    full_sig = {n: ("constexpr" if n in constants else signature[n]) for n in names}
+    # 16-byte alignment of pointers and strides lets Triton vectorise loads; TensorRT buffers are 256-aligned
+    # and every stride is a multiple of head_dim >= 16.
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=fn, signature=full_sig, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    md = compiled.metadata
+    for scratch in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(md, scratch, 0):
+            raise RuntimeError(f"{md.name} needs {scratch}={getattr(md, scratch)}; TensorRT cannot provide it")
+    ptx = _strip_unused_trailing_params(compiled.asm["ptx"], md.name, n_runtime)
+    runtime = tuple(n for n in names if n not in constants)
+    return AotKernel(name=md.name, ptx=ptx, num_warps=md.num_warps, shared_mem=md.shared, params=runtime,
+                     constants=dict(constants), capability=capability)
+
+
+def compile_chunk_attention(dtype: str, head_dim: int, group: int, scale: float, capability: int) -> AotKernel:
+    """PTX of `chunk_attention_kernel` for one I/O dtype, head_dim, GQA group size and scale."""
+    from .kernels import LOG2E, chunk_attention_kernel
+
+    _check_dtype(dtype)
+    _check_head_dim(head_dim)
+    _check_capability(capability)
+    if group < 1:
+        raise ValueError(f"group (q heads per kv head) must be >= 1; got {group}")
+    tile = chunk_attention_tile(dtype, head_dim)
+    ptr = f"*{dtype}"
+    signature = {n: ptr for n in ATTENTION_INPUTS + ATTENTION_OUTPUTS}
+    signature["past_len_ptr"] = "*i64"
+    signature.update({n: "i32" for n in ATTENTION_SCALARS})
+    constants = {
+        "scale_log2": float(scale) * LOG2E,
+        "GROUP": group,
+        "BLOCK_M": tile.block_m,
+        "BLOCK_N": tile.block_n,
+        "HEAD_DIM": head_dim,
+        "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+    }
+    aligned = [n for n in ATTENTION_INPUTS + ATTENTION_OUTPUTS if n != "past_len_ptr"]
+    aligned += [n for n in ATTENTION_SCALARS if n.startswith("stride_")]
+    n_runtime = len(ATTENTION_INPUTS) + len(ATTENTION_SCALARS) + len(ATTENTION_OUTPUTS)
+    return _compile(chunk_attention_kernel, signature, constants, aligned, capability,
+                    tile.num_warps, tile.num_stages, n_runtime)
+
+
+def chunk_attention_grid(batch, kv_heads: int, seq, group: int, tile: AotTile):
+    """Launch grid of `chunk_attention_kernel` (the same as kernels.sliding_window_attention's for S > 1)."""
+    return (cdiv(seq * group, tile.block_m), kv_heads, batch)
+
+
+def chunk_attention_scalars(q_heads: int, kv_heads: int, seq, capacity: int, head_dim: int, window: int) -> list:
+    """The int32 scalars of `chunk_attention_kernel` for contiguous (LINEAR) tensors, in ATTENTION_SCALARS order."""
+    from .kernels import UNBOUNDED_WINDOW
+
+    # `seq` may be a TensorRT expression: keep it on the left of each product.
+    q_strides = [seq * (q_heads * head_dim), seq * head_dim, head_dim]
+    kv_strides = [seq * (kv_heads * head_dim), seq * head_dim, head_dim]
+    cache_strides = [kv_heads * capacity * head_dim, capacity * head_dim, head_dim]
+    return [*q_strides, *kv_strides, *cache_strides, *q_strides, seq, capacity, window or UNBOUNDED_WINDOW]
+
+
+def compile_rolling_cache_update(dtype: str, head_dim: int, capability: int) -> AotKernel:
+    """PTX of `rolling_cache_update_kernel` (cache and new share `dtype`)."""
+    from .kernels import rolling_cache_update_kernel
+
+    _check_dtype(dtype)
+    _check_head_dim(head_dim)
+    _check_capability(capability)
+    ptr = f"*{dtype}"
+    signature = {n: ptr for n in CACHE_UPDATE_INPUTS + CACHE_UPDATE_OUTPUTS}
+    signature["past_len_ptr"] = "*i64"
+    signature.update({n: "i32" for n in CACHE_UPDATE_SCALARS})
+    constants = {"BLOCK_R": CACHE_UPDATE_BLOCK_ROWS, "HEAD_DIM": head_dim}
+    aligned = ["cache_ptr", "new_ptr", "cache_out_ptr"] + [n for n in CACHE_UPDATE_SCALARS if n.startswith("stride_")]
+    n_runtime = len(CACHE_UPDATE_INPUTS) + len(CACHE_UPDATE_SCALARS) + len(CACHE_UPDATE_OUTPUTS)
+    return _compile(rolling_cache_update_kernel, signature, constants, aligned, capability,
+                    4 if head_dim >= 64 else 1, 1, n_runtime)
+
+
+def rolling_cache_update_grid(batch, kv_heads: int, seq):
+    return (cdiv(seq, CACHE_UPDATE_BLOCK_ROWS), kv_heads, batch)
+
+
+def rolling_cache_update_scalars(kv_heads: int, seq, capacity: int, head_dim: int) -> list:
+    """The int32 scalars of `rolling_cache_update_kernel` for contiguous tensors, in CACHE_UPDATE_SCALARS order."""
+    cache_strides = [kv_heads * capacity * head_dim, capacity * head_dim, head_dim]
+    new_strides = [seq * (kv_heads * head_dim), seq * head_dim, head_dim]  # seq may be an expression
+    return [*cache_strides, *new_strides, seq, capacity]

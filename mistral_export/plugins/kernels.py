@@ -1,0 +1,566 @@
+"""Triton kernels for the two `mistral::` ops (DESIGN.md, "The op contract"), and their launchers.
+
+Three kernels (plus a merge step) implement the contract:
+
+* `decode_partial_kernel` + `decode_merge_kernel`: S = 1. One program per (split of the window, kv head,
+  sequence) serves every query head of the GQA group, so K/V are read once per group; the window is split
+  across programs (flash-decoding) so that batch 1 still fills the GPU, and the partial softmaxes are merged
+  by a second, small kernel.
+* `chunk_attention_kernel`: any S (prefill chunks; also the single-kernel form TensorRT's AOT path uses for
+  decode). Tiled online softmax over [pre-update cache ∪ new keys]; each query tile visits only the keys
+  inside its window band, so the cost grows as S·W rather than S².
+* `rolling_cache_update_kernel`: writes the last min(S, C) new rows into slots (past_len + i) mod C, in place.
+
+Parameter order of the chunk and cache-update kernels is (input pointers, int32 scalars, output pointers,
+constexprs): the order TensorRT's AOT plugin launch uses, so the same kernels serve torch and TensorRT.
+
+Layouts: q [B,Hq,S,D], k/v [B,Hkv,S,D], caches [B,Hkv,C,D], past_len [B] int64, out [B,Hq,S,D]. Strides are
+passed for every dim but the last; the launchers make a tensor contiguous only if its last dim is strided or
+if k/v (or k_cache/v_cache) disagree on strides, since one set of strides serves each pair.
+
+Importing this module imports triton; nothing else in the package imports it at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+# Stands in for "no window" so the kernels need no branch: j > p - 2**30 holds for every real position.
+UNBOUNDED_WINDOW = 1 << 30
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
+    """One key tile of online softmax. Scores live in log2 units (scale folded with log2 e) to use exp2."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with no allowed key so far keeps m = -inf; subtracting 0 instead avoids (-inf) - (-inf) = NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def decode_partial_kernel(
+    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, past_len_ptr,
+    part_out_ptr, part_max_ptr, part_sum_ptr,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh,
+    stride_cb, stride_ch, stride_cc,
+    capacity, window, scale_log2, keys_per_split, num_splits,
+    counter_ptr, out_ptr, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    """Partial attention of one decode query per head of a GQA group over one split of its key range.
+
+    Writes the unnormalised accumulator, running max (log2 units) and running sum per (b, q head, split).
+    With FUSED_MERGE the last split of a (b, kv head) to finish (an atomic ticket per group) merges the
+    partials itself instead of `decode_merge_kernel` (an experiment against batch-1 latency; slower on an
+    H200, so off by default). The ticket counters are zero before the launch and reset by the merging program.
+    """
+    split = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    kv_heads = tl.num_programs(1)
+
+    past = tl.load(past_len_ptr + b).to(tl.int32)
+    pos = past  # the query's absolute position
+    lo = tl.maximum(tl.maximum(past - capacity, 0), pos - window + 1)
+    start = lo + split * keys_per_split
+    end = tl.minimum(start + keys_per_split, pos + 1)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    group_ok = offs_g < GROUP
+    q_heads = kv_head * GROUP + offs_g
+    q = tl.load(q_ptr + b * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :],
+                mask=group_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+
+    cache_base = b * stride_cb + kv_head * stride_ch
+    ring = tl.maximum(capacity, 1)
+    # Keys already in the cache: slot j mod C.
+    for n0 in range(start, tl.minimum(end, past), BLOCK_N):
+        j = n0 + offs_n
+        ok = j < tl.minimum(end, past)
+        offs = cache_base + (j % ring)[:, None] * stride_cc + offs_d[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=ok[:, None], other=0.0)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, ok[None, :], m_i, l_i, acc, scale_log2, DOT_PRECISION)
+    # The new key (index j - past of this step's k/v).
+    for n0 in range(tl.maximum(start, past), end, BLOCK_N):
+        j = n0 + offs_n
+        ok = j < end
+        offs = b * stride_kb + kv_head * stride_kh + (j - past)[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, ok[None, :], m_i, l_i, acc, scale_log2, DOT_PRECISION)
+
+    row = (b * kv_heads + kv_head) * GROUP + offs_g  # flat (b, q head) index
+    part = row * num_splits + split
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=group_ok[:, None])
+    tl.store(part_max_ptr + part, m_i, mask=group_ok)
+    tl.store(part_sum_ptr + part, l_i, mask=group_ok)
+
+    if FUSED_MERGE:
+        tl.debug_barrier()  # every thread's partial stores precede the (releasing) ticket
+        counter = counter_ptr + b * kv_heads + kv_head
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket == num_splits - 1:
+            offs_s = tl.arange(0, BLOCK_SPLITS)
+            split_ok = offs_s < num_splits
+            for g in tl.static_range(GROUP):
+                r = (b * kv_heads + kv_head) * GROUP + g
+                # .cg: other programs' partials must come from L2, not a stale L1 line.
+                m = tl.load(part_max_ptr + r * num_splits + offs_s, mask=split_ok, other=float("-inf"),
+                            cache_modifier=".cg")
+                l = tl.load(part_sum_ptr + r * num_splits + offs_s, mask=split_ok, other=0.0, cache_modifier=".cg")
+                o = tl.load(part_out_ptr + (r * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                            mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
+                w = tl.math.exp2(m - tl.max(m, 0))
+                merged = tl.sum(o * w[:, None], 0) / tl.sum(l * w, 0)
+                tl.store(out_ptr + b * stride_ob + (kv_head * GROUP + g) * stride_oh + offs_d,
+                         merged.to(out_ptr.dtype.element_ty))
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def decode_merge_kernel(
+    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
+    stride_ob, stride_oh, num_splits,
+    Q_HEADS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Merges the per-split partial softmaxes of one (b, q head) into the normalised output."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // Q_HEADS
+    h = row % Q_HEADS
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_s < num_splits
+    m = tl.load(part_max_ptr + row * num_splits + offs_s, mask=ok, other=float("-inf"))
+    l = tl.load(part_sum_ptr + row * num_splits + offs_s, mask=ok, other=0.0)
+    o = tl.load(part_out_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=ok[:, None], other=0.0)
+    m_max = tl.max(m, 0)  # finite: the split holding the query's own key is never empty
+    w = tl.math.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
+    total = tl.sum(l * w, 0)
+    out = tl.sum(o * w[:, None], 0) / total
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def chunk_attention_kernel(
+    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, past_len_ptr,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_cb, stride_ch, stride_cc,
+    stride_ob, stride_oh, stride_os,
+    seq_len, capacity, window,
+    out_ptr,
+    scale_log2,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Attention of a chunk over [pre-update cache ∪ new keys], one program per BLOCK_M query rows.
+
+    The rows of a kv head's GQA group are packed as row = i * GROUP + g (position i, head g of the group), so
+    a tile covers BLOCK_M / GROUP positions of every head in the group and K/V tiles serve them all.
+    `window` is the window, or UNBOUNDED_WINDOW for none; `scale_log2` is scale * log2(e), last so that the
+    AOT path can bake it in as a constant.
+    """
+    pid_m = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    past = tl.load(past_len_ptr + b).to(tl.int32)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * seq_len
+    i = rows // GROUP
+    g = rows % GROUP
+    pos = past + i
+    q_heads = kv_head * GROUP + g
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(q_ptr + b * stride_qb + q_heads[:, None] * stride_qh + i[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+
+    first_i = (pid_m * BLOCK_M) // GROUP
+    last_i = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, seq_len - 1)
+    # Key band of this tile: nothing before the earliest row's window, nothing older than the cache holds.
+    lo = tl.maximum(tl.maximum(past - capacity, 0), past + first_i - window + 1)
+    hi = past + last_i + 1  # exclusive
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # Keys from the pre-update cache, slot j mod C; j < past <= pos, so only the window bounds them.
+    cache_base = b * stride_cb + kv_head * stride_ch
+    ring = tl.maximum(capacity, 1)
+    cache_end = tl.minimum(hi, past)
+    for n0 in range(lo, cache_end, BLOCK_N):
+        j = n0 + offs_n
+        ok = j < cache_end
+        offs = cache_base + (j % ring)[:, None] * stride_cc + offs_d[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=ok[:, None], other=0.0)
+        allowed = ok[None, :] & (j[None, :] > pos[:, None] - window)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, DOT_PRECISION)
+
+    # Keys of this chunk, index j - past of k/v: causal and window bounds per row.
+    new_base = b * stride_kb + kv_head * stride_kh
+    for n0 in range(tl.maximum(lo, past), hi, BLOCK_N):
+        j = n0 + offs_n
+        ok = j < hi
+        offs = new_base + (j - past)[:, None] * stride_ks + offs_d[None, :]
+        k = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
+        allowed = ok[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - window)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, DOT_PRECISION)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0 only on padding rows, never stored
+    tl.store(out_ptr + b * stride_ob + q_heads[:, None] * stride_oh + i[:, None] * stride_os + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def rolling_cache_update_kernel(
+    cache_ptr, new_ptr, past_len_ptr, after_ptr,
+    stride_cb, stride_ch, stride_cc,
+    stride_nb, stride_nh, stride_ns,
+    seq_len, capacity,
+    cache_out_ptr,
+    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """cache_out[b, h, (past + i) mod C] = new[b, h, i] for the last min(S, C) rows i.
+
+    `cache_out_ptr` is the cache itself (torch: in place; TensorRT: output aliased to input), `cache_ptr` is
+    only there for the plugin's signature, and `after_ptr` is the ordering-only input: neither is read.
+    """
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    past = tl.load(past_len_ptr + b).to(tl.int32)
+    first = seq_len - tl.minimum(seq_len, capacity)  # earlier rows would be overwritten in the same chunk
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = (rows >= first) & (rows < seq_len)
+    offs_d = tl.arange(0, HEAD_DIM)
+    x = tl.load(new_ptr + b * stride_nb + head * stride_nh + rows[:, None] * stride_ns + offs_d[None, :],
+                mask=ok[:, None], other=0.0)
+    slots = (past + rows) % tl.maximum(capacity, 1)
+    tl.store(cache_out_ptr + b * stride_cb + head * stride_ch + slots[:, None] * stride_cc + offs_d[None, :],
+             x.to(cache_out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configurations (shared with aot.py, so that the JIT and AOT paths launch the same shapes)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 I/O must not silently drop to tf32 in tl.dot (the contract's fp32 path is exact to ~1e-6)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def chunk_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> ChunkConfig:
+    """Tile shapes for the chunk kernel. `capability` None means the CPU interpreter (small, fast tiles)."""
+    if capability is None:
+        return ChunkConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+    wide = dtype == torch.float32 or head_dim > 64
+    if capability >= (9, 0) or capability == (8, 0):  # 164-228 KB of shared memory per SM
+        if wide:
+            return ChunkConfig(block_m=128, block_n=64, num_warps=8, num_stages=2 if dtype == torch.float32 else 3)
+        return ChunkConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    # sm_86 / sm_89: about 100 KB of shared memory per SM.
+    return ChunkConfig(block_m=64, block_n=32 if wide else 64, num_warps=4, num_stages=2)
+
+
+def decode_block_g(group: int) -> int:
+    """Rows of the decode tile: the GQA group, padded to tl.dot's minimum of 16."""
+    return max(16, triton.next_power_of_2(group))
+
+
+def decode_splits(max_keys: int, work_items: int, num_sms: int, block_n: int) -> tuple[int, int]:
+    """(num_splits, keys_per_split): enough programs to cover ~2 waves of the SMs, each a whole number of tiles."""
+    tiles = triton.cdiv(max_keys, block_n)
+    wanted = max(1, triton.cdiv(2 * num_sms, max(work_items, 1)))
+    splits = min(tiles, wanted)
+    keys_per_split = triton.cdiv(tiles, splits) * block_n
+    return triton.cdiv(max_keys, keys_per_split), keys_per_split
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{name} must be {layout}; got shape {tuple(t.shape)}")
+
+
+def _check_io_dtype(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have the dtype of q ({dtype}); got {t.dtype}")
+
+
+def _check_head_dim(name: str, head_dim: int) -> None:
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{name} head_dim must be one of {SUPPORTED_HEAD_DIMS}; got {head_dim}")
+
+
+def _check_past_len(past_len: torch.Tensor, batch: int) -> None:
+    if past_len.dtype != torch.int64 or past_len.shape != (batch,):
+        raise ValueError(f"past_len must be int64 [B={batch}]; got {past_len.dtype} {tuple(past_len.shape)}")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = _last_dim_contiguous(a), _last_dim_contiguous(b)
+    if a.stride() != b.stride():
+        a, b = a.contiguous(), b.contiguous()
+    return a, b
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(index: int) -> tuple[tuple[int, int], int]:
+    """(capability, SM count); cached because launchers run once per layer per token."""
+    return torch.cuda.get_device_capability(index), torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int] | None:
+    return _device_info(t.device.index if t.device.index is not None else torch.cuda.current_device())[0] \
+        if t.is_cuda else None
+
+
+def _num_sms(t: torch.Tensor) -> int:
+    if not t.is_cuda:
+        return 4
+    return _device_info(t.device.index if t.device.index is not None else torch.cuda.current_device())[1]
+
+
+def _window_arg(window: int) -> int:
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0 = no window); got {window}")
+    return window if window > 0 else UNBOUNDED_WINDOW
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _ticket_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for the fused decode merge; each launch leaves them zero again."""
+    counters = _TICKETS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _TICKETS[device] = counters
+    return counters
+
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    past_len: torch.Tensor,
+    window: int,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    chunk: ChunkConfig | None = None,
+    keys_per_split: int | None = None,
+    decode_block_n: int = 64,
+    fused_merge: bool = False,
+) -> torch.Tensor:
+    """The SlidingWindowAttention contract on Triton. S = 1 takes the split decode path, else the chunk kernel.
+
+    `out` may be passed (it is fully overwritten); `chunk`, `keys_per_split` and `decode_block_n` override the
+    tile choices (tests use them to cross tile and split boundaries at small shapes). `fused_merge=True`
+    merges decode splits in the last split's program instead of a second kernel; measured on an H200
+    (benchmarks/results/gpu_check_run2_h200.md) it was slower at batch 1 (15.2 vs 13.2 µs per layer), so the
+    two-kernel merge is the default.
+
+    Decode with the fused merge uses per-device ticket counters: concurrent decode launches on different
+    streams of one device are not supported (launches on one stream, CUDA graphs included, are).
+    """
+    _check_rank("q", q, 4, "[B,Hq,S,D]")
+    _check_rank("k", k, 4, "[B,Hkv,S,D]")
+    _check_rank("v", v, 4, "[B,Hkv,S,D]")
+    _check_rank("k_cache", k_cache, 4, "[B,Hkv,C,D]")
+    _check_rank("v_cache", v_cache, 4, "[B,Hkv,C,D]")
+    batch, q_heads, seq, head_dim = q.shape
+    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    _check_head_dim("q", head_dim)
+    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_io_dtype(name, t, q.dtype)
+    if k.shape != (batch, kv_heads, seq, head_dim) or v.shape != k.shape:
+        raise ValueError(f"k and v must be [B,Hkv,S,D] = {(batch, kv_heads, seq, head_dim)}; "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if v_cache.shape != k_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache and v_cache must be [B,Hkv,C,D] with B={batch}, D={head_dim}; "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
+    _check_past_len(past_len, batch)
+    group = q_heads // kv_heads
+    win = _window_arg(window)
+    scale_log2 = float(scale) * LOG2E
+    precision = dot_precision(q.dtype)
+
+    q = _last_dim_contiguous(q)
+    k, v = _same_strides(k, v)
+    k_cache, v_cache = _same_strides(k_cache, v_cache)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
+    if batch == 0 or seq == 0:
+        return out
+
+    if seq == 1:
+        # Decode. k/v hold a single row, so their S stride never matters (the kernel reads row 0 only).
+        max_keys = min(win, capacity + 1)
+        splits, per_split = decode_splits(max_keys, batch * kv_heads, _num_sms(q), decode_block_n)
+        if keys_per_split is not None:
+            per_split = keys_per_split
+            splits = triton.cdiv(max_keys, per_split)
+        part_out = torch.empty((batch * q_heads * splits, head_dim), device=q.device, dtype=torch.float32)
+        part_max = torch.empty((batch * q_heads * splits,), device=q.device, dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
+        fused = fused_merge and splits > 1
+        counters = _ticket_counters(q.device, batch * kv_heads) if fused else part_max
+        decode_partial_kernel[(splits, kv_heads, batch)](
+            q, k, v, k_cache, v_cache, past_len,
+            part_out, part_max, part_sum,
+            q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            capacity, win, scale_log2, per_split, splits,
+            counters, out, out.stride(0), out.stride(1),
+            GROUP=group, BLOCK_G=decode_block_g(group), BLOCK_N=decode_block_n, HEAD_DIM=head_dim,
+            DOT_PRECISION=precision, FUSED_MERGE=fused, BLOCK_SPLITS=triton.next_power_of_2(splits),
+            num_warps=4, num_stages=3 if q.is_cuda else 1,
+        )
+        if fused:
+            return out
+        decode_merge_kernel[(batch * q_heads,)](
+            part_out, part_max, part_sum, out,
+            out.stride(0), out.stride(1), splits,
+            Q_HEADS=q_heads, BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+            num_warps=4 if head_dim >= 64 else 1,
+        )
+        return out
+
+    cfg = chunk or chunk_config(head_dim, q.dtype, _capability(q))
+    grid = (triton.cdiv(group * seq, cfg.block_m), kv_heads, batch)
+    chunk_attention_kernel[grid](
+        q, k, v, k_cache, v_cache, past_len,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        seq, capacity, win,
+        out,
+        scale_log2,
+        GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, DOT_PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+CACHE_UPDATE_BLOCK_ROWS = 16
+
+
+def rolling_cache_update_(cache: torch.Tensor, new: torch.Tensor, past_len: torch.Tensor) -> None:
+    """The RollingCacheUpdate contract on Triton, in place on `cache` (its last dim must be contiguous)."""
+    _check_rank("cache", cache, 4, "[B,Hkv,C,D]")
+    _check_rank("new", new, 4, "[B,Hkv,S,D]")
+    batch, heads, capacity, head_dim = cache.shape
+    _check_head_dim("cache", head_dim)
+    if cache.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"cache must be float16, bfloat16 or float32; got {cache.dtype}")
+    if new.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"new must be float16, bfloat16 or float32; got {new.dtype}")
+    if new.shape[0] != batch or new.shape[1] != heads or new.shape[3] != head_dim:
+        raise ValueError(f"new must be [B={batch},Hkv={heads},S,D={head_dim}]; got {tuple(new.shape)}")
+    if cache.stride(-1) != 1:
+        raise ValueError("cache must have a contiguous last dim (it is updated in place)")
+    _check_past_len(past_len, batch)
+    new = _last_dim_contiguous(new)
+    seq = new.shape[2]
+    if batch == 0 or seq == 0 or capacity == 0:
+        return
+    grid = (triton.cdiv(seq, CACHE_UPDATE_BLOCK_ROWS), heads, batch)
+    rolling_cache_update_kernel[grid](
+        cache, new, past_len, cache,
+        cache.stride(0), cache.stride(1), cache.stride(2),
+        new.stride(0), new.stride(1), new.stride(2),
+        seq, capacity,
+        cache,
+        BLOCK_R=CACHE_UPDATE_BLOCK_ROWS, HEAD_DIM=head_dim, num_warps=4 if head_dim >= 64 else 1,
+    )
+
+
+def decode_bytes_read(batch: int, kv_heads: int, q_heads: int, keys: int, head_dim: int, itemsize: int) -> int:
+    """Bytes a decode step must read at least: K and V of every attended key, plus q (for bandwidth figures)."""
+    return (2 * batch * kv_heads * keys + batch * q_heads) * head_dim * itemsize
+
+
+__all__ = [
+    "ChunkConfig",
+    "LOG2E",
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "UNBOUNDED_WINDOW",
+    "chunk_attention_kernel",
+    "chunk_config",
+    "decode_bytes_read",
+    "decode_merge_kernel",
+    "decode_partial_kernel",
+    "dot_precision",
+    "rolling_cache_update_",
+    "rolling_cache_update_kernel",
+    "sliding_window_attention",
+]

@@ -1,0 +1,191 @@
+"""TensorRT Quickly-Deployable-Plugin definitions of the `mistral` ops; importing this module registers them.
+
+This is the only module of the package that imports `tensorrt`. The ONNX nodes `SlidingWindowAttention` and
+`RollingCacheUpdate` (domain `mistral`, attribute `plugin_namespace="mistral"`) bind to these plugins in
+TensorRT's ONNX parser; a node attribute `aot=1` selects the ahead-of-time implementation, whose PTX is stored in
+the engine so it runs without Python (trtexec, Triton Inference Server's TensorRT backend).
+
+* `mistral::SlidingWindowAttention` (q, k, v, k_cache, v_cache, past_len; window: int, scale: float) -> out.
+  AOT: `chunk_attention_kernel` for every S (decode too: one kernel per plugin is all `aot_impl` can return, so
+  the split decode path of the JIT implementation is not available there).
+* `mistral::RollingCacheUpdate` (cache, new, past_len, after) -> cache_out, aliased to `cache` (in place).
+  `after` (the same layer's attention output) is an input only so that TensorRT orders the update after the
+  attention that reads the old cache; it is never read.
+
+The AOT target is the GPU the engine is built on (engines are per GPU), or `MISTRAL_EXPORT_CUDA_ARCH` (e.g. 89).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+import tensorrt as trt
+import tensorrt.plugin as trtp
+
+from . import aot
+
+PLUGIN_NAMESPACE = "mistral"
+ATTENTION_PLUGIN = f"{PLUGIN_NAMESPACE}::SlidingWindowAttention"
+CACHE_UPDATE_PLUGIN = f"{PLUGIN_NAMESPACE}::RollingCacheUpdate"
+
+_IO_TYPES = "FP16|BF16|FP32"
+_TRT_TO_AOT_DTYPE = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}
+
+
+def target_capability() -> int:
+    """Compute capability (as XY) that AOT kernels are compiled for."""
+    override = os.environ.get("MISTRAL_EXPORT_CUDA_ARCH")
+    if override:
+        return int(override.removeprefix("sm_"))
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device to compile the AOT kernels for; set MISTRAL_EXPORT_CUDA_ARCH (e.g. 90)")
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def _static_dim(desc: trtp.TensorDesc, index: int, what: str) -> int:
+    expr = desc.shape_expr[index]
+    if not expr.is_constant:
+        raise ValueError(f"{what} (dim {index}) must be static in the network to compile the plugin kernel")
+    return int(expr.constant_value)
+
+
+def _aot_dtype(desc: trtp.TensorDesc, name: str) -> str:
+    if desc.dtype not in _TRT_TO_AOT_DTYPE:
+        raise ValueError(f"{name} must be FP16, BF16 or FP32; got {desc.dtype}")
+    return _TRT_TO_AOT_DTYPE[desc.dtype]
+
+
+def _launch_params(kernel: aot.AotKernel, grid) -> trtp.KernelLaunchParams:
+    params = trtp.KernelLaunchParams()
+    params.grid_x, params.grid_y, params.grid_z = grid
+    params.block_x = kernel.block_threads
+    params.shared_mem = kernel.shared_mem
+    return params
+
+
+def _sym_int32s(values) -> trtp.SymIntExprs:
+    return trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in values])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SlidingWindowAttention
+# --------------------------------------------------------------------------------------------------------------
+
+
+@trtp.register(ATTENTION_PLUGIN)
+def _attention_desc(
+    q: trtp.TensorDesc,
+    k: trtp.TensorDesc,
+    v: trtp.TensorDesc,
+    k_cache: trtp.TensorDesc,
+    v_cache: trtp.TensorDesc,
+    past_len: trtp.TensorDesc,
+    window: int,
+    scale: float,
+) -> trtp.TensorDesc:
+    return q.like()
+
+
+@trtp.autotune(ATTENTION_PLUGIN)
+def _attention_autotune(q, k, v, k_cache, v_cache, past_len, outputs) -> list:
+    t = _IO_TYPES
+    return [trtp.AutoTuneCombination(f"{t}, {t}, {t}, {t}, {t}, INT64, {t}")]
+
+
+@trtp.aot_impl(ATTENTION_PLUGIN)
+def _attention_aot(
+    q: trtp.TensorDesc,
+    k: trtp.TensorDesc,
+    v: trtp.TensorDesc,
+    k_cache: trtp.TensorDesc,
+    v_cache: trtp.TensorDesc,
+    past_len: trtp.TensorDesc,
+    window: int,
+    scale: float,
+    outputs: Tuple[trtp.TensorDesc],
+    tactic: int,
+):
+    q_heads = _static_dim(q, 1, "q heads")
+    head_dim = _static_dim(q, 3, "q head_dim")
+    kv_heads = _static_dim(k, 1, "k heads")
+    capacity = _static_dim(k_cache, 2, "k_cache capacity")
+    if q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
+    group = q_heads // kv_heads
+    dtype = _aot_dtype(q, "q")
+    kernel = aot.compile_chunk_attention(dtype, head_dim, group, float(scale), target_capability())
+    tile = aot.chunk_attention_tile(dtype, head_dim)
+    batch, seq = q.shape_expr[0], q.shape_expr[2]
+    grid = (trtp.cdiv(seq * group, tile.block_m), kv_heads, batch)
+    scalars = aot.chunk_attention_scalars(q_heads, kv_heads, seq, capacity, head_dim, int(window))
+    return kernel.name, kernel.ptx, _launch_params(kernel, grid), _sym_int32s(scalars)
+
+
+@trtp.impl(ATTENTION_PLUGIN)
+def _attention_impl(q, k, v, k_cache, v_cache, past_len, window: int, scale: float, outputs, stream: int) -> None:
+    import torch
+
+    from . import kernels
+
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        t = [torch.as_tensor(x, device="cuda") for x in (q, k, v, k_cache, v_cache, past_len)]
+        out = torch.as_tensor(outputs[0], device="cuda")
+        kernels.sliding_window_attention(*t, int(window), float(scale), out=out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RollingCacheUpdate
+# --------------------------------------------------------------------------------------------------------------
+
+
+@trtp.register(CACHE_UPDATE_PLUGIN)
+def _cache_update_desc(
+    cache: trtp.TensorDesc,
+    new: trtp.TensorDesc,
+    past_len: trtp.TensorDesc,
+    after: trtp.TensorDesc,
+) -> trtp.TensorDesc:
+    return cache.aliased()
+
+
+@trtp.autotune(CACHE_UPDATE_PLUGIN)
+def _cache_update_autotune(cache, new, past_len, after, outputs) -> list:
+    t = _IO_TYPES
+    return [trtp.AutoTuneCombination(f"{t}, {t}, INT64, {t}, {t}")]
+
+
+@trtp.aot_impl(CACHE_UPDATE_PLUGIN)
+def _cache_update_aot(
+    cache: trtp.TensorDesc,
+    new: trtp.TensorDesc,
+    past_len: trtp.TensorDesc,
+    after: trtp.TensorDesc,
+    outputs: Tuple[trtp.TensorDesc],
+    tactic: int,
+):
+    kv_heads = _static_dim(cache, 1, "cache heads")
+    capacity = _static_dim(cache, 2, "cache capacity")
+    head_dim = _static_dim(cache, 3, "cache head_dim")
+    kernel = aot.compile_rolling_cache_update(_aot_dtype(cache, "cache"), head_dim, target_capability())
+    batch, seq = new.shape_expr[0], new.shape_expr[2]
+    grid = (trtp.cdiv(seq, aot.CACHE_UPDATE_BLOCK_ROWS), kv_heads, batch)
+    scalars = aot.rolling_cache_update_scalars(kv_heads, seq, capacity, head_dim)
+    return kernel.name, kernel.ptx, _launch_params(kernel, grid), _sym_int32s(scalars)
+
+
+@trtp.impl(CACHE_UPDATE_PLUGIN)
+def _cache_update_impl(cache, new, past_len, after, outputs, stream: int) -> None:
+    import torch
+
+    from . import kernels
+
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        cache_out = torch.as_tensor(outputs[0], device="cuda")  # aliased to `cache`: update in place
+        kernels.rolling_cache_update_(
+            cache_out, torch.as_tensor(new, device="cuda"), torch.as_tensor(past_len, device="cuda")
+        )
+

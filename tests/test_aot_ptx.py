@@ -1,0 +1,130 @@
+"""AOT compilation of the plugin kernels to PTX for sm_80/86/89/90, on a machine with no GPU.
+
+Checks what TensorRT's `aot_impl` relies on: the PTX entry is the reported kernel name, its parameters are
+exactly (inputs, int32 scalars, outputs) in that order, the block size is num_warps * 32 (the PTX's .reqntid),
+shared memory fits the 48 KB TensorRT can launch with, and the grid/scalars match the tensors' layout.
+Every tile configuration `aot_impl` can pick is covered: tiles depend on the dtype and on head_dim >= 128, so
+head_dims 32 and 128 cover them all (16 and 64 are compiled too under the `slow` marker).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("AOT compilation needs triton's compiler, not the interpreter", allow_module_level=True)
+
+from mistral_export.plugins import aot  # noqa: E402
+
+CAPABILITIES = aot.SUPPORTED_CAPABILITIES
+DTYPES = aot.AOT_DTYPES
+
+
+@functools.lru_cache(maxsize=None)
+def chunk_kernel(dtype: str, head_dim: int, group: int, capability: int) -> aot.AotKernel:
+    return aot.compile_chunk_attention(dtype, head_dim, group, head_dim**-0.5, capability)
+
+
+@functools.lru_cache(maxsize=None)
+def cache_kernel(dtype: str, head_dim: int, capability: int) -> aot.AotKernel:
+    return aot.compile_rolling_cache_update(dtype, head_dim, capability)
+
+
+def check_launch_contract(kernel: aot.AotKernel, inputs, scalars, outputs, dtype: str) -> None:
+    ptx = kernel.ptx
+    arch = f"sm_{kernel.capability}" + ("a" if kernel.capability == 90 else "")
+    assert re.search(rf"^\.target {arch}\b", ptx, flags=re.M), f"PTX is not for {arch}"
+    assert re.search(rf"\.visible \.entry {re.escape(kernel.name)}\(", ptx), "kernel name is not the PTX entry"
+
+    params = aot.ptx_entry_params(ptx, kernel.name)
+    assert kernel.params == tuple(inputs) + tuple(scalars) + tuple(outputs)
+    assert len(params) == len(kernel.params), "PTX must take exactly the arguments TensorRT passes"
+    kinds = ["ptr"] * len(inputs) + ["i32"] * len(scalars) + ["ptr"] * len(outputs)
+    for decl, kind in zip(params, kinds):
+        assert (".u64 .ptr" in decl) if kind == "ptr" else (".u32" in decl or ".b32" in decl), decl
+
+    reqntid = re.search(r"\.reqntid (\d+)", ptx)
+    assert reqntid is not None and int(reqntid.group(1)) == kernel.block_threads == kernel.num_warps * 32
+    assert 0 <= kernel.shared_mem <= aot.MAX_STATIC_SHARED_MEM
+    assert "global_smem" in ptx or kernel.shared_mem == 0
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_chunk_attention_ptx(capability, dtype, head_dim):
+    kernel = chunk_kernel(dtype, head_dim, 4, capability)
+    check_launch_contract(kernel, aot.ATTENTION_INPUTS, aot.ATTENTION_SCALARS, aot.ATTENTION_OUTPUTS, dtype)
+    assert kernel.constants["BLOCK_M"] == aot.chunk_attention_tile(dtype, head_dim).block_m
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_rolling_cache_update_ptx(capability, dtype, head_dim):
+    kernel = cache_kernel(dtype, head_dim, capability)
+    check_launch_contract(kernel, aot.CACHE_UPDATE_INPUTS, aot.CACHE_UPDATE_SCALARS, aot.CACHE_UPDATE_OUTPUTS,
+                          dtype)
+
+
+@pytest.mark.parametrize("group", [1, 8])
+def test_chunk_attention_ptx_other_gqa_ratios(group):
+    kernel = chunk_kernel("fp16", 128, group, 90)
+    check_launch_contract(kernel, aot.ATTENTION_INPUTS, aot.ATTENTION_SCALARS, aot.ATTENTION_OUTPUTS, "fp16")
+    assert kernel.constants["GROUP"] == group
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_all_head_dims_ptx(capability, dtype, head_dim):
+    kernel = chunk_kernel(dtype, head_dim, 4, capability)
+    check_launch_contract(kernel, aot.ATTENTION_INPUTS, aot.ATTENTION_SCALARS, aot.ATTENTION_OUTPUTS, dtype)
+    kernel = cache_kernel(dtype, head_dim, capability)
+    check_launch_contract(kernel, aot.CACHE_UPDATE_INPUTS, aot.CACHE_UPDATE_SCALARS, aot.CACHE_UPDATE_OUTPUTS,
+                          dtype)
+
+
+def test_scale_is_baked_in():
+    a, b = chunk_kernel("fp16", 32, 4, 90), aot.compile_chunk_attention("fp16", 32, 4, 0.5, 90)
+    assert a.constants["scale_log2"] != b.constants["scale_log2"] and a.ptx != b.ptx
+
+
+@pytest.mark.parametrize("seq", [1, 7, 64, 65, 4096])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_chunk_grid_covers_every_query_row(seq, group):
+    tile = aot.chunk_attention_tile("fp16", 128)
+    grid = aot.chunk_attention_grid(3, 8, seq, group, tile)
+    assert grid[1:] == (8, 3)
+    assert (grid[0] - 1) * tile.block_m < seq * group <= grid[0] * tile.block_m
+
+
+def test_scalars_are_contiguous_strides():
+    B, Hq, Hkv, S, C, D, W = 2, 8, 2, 5, 16, 32, 16
+    scalars = dict(zip(aot.ATTENTION_SCALARS, aot.chunk_attention_scalars(Hq, Hkv, S, C, D, W)))
+    q, kv, cache = torch.empty(B, Hq, S, D), torch.empty(B, Hkv, S, D), torch.empty(B, Hkv, C, D)
+    assert [scalars[f"stride_q{d}"] for d in "bhs"] == list(q.stride()[:3])
+    assert [scalars[f"stride_o{d}"] for d in "bhs"] == list(q.stride()[:3])
+    assert [scalars[f"stride_k{d}"] for d in "bhs"] == list(kv.stride()[:3])
+    assert [scalars[f"stride_c{d}"] for d in "bhc"] == list(cache.stride()[:3])
+    assert (scalars["seq_len"], scalars["capacity"], scalars["window"]) == (S, C, W)
+    assert aot.chunk_attention_scalars(Hq, Hkv, S, C, D, 0)[-1] > 2**29  # no window: unbounded
+
+    cache_scalars = dict(zip(aot.CACHE_UPDATE_SCALARS, aot.rolling_cache_update_scalars(Hkv, S, C, D)))
+    assert [cache_scalars[f"stride_c{d}"] for d in "bhc"] == list(cache.stride()[:3])
+    assert [cache_scalars[f"stride_n{d}"] for d in "bhs"] == list(kv.stride()[:3])
+
+
+def test_rejects_unsupported_inputs():
+    with pytest.raises(ValueError, match="head_dim must be one of"):
+        aot.compile_chunk_attention("fp16", 96, 4, 0.1, 90)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        aot.compile_rolling_cache_update("int8", 128, 90)
+    with pytest.raises(ValueError, match="capability must be one of"):
+        aot.compile_chunk_attention("fp16", 128, 4, 0.1, 75)
