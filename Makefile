@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(CLI) inspect tiny --context 4096
-	$(CLI) generate tiny --prompt '$(PROMPT)' --max-new-tokens 80
+	$(CLI) export tiny -o $(OUTDIR)
+	$(CLI) generate tiny --backend onnxruntime --onnx $(OUTDIR) --prompt '$(PROMPT)' --max-new-tokens 80
 
 test: $(STAMP)
 	$(PY) -m pytest

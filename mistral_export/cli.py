@@ -54,13 +54,39 @@ def inspect(model: ModelArg,
 
 
 @app.command()
+def export(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for model.onnx, model.onnx.data and model.ort.onnx.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset of the standard ops (18..23).")] = 20,
+    last_token_logits: Annotated[bool, typer.Option(help="Keep only the last position's logits ([B,1,V]).")] = False,
+) -> None:
+    """Trace MODEL to one ONNX graph (prefill chunks and decode) with the mistral:: custom ops."""
+    import logging
+    import time
+
+    from mistral_export.export.onnx_export import export_onnx
+
+    progress = logging.StreamHandler(sys.stderr)
+    progress.setFormatter(logging.Formatter("[export] %(message)s"))
+    logger = logging.getLogger("mistral_export")
+    logger.addHandler(progress)
+    logger.setLevel(logging.INFO)
+    started = time.perf_counter()
+    with user_errors():
+        path = export_onnx(model, output, opset=opset, last_token_logits=last_token_logits)
+    size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model."))
+    typer.echo(f"wrote {path} (+ model.onnx.data, model.ort.onnx; {size / 2**20:.1f} MiB) "
+               f"in {time.perf_counter() - started:.1f} s")
+
+
+@app.command()
 def generate(
     model: ModelArg,
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 64,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Prefill the prompt in chunks of this many tokens.")] = None,
     backend: Annotated[Backend, typer.Option(help="eager: the PyTorch reference model; onnxruntime: an exported ONNX.")] = Backend.eager,
-    onnx: Annotated[Optional[Path], typer.Option(help="ONNX file for --backend onnxruntime (default: export to a temporary folder).")] = None,
+    onnx: Annotated[Optional[Path], typer.Option(help="Exported model.onnx (or its folder) for --backend onnxruntime.")] = None,
     attention: Annotated[Attention, typer.Option(help="Eager attention kernels: reference (torch) or triton (CUDA).")] = Attention.reference,
 ) -> None:
     """Greedy generation, tokens streamed to the terminal as they come."""
@@ -84,7 +110,7 @@ def _make_runner(model: str, backend: Backend, onnx: Path | None, attention: Att
         from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
 
         if onnx is None:
-            raise MistralExportError("--backend onnxruntime needs --onnx PATH (from `mistral-export export`)")
+            raise MistralExportError("--backend onnxruntime needs --onnx PATH (from `mistral-export export MODEL -o DIR`)")
         return OnnxRuntimeRunner(onnx)
     device = "cpu"
     if attention is Attention.triton:

@@ -1,0 +1,141 @@
+"""ONNX Runtime runner for the exported graph (any ORT build: the `mistral` ops run as function bodies).
+
+The rolling cache lives in OrtValues that stay put between steps: two sets per layer, bound with
+I/O binding as past_key_values.* (read) and present.* (written), swapped after each step. A decode
+step therefore copies no cache through numpy; only input_ids, past_len and the logits cross.
+(Binding present.* to the very OrtValues of past_key_values.* is not safe: the function body of
+RollingCacheUpdate is a ScatterElements that ORT may schedule before the attention that reads the
+old cache, since the `after` ordering input is unused by the body.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import Tensor
+
+from mistral_export.errors import MistralExportError
+from mistral_export.model.config import ModelConfig
+from mistral_export.model.transformer import check_cache_room
+
+_NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    return options
+
+
+class OnnxRuntimeRunner:
+    """Runner (see runner.py) over an exported model.onnx, on ONNX Runtime's CPU (or another) provider.
+
+    With `inline` (default) the session runs model.ort.onnx, the same graph with the `mistral` function
+    bodies inlined and their per-layer shape/mask arithmetic shared (see export/runtime_graph.py),
+    written next to model.onnx on first use; `inline=False` runs model.onnx exactly as exported.
+    """
+
+    def __init__(self, onnx_path: str | Path, threads: int | None = None,
+                 providers: list[str] | None = None, optimization: str = "all",
+                 options: ort.SessionOptions | None = None, inline: bool = True):
+        from mistral_export.export.onnx_export import read_export_config
+
+        path = Path(onnx_path)
+        if path.is_dir():
+            path = path / "model.onnx"
+        if not path.exists():
+            raise MistralExportError(f"{path}: no such ONNX model (run `mistral-export export` first)")
+        self.path = path
+        if inline:
+            from mistral_export.export.runtime_graph import prepare_onnxruntime_artifact
+
+            path = prepare_onnxruntime_artifact(path)
+        self.session_path = path
+        self.config: ModelConfig
+        self.config, meta = read_export_config(self.path)
+        self.last_token_logits = meta.get("mistral_export.last_token_logits") == "1"
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=options or session_options(threads, optimization),
+                providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise MistralExportError(f"{path}: ONNX Runtime cannot load the model: {exc}") from None
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.cache_dtype = _NUMPY_DTYPES[inputs["past_key_values.0.key"].type]
+        self.layers = self.config.num_layers
+        self.capacity = self.config.cache_capacity
+        self.binding = self.session.io_binding()
+        self._caches: list[list[ort.OrtValue]] = []  # [set][2*layer + (0 key | 1 value)]
+        self._current = 0
+        self.batch_size = 0
+
+    def reset(self, batch_size: int) -> None:
+        """Two zeroed sets of cache OrtValues [B,Hkv,C,D] per layer (ping-pong between steps)."""
+        c = self.config
+        shape = (batch_size, c.num_kv_heads, self.capacity, c.head_dim)
+        zeros = np.zeros(shape, dtype=self.cache_dtype)
+        self._caches = []
+        for _ in range(2):
+            values = []
+            for _ in range(2 * self.layers):
+                # ORT-owned buffers (ortvalue_from_numpy would alias the one numpy array in all of them).
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self.device, 0)
+                value.update_inplace(zeros)
+                values.append(value)
+            self._caches.append(values)
+        self._current = 0
+        self.batch_size = batch_size
+
+    def cache_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The current cache as numpy copies (for tests and inspection)."""
+        current = self._caches[self._current]
+        return [(current[2 * i].numpy(), current[2 * i + 1].numpy()) for i in range(self.layers)]
+
+    def fill_cache(self, arrays: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Overwrite the current cache (benchmarks start at a deep position with a random cache)."""
+        current = self._caches[self._current]
+        for i, (k, v) in enumerate(arrays):
+            current[2 * i].update_inplace(np.ascontiguousarray(k, dtype=self.cache_dtype))
+            current[2 * i + 1].update_inplace(np.ascontiguousarray(v, dtype=self.cache_dtype))
+
+    def step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
+        if not self._caches:
+            raise MistralExportError("OnnxRuntimeRunner.step before reset(batch_size)")
+        ids = np.ascontiguousarray(input_ids.detach().cpu().numpy(), dtype=np.int64)
+        positions = np.ascontiguousarray(past_len.detach().cpu().numpy(), dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != self.batch_size or positions.shape != (self.batch_size,):
+            raise MistralExportError(
+                f"step expects input_ids [{self.batch_size}, S] and past_len [{self.batch_size}] "
+                f"(the batch given to reset), got {list(ids.shape)} and {list(positions.shape)}")
+        check_cache_room(self.config, torch.from_numpy(positions), ids.shape[1])
+        if (positions < 0).any():
+            raise MistralExportError(f"past_len must be >= 0, got {positions.tolist()}")
+        read, write = self._caches[self._current], self._caches[1 - self._current]
+        binding = self.binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("past_len", positions)
+        binding.bind_output("logits", "cpu")  # first bound output: get_outputs()[0]
+        for i in range(self.layers):
+            binding.bind_ortvalue_input(f"past_key_values.{i}.key", read[2 * i])
+            binding.bind_ortvalue_input(f"past_key_values.{i}.value", read[2 * i + 1])
+            binding.bind_ortvalue_output(f"present.{i}.key", write[2 * i])
+            binding.bind_ortvalue_output(f"present.{i}.value", write[2 * i + 1])
+        self.session.run_with_iobinding(binding)
+        self._current = 1 - self._current
+        logits = binding.get_outputs()[0].numpy()
+        return torch.from_numpy(logits).float()

@@ -1,0 +1,362 @@
+"""The export stage: eager model → one ONNX graph (prefill chunks and decode) with the `mistral` ops.
+
+    export_onnx("tiny", "out/")            # a checkpoint folder or `tiny`: weights streamed
+    export_onnx(model, "out/")              # an in-memory Transformer
+
+How: the model is traced by the PyTorch dynamo exporter as a weightless skeleton (parameters
+allocated but never touched), `attention_and_cache_update` emits the `mistral::` nodes, the graph
+is cleaned (weight transposes become MatMul-layout initializers, constant folding, CSE, reshape
+targets become constants so no per-layer shape arithmetic runs at each step), the function bodies
+are attached, and the weights are streamed from the checkpoint into `model.onnx.data`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import torch
+from torch import Tensor, nn
+
+from mistral_export.errors import MistralExportError
+from mistral_export.export import streaming
+from mistral_export.export.functions import function_protos
+from mistral_export.export.runtime_graph import ARTIFACT_FILE, prepare_onnxruntime_artifact
+from mistral_export.export.symbolic import DOMAIN, VERSION
+from mistral_export.model.config import ModelConfig, load_config, resolve_model_dir
+from mistral_export.model.transformer import Transformer
+
+DEFAULT_OPSET = 20
+MIN_OPSET, MAX_OPSET = 18, 23
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+BATCH, SEQUENCE = "batch", "sequence"
+
+log = logging.getLogger(__name__)
+
+
+def input_names(num_layers: int) -> list[str]:
+    names = ["input_ids", "past_len"]
+    for i in range(num_layers):
+        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    return names
+
+
+def output_names(num_layers: int) -> list[str]:
+    names = ["logits"]
+    for i in range(num_layers):
+        names += [f"present.{i}.key", f"present.{i}.value"]
+    return names
+
+
+class _Flat(nn.Module):
+    """Flat tensor I/O around the model, so graph inputs and outputs map 1:1 to the contract."""
+
+    def __init__(self, model: Transformer, last_token_logits: bool):
+        super().__init__()
+        self.model = model
+        self.last_token_logits = last_token_logits
+
+    def forward(self, input_ids: Tensor, past_len: Tensor, *flat_cache: Tensor):
+        cache = [(flat_cache[2 * i], flat_cache[2 * i + 1]) for i in range(len(flat_cache) // 2)]
+        logits, presents = self.model(input_ids, past_len, cache, self.last_token_logits)
+        return (logits, *[t for pair in presents for t in pair])
+
+
+def _skeleton(config: ModelConfig, dtype: torch.dtype) -> Transformer:
+    """The model with uninitialized parameters: virtual memory only, never read."""
+    with torch.device("meta"):
+        skeleton = Transformer(config)
+    skeleton = skeleton.to(dtype).to_empty(device="cpu")
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+    skeleton.inv_freq = 1.0 / (config.rope_theta ** exponents)
+    return skeleton.eval()
+
+
+def _trace(config: ModelConfig, dtype: torch.dtype, opset: int, last_token_logits: bool) -> ir.Model:
+    wrapper = _Flat(_skeleton(config, dtype), last_token_logits)
+    batch, seq = 2, 3  # neither 0 nor 1, so neither dimension is specialized
+    shape = (batch, config.num_kv_heads, config.cache_capacity, config.head_dim)
+    args = (torch.zeros(batch, seq, dtype=torch.int64), torch.zeros(batch, dtype=torch.int64),
+            # Never written, so the pages stay unbacked: a 32k-slot v0.3 cache costs no RAM here.
+            *[torch.empty(shape, dtype=dtype) for _ in range(2 * config.num_layers)])
+    b, s = torch.export.Dim(BATCH, min=1), torch.export.Dim(SEQUENCE, min=1)
+    dynamic = ({0: b, 1: s}, {0: b}, tuple({0: b} for _ in range(2 * config.num_layers)))
+    # torch warns about every torchvision op it cannot register: noise for this model.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, args, dynamo=True, dynamic_shapes=dynamic, optimize=False, verbose=False,
+            opset_version=opset, input_names=input_names(config.num_layers),
+            output_names=output_names(config.num_layers),
+        )
+    return program.model
+
+
+def _fold_weight_transposes(model: ir.Model, params: set[str]) -> dict[str, tuple[str, bool]]:
+    """Transpose(W) feeding MatMul → an initializer stored transposed. Returns init → (source, transposed)."""
+    graph = model.graph
+    sources: dict[str, tuple[str, bool]] = {}
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain != "":
+            continue
+        (value,) = node.inputs
+        perm = node.attributes.get_ints("perm", None)
+        if value is None or not value.is_initializer() or value.name not in params or tuple(perm or ()) != (1, 0):
+            continue
+        rows, cols = value.shape.numpy()
+        name = f"{_param_name(value.name)}.T"
+        transposed = ir.Value(name=name, shape=ir.Shape([cols, rows]), type=value.type)
+        transposed.const_value = _Placeholder(name, value.dtype, (cols, rows))
+        graph.register_initializer(transposed)
+        node.outputs[0].replace_all_uses_with(transposed)
+        graph.remove(node, safe=True)
+        sources[name] = (_param_name(value.name), True)
+    for name, value in list(graph.initializers.items()):
+        if name in params and not value.uses():
+            graph.initializers.pop(name)
+    for name, value in list(graph.initializers.items()):
+        if name in params:
+            graph.initializers.pop(name)
+            value.name = _param_name(name)
+            graph.register_initializer(value)
+            sources[value.name] = (value.name, False)
+    return sources
+
+
+def _skeleton_names(config: ModelConfig):
+    with torch.device("meta"):
+        return [name for name, _ in Transformer(config).named_parameters()]
+
+
+def _param_name(initializer: str) -> str:  # the wrapper module prefixes "model."
+    return initializer.removeprefix("model.")
+
+
+class _Placeholder(ir.Tensor):
+    """Shape and dtype of a weight not yet bound; reading it is a bug."""
+
+    def __init__(self, name: str, dtype: ir.DataType, shape: tuple[int, ...]):
+        import numpy as np
+
+        super().__init__(np.zeros((0,), dtype=dtype.numpy()), dtype=dtype, shape=ir.Shape(shape), name=name)
+
+    def numpy(self):
+        raise RuntimeError(f"weight {self.name} read before it was bound")
+
+    def tobytes(self):
+        raise RuntimeError(f"weight {self.name} read before it was bound")
+
+
+def _constant_reshape_targets(model: ir.Model) -> int:
+    """Reshape(x, Concat(Shape..., consts)) → Reshape(x, const) using 0 (copy dim) and -1. Returns count."""
+    changed = 0
+    for node in model.graph:
+        if node.op_type != "Reshape" or node.domain != "":
+            continue
+        data, target = node.inputs[0], node.inputs[1]
+        out = node.outputs[0]
+        if target.const_value is not None or data.shape is None or out.shape is None:
+            continue
+        dims, unknown = [], 0
+        for i, dim in enumerate(out.shape):
+            if isinstance(dim, int):
+                dims.append(dim)
+            elif i < len(data.shape) and data.shape[i] == dim and dim.value is not None:
+                dims.append(0)
+            else:
+                dims.append(-1)
+                unknown += 1
+        if unknown > 1:
+            continue
+        # allowzero=1 (torch's choice) makes 0 a literal size; batch and sequence are >= 1, so
+        # "copy this dimension" (allowzero=0) has the same meaning for every valid input.
+        node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
+        const = ir.Value(name=f"{out.name}_shape", shape=ir.Shape([len(dims)]), type=ir.TensorType(ir.DataType.INT64))
+        const.const_value = ir.tensor(dims, dtype=ir.DataType.INT64, name=const.name)
+        model.graph.register_initializer(const)
+        node.replace_input_with(1, const)
+        changed += 1
+    return changed
+
+
+def _optimize(model: ir.Model, weights: set[str]) -> None:
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    def should_fold(node: ir.Node) -> bool | None:
+        if any(v is not None and v.name in weights for v in node.inputs):
+            return False
+        return None
+
+    fold = _constant_folding.FoldConstantsPass(
+        shape_inference=True, input_size_limit=8192, output_size_limit=262144, should_fold=should_fold)
+    ir.passes.Sequential(
+        ir.passes.PassManager([fold, rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+                               common_passes.RemoveUnusedNodesPass()], steps=2, early_stop=True),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.RemoveUnusedNodesPass(),
+    )(model)
+    _constant_reshape_targets(model)
+    ir.passes.Sequential(
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.NameFixPass(),
+    )(model)
+
+
+def _rename_dims(model: ir.Model) -> None:
+    """Symbolic dims named `batch` and `sequence` everywhere (torch calls them s0, s70...)."""
+    graph = model.graph
+    ids = graph.inputs[0].shape
+    names = {ids[0].value: BATCH, ids[1].value: SEQUENCE}
+    values = [*graph.inputs, *graph.outputs, *(out for node in graph for out in node.outputs)]
+    for value in values:
+        if value.shape is None:
+            continue
+        value.shape = ir.Shape([ir.SymbolicDim(names.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d
+                                for d in value.shape])
+
+
+def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET,
+                last_token_logits: bool = False, dtype: torch.dtype = torch.float32,
+                check: bool = True) -> Path:
+    """Export MODEL (a Transformer, a checkpoint folder, or `tiny`) to OUT_DIR/model.onnx (+ .data).
+
+    One graph for prefill chunks and decode: inputs input_ids [B,S] int64, past_len [B] int64 and
+    per layer past_key_values.{i}.key|value [B,Hkv,C,D]; outputs logits [B,S,V] ([B,1,V] with
+    `last_token_logits`) and present.{i}.key|value. Returns the path of model.onnx.
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise MistralExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
+    if dtype not in (torch.float32, torch.float16):
+        raise MistralExportError(f"export dtype must be float32 or float16, got {dtype}")
+    if isinstance(model_or_folder, Transformer):
+        config = model_or_folder.config
+        source = model_or_folder
+
+        def tensors():
+            for name, param in source.named_parameters():
+                yield name, param
+    else:
+        from mistral_export.model.checkpoint import Checkpoint
+
+        config = load_config(model_or_folder)
+        folder = resolve_model_dir(model_or_folder)
+        if folder is None:
+            raise MistralExportError(f"preset '{model_or_folder}' has shapes only, no weights; pass a checkpoint folder")
+        checkpoint = Checkpoint(folder, config)  # validates names and shapes before any tracing
+
+        def tensors():
+            # Read in the checkpoint's own dtype (no converted copy); write_weights casts block by block.
+            yield from checkpoint.tensors(_stored_dtype(checkpoint, dtype))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Everything is written into a staging folder and moved into place only when complete and checked,
+    # so an interrupted export never leaves a model.onnx that looks valid beside half-written weights.
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        _export_into(staging, config, tensors, dtype, opset, last_token_logits, check)
+        for name in (MODEL_FILE, ARTIFACT_FILE):
+            (out / name).unlink(missing_ok=True)
+        for name in (DATA_FILE, ARTIFACT_FILE, MODEL_FILE):  # model.onnx last: its presence means complete
+            (staging / name).replace(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / MODEL_FILE
+
+
+def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype, opset: int,
+                 last_token_logits: bool, check: bool) -> None:
+    model_path, data_path = folder / MODEL_FILE, folder / DATA_FILE
+    log.info("tracing %s (%d layers) with the dynamo exporter, opset %d", config.name, config.num_layers, opset)
+    traced = _trace(config, dtype, opset, last_token_logits)
+    params = {n for n in traced.graph.initializers if _param_name(n) != "inv_freq"}
+    if len(params) != sum(1 for _ in _skeleton_names(config)):
+        raise AssertionError("traced graph does not hold every parameter as an initializer")
+    sources = _fold_weight_transposes(traced, params)
+    for name, value in list(traced.graph.initializers.items()):
+        if name.startswith("model."):
+            traced.graph.initializers.pop(name)
+            value.name = _param_name(name)
+            traced.graph.register_initializer(value)
+    _optimize(traced, set(sources))
+
+    graph = traced.graph
+    entries = []
+    for name, (source_name, transposed) in sources.items():
+        value = graph.initializers[name]
+        entries.append((name, source_name, transposed, tuple(value.shape.numpy())))
+    slots = streaming.plan_layout(entries, dtype)
+    total = sum(slot.length for slot in slots)
+    log.info("streaming %d weight tensors (%.2f GiB, %s) into %s", len(slots), total / 2**30,
+             str(dtype).removeprefix("torch."), DATA_FILE)
+    streaming.write_weights(data_path, slots, tensors())
+    for slot in slots:
+        graph.initializers[slot.initializer].const_value = streaming.external_tensor(slot, data_path)
+
+    _rename_dims(traced)
+    traced.opset_imports[DOMAIN] = VERSION
+    traced.metadata_props.update({
+        "mistral_export.config": json.dumps(config.to_hf_dict()),
+        "mistral_export.model_name": config.name,
+        "mistral_export.cache_capacity": str(config.cache_capacity),
+        "mistral_export.last_token_logits": str(int(last_token_logits)),
+        "mistral_export.dtype": str(dtype).removeprefix("torch."),
+    })
+    proto = ir.serde.serialize_model(traced)
+    del proto.functions[:]
+    proto.functions.extend(function_protos(opset))
+    onnx.save(proto, str(model_path))
+    if check:
+        log.info("checking %s (onnx.checker full check, strict shape inference)", MODEL_FILE)
+        check_model(model_path)
+    log.info("writing the ONNX Runtime artifact %s (function bodies inlined, shared mask)", ARTIFACT_FILE)
+    prepare_onnxruntime_artifact(model_path)
+
+
+def _stored_dtype(checkpoint, fallback: torch.dtype) -> torch.dtype:
+    from safetensors import safe_open
+
+    path, key = next(iter(checkpoint.sources.values()))
+    with safe_open(str(path), framework="pt") as handle:
+        stored = handle.get_slice(key).get_dtype()
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(stored, fallback)
+
+
+def check_model(model_path: Path) -> None:
+    """onnx.checker (full check, by path: external data is not loaded) and strict shape inference."""
+    try:
+        onnx.checker.check_model(str(model_path), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(model_path), str(model_path) + ".inferred", strict_mode=True,
+                                              data_prop=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise MistralExportError(f"{model_path}: exported graph fails the ONNX checker: {exc}") from None
+    finally:
+        Path(str(model_path) + ".inferred").unlink(missing_ok=True)
+
+
+def read_export_config(model_path: str | Path) -> tuple[ModelConfig, dict[str, str]]:
+    """The ModelConfig and metadata stored in an exported model.onnx (no weights loaded)."""
+    from mistral_export.model.config import from_hf_config
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "mistral_export.config" not in meta:
+        raise MistralExportError(f"{model_path}: not exported by mistral-export (no mistral_export.config metadata)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.json"
+        path.write_text(meta["mistral_export.config"])
+        config = from_hf_config(path).replace(name=meta.get("mistral_export.model_name", "custom"))
+    return config, meta

@@ -1,0 +1,155 @@
+"""The ONNX Runtime artifact: the exported graph with the `mistral` function bodies inlined and cleaned.
+
+ONNX Runtime inlines model-local functions itself, but each inlined body then recomputes the slot
+positions and the band mask from `past_len` and the shapes of its own inputs, per layer and per
+step. Here the bodies are inlined ahead of time, `Shape` of a dimension the graph knows is replaced
+by a constant (head counts, capacity, head dim) or by the one shared `Shape(input_ids)` slice
+(batch, sequence), then constant folding and CSE leave one mask computation for all layers: what
+remains per layer is the attention arithmetic itself. The artifact shares `model.onnx.data`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from mistral_export.errors import MistralExportError
+
+ARTIFACT_FILE = "model.ort.onnx"
+
+
+def _canonical_shapes(model: ir.Model) -> int:
+    """Shape(x)[a:b] → constants and shared Shape(input_ids) slices where x's dims are known."""
+    graph = model.graph
+    ids = graph.inputs[0]
+    if ids.name != "input_ids" or ids.shape is None or len(ids.shape) != 2:
+        return 0
+    first = next(iter(graph))
+    shared: dict[str, ir.Value] = {}
+    for axis, dim in enumerate(ids.shape):
+        if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+            node = ir.node("Shape", [ids], attributes={"start": axis, "end": axis + 1})
+            graph.insert_before(first, node)
+            node.outputs[0].name = f"input_ids_dim{axis}"
+            node.outputs[0].shape = ir.Shape([1])
+            node.outputs[0].type = ir.TensorType(ir.DataType.INT64)
+            shared[dim.value] = node.outputs[0]
+    changed = 0
+    for node in list(graph):
+        if node.op_type != "Shape" or node.domain != "" or node.inputs[0] is ids:
+            continue
+        x = node.inputs[0]
+        if x.shape is None:
+            continue
+        rank = len(x.shape)
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", rank)
+        start, end = (max(0, min(rank, i + rank if i < 0 else i)) for i in (start, end))
+        parts: list[ir.Value] = []
+        for dim in list(x.shape)[start:end]:
+            if isinstance(dim, int):
+                const = ir.Value(name=None, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
+                const.const_value = ir.tensor([dim], dtype=ir.DataType.INT64)
+                parts.append(const)
+            elif dim.value in shared:
+                parts.append(shared[dim.value])
+            else:
+                break
+        else:
+            if not parts:
+                continue
+            for part in parts:
+                if part.const_value is not None and not part.is_initializer():
+                    part.name = f"{node.outputs[0].name}_dim{id(part) % 100000}"
+                    graph.register_initializer(part)
+            if len(parts) == 1:
+                replacement = parts[0]
+            else:
+                concat = ir.node("Concat", parts, attributes={"axis": 0})
+                graph.insert_before(node, concat)
+                replacement = concat.outputs[0]
+                replacement.shape = ir.Shape([len(parts)])
+                replacement.type = ir.TensorType(ir.DataType.INT64)
+            out = node.outputs[0]
+            if out.is_graph_output():
+                continue
+            out.replace_all_uses_with(replacement)
+            changed += 1
+    return changed
+
+
+def dedupe_small_constants(model: ir.Model, limit: int = 4096) -> int:
+    """Merge equal small initializers (CSE compares inputs by identity); weights are never read."""
+    graph = model.graph
+    seen: dict[tuple, ir.Value] = {}
+    merged = 0
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.size > limit or value.is_graph_input():
+            continue
+        key = (tensor.dtype, tuple(tensor.shape.numpy()), tensor.tobytes())
+        if key not in seen:
+            seen[key] = value
+            continue
+        if value.is_graph_output():
+            continue
+        value.replace_all_uses_with(seen[key])
+        graph.initializers.pop(name)
+        merged += 1
+    return merged
+
+
+def optimize_for_runtime(model: ir.Model) -> ir.Model:
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    weights = {name for name, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
+
+    def should_fold(node: ir.Node) -> bool | None:
+        return False if any(v is not None and v.name in weights for v in node.inputs) else None
+
+    def fold():
+        return _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=8192,
+                                                   output_size_limit=1 << 20, should_fold=should_fold)
+
+    cleanup = [common_passes.CommonSubexpressionEliminationPass(), common_passes.RemoveUnusedNodesPass()]
+    ir.passes.Sequential(common_passes.InlinePass(), fold(), *cleanup)(model)
+    _canonical_shapes(model)
+    ir.passes.Sequential(common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0))(model)
+    for _ in range(3):
+        dedupe_small_constants(model)
+        ir.passes.Sequential(fold(), *cleanup)(model)
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    dedupe_small_constants(model)
+    ir.passes.Sequential(
+        ir.passes.PassManager([fold(), rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES), *cleanup],
+                              steps=3, early_stop=True),
+        common_passes.RemoveUnusedFunctionsPass(),
+        common_passes.RemoveUnusedOpsetsPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        *cleanup,
+    )(model)
+    dedupe_small_constants(model)
+    ir.passes.Sequential(*cleanup)(model)
+    return model
+
+
+def prepare_onnxruntime_artifact(model_path: str | Path) -> Path:
+    """Write (or reuse, if newer than model.onnx) model.ort.onnx next to model.onnx; returns its path."""
+    model_path = Path(model_path)
+    artifact = model_path.parent / ARTIFACT_FILE
+    if artifact.exists() and artifact.stat().st_mtime >= model_path.stat().st_mtime:
+        return artifact
+    try:
+        model = ir.load(str(model_path))  # weights stay external (lazy)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several unrelated types for a bad file
+        raise MistralExportError(f"{model_path}: cannot read the ONNX model: {exc}") from None
+    optimize_for_runtime(model)
+    proto = ir.serde.serialize_model(model)  # ExternalTensors keep their location: model.onnx.data
+    tmp = artifact.with_suffix(".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(artifact)
+    return artifact

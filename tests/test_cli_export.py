@@ -1,0 +1,67 @@
+"""`mistral-export export` and `generate --backend onnxruntime` from the command line, and atomic artifacts."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import needs_tiny, small_config
+from mistral_export.cli import app
+from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
+from mistral_export.engines.runner import EagerRunner, prefill
+from mistral_export.export import onnx_export, streaming
+from mistral_export.model.checkpoint import random_model, save_hf_checkpoint
+
+
+@needs_tiny
+def test_export_then_generate_with_onnxruntime_matches_eager(tmp_path):
+    cli = CliRunner()
+    result = cli.invoke(app, ["export", "tiny", "-o", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["model.onnx", "model.onnx.data", "model.ort.onnx"]
+    args = ["generate", "tiny", "--prompt", "class Parser:", "--max-new-tokens", "24"]
+    ort_run = cli.invoke(app, [*args, "--backend", "onnxruntime", "--onnx", str(tmp_path / "onnx")])
+    eager_run = cli.invoke(app, args)
+    assert ort_run.exit_code == eager_run.exit_code == 0
+    assert ort_run.output == eager_run.output
+    assert len(ort_run.output) > len("class Parser:") + 20
+
+
+def test_onnxruntime_backend_needs_an_export(tmp_path):
+    result = CliRunner().invoke(app, ["generate", "tiny", "--prompt", "x", "--backend", "onnxruntime",
+                                         "--onnx", str(tmp_path)])
+    assert result.exit_code == 2 and "model.onnx: no such ONNX model" in result.output
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_export_leaves_previous_artifacts_intact(tmp_path, monkeypatch):
+    config = small_config(head_dim=32, heads=4, kv_heads=2, window=16)
+    folder = tmp_path / "ckpt"
+    save_hf_checkpoint(random_model(config, seed=7), folder)
+    out = tmp_path / "onnx"
+    onnx_export.export_onnx(folder, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    real_write = streaming.write_weights
+
+    def write_then_die(path, slots, tensors):
+        real_write(path, slots[:1], tensors)  # part of the weights are on disk when the "power fails"
+        raise Interrupted
+
+    monkeypatch.setattr(streaming, "write_weights", write_then_die)
+    with pytest.raises(Interrupted):
+        onnx_export.export_onnx(folder, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging left, nothing replaced
+    with pytest.raises(Interrupted):
+        onnx_export.export_onnx(folder, tmp_path / "fresh")
+    assert list((tmp_path / "fresh").iterdir()) == []  # no model.onnx that looks valid
+
+    monkeypatch.undo()
+    ids = torch.randint(0, config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    eager = EagerRunner(random_model(config, seed=7))
+    eager.reset(1)
+    runner = OnnxRuntimeRunner(out)
+    runner.reset(1)
+    assert (prefill(runner, ids) - prefill(eager, ids)).abs().max() <= 1e-4
