@@ -25,21 +25,25 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x / sqrt(.) rather than x * rsqrt(.): the form ONNX Runtime fuses into one SimplifiedLayerNormalization.
+        x32 = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
 def rotary_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin [B, 1, S, D] for absolute positions [B, S], computed in fp32."""
+    """cos and sign-folded sin [B, 1, S, D] for absolute positions [B, S], computed in fp32 once for all layers.
+
+    The rotate-half sign lives in sin ([-sin, sin]), so each layer swaps halves without a negation.
+    """
     freqs = positions.float().unsqueeze(-1) * inv_freq  # [B,S,D/2]
-    emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], -1).unsqueeze(1).to(dtype), torch.cat([-sin, sin], -1).unsqueeze(1).to(dtype)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + swapped * signed_sin
 
 
 class Attention(nn.Module):
