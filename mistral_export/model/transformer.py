@@ -35,9 +35,9 @@ def rotary_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> t
 
     The rotate-half sign lives in sin ([-sin, sin]), so each layer swaps halves without a negation.
     """
-    freqs = positions.float().unsqueeze(-1) * inv_freq  # [B,S,D/2]
+    freqs = (positions.float().unsqueeze(-1) * inv_freq).unsqueeze(1)  # [B,1,S,D/2]
     cos, sin = freqs.cos(), freqs.sin()
-    return torch.cat([cos, cos], -1).unsqueeze(1).to(dtype), torch.cat([-sin, sin], -1).unsqueeze(1).to(dtype)
+    return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
