@@ -5,7 +5,7 @@ Three kernels (plus a merge step) implement the contract:
 * `decode_partial_kernel` + `decode_merge_kernel`: S = 1. One program per (split of the window, kv head,
   sequence) serves every query head of the GQA group, so K/V are read once per group; the window is split
   across programs (flash-decoding) so that batch 1 still fills the GPU, and the partial softmaxes are merged
-  by a second, small kernel.
+  by a second, small kernel (launched early with programmatic dependent launch on sm_90+).
 * `chunk_attention_kernel`: any S (prefill chunks; also the single-kernel form TensorRT's AOT path uses for
   decode). Tiled online softmax over [pre-update cache ∪ new keys]; each query tile visits only the keys
   inside its window band, so the cost grows as S·W rather than S².
@@ -24,6 +24,7 @@ Importing this module imports triton; nothing else in the package imports it at 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,14 +69,21 @@ def decode_partial_kernel(
     counter_ptr, out_ptr, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    GROUP_P2: tl.constexpr, PDL: tl.constexpr,
 ):
     """Partial attention of one decode query per head of a GQA group over one split of its key range.
 
     Writes the unnormalised accumulator, running max (log2 units) and running sum per (b, q head, split).
     With FUSED_MERGE the last split of a (b, kv head) to finish (an atomic ticket per group) merges the
-    partials itself instead of `decode_merge_kernel` (an experiment against batch-1 latency; slower on an
-    H200, so off by default). The ticket counters are zero before the launch and reset by the merging program.
+    partials itself instead of `decode_merge_kernel`. The ticket counters are zero before the launch and
+    reset by the merging program.
+    PDL (programmatic dependent launch, sm_90+): wait for the previous kernel before reading anything (so it
+    is safe whatever kernel precedes), then let the dependent kernel (the merge) launch at once; it waits for
+    this grid in its own prologue. Both are no-ops in a launch without the PDL attribute.
     """
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -129,20 +137,24 @@ def decode_partial_kernel(
         counter = counter_ptr + b * kv_heads + kv_head
         ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if ticket == num_splits - 1:
+            # All heads of the group at once: one round of (L2) loads instead of one per head.
+            offs_mg = tl.arange(0, GROUP_P2)
+            mg_ok = offs_mg < GROUP
             offs_s = tl.arange(0, BLOCK_SPLITS)
-            split_ok = offs_s < num_splits
-            for g in tl.static_range(GROUP):
-                r = (b * kv_heads + kv_head) * GROUP + g
-                # .cg: other programs' partials must come from L2, not a stale L1 line.
-                m = tl.load(part_max_ptr + r * num_splits + offs_s, mask=split_ok, other=float("-inf"),
-                            cache_modifier=".cg")
-                l = tl.load(part_sum_ptr + r * num_splits + offs_s, mask=split_ok, other=0.0, cache_modifier=".cg")
-                o = tl.load(part_out_ptr + (r * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                            mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
-                w = tl.math.exp2(m - tl.max(m, 0))
-                merged = tl.sum(o * w[:, None], 0) / tl.sum(l * w, 0)
-                tl.store(out_ptr + b * stride_ob + (kv_head * GROUP + g) * stride_oh + offs_d,
-                         merged.to(out_ptr.dtype.element_ty))
+            ok2 = mg_ok[:, None] & (offs_s < num_splits)[None, :]
+            m_rows = (b * kv_heads + kv_head) * GROUP + offs_mg
+            parts = m_rows[:, None] * num_splits + offs_s[None, :]  # [GROUP_P2, BLOCK_SPLITS]
+            # .cg: other programs' partials must come from L2, not a stale L1 line.
+            m = tl.load(part_max_ptr + parts, mask=ok2, other=float("-inf"), cache_modifier=".cg")
+            l = tl.load(part_sum_ptr + parts, mask=ok2, other=0.0, cache_modifier=".cg")
+            o = tl.load(part_out_ptr + parts[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=ok2[:, :, None],
+                        other=0.0, cache_modifier=".cg")
+            m_max = tl.max(m, 1)
+            w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)[:, None])  # padding rows: all 0
+            total = tl.sum(l * w, 1)
+            merged = tl.sum(o * w[:, :, None], 1) / tl.where(total == 0.0, 1.0, total)[:, None]
+            tl.store(out_ptr + b * stride_ob + (kv_head * GROUP + offs_mg)[:, None] * stride_oh + offs_d[None, :],
+                     merged.to(out_ptr.dtype.element_ty), mask=mg_ok[:, None])
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
@@ -150,9 +162,14 @@ def decode_partial_kernel(
 def decode_merge_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
     stride_ob, stride_oh, num_splits,
-    Q_HEADS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    Q_HEADS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Merges the per-split partial softmaxes of one (b, q head) into the normalised output."""
+    """Merges the per-split partial softmaxes of one (b, q head) into the normalised output.
+
+    PDL: launched early (programmatic dependent launch) and waits here for the partial kernel's grid."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     b = row // Q_HEADS
     h = row % Q_HEADS
@@ -311,10 +328,12 @@ def decode_block_g(group: int) -> int:
     return max(16, triton.next_power_of_2(group))
 
 
-def decode_splits(max_keys: int, work_items: int, num_sms: int, block_n: int) -> tuple[int, int]:
-    """(num_splits, keys_per_split): enough programs to cover ~2 waves of the SMs, each a whole number of tiles."""
+def decode_splits(max_keys: int, work_items: int, num_sms: int, block_n: int,
+                  waves: float = 2.0) -> tuple[int, int]:
+    """(num_splits, keys_per_split): enough programs to cover ~`waves` waves of the SMs, each a whole number of
+    tiles."""
     tiles = triton.cdiv(max_keys, block_n)
-    wanted = max(1, triton.cdiv(2 * num_sms, max(work_items, 1)))
+    wanted = max(1, math.ceil(waves * num_sms / max(work_items, 1)))
     splits = min(tiles, wanted)
     keys_per_split = triton.cdiv(tiles, splits) * block_n
     return triton.cdiv(max_keys, keys_per_split), keys_per_split
@@ -386,6 +405,8 @@ def _window_arg(window: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}
+# Programmatic dependent launch: Triton >= 3.4 on sm_90+ (`launch_pdl=True` and tl.extra.cuda.gdc_*).
+_PDL_AVAILABLE = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
 
 
 def _ticket_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -411,16 +432,25 @@ def sliding_window_attention(
     out: torch.Tensor | None = None,
     chunk: ChunkConfig | None = None,
     keys_per_split: int | None = None,
-    decode_block_n: int = 64,
+    decode_block_n: int = 32,
     fused_merge: bool = False,
+    decode_waves: float = 2.0,
+    decode_num_warps: int = 4,
+    decode_num_stages: int = 3,
+    pdl: int = 2,
 ) -> torch.Tensor:
     """The SlidingWindowAttention contract on Triton. S = 1 takes the split decode path, else the chunk kernel.
 
     `out` may be passed (it is fully overwritten); `chunk`, `keys_per_split` and `decode_block_n` override the
-    tile choices (tests use them to cross tile and split boundaries at small shapes). `fused_merge=True`
-    merges decode splits in the last split's program instead of a second kernel; measured on an H200
-    (benchmarks/results/gpu_check_run2_h200.md) it was slower at batch 1 (15.2 vs 13.2 µs per layer), so the
-    two-kernel merge is the default.
+    tile choices (tests use them to cross tile and split boundaries at small shapes). Decode tuning
+    (benchmarks/decode_sweep.py, results in benchmarks/results/decode_sweep_h200.md): `decode_waves` sets the
+    split count (~waves x SMs programs), `decode_num_warps` / `decode_num_stages` the partial kernel's launch,
+    `pdl` programmatic dependent launch on sm_90+ (0 off; 1 the merge kernel launches early and waits for the
+    partials in its prologue; 2 also the partial kernel, which waits for whatever precedes it before reading
+    anything). Defaults are the sweep's best on an H200 at batch 1 (BN 32, 2 waves, pdl 2: 11.1 µs per layer
+    vs 13.8 for the former BN 64 without PDL) that did not slow batch 16 (69.3 vs 71.6 µs).
+    `fused_merge=True` merges decode splits in the last split's program (atomic ticket) instead of a second
+    kernel; on an H200 it was no faster than the two kernels (12.8 vs 12.3 µs with pdl 2 at BN 64).
 
     Decode with the fused merge uses per-device ticket counters: concurrent decode launches on different
     streams of one device are not supported (launches on one stream, CUDA graphs included, are).
@@ -462,7 +492,7 @@ def sliding_window_attention(
     if seq == 1:
         # Decode. k/v hold a single row, so their S stride never matters (the kernel reads row 0 only).
         max_keys = min(win, capacity + 1)
-        splits, per_split = decode_splits(max_keys, batch * kv_heads, _num_sms(q), decode_block_n)
+        splits, per_split = decode_splits(max_keys, batch * kv_heads, _num_sms(q), decode_block_n, decode_waves)
         if keys_per_split is not None:
             per_split = keys_per_split
             splits = triton.cdiv(max_keys, per_split)
@@ -471,6 +501,8 @@ def sliding_window_attention(
         part_sum = torch.empty_like(part_max)
         fused = fused_merge and splits > 1
         counters = _ticket_counters(q.device, batch * kv_heads) if fused else part_max
+        pdl = pdl if q.is_cuda and _PDL_AVAILABLE and _capability(q) >= (9, 0) else 0
+        group_p2 = triton.next_power_of_2(group)
         decode_partial_kernel[(splits, kv_heads, batch)](
             q, k, v, k_cache, v_cache, past_len,
             part_out, part_max, part_sum,
@@ -481,15 +513,18 @@ def sliding_window_attention(
             counters, out, out.stride(0), out.stride(1),
             GROUP=group, BLOCK_G=decode_block_g(group), BLOCK_N=decode_block_n, HEAD_DIM=head_dim,
             DOT_PRECISION=precision, FUSED_MERGE=fused, BLOCK_SPLITS=triton.next_power_of_2(splits),
-            num_warps=4, num_stages=3 if q.is_cuda else 1,
+            GROUP_P2=group_p2, PDL=pdl > 0,
+            num_warps=decode_num_warps, num_stages=decode_num_stages if q.is_cuda else 1,
+            **({"launch_pdl": True} if pdl >= 2 else {}),
         )
         if fused:
             return out
         decode_merge_kernel[(batch * q_heads,)](
             part_out, part_max, part_sum, out,
             out.stride(0), out.stride(1), splits,
-            Q_HEADS=q_heads, BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+            Q_HEADS=q_heads, BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim, PDL=pdl > 0,
             num_warps=4 if head_dim >= 64 else 1,
+            **({"launch_pdl": True} if pdl else {}),
         )
         return out
 

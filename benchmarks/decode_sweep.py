@@ -1,0 +1,418 @@
+"""Decode attention (S = 1) variants on one GPU: where do the microseconds of a batch-1 step go?
+
+Mistral 7B shapes (32 q heads / 8 kv heads, head_dim 128, fp16, window = capacity 4096, past_len 32000 so the
+window is full and the ring wrapped). Every variant goes through `kernels.sliding_window_attention` with launcher
+options (tile, splits, warps, stages, programmatic dependent launch, the
+fused ticket merge). For each: correctness against `sliding_window_attention_reference` on random inputs
+(output pre-filled with NaN; batch 1 at past 32000 and batch 3 at mixed past), then the time per layer of a
+CUDA graph over 32 layers with separate caches (the caches, 537 MB, do not fit in L2), median of many replays
+after warm-up. Also timed in the same graph structure: empty kernels (the fixed floor of one or two kernel
+nodes per layer), and the partial kernel alone (merge skipped) to show what the merge costs.
+Bandwidth uses gpu_check's convention: bytes of K + V + q per layer over the time, as a fraction of a
+device-to-device copy measured in this run (bytes read + written).
+
+Measured and dropped (2026-11-27, H200, benchmarks/results/decode_sweep_h200.md): scores and values through fp32
+broadcast products instead of tl.dot ("fma" rows there: 34.6 and 47.4 µs per layer, 255 registers and spills at
+BN >= 32), so the kernel keeps tl.dot with the GQA group padded to 16 rows.
+
+Needs only torch and triton. Run: PYTHONPATH=$PWD python3 benchmarks/decode_sweep.py
+Writes decode_sweep.json and decode_sweep.md to $OUT if set, else benchmarks/results/, after every variant, and
+stops starting variants after DECODE_SWEEP_BUDGET_S seconds (default 240).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mistral_export.model.ops import sliding_window_attention_reference  # noqa: E402
+from mistral_export.plugins import kernels  # noqa: E402
+
+BUDGET_S = float(os.environ.get("DECODE_SWEEP_BUDGET_S", "240"))
+START = time.monotonic()
+HQ, HKV, D, W = 32, 8, 128, 4096
+C = W
+PAST = 32000
+LAYERS = 32
+SCALE = D**-0.5
+TOL = 2e-3
+TARGET_FRACTION = 0.70
+
+results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "shape": {
+    "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "window": W, "capacity": C, "past_len": PAST, "layers": LAYERS,
+    "dtype": "float16"}, "floor": {}, "variants": [], "batch16": []}
+
+
+def time_left() -> float:
+    return BUDGET_S - (time.monotonic() - START)
+
+
+def out_dir() -> Path:
+    d = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def save() -> None:
+    results["elapsed_s"] = round(time.monotonic() - START, 1)
+    (out_dir() / "decode_sweep.json").write_text(json.dumps(results, indent=2))
+    (out_dir() / "decode_sweep.md").write_text(markdown())
+
+
+def rand(*shape):
+    return torch.randn(*shape, device="cuda", dtype=torch.float16)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if torch.isnan(out).any():
+        return float("nan")
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def graph_ms(fn, warmup: int = 5, iters: int = 60) -> float:
+    """Median CUDA-event time of one replay of a graph capturing `fn` (after an eager warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(warmup):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del g
+    return statistics.median(times)
+
+
+@triton.jit
+def empty_kernel(x_ptr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def stream_read_kernel(a_ptr, b_ptr, out_ptr, n_per_prog, BLOCK: tl.constexpr):
+    """Sums a contiguous chunk of a and of b per program: the bytes of a decode step with no attention."""
+    base = tl.program_id(0).to(tl.int64) * n_per_prog
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(0, n_per_prog, BLOCK):
+        acc += tl.load(a_ptr + base + i + tl.arange(0, BLOCK)).to(tl.float32)
+        acc += tl.load(b_ptr + base + i + tl.arange(0, BLOCK)).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
+
+
+class _NoLaunch:
+    """Stands in for decode_merge_kernel to time the partial kernel alone (its output is then not valid)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+class Inputs:
+    def __init__(self, batch: int, past: int):
+        self.batch = batch
+        self.q = [rand(batch, HQ, 1, D) for _ in range(LAYERS)]
+        self.k = [rand(batch, HKV, 1, D) for _ in range(LAYERS)]
+        self.v = [rand(batch, HKV, 1, D) for _ in range(LAYERS)]
+        self.kc = [rand(batch, HKV, C, D) for _ in range(LAYERS)]
+        self.vc = [rand(batch, HKV, C, D) for _ in range(LAYERS)]
+        self.pl = torch.full((batch,), past, device="cuda", dtype=torch.int64)
+        self.outs = [torch.empty_like(x) for x in self.q]
+
+    def run(self, opts: dict) -> None:
+        for i in range(LAYERS):
+            kernels.sliding_window_attention(self.q[i], self.k[i], self.v[i], self.kc[i], self.vc[i], self.pl, W,
+                                             SCALE, out=self.outs[i], **opts)
+
+    def check_graph_outputs(self, opts: dict) -> float:
+        """Runs the layers once more (eagerly) into NaN-filled outputs and checks the first and last layer."""
+        for o in self.outs:
+            o.fill_(float("nan"))
+        self.run(opts)
+        return max(rel_err(self.outs[i], sliding_window_attention_reference(
+            self.q[i], self.k[i], self.v[i], self.kc[i], self.vc[i], self.pl, W, SCALE)) for i in (0, LAYERS - 1))
+
+
+def correctness(opts: dict) -> dict:
+    """Fresh random inputs: batch 1 at past 32000 and batch 3 at mixed past (empty splits, short contexts)."""
+    errs = {}
+    for label, past in (("b1_past32000", [PAST]), ("b3_mixed_past", [5, 4095, 30001])):
+        b = len(past)
+        q, k, v = rand(b, HQ, 1, D), rand(b, HKV, 1, D), rand(b, HKV, 1, D)
+        kc, vc = rand(b, HKV, C, D), rand(b, HKV, C, D)
+        pl = torch.tensor(past, device="cuda", dtype=torch.int64)
+        out = torch.full_like(q, float("nan"))
+        kernels.sliding_window_attention(q, k, v, kc, vc, pl, W, SCALE, out=out, **opts)
+        errs[label] = rel_err(out, sliding_window_attention_reference(q, k, v, kc, vc, pl, W, SCALE))
+    return errs
+
+
+def ok(errs: dict) -> bool:
+    return all(not math.isnan(e) and e <= TOL for e in errs.values())
+
+
+def main() -> None:
+    props = torch.cuda.get_device_properties(0)
+    results["device"] = {"name": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+                         "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__,
+                         "pdl_available": kernels._PDL_AVAILABLE}
+    print("GPU:", results["device"], flush=True)
+
+    # Copy bandwidth (1 GiB, bytes read + written), as in gpu_check.
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    copy_gbps = 2 * n / statistics.median(times) / 1e6
+    results["copy_gbps_read_plus_write"] = copy_gbps
+    del src, dst
+    torch.cuda.empty_cache()
+    print(f"copy: {copy_gbps:.0f} GB/s", flush=True)
+    save()
+
+    bytes_b1 = kernels.decode_bytes_read(1, HKV, HQ, W, D, 2)
+    results["bytes_per_layer_b1"] = bytes_b1
+
+    # Fixed floor: empty kernels in the same graph structure (32 layers; grids of the default decode launch).
+    x = torch.empty(1, device="cuda")
+    floors = {
+        "empty single kernel (grid 256)": lambda: [empty_kernel[(256,)](x, PDL=False) for _ in range(LAYERS)],
+        "empty kernel pair (grids 256 + 32)": lambda: [(empty_kernel[(256,)](x, PDL=False),
+                                                        empty_kernel[(32,)](x, PDL=False)) for _ in range(LAYERS)],
+    }
+    if kernels._PDL_AVAILABLE:
+        floors["empty kernel pair, second with PDL"] = lambda: [
+            (empty_kernel[(256,)](x, PDL=True), empty_kernel[(32,)](x, PDL=True, launch_pdl=True))
+            for _ in range(LAYERS)]
+        floors["empty kernel pair, both with PDL"] = lambda: [
+            (empty_kernel[(256,)](x, PDL=True, launch_pdl=True), empty_kernel[(32,)](x, PDL=True, launch_pdl=True))
+            for _ in range(LAYERS)]
+    for label, fn in floors.items():
+        try:
+            results["floor"][label] = graph_ms(fn) / LAYERS * 1e3  # µs per layer
+        except Exception as exc:
+            results["floor"][label] = f"{type(exc).__name__}: {exc}"[:300]
+        print(f"[floor] {label}: {results['floor'][label]}", flush=True)
+    save()
+
+    b1 = Inputs(1, PAST)
+
+    # Size-matched ceiling: a plain streaming read of the same K + V bytes per layer (no attention), same graph.
+    for progs in (256, 1024):
+        label = f"streaming read of the layer's K+V caches, {progs} programs"
+        try:
+            n = b1.kc[0].numel()
+            sink = torch.empty(progs, device="cuda", dtype=torch.float32)
+
+            def read_all():
+                for i in range(LAYERS):
+                    stream_read_kernel[(progs,)](b1.kc[i], b1.vc[i], sink, n // progs, BLOCK=2048, num_warps=4,
+                                                 num_stages=3)
+            ms = graph_ms(read_all)
+            results["floor"][label] = ms / LAYERS * 1e3
+            results["floor"][label + ": fraction of copy"] = 2 * n * 2 / (ms / LAYERS) / 1e6 / copy_gbps
+        except Exception as exc:
+            results["floor"][label] = f"{type(exc).__name__}: {exc}"[:300]
+        print(f"[floor] {label}: {results['floor'][label]}", flush=True)
+    save()
+
+    def run_variant(label: str, opts: dict, partial_only: bool = False) -> dict | None:
+        if time_left() < 45:
+            print(f"[skip] {label}: out of budget", flush=True)
+            return None
+        row = {"label": label, "opts": opts, "partial_only": partial_only}
+        t0 = time.monotonic()
+        saved_merge = kernels.decode_merge_kernel
+        try:
+            if not partial_only:
+                row["rel_err"] = correctness(opts)
+                row["ok"] = ok(row["rel_err"])
+            else:
+                kernels.decode_merge_kernel = _NoLaunch()
+            ms = graph_ms(lambda: b1.run(opts))
+            row["us_per_layer"] = ms / LAYERS * 1e3
+            row["gbps"] = bytes_b1 / (ms / LAYERS) / 1e6
+            row["fraction_of_copy"] = row["gbps"] / copy_gbps
+            if not partial_only:
+                row["graph_outputs_rel_err"] = b1.check_graph_outputs(opts)
+                row["ok"] = row["ok"] and row["graph_outputs_rel_err"] <= TOL
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            row["traceback"] = traceback.format_exc()[-1500:]
+        finally:
+            kernels.decode_merge_kernel = saved_merge
+        row["s"] = round(time.monotonic() - t0, 1)
+        results["variants"].append(row)
+        print(f"[b1] {label}: {row.get('us_per_layer', row.get('error'))} us/layer "
+              f"frac={row.get('fraction_of_copy')} ok={row.get('ok')} err={row.get('rel_err')} ({row['s']}s)",
+              flush=True)
+        save()
+        return row
+
+    def cfg(bn=64, waves=2.0, warps=4, stages=3, pdl=0, fused=False):
+        return dict(decode_block_n=bn, decode_waves=waves, decode_num_warps=warps, decode_num_stages=stages,
+                    pdl=pdl, fused_merge=fused)
+
+    def name(o):
+        s = f"BN{o['decode_block_n']} waves{o['decode_waves']:g} w{o['decode_num_warps']} s{o['decode_num_stages']}"
+        if o["pdl"]:
+            s += f" pdl{o['pdl']}"
+        if o["fused_merge"]:
+            s += " fused"
+        return s
+
+    base = cfg()  # the default before this sweep (2026-11-27 run 1: dot BN64 waves2 w4 s3, no PDL)
+    run_variant("former default (two kernels) " + name(base), base)
+    params = inspect.signature(kernels.sliding_window_attention).parameters
+    defaults = {k: params[k].default for k in base}  # the launcher's current defaults, spelled out
+    run_variant("launcher defaults " + name(defaults), defaults)
+    run_variant("partial kernel alone (merge skipped) " + name(base), base, partial_only=True)
+    # Intra-op PDL, inter-op PDL, fused ticket merge, on the default tiles.
+    for o in (cfg(pdl=1), cfg(pdl=2), cfg(fused=True), cfg(fused=True, pdl=2)):
+        run_variant(name(o), o)
+    # Tiles / splits / warps / stages (two kernels, no PDL).
+    tile_cfgs = [cfg(waves=4), cfg(waves=1), cfg(bn=32, waves=4), cfg(bn=32, waves=2), cfg(bn=128, warps=8),
+                 cfg(bn=128, waves=1, warps=8), cfg(warps=8), cfg(stages=2), cfg(stages=4), cfg(waves=1, stages=4),
+                 cfg(bn=32, waves=8)]
+    tile_rows = []
+    for o in tile_cfgs:
+        r = run_variant(name(o), o)
+        if r is not None:
+            tile_rows.append(r)
+    # The best tiles with PDL / fused merge.
+    good = sorted([r for r in tile_rows if r.get("ok")], key=lambda r: r["us_per_layer"])[:2]
+    for r in good:
+        o = r["opts"]
+        for extra in (dict(pdl=1), dict(pdl=2), dict(fused_merge=True), dict(fused_merge=True, pdl=2)):
+            if extra.get("fused_merge") and (o["decode_waves"] > 2 or o["decode_block_n"] < 64):
+                continue  # >= 64 splits: the fused merge's [group, splits, D] tile would spill
+            run_variant(name({**o, **extra}), {**o, **extra})
+    run_variant("default again (spread) " + name(base), base)
+    partial_best = sorted([r for r in results["variants"] if r.get("ok")], key=lambda r: r["us_per_layer"])
+    two_kernel = [r["opts"] for r in partial_best if not r["opts"]["fused_merge"]]
+    if two_kernel and two_kernel[0] != base:
+        run_variant("partial kernel alone (merge skipped) " + name(two_kernel[0]), two_kernel[0], partial_only=True)
+
+    # Batch 16 (auto splits under each variant's waves): the default and the best batch-1 variants.
+    del b1
+    torch.cuda.empty_cache()
+    if time_left() < 25:
+        save()
+        return
+    b16 = Inputs(16, PAST)
+    bytes_b16 = kernels.decode_bytes_read(16, HKV, HQ, W, D, 2)
+    cands = [base]
+    for r in partial_best:
+        if r["opts"] not in cands and len(cands) < 5:
+            cands.append(r["opts"])
+    for o in cands:
+        if time_left() < 10:
+            break
+        row = {"label": name(o), "opts": o}
+        try:
+            ms = graph_ms(lambda: b16.run(o), iters=30)
+            row["us_per_layer"] = ms / LAYERS * 1e3
+            row["gbps"] = bytes_b16 / (ms / LAYERS) / 1e6
+            row["fraction_of_copy"] = row["gbps"] / copy_gbps
+            row["graph_outputs_rel_err"] = b16.check_graph_outputs(o)
+            row["ok"] = row["graph_outputs_rel_err"] <= TOL
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        results["batch16"].append(row)
+        print(f"[b16] {row['label']}: {row.get('us_per_layer', row.get('error'))} us/layer "
+              f"frac={row.get('fraction_of_copy')} ok={row.get('ok')}", flush=True)
+        save()
+
+
+def fmt(x, digits=3):
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.{digits}g}"
+    return str(x)
+
+
+def markdown() -> str:
+    d = results.get("device", {})
+    lines = [f"# Decode attention sweep: {d.get('name', '?')}", "",
+             f"capability {d.get('capability')}, {d.get('sms')} SMs; torch {d.get('torch')}, triton {d.get('triton')}; "
+             f"started {results['started']}, {results.get('elapsed_s', '?')} s. Shapes: 32 q / 8 kv heads, head_dim "
+             f"128, fp16, window = capacity 4096, past_len 32000. Time per layer of a CUDA graph over 32 layers with "
+             f"separate caches (median of 60 replays).", ""]
+    if "copy_gbps_read_plus_write" in results:
+        copy = results["copy_gbps_read_plus_write"]
+        lines += [f"Device-to-device copy: {copy:.0f} GB/s (read + written). Batch 1 moves "
+                  f"{results.get('bytes_per_layer_b1', 0) / 1e6:.1f} MB per layer: the 70% target is "
+                  f"{results.get('bytes_per_layer_b1', 0) / (TARGET_FRACTION * copy * 1e3):.2f} µs per layer.", ""]
+    if results["floor"]:
+        lines += ["## Fixed floor: empty kernels, same graph structure", "", "| graph per layer | µs per layer |",
+                  "| --- | --- |"]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in results["floor"].items()]
+        lines.append("")
+    if results["variants"]:
+        lines += ["## Batch 1", "", "Variants: BN keys per tile; waves = target programs / SMs (sets keys per split); w warps; s stages; "
+                  "pdl1 = merge kernel launched with programmatic dependent launch, pdl2 = both kernels; fused = "
+                  "last split merges (atomic ticket).", "",
+                  "| variant | µs / layer | GB/s | of copy | rel err (b1, b3 mixed, graph) | ok |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in results["variants"]:
+            if "error" in r:
+                lines.append(f"| {r['label']} | error: {r['error'][:150]} | | | | |")
+                continue
+            errs = r.get("rel_err", {})
+            e = ", ".join(fmt(v) for v in errs.values())
+            if "graph_outputs_rel_err" in r:
+                e += f", {fmt(r['graph_outputs_rel_err'])}"
+            lines.append(f"| {r['label']} | {fmt(r['us_per_layer'])} | {fmt(r['gbps'], 4)} | "
+                         f"{fmt(r['fraction_of_copy'])} | {e if e else 'n/a (partial only)'} | {r.get('ok', '-')} |")
+        lines.append("")
+    if results["batch16"]:
+        lines += ["## Batch 16 (auto splits)", "", "| variant | µs / layer | GB/s | of copy | rel err (graph) | ok |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in results["batch16"]:
+            if "error" in r:
+                lines.append(f"| {r['label']} | error: {r['error'][:150]} | | | | |")
+                continue
+            lines.append(f"| {r['label']} | {fmt(r['us_per_layer'])} | {fmt(r['gbps'], 4)} | "
+                         f"{fmt(r['fraction_of_copy'])} | {fmt(r['graph_outputs_rel_err'])} | {r['ok']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("decode_sweep needs a CUDA GPU")
+    try:
+        main()
+    finally:
+        save()
+        print(markdown(), flush=True)
