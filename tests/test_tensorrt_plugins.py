@@ -116,3 +116,59 @@ def test_one_layer_engine_matches_reference(tmp_path, dtype, aot):
             rel = ((attn - expected_attn).abs().max() / expected_attn.abs().max()).item()
             assert rel <= tolerance, f"S={seq}: attention relative error {rel:.3g}"
             assert torch.equal(torch.from_numpy(np.asarray(outputs["present_key"])), expected_key)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.parametrize("aot", [False, True], ids=["jit", "aot"])
+def test_engine_from_exported_onnx_matches_onnxruntime(tmp_path, aot):
+    """A one-layer model through `export_onnx`: its plugin nodes built by TensorRT, compared with ONNX Runtime
+    (function bodies) by Polygraphy on a decode step and chunks shorter and longer than the window."""
+    pytest.importorskip("tensorrt")
+    pytest.importorskip("polygraphy")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import onnx
+    from onnx import helper
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+
+    import mistral_export.plugins.tensorrt  # noqa: F401  (registers the plugins)
+    from mistral_export.export.onnx_export import export_onnx
+    from mistral_export.model.checkpoint import random_model
+    from mistral_export.model.config import ModelConfig
+
+    config = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=1, num_heads=8,
+                         num_kv_heads=2, head_dim=64, sliding_window=32, max_context=256)
+    exported = export_onnx(random_model(config, seed=0), tmp_path / "onnx")
+    model = onnx.load(str(exported))  # small: weights inlined into the copy TensorRT parses
+    custom = [node for node in model.graph.node if node.domain == "mistral"]
+    assert len(custom) == 3 and all(
+        any(a.name == "plugin_namespace" and a.s == b"mistral" for a in node.attribute) for node in custom)
+    if aot:
+        for node in custom:
+            node.attribute.append(helper.make_attribute("aot", 1))
+    trt_path = tmp_path / "one_layer.onnx"
+    onnx.save(model, str(trt_path))
+
+    cache = (config.num_kv_heads, config.cache_capacity, config.head_dim)
+    profile = Profile()
+    profile.add("input_ids", min=(1, 1), opt=(2, 8), max=(2, 64))
+    profile.add("past_len", min=(1,), opt=(2,), max=(2,))
+    for name in ("past_key_values.0.key", "past_key_values.0.value"):
+        profile.add(name, min=(1, *cache), opt=(2, *cache), max=(2, *cache))
+    build = EngineFromNetwork(NetworkFromOnnxPath(str(trt_path), strongly_typed=True),
+                              CreateConfig(profiles=[profile], tf32=False))
+
+    gen = torch.Generator().manual_seed(1)
+    feeds = []
+    for seq, past in ((1, [5, 77]), (7, [30, 3]), (45, [0, 40])):
+        feeds.append({
+            "input_ids": torch.randint(0, config.vocab_size, (2, seq), generator=gen).numpy(),
+            "past_len": np.array(past, dtype=np.int64),
+            "past_key_values.0.key": torch.randn(2, *cache, generator=gen).numpy(),
+            "past_key_values.0.value": torch.randn(2, *cache, generator=gen).numpy(),
+        })
+    results = Comparator.run([TrtRunner(build), OnnxrtRunner(SessionFromOnnx(str(exported)))], data_loader=feeds)
+    assert bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=1e-4, rtol=1e-4)))
