@@ -13,7 +13,7 @@ from onnxscript import FLOAT, INT64, script
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
-from mistral_export.export.symbolic import DOMAIN, SWA_OP, UPDATE_OP, VERSION
+from mistral_export.export.symbolic import DOMAIN, VERSION
 
 mistral = Opset(DOMAIN, VERSION)
 
