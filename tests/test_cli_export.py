@@ -65,3 +65,11 @@ def test_interrupted_export_leaves_previous_artifacts_intact(tmp_path, monkeypat
     runner = OnnxRuntimeRunner(out)
     runner.reset(1)
     assert (prefill(runner, ids) - prefill(eager, ids)).abs().max() <= 1e-4
+
+
+def test_export_output_must_be_a_folder(tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_text("not a folder")
+    result = CliRunner().invoke(app, ["export", "tiny", "-o", str(target)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{target}: output must be a folder" in result.output

@@ -262,7 +262,12 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
             yield from checkpoint.tensors(_stored_dtype(checkpoint, dtype))
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise MistralExportError(f"{out}: output must be a folder, and this is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MistralExportError(f"{out}: cannot create the output folder ({exc.strerror})") from None
     # Everything is written into a staging folder and moved into place only when complete and checked,
     # so an interrupted export never leaves a model.onnx that looks valid beside half-written weights.
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
