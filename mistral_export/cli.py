@@ -127,11 +127,16 @@ def _make_runner(model: str, backend: Backend, onnx: Path | None, attention: Att
 def _stream(runner, tokenizer, prompt: str, max_new_tokens: int, chunk_size: int | None) -> None:
     from mistral_export.engines.runner import greedy_tokens
 
+    import time
+
     prompt_ids = tokenizer.encode(prompt)
     typer.echo(prompt, nl=False)
     generated: list[int] = []
     shown = ""
+    started = time.perf_counter()
+    first_token_at = None
     for token in greedy_tokens(runner, prompt_ids, max_new_tokens, chunk_size, stop_id=tokenizer.eos_id):
+        first_token_at = first_token_at or time.perf_counter()
         generated.append(token)
         text = tokenizer.decode(generated)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -139,6 +144,11 @@ def _stream(runner, tokenizer, prompt: str, max_new_tokens: int, chunk_size: int
             sys.stdout.flush()
             shown = text
     typer.echo("")
+    if len(generated) > 1:
+        decode_seconds = time.perf_counter() - first_token_at
+        typer.echo(f"[generate] {len(prompt_ids)} prompt tokens, first token after "
+                   f"{first_token_at - started:.3f} s; {len(generated) - 1} more at "
+                   f"{(len(generated) - 1) / decode_seconds:.1f} tokens/s", err=True)
 
 
 def main() -> None:

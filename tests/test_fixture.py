@@ -64,7 +64,7 @@ def test_generate_streams_code_like_text():
     result = CliRunner().invoke(app, ["generate", "tiny", "--prompt", "    def __init__(self", "--max-new-tokens", "48",
                                       "--chunk-size", "3"])
     assert result.exit_code == 0, result.output
-    continuation = result.output.removeprefix("    def __init__(self")
+    continuation = result.stdout.removeprefix("    def __init__(self")
     assert len(continuation.strip()) > 40
     printable = sum(ch.isascii() and (ch.isprintable() or ch in "\n\t") for ch in continuation)
     assert printable / len(continuation) > 0.95
