@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -61,9 +63,6 @@ def export(
     last_token_logits: Annotated[bool, typer.Option(help="Keep only the last position's logits ([B,1,V]).")] = False,
 ) -> None:
     """Trace MODEL to one ONNX graph (prefill chunks and decode) with the mistral:: custom ops."""
-    import logging
-    import time
-
     from mistral_export.export.onnx_export import export_onnx
 
     progress = logging.StreamHandler(sys.stderr)
@@ -126,8 +125,6 @@ def _make_runner(model: str, backend: Backend, onnx: Path | None, attention: Att
 
 def _stream(runner, tokenizer, prompt: str, max_new_tokens: int, chunk_size: int | None) -> None:
     from mistral_export.engines.runner import greedy_tokens
-
-    import time
 
     prompt_ids = tokenizer.encode(prompt)
     typer.echo(prompt, nl=False)

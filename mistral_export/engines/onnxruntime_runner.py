@@ -44,7 +44,8 @@ class OnnxRuntimeRunner:
 
     With `inline` (default) the session runs model.ort.onnx, the same graph with the `mistral` function
     bodies inlined and their per-layer shape/mask arithmetic shared (see export/runtime_graph.py),
-    written next to model.onnx on first use; `inline=False` runs model.onnx exactly as exported.
+    written by `export` (or here, if missing or older than model.onnx); `inline=False` runs model.onnx
+    exactly as exported.
     """
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None,
@@ -97,7 +98,7 @@ class OnnxRuntimeRunner:
                 values.append(value)
             self._caches.append(values)
         # One binding per ping-pong parity, its cache inputs and outputs bound once: a step rebinds only
-        # input_ids, past_len and logits (per-layer binding calls cost ~0.2 ms per step on a small model).
+        # input_ids, past_len and logits, not 4 cache values per layer.
         self._bindings = []
         for parity in range(2):
             read, write = self._caches[parity], self._caches[1 - parity]

@@ -30,8 +30,9 @@ from mistral_export.export import streaming
 from mistral_export.export.functions import function_protos
 from mistral_export.export.runtime_graph import ARTIFACT_FILE, prepare_onnxruntime_artifact
 from mistral_export.export.symbolic import DOMAIN, VERSION
+from mistral_export.model.checkpoint import Checkpoint, parameter_shapes
 from mistral_export.model.config import ModelConfig, load_config, resolve_model_dir
-from mistral_export.model.transformer import Transformer
+from mistral_export.model.transformer import Transformer, rotary_inv_freq
 
 DEFAULT_OPSET = 20
 MIN_OPSET, MAX_OPSET = 18, 23
@@ -75,8 +76,7 @@ def _skeleton(config: ModelConfig, dtype: torch.dtype) -> Transformer:
     with torch.device("meta"):
         skeleton = Transformer(config)
     skeleton = skeleton.to(dtype).to_empty(device="cpu")
-    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
-    skeleton.inv_freq = 1.0 / (config.rope_theta ** exponents)
+    skeleton.inv_freq = rotary_inv_freq(config)
     return skeleton.eval()
 
 
@@ -113,32 +113,30 @@ def _fold_weight_transposes(model: ir.Model, params: set[str]) -> dict[str, tupl
         if value is None or not value.is_initializer() or value.name not in params or tuple(perm or ()) != (1, 0):
             continue
         rows, cols = value.shape.numpy()
-        name = f"{_param_name(value.name)}.T"
+        name = f"{value.name}.T"
         transposed = ir.Value(name=name, shape=ir.Shape([cols, rows]), type=value.type)
         transposed.const_value = _Placeholder(name, value.dtype, (cols, rows))
         graph.register_initializer(transposed)
         node.outputs[0].replace_all_uses_with(transposed)
         graph.remove(node, safe=True)
-        sources[name] = (_param_name(value.name), True)
-    for name, value in list(graph.initializers.items()):
-        if name in params and not value.uses():
-            graph.initializers.pop(name)
+        sources[name] = (value.name, True)
     for name, value in list(graph.initializers.items()):
         if name in params:
-            graph.initializers.pop(name)
-            value.name = _param_name(name)
-            graph.register_initializer(value)
-            sources[value.name] = (value.name, False)
+            if value.uses():
+                sources[name] = (name, False)
+            else:
+                graph.initializers.pop(name)
     return sources
 
 
-def _skeleton_names(config: ModelConfig):
-    with torch.device("meta"):
-        return [name for name, _ in Transformer(config).named_parameters()]
-
-
-def _param_name(initializer: str) -> str:  # the wrapper module prefixes "model."
-    return initializer.removeprefix("model.")
+def _strip_wrapper_prefix(model: ir.Model) -> None:
+    """Initializers named as the model's own state dict (the `_Flat` wrapper prefixes "model.")."""
+    graph = model.graph
+    for name, value in list(graph.initializers.items()):
+        if name.startswith("model."):
+            graph.initializers.pop(name)
+            value.name = name.removeprefix("model.")
+            graph.register_initializer(value)
 
 
 class _Placeholder(ir.Tensor):
@@ -249,8 +247,6 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
             for name, param in source.named_parameters():
                 yield name, param
     else:
-        from mistral_export.model.checkpoint import Checkpoint
-
         config = load_config(model_or_folder)
         folder = resolve_model_dir(model_or_folder)
         if folder is None:
@@ -287,15 +283,11 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
     model_path, data_path = folder / MODEL_FILE, folder / DATA_FILE
     log.info("tracing %s (%d layers) with the dynamo exporter, opset %d", config.name, config.num_layers, opset)
     traced = _trace(config, dtype, opset, last_token_logits)
-    params = {n for n in traced.graph.initializers if _param_name(n) != "inv_freq"}
-    if len(params) != sum(1 for _ in _skeleton_names(config)):
-        raise AssertionError("traced graph does not hold every parameter as an initializer")
+    _strip_wrapper_prefix(traced)
+    params = set(parameter_shapes(config))
+    if set(traced.graph.initializers) - {"inv_freq"} != params:
+        raise AssertionError("traced graph does not hold exactly the parameters as initializers")
     sources = _fold_weight_transposes(traced, params)
-    for name, value in list(traced.graph.initializers.items()):
-        if name.startswith("model."):
-            traced.graph.initializers.pop(name)
-            value.name = _param_name(name)
-            traced.graph.register_initializer(value)
     _optimize(traced, set(sources))
 
     graph = traced.graph

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from mistral_export.errors import MistralExportError
 from mistral_export.model.config import ModelConfig, load_config, resolve_model_dir
-from mistral_export.model.transformer import Transformer
+from mistral_export.model.transformer import Transformer, rotary_inv_freq
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 
@@ -110,7 +110,7 @@ class Checkpoint:
         self.folder = folder
         self.config = config
         self.files = find_weight_files(folder)
-        self.expected = _expected_shapes(config)
+        self.expected = parameter_shapes(config)
         self.sources: dict[str, tuple[Path, str]] = {}
         source_names: list[tuple[Path, str]] = []
         for path in self.files:
@@ -159,7 +159,8 @@ class Checkpoint:
                     yield name, tensor.to(dtype)
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Internal parameter name → shape for CONFIG (from a meta-device model: no memory)."""
     with torch.device("meta"):
         model = Transformer(config)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -178,13 +179,8 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
         module_name, _, attr = name.rpartition(".")
         module = result.get_submodule(module_name)
         module._parameters[attr] = torch.nn.Parameter(tensor.to(device), requires_grad=False)
-    result.inv_freq = _inv_freq(config, device)
+    result.inv_freq = rotary_inv_freq(config, device)
     return result.eval()
-
-
-def _inv_freq(config: ModelConfig, device: str) -> Tensor:
-    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim
-    return 1.0 / (config.rope_theta ** exponents)
 
 
 def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Transformer:

@@ -30,6 +30,12 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def rotary_inv_freq(config: ModelConfig, device: torch.device | str = "cpu") -> Tensor:
+    """RoPE frequencies theta^(-2i/D), fp32, [D/2]."""
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim
+    return 1.0 / (config.rope_theta ** exponents)
+
+
 def rotary_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos and sign-folded sin [B, 1, S, D] for absolute positions [B, S], computed in fp32 once for all layers.
 
@@ -121,8 +127,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
-        self.register_buffer("inv_freq", 1.0 / (config.rope_theta ** exponents), persistent=False)
+        self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
 
     def forward(self, input_ids: Tensor, past_len: Tensor | None = None, cache: KVCache | None = None,
                 last_token_logits: bool = False) -> tuple[Tensor, KVCache | None]:
