@@ -7,7 +7,8 @@ steps (S=1, batch 1) are timed, eager and ONNX Runtime in the same process on th
 
 The floor is the bytes a decode step must read (all weights except the embedding table, of which
 one row is read, plus the K/V cache) divided by this machine's memory bandwidth, measured here
-with a large numpy copy.
+with a large numpy copy before and between the timing rounds (the best figure is used, as the
+fastest step is).
 
     python benchmarks/decode_cpu.py [--threads 2] [--steps 20] [--models tiny,synthetic-170m]
 """
@@ -15,6 +16,7 @@ with a large numpy copy.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -40,10 +42,17 @@ SYNTHETIC_170M = ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_si
                              num_kv_heads=4, head_dim=64, sliding_window=256, name="synthetic-170m")
 
 
-def memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of a large numpy copy (counts read + write), best of `repeats`."""
+@functools.cache
+def _copy_buffers(size_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    # Allocated (and faulted in) once: a fresh 2 GiB per measurement would time page faults and
+    # disturb the decode steps measured after it.
     src = np.ones(size_bytes // 8, dtype=np.float64)
-    dst = np.empty_like(src)
+    return src, np.ones_like(src)
+
+
+def memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 3) -> float:
+    """Bytes/s of a large numpy copy (counts read + write), best of `repeats`."""
+    src, dst = _copy_buffers(size_bytes)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -90,7 +99,7 @@ def random_cache(config: ModelConfig, seed: int) -> list[tuple[np.ndarray, np.nd
             for _ in range(config.num_layers)]
 
 
-def bench_model(name: str, model, threads: int, steps: int, warmup: int, bandwidth: float, work: Path) -> dict:
+def bench_model(name: str, model, threads: int, steps: int, warmup: int, bandwidths: list[float], work: Path) -> dict:
     config = model.config
     t = time.perf_counter()
     path = export_onnx(model, work / name)
@@ -100,7 +109,6 @@ def bench_model(name: str, model, threads: int, steps: int, warmup: int, bandwid
     onnx_runner = OnnxRuntimeRunner(path, threads=threads)
     onnx_runner.reset(1)
     weights, cache = step_bytes(config)
-    floor = (weights + cache) / bandwidth
     window = config.sliding_window
     contexts = (("W/2", window // 2), ("W", window), ("4W", 4 * window), ("16W", 16 * window))
     caches = {label: random_cache(config, context) for label, context in contexts}
@@ -108,15 +116,22 @@ def bench_model(name: str, model, threads: int, steps: int, warmup: int, bandwid
     onnx_times = {label: [] for label, _ in contexts}
     # Contexts interleaved over rounds, so a burst of load from elsewhere on the machine, or a slow phase
     # of the process, does not fall on one context alone.
-    rounds = 4
+    rounds = 8
+    # At least ~50 ms of ONNX Runtime steps per context and round: a small model's step is short enough
+    # for the machine's noise to hide its true cost in a few dozen samples.
+    per_round = max(1, steps // rounds, int(0.05 * max(bandwidths) / (weights + cache)))
     for _ in range(rounds):
         for label, context in contexts:
             for i, (k, v) in enumerate(caches[label]):
                 eager.cache[i][0].copy_(torch.from_numpy(k))
                 eager.cache[i][1].copy_(torch.from_numpy(v))
             onnx_runner.fill_cache(caches[label])
-            eager_times[label] += time_steps(eager, context, max(1, steps // rounds), warmup)
-            onnx_times[label] += time_steps(onnx_runner, context, max(1, steps // rounds), warmup)
+            eager_times[label] += time_steps(eager, context, per_round, warmup)
+            onnx_times[label] += time_steps(onnx_runner, context, per_round, warmup)
+        # Bandwidth is measured between the rounds too and the best figure kept: the floor then
+        # comes from the machine's best moment, as the step times do (their minimum is used).
+        bandwidths.append(memory_bandwidth())
+    floor = (weights + cache) / max(bandwidths)
     rows = []
     for label, context in contexts:
         rows.append({
@@ -127,6 +142,7 @@ def bench_model(name: str, model, threads: int, steps: int, warmup: int, bandwid
         })
         print(f"{name} {label:>4} past_len={context:<5} eager min {rows[-1]['eager_ms_min']:8.2f} ms   "
               f"onnxruntime min {rows[-1]['onnxruntime_ms_min']:8.2f} ms   floor {1e3 * floor:7.2f} ms", flush=True)
+    print(f"{name} bandwidth measurements (GB/s): {' '.join(f'{b / 1e9:.1f}' for b in bandwidths)}", flush=True)
     by = {r["context"]: r for r in rows}
     # Checks use the fastest step of each series: on a shared machine the median carries other
     # processes' load, the minimum is the best estimate of the step's own cost. Both are recorded.
@@ -137,7 +153,7 @@ def bench_model(name: str, model, threads: int, steps: int, warmup: int, bandwid
                                                    "num_heads", "num_kv_heads", "head_dim", "sliding_window")},
         "export_seconds": export_seconds,
         "bytes_per_step": {"weights": weights, "cache": cache},
-        "floor_ms": 1e3 * floor,
+        "floor_ms": 1e3 * floor, "bandwidth_gbs": max(bandwidths) / 1e9, "steps_per_context": rounds * per_round,
         "rows": rows,
         "checks": {
             "onnxruntime_16W_over_W": ort_16w / ort_w,
@@ -222,8 +238,10 @@ def markdown(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; {m['threads']} threads for both backends "
         f"(torch.set_num_threads, ORT intra_op_num_threads). Python {m['python']}, torch {m['torch']}, "
         f"onnx {m['onnx']}, onnxruntime {m['onnxruntime']}.",
-        f"Memory bandwidth (numpy copy, read+write bytes counted): {result['bandwidth_gbs']:.1f} GB/s; read-only "
-        f"stream (float32 matrix-vector, numpy) {result.get('read_bandwidth_gbs', 0):.1f} GB/s. The floor uses the copy figure.",
+        f"Memory bandwidth (numpy copy of 1 GiB, read+write bytes counted, best of the measurements taken before "
+        f"and between the timing rounds): {result['bandwidth_gbs']:.1f} GB/s; read-only stream (float32 "
+        f"matrix-vector, numpy) {result.get('read_bandwidth_gbs', 0):.1f} GB/s. The floor uses the copy figure, "
+        f"the higher (stricter) of the two.",
         f"Command: `{result['command']}`", "",
         "Batch 1, S=1; the cache is random and past_len set to the context. Checks use the fastest step of each",
         "series (the machine is shared with other jobs, which inflate medians); medians are shown beside them.",
@@ -234,7 +252,9 @@ def markdown(result: dict) -> str:
         lines += [
             f"## {r['model']} ({r['parameters'] / 1e6:.1f}M parameters, window {r['window']})", "",
             f"Bytes per step: weights {r['bytes_per_step']['weights'] / 1e6:.1f} MB, cache "
-            f"{r['bytes_per_step']['cache'] / 1e6:.2f} MB; floor {r['floor_ms']:.2f} ms.", "",
+            f"{r['bytes_per_step']['cache'] / 1e6:.2f} MB; floor {r['floor_ms']:.2f} ms "
+            f"(at {r['bandwidth_gbs']:.1f} GB/s, the best copy bandwidth measured up to then). "
+            f"{r['steps_per_context']} timed steps per context and backend.", "",
             "| context | past_len | eager ms (min / median) | ONNX Runtime ms (min / median) | ORT min / floor |",
             "| --- | --- | --- | --- | --- |",
         ]
@@ -274,8 +294,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    bandwidth = memory_bandwidth()
-    print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    bandwidths = [memory_bandwidth()]
+    print(f"memory bandwidth {bandwidths[0] / 1e9:.1f} GB/s", flush=True)
     results, notes = [], []
     counts = {}
     with tempfile.TemporaryDirectory(prefix="decode_cpu_") as tmp:
@@ -293,9 +313,9 @@ def main() -> None:
                 model = random_model(SYNTHETIC_170M, seed=0)
             else:
                 sys.exit(f"unknown model {name}")
-            results.append(bench_model(name, model, args.threads, args.steps, args.warmup, bandwidth, Path(tmp)))
+            results.append(bench_model(name, model, args.threads, args.steps, args.warmup, bandwidths, Path(tmp)))
             del model
-    result = {"bandwidth_gbs": bandwidth / 1e9, "models": results, "machine": machine(args.threads),
+    result = {"bandwidth_gbs": max(bandwidths) / 1e9, "models": results, "machine": machine(args.threads),
               "command": " ".join(["python", *sys.argv]), "notes": notes, "node_counts": counts,
               "read_bandwidth_gbs": read_bandwidth() / 1e9}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,12 @@ def test_runtime_artifact_is_lean(exported):
     assert not proto.functions and "SlidingWindowAttention" not in ops
     assert ops.count("Greater") == 1 and ops.count("Softmax") == model.config.num_layers
     assert ops.count("Shape") <= 3
+    # Fusions (export/runtime_fusions.py): every norm but the first follows a residual Add and takes it in;
+    # rotate-half of q and k is one Gather each (plus the embedding's).
+    layers = model.config.num_layers
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers and ops.count("SimplifiedLayerNormalization") == 1
+    assert "Pow" not in ops and "Sqrt" not in ops
+    assert ops.count("Gather") == 1 + 2 * layers and ops.count("Slice") == 2 * layers  # cache-update slices only
 
 
 def test_prefill_decode_and_chunked_match_eager(exported):

@@ -76,6 +76,7 @@ class OnnxRuntimeRunner:
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.cache_dtype = _NUMPY_DTYPES[inputs["past_key_values.0.key"].type]
+        self.logits_dtype = _NUMPY_DTYPES[next(o.type for o in self.session.get_outputs() if o.name == "logits")]
         self.layers = self.config.num_layers
         self.capacity = self.config.cache_capacity
         self._bindings: list[ort.IOBinding] = []
@@ -97,21 +98,36 @@ class OnnxRuntimeRunner:
                 value.update_inplace(zeros)
                 values.append(value)
             self._caches.append(values)
-        # One binding per ping-pong parity, its cache inputs and outputs bound once: a step rebinds only
-        # input_ids, past_len and logits, not 4 cache values per layer.
+        # One binding per ping-pong parity, its cache inputs and outputs bound once.
         self._bindings = []
         for parity in range(2):
             read, write = self._caches[parity], self._caches[1 - parity]
             binding = self.session.io_binding()
-            binding.bind_output("logits", "cpu")  # bound first: get_outputs()[0], rebound each step
             for i in range(self.layers):
                 binding.bind_ortvalue_input(f"past_key_values.{i}.key", read[2 * i])
                 binding.bind_ortvalue_input(f"past_key_values.{i}.value", read[2 * i + 1])
                 binding.bind_ortvalue_output(f"present.{i}.key", write[2 * i])
                 binding.bind_ortvalue_output(f"present.{i}.value", write[2 * i + 1])
             self._bindings.append(binding)
+        self._io_shape = None
         self._current = 0
         self.batch_size = batch_size
+
+    def _bind_io(self, batch: int, seq: int) -> None:
+        """input_ids, past_len and logits in numpy buffers that ORT reads and writes in place.
+
+        Bound again only when the step's shape changes (prefill chunk, then decode): a decode step
+        then costs two small copies in and one out, not a rebinding and a fresh output each step.
+        """
+        ids = np.zeros((batch, seq), dtype=np.int64)
+        positions = np.zeros(batch, dtype=np.int64)
+        logits = np.empty((batch, 1 if self.last_token_logits else seq, self.config.vocab_size), dtype=self.logits_dtype)
+        for binding in self._bindings:
+            binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids))
+            binding.bind_ortvalue_input("past_len", ort.OrtValue.ortvalue_from_numpy(positions))
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self._io = ids, positions, logits
+        self._io_shape = (batch, seq)
 
     def cache_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """The current cache as numpy copies (for tests and inspection)."""
@@ -128,20 +144,21 @@ class OnnxRuntimeRunner:
     def step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
         if not self._caches:
             raise MistralExportError("OnnxRuntimeRunner.step before reset(batch_size)")
-        ids = np.ascontiguousarray(input_ids.detach().cpu().numpy(), dtype=np.int64)
-        positions = np.ascontiguousarray(past_len.detach().cpu().numpy(), dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[0] != self.batch_size or positions.shape != (self.batch_size,):
+        ids = input_ids.detach().cpu()
+        positions = past_len.detach().cpu()
+        if ids.ndim != 2 or ids.shape[0] != self.batch_size or tuple(positions.shape) != (self.batch_size,):
             raise MistralExportError(
                 f"step expects input_ids [{self.batch_size}, S] and past_len [{self.batch_size}] "
                 f"(the batch given to reset), got {list(ids.shape)} and {list(positions.shape)}")
-        check_cache_room(self.config, torch.from_numpy(positions), ids.shape[1])
+        check_cache_room(self.config, positions, ids.shape[1])
+        positions = positions.numpy()
         if (positions < 0).any():
             raise MistralExportError(f"past_len must be >= 0, got {positions.tolist()}")
-        binding = self._bindings[self._current]
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("past_len", positions)
-        binding.bind_output("logits", "cpu")
-        self.session.run_with_iobinding(binding)
+        if self._io_shape != tuple(ids.shape):
+            self._bind_io(*ids.shape)
+        ids_buffer, positions_buffer, logits = self._io
+        np.copyto(ids_buffer, ids.numpy(), casting="unsafe")
+        np.copyto(positions_buffer, positions, casting="unsafe")
+        self.session.run_with_iobinding(self._bindings[self._current])
         self._current = 1 - self._current
-        logits = binding.get_outputs()[0].numpy()
-        return torch.from_numpy(logits).float()
+        return torch.from_numpy(logits.astype(np.float32))  # a copy: the buffer is overwritten next step

@@ -17,6 +17,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from mistral_export.errors import MistralExportError
+from mistral_export.export.runtime_fusions import fuse_rms_norms, fuse_rotate_half
 
 ARTIFACT_FILE = "model.ort.onnx"
 
@@ -133,6 +134,8 @@ def optimize_for_runtime(model: ir.Model) -> ir.Model:
         *cleanup,
     )(model)
     dedupe_small_constants(model)
+    fuse_rms_norms(model)
+    fuse_rotate_half(model)
     ir.passes.Sequential(*cleanup)(model)
     return model
 
