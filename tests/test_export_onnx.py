@@ -100,6 +100,9 @@ def test_graph_is_lean(exported):
     for node in graph.node:
         if node.op_type == "Reshape":
             assert node.input[1] in initializers
+    # Per layer wq+wk+wv, wo, w1+w3 and w2 (projections of one activation share a MatMul), then lm_head.
+    weight_matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
+    assert len(weight_matmuls) == 4 * model.config.num_layers + 1
     # Position/rotary setup once at the top (Shape, Squeeze, Range, 3 Unsqueeze, 2 Concat for the cos and
     # signed-sin halves) and the embedding Gather; none of these repeat per layer.
     shape_ops = [op for op in ops if op in {"Shape", "Squeeze", "Unsqueeze", "Range", "Gather", "Size",

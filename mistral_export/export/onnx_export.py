@@ -5,7 +5,8 @@
 
 How: the model is traced by the PyTorch dynamo exporter as a weightless skeleton (parameters
 allocated but never touched), `attention_and_cache_update` emits the `mistral::` nodes, the graph
-is cleaned (weight transposes become MatMul-layout initializers, constant folding, CSE, reshape
+is cleaned (weight transposes become MatMul-layout initializers, projections that read the same
+activation share one MatMul over their weights side by side, constant folding, CSE, reshape
 targets become constants so no per-layer shape arithmetic runs at each step), the function bodies
 are attached, and the weights are streamed from the checkpoint into `model.onnx.data`.
 """
@@ -127,6 +128,64 @@ def _fold_weight_transposes(model: ir.Model, params: set[str]) -> dict[str, tupl
             else:
                 graph.initializers.pop(name)
     return sources
+
+
+def _fuse_parallel_projections(model: ir.Model, sources: dict[str, tuple[str, bool]]
+                               ) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """MatMuls reading one activation with stored-transposed weights (wq/wk/wv, w1/w3) → one MatMul over
+    the weights side by side, then a Split: fewer, larger GEMMs per step for every runtime.
+
+    Returns initializer → (checkpoint tensors side by side on its last axis, stored transposed).
+    """
+    import numpy as np
+
+    graph = model.graph
+    groups: dict[int, list[ir.Node]] = {}
+    for node in graph:
+        weight = node.inputs[1] if node.op_type == "MatMul" and node.domain == "" else None
+        if weight is not None and sources.get(weight.name, ("", False))[1] and len(weight.uses()) == 1:
+            groups.setdefault(id(node.inputs[0]), []).append(node)
+    fused = {name: ((source,), transposed) for name, (source, transposed) in sources.items()}
+    for nodes in groups.values():
+        weights = [node.inputs[1] for node in nodes]
+        if len(nodes) < 2 or len({(w.shape[0], w.dtype) for w in weights}) != 1:
+            continue
+        widths = [w.shape[1] for w in weights]
+        name = _side_by_side_name([w.name for w in weights])
+        value = ir.Value(name=name, shape=ir.Shape([weights[0].shape[0], sum(widths)]), type=weights[0].type)
+        value.const_value = _Placeholder(name, weights[0].dtype, (weights[0].shape[0], sum(widths)))
+        graph.register_initializer(value)
+        sizes = ir.Value(name=f"{name}.split", shape=ir.Shape([len(widths)]), type=ir.TensorType(ir.DataType.INT64))
+        sizes.const_value = ir.tensor(np.array(widths, dtype=np.int64))
+        graph.register_initializer(sizes)
+        matmul = ir.node("MatMul", [nodes[0].inputs[0], value])
+        split = ir.node("Split", [matmul.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes))
+        graph.insert_before(nodes[0], [matmul, split])
+        first = nodes[0].outputs[0]
+        matmul.outputs[0].type = first.type
+        if first.shape is not None:
+            matmul.outputs[0].shape = ir.Shape([*list(first.shape)[:-1], sum(widths)])
+        for node, out in zip(nodes, split.outputs):
+            out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
+            node.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.remove(nodes, safe=True)
+        for weight in weights:
+            graph.initializers.pop(weight.name)
+        fused[name] = (tuple(fused.pop(w.name)[0][0] for w in weights), True)
+    return fused
+
+
+def _side_by_side_name(names: list[str]) -> str:
+    """layers.0.attention.wq.weight.T, ...wk..., ...wv... → layers.0.attention.wq+wk+wv.weight.T"""
+    parts = [n.split(".") for n in names]
+    head = 0
+    while all(len(p) > head and p[head] == parts[0][head] for p in parts):
+        head += 1
+    tail = 0
+    while all(len(p) - tail > head and p[-1 - tail] == parts[0][-1 - tail] for p in parts):
+        tail += 1
+    middles = ["-".join(p[head:len(p) - tail]) for p in parts]
+    return ".".join([*parts[0][:head], "+".join(middles), *(parts[0][len(parts[0]) - tail:] if tail else [])])
 
 
 def _strip_wrapper_prefix(model: ir.Model) -> None:
@@ -287,14 +346,15 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
     params = set(parameter_shapes(config))
     if set(traced.graph.initializers) - {"inv_freq"} != params:
         raise AssertionError("traced graph does not hold exactly the parameters as initializers")
-    sources = _fold_weight_transposes(traced, params)
+    sources = _fuse_parallel_projections(traced, _fold_weight_transposes(traced, params))
     _optimize(traced, set(sources))
 
     graph = traced.graph
+    shapes = parameter_shapes(config)
     entries = []
-    for name, (source_name, transposed) in sources.items():
-        value = graph.initializers[name]
-        entries.append((name, source_name, transposed, tuple(value.shape.numpy())))
+    for name, (source_names, transposed) in sources.items():
+        widths = tuple(shapes[n][0] if transposed else shapes[n][-1] for n in source_names)
+        entries.append((name, source_names, widths, transposed, tuple(graph.initializers[name].shape.numpy())))
     slots = streaming.plan_layout(entries, dtype)
     total = sum(slot.length for slot in slots)
     log.info("streaming %d weight tensors (%.2f GiB, %s) into %s", len(slots), total / 2**30,

@@ -1,13 +1,16 @@
 """Weights as ONNX external data, written tensor by tensor.
 
-The graph is traced from a weightless skeleton; each initializer that stands for a checkpoint
-tensor gets a slot in one data file, laid out before any weight is read. The checkpoint is then
+The graph is traced from a weightless skeleton; each initializer that stands for checkpoint
+tensors gets a slot in one data file, laid out before any weight is read. The checkpoint is then
 streamed through once (one tensor in memory at a time, transposed for MatMul when needed) and
 each tensor written at its offset, so export never holds the weights, let alone two copies.
+A slot may hold several tensors side by side along its last axis (the fused projections of
+MatMuls that share an input); each is then written row by row at its column.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,8 +29,9 @@ BLOCK_BYTES = 64 << 20  # transposed weights are written in blocks of about this
 @dataclass(frozen=True)
 class WeightSlot:
     initializer: str  # ONNX initializer name
-    source: str  # internal parameter name (checkpoint tensor)
-    transpose: bool  # stored as source.T (MatMul layout [in, out])
+    sources: tuple[str, ...]  # internal parameter names (checkpoint tensors), side by side on the last axis
+    widths: tuple[int, ...]  # each source's extent along the last axis, as stored
+    transpose: bool  # each source stored as source.T (MatMul layout [in, out])
     shape: tuple[int, ...]
     dtype: torch.dtype
     offset: int
@@ -42,49 +46,75 @@ def _torch_to_ir_dtype(dtype: torch.dtype) -> ir.DataType:
     }[dtype]
 
 
-def plan_layout(entries: Iterable[tuple[str, str, bool, tuple[int, ...]]], dtype: torch.dtype) -> list[WeightSlot]:
-    """Offsets in the data file for (initializer, source, transpose, shape) entries, page aligned."""
+def plan_layout(entries: Iterable[tuple[str, tuple[str, ...], tuple[int, ...], bool, tuple[int, ...]]],
+                dtype: torch.dtype) -> list[WeightSlot]:
+    """Offsets in the data file for (initializer, sources, widths, transpose, shape) entries, page aligned."""
     slots, offset = [], 0
     itemsize = torch.empty((), dtype=dtype).element_size()
-    for initializer, source, transpose, shape in entries:
+    for initializer, sources, widths, transpose, shape in entries:
+        if sum(widths) != shape[-1]:
+            raise AssertionError(f"{initializer}: source widths {widths} do not fill its last dim {shape[-1]}")
         length = itemsize
         for dim in shape:
             length *= dim
-        slots.append(WeightSlot(initializer, source, transpose, tuple(shape), dtype, offset, length))
+        slots.append(WeightSlot(initializer, tuple(sources), tuple(widths), transpose, tuple(shape), dtype, offset,
+                                length))
         offset += -(-length // ALIGNMENT) * ALIGNMENT
     return slots
 
 
 def write_weights(path: Path, slots: list[WeightSlot], tensors: Iterable[tuple[str, Tensor]]) -> None:
     """Stream (source name, tensor) pairs into `path` at their planned offsets."""
-    by_source: dict[str, list[WeightSlot]] = {}
+    parts: dict[str, list[tuple[WeightSlot, int, int]]] = {}  # source -> (slot, column, width)
     for slot in slots:
-        by_source.setdefault(slot.source, []).append(slot)
-    written: set[str] = set()
+        column = 0
+        for source, width in zip(slot.sources, slot.widths):
+            parts.setdefault(source, []).append((slot, column, width))
+            column += width
+    written: set[tuple[str, str]] = set()
     total = max((s.offset + s.length for s in slots), default=0)
     with open(path, "wb") as handle:
         handle.truncate(total)
         for name, tensor in tensors:
-            for slot in by_source.get(name, ()):
+            for slot, column, width in parts.get(name, ()):
                 data = tensor.detach()
                 shape = tuple(data.t().shape) if slot.transpose else tuple(data.shape)
-                if shape != slot.shape:
+                expected = (*slot.shape[:-1], width)
+                if shape != expected:
                     raise MistralExportError(
-                        f"weight '{name}' has shape {list(shape)}, the traced graph expects {list(slot.shape)}")
-                handle.seek(slot.offset)
+                        f"weight '{name}' has shape {list(shape)}, the traced graph expects {list(expected)}")
                 # Row blocks, so no converted or transposed copy of a large tensor is ever whole in memory.
                 rows_of = data.t() if slot.transpose else data
-                row_bytes = max(1, rows_of[0].numel() * 4) if rows_of.dim() > 1 else BLOCK_BYTES
-                rows = max(1, BLOCK_BYTES // row_bytes) if rows_of.dim() > 1 else max(1, rows_of.shape[0])
-                for start in range(0, max(1, rows_of.shape[0]), rows):
-                    _write(handle, rows_of[start:start + rows].to("cpu", slot.dtype).contiguous())
-                written.add(slot.initializer)
+                if rows_of.dim() < 2:
+                    handle.seek(slot.offset)
+                    _write(handle, rows_of.to("cpu", slot.dtype).contiguous())
+                else:
+                    _write_rows(handle, slot, rows_of, column)
+                written.add((slot.initializer, name))
                 del data
             del tensor
-    missing = [s.source for s in slots if s.initializer not in written]
+    missing = [f"{source} ({s.initializer})" for s in slots for source in s.sources
+               if (s.initializer, source) not in written]
     if missing:
         os.unlink(path)
         raise MistralExportError(f"weights missing for: {', '.join(missing[:5])}")
+
+
+def _write_rows(handle, slot: WeightSlot, rows_of: Tensor, column: int) -> None:
+    """Rows of a 2-D source into its slot, at `column` of each of the slot's rows."""
+    itemsize = slot.length // math.prod(slot.shape)
+    row_bytes = slot.shape[-1] * itemsize
+    whole_rows = rows_of.shape[1] == slot.shape[-1]
+    rows = max(1, BLOCK_BYTES // max(1, rows_of.shape[1] * 4))
+    for start in range(0, rows_of.shape[0], rows):
+        block = rows_of[start:start + rows].to("cpu", slot.dtype).contiguous()
+        if whole_rows:
+            handle.seek(slot.offset + start * row_bytes)
+            _write(handle, block)
+            continue
+        for i, row in enumerate(block):
+            handle.seek(slot.offset + (start + i) * row_bytes + column * itemsize)
+            _write(handle, row)
 
 
 def _write(handle, data: Tensor) -> None:
