@@ -7,7 +7,9 @@ fused ticket merge). For each: correctness against `sliding_window_attention_ref
 (output pre-filled with NaN; batch 1 at past 32000 and batch 3 at mixed past), then the time per layer of a
 CUDA graph over 32 layers with separate caches (the caches, 537 MB, do not fit in L2), median of many replays
 after warm-up. Also timed in the same graph structure: empty kernels (the fixed floor of one or two kernel
-nodes per layer), and the partial kernel alone (merge skipped) to show what the merge costs.
+nodes per layer), a plain streaming read of the same K + V bytes (the ceiling at this size; once more with its
+addresses waiting on a loaded scalar, as the decode kernel's wait on past_len), and the partial kernel alone
+(merge skipped) to show what the merge costs.
 Bandwidth uses gpu_check's convention: bytes of K + V + q per layer over the time, as a fraction of a
 device-to-device copy measured in this run (bytes read + written).
 
@@ -113,9 +115,14 @@ def empty_kernel(x_ptr, PDL: tl.constexpr):
 
 
 @triton.jit
-def stream_read_kernel(a_ptr, b_ptr, out_ptr, n_per_prog, BLOCK: tl.constexpr):
-    """Sums a contiguous chunk of a and of b per program: the bytes of a decode step with no attention."""
+def stream_read_kernel(a_ptr, b_ptr, out_ptr, n_per_prog, offset_ptr, BLOCK: tl.constexpr, DEPENDENT: tl.constexpr):
+    """Sums a contiguous chunk of a and of b per program: the bytes of a decode step with no attention.
+
+    DEPENDENT: the addresses first wait for a scalar loaded from memory (0), as the decode kernel's wait for
+    past_len: the difference is what that dependent load costs."""
     base = tl.program_id(0).to(tl.int64) * n_per_prog
+    if DEPENDENT:
+        base += tl.load(offset_ptr)
     acc = tl.zeros([BLOCK], tl.float32)
     for i in range(0, n_per_prog, BLOCK):
         acc += tl.load(a_ptr + base + i + tl.arange(0, BLOCK)).to(tl.float32)
@@ -230,16 +237,19 @@ def main() -> None:
     b1 = Inputs(1, PAST)
 
     # Size-matched ceiling: a plain streaming read of the same K + V bytes per layer (no attention), same graph.
-    for progs in (256, 1024):
+    zero = torch.zeros(1, device="cuda", dtype=torch.int64)
+    for progs, dependent in ((256, False), (1024, False), (256, True)):
         label = f"streaming read of the layer's K+V caches, {progs} programs"
+        if dependent:
+            label += ", addresses after a dependent scalar load"
         try:
             n = b1.kc[0].numel()
             sink = torch.empty(progs, device="cuda", dtype=torch.float32)
 
             def read_all():
                 for i in range(LAYERS):
-                    stream_read_kernel[(progs,)](b1.kc[i], b1.vc[i], sink, n // progs, BLOCK=2048, num_warps=4,
-                                                 num_stages=3)
+                    stream_read_kernel[(progs,)](b1.kc[i], b1.vc[i], sink, n // progs, zero, BLOCK=2048,
+                                                 DEPENDENT=dependent, num_warps=4, num_stages=3)
             ms = graph_ms(read_all)
             results["floor"][label] = ms / LAYERS * 1e3
             results["floor"][label + ": fraction of copy"] = 2 * n * 2 / (ms / LAYERS) / 1e6 / copy_gbps
