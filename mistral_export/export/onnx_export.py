@@ -184,7 +184,7 @@ def _side_by_side_name(names: list[str]) -> str:
     tail = 0
     while all(len(p) - tail > head and p[-1 - tail] == parts[0][-1 - tail] for p in parts):
         tail += 1
-    middles = ["-".join(p[head:len(p) - tail]) for p in parts]
+    middles = [".".join(p[head:len(p) - tail]) for p in parts]
     return ".".join([*parts[0][:head], "+".join(middles), *(parts[0][len(parts[0]) - tail:] if tail else [])])
 
 
@@ -343,14 +343,14 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
     log.info("tracing %s (%d layers) with the dynamo exporter, opset %d", config.name, config.num_layers, opset)
     traced = _trace(config, dtype, opset, last_token_logits)
     _strip_wrapper_prefix(traced)
-    params = set(parameter_shapes(config))
+    shapes = parameter_shapes(config)
+    params = set(shapes)
     if set(traced.graph.initializers) - {"inv_freq"} != params:
         raise AssertionError("traced graph does not hold exactly the parameters as initializers")
     sources = _fuse_parallel_projections(traced, _fold_weight_transposes(traced, params))
     _optimize(traced, set(sources))
 
     graph = traced.graph
-    shapes = parameter_shapes(config)
     entries = []
     for name, (source_names, transposed) in sources.items():
         widths = tuple(shapes[n][0] if transposed else shapes[n][-1] for n in source_names)

@@ -5,7 +5,8 @@ positions and the band mask from `past_len` and the shapes of its own inputs, pe
 step. Here the bodies are inlined ahead of time, `Shape` of a dimension the graph knows is replaced
 by a constant (head counts, capacity, head dim) or by the one shared `Shape(input_ids)` slice
 (batch, sequence), then constant folding and CSE leave one mask computation for all layers: what
-remains per layer is the attention arithmetic itself. The artifact shares `model.onnx.data`.
+remains per layer is the attention arithmetic itself. Last, `runtime_fusions` takes the residual Adds
+into the RMSNorms and makes rotate-half one Gather. The artifact shares `model.onnx.data`.
 """
 
 from __future__ import annotations
@@ -133,9 +134,9 @@ def optimize_for_runtime(model: ir.Model) -> ir.Model:
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         *cleanup,
     )(model)
-    dedupe_small_constants(model)
     fuse_rms_norms(model)
     fuse_rotate_half(model)
+    dedupe_small_constants(model)
     ir.passes.Sequential(*cleanup)(model)
     return model
 
