@@ -247,8 +247,9 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
         entries.append((name, source_names, widths, transposed, tuple(graph.initializers[name].shape.numpy())))
     slots = streaming.plan_layout(entries, dtype)
     total = sum(slot.length for slot in slots)
-    log.info("streaming %d weight tensors (%.2f GiB, %s) into %s", len(slots), total / 2**30,
-             str(dtype).removeprefix("torch."), DATA_FILE)
+    log.info("streaming %d checkpoint tensors into %d initializers (%.2f GiB, %s) in %s",
+             sum(len(slot.sources) for slot in slots), len(slots), total / 2**30, str(dtype).removeprefix("torch."),
+             DATA_FILE)
     streaming.write_weights(data_path, slots, tensors())
     for slot in slots:
         graph.initializers[slot.initializer].const_value = streaming.external_tensor(slot, data_path)
