@@ -1,12 +1,13 @@
 """TensorRT plugins `mistral::SlidingWindowAttention` / `mistral::RollingCacheUpdate` in a built engine.
 
-A one-layer ONNX graph holding the two custom nodes (domain `mistral`, `plugin_namespace="mistral"`, optionally
-`aot=1`) is built into a strongly typed engine with Polygraphy and run; its attention output and updated cache
+A one-layer ONNX graph holding the two custom nodes (domain `mistral`, `plugin_namespace="mistral"`, `aot=1` or
+`aot=0`) is built into a strongly typed engine with Polygraphy and run; its attention output and updated cache
 are compared with the torch reference of the op contract. Needs TensorRT and a GPU; skipped visibly elsewhere.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -27,6 +28,25 @@ def test_only_the_plugin_module_imports_tensorrt():
     assert offenders == []
 
 
+def test_plugin_functions_carry_the_annotations_tensorrt_validates():
+    """tensorrt.plugin checks these functions' annotations as objects when the module registers them (TensorRT 11.4:
+    TensorDesc classes for inputs, a 4-tuple return type on aot_impl, List[AutoTuneCombination] from autotune), so a
+    failure here is a registration error on every machine with TensorRT."""
+    tree = ast.parse((PACKAGE / "plugins" / "tensorrt.py").read_text())
+    futures = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__"]
+    assert not any(a.name == "annotations" for n in futures for a in n.names), "string annotations fail its checks"
+    decorated = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            for deco in node.decorator_list:
+                if isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute):
+                    decorated.setdefault(deco.func.attr, []).append(node)
+    assert len(decorated["aot_impl"]) == 2 and len(decorated["autotune"]) == 2 and len(decorated["register"]) == 2
+    assert all(f.returns is not None for f in decorated["aot_impl"] + decorated["register"])
+    for f in decorated["autotune"]:
+        assert f.returns is None or ast.unparse(f.returns).startswith("List["), ast.unparse(f.returns)
+
+
 B, HQ, HKV, D, C, WINDOW = 2, 8, 2, 64, 32, 32
 ONNX_DTYPE = {"float16": 10, "float32": 1}
 
@@ -40,8 +60,9 @@ def one_layer_graph(path: Path, dtype: str, aot: bool) -> None:
     vi = helper.make_tensor_value_info
 
     def custom(op, inputs, outputs, **attrs):
-        return helper.make_node(op, inputs, outputs, domain="mistral", plugin_namespace="mistral",
-                                **({"aot": 1} if aot else {}), **attrs)
+        # Both implementations are registered, so each node says which one (TensorRT's parser: `aot` 1 or 0).
+        return helper.make_node(op, inputs, outputs, domain="mistral", plugin_namespace="mistral", aot=int(aot),
+                                **attrs)
 
     nodes = [
         custom("SlidingWindowAttention", ["q", "k", "v", "past_key", "past_value", "past_len"], ["attn"],
@@ -146,9 +167,8 @@ def test_engine_from_exported_onnx_matches_onnxruntime(tmp_path, aot):
     custom = [node for node in model.graph.node if node.domain == "mistral"]
     assert len(custom) == 3 and all(
         any(a.name == "plugin_namespace" and a.s == b"mistral" for a in node.attribute) for node in custom)
-    if aot:
-        for node in custom:
-            node.attribute.append(helper.make_attribute("aot", 1))
+    for node in custom:  # both implementations are registered: the node must say which one
+        node.attribute.append(helper.make_attribute("aot", int(aot)))
     trt_path = tmp_path / "one_layer.onnx"
     onnx.save(model, str(trt_path))
 

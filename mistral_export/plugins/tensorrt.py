@@ -2,8 +2,10 @@
 
 This is the only module of the package that imports `tensorrt`. The ONNX nodes `SlidingWindowAttention` and
 `RollingCacheUpdate` (domain `mistral`, attribute `plugin_namespace="mistral"`) bind to these plugins in
-TensorRT's ONNX parser; a node attribute `aot=1` selects the ahead-of-time implementation, whose PTX is stored in
-the engine so it runs without Python (trtexec, Triton Inference Server's TensorRT backend).
+TensorRT's ONNX parser. Both implementations are registered, so each node (attribute `aot`: 1 ahead-of-time, 0
+JIT) or the network (NetworkDefinitionCreationFlag PREFER_AOT_PYTHON_PLUGINS / PREFER_JIT_PYTHON_PLUGINS) must say
+which one, or TensorRT's plugin creator refuses the node. The AOT kernel's PTX is stored in the engine, so it runs
+without Python (trtexec, Triton Inference Server's TensorRT backend).
 
 * `mistral::SlidingWindowAttention` (q, k, v, k_cache, v_cache, past_len; window: int, scale: float) -> out.
   AOT: `chunk_attention_kernel` for every S (decode too: one kernel per plugin is all `aot_impl` can return, so
@@ -15,10 +17,10 @@ the engine so it runs without Python (trtexec, Triton Inference Server's TensorR
 The AOT target is the GPU the engine is built on (engines are per GPU), or `MISTRAL_EXPORT_CUDA_ARCH` (e.g. 89).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: tensorrt.plugin validates these functions' annotations as objects
+# (TensorDesc classes, Tuple[...], the aot_impl return type), and string annotations fail its checks.
 import os
-from typing import Tuple
+from typing import List, Tuple, Union
 
 import tensorrt as trt
 import tensorrt.plugin as trtp
@@ -30,6 +32,9 @@ ATTENTION_PLUGIN = f"{PLUGIN_NAMESPACE}::SlidingWindowAttention"
 CACHE_UPDATE_PLUGIN = f"{PLUGIN_NAMESPACE}::RollingCacheUpdate"
 
 _IO_TYPES = "FP16|BF16|FP32"
+# What an aot_impl returns (tensorrt.plugin requires this return annotation): kernel name, PTX, launch
+# parameters, and the kernel's scalar arguments.
+_AotKernelLaunch = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
 _TRT_TO_AOT_DTYPE = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}
 
 
@@ -50,7 +55,7 @@ def _static_dim(desc: trtp.TensorDesc, index: int, what: str) -> int:
     expr = desc.shape_expr[index]
     if not expr.is_constant:
         raise ValueError(f"{what} (dim {index}) must be static in the network to compile the plugin kernel")
-    return int(expr.constant_value)
+    return int(expr.constant_value())
 
 
 def _aot_dtype(desc: trtp.TensorDesc, name: str) -> str:
@@ -91,7 +96,7 @@ def _attention_desc(
 
 
 @trtp.autotune(ATTENTION_PLUGIN)
-def _attention_autotune(q, k, v, k_cache, v_cache, past_len, outputs) -> list:
+def _attention_autotune(q, k, v, k_cache, v_cache, past_len, outputs) -> List[trtp.AutoTuneCombination]:
     t = _IO_TYPES
     return [trtp.AutoTuneCombination(f"{t}, {t}, {t}, {t}, {t}, INT64, {t}")]
 
@@ -108,7 +113,7 @@ def _attention_aot(
     scale: float,
     outputs: Tuple[trtp.TensorDesc],
     tactic: int,
-):
+) -> _AotKernelLaunch:
     q_heads = _static_dim(q, 1, "q heads")
     head_dim = _static_dim(q, 3, "q head_dim")
     kv_heads = _static_dim(k, 1, "k heads")
@@ -153,7 +158,7 @@ def _cache_update_desc(
 
 
 @trtp.autotune(CACHE_UPDATE_PLUGIN)
-def _cache_update_autotune(cache, new, past_len, after, outputs) -> list:
+def _cache_update_autotune(cache, new, past_len, after, outputs) -> List[trtp.AutoTuneCombination]:
     t = _IO_TYPES
     return [trtp.AutoTuneCombination(f"{t}, {t}, INT64, {t}, {t}")]
 
@@ -166,7 +171,7 @@ def _cache_update_aot(
     after: trtp.TensorDesc,
     outputs: Tuple[trtp.TensorDesc],
     tactic: int,
-):
+) -> _AotKernelLaunch:
     kv_heads = _static_dim(cache, 1, "cache heads")
     capacity = _static_dim(cache, 2, "cache capacity")
     head_dim = _static_dim(cache, 3, "cache head_dim")
