@@ -10,7 +10,6 @@ MatMuls that share an input); each is then written row by row at its column.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -102,7 +101,7 @@ def write_weights(path: Path, slots: list[WeightSlot], tensors: Iterable[tuple[s
 
 def _write_rows(handle, slot: WeightSlot, rows_of: Tensor, column: int) -> None:
     """Rows of a 2-D source into its slot, at `column` of each of the slot's rows."""
-    itemsize = slot.length // math.prod(slot.shape)
+    itemsize = torch.empty((), dtype=slot.dtype).element_size()
     row_bytes = slot.shape[-1] * itemsize
     whole_rows = rows_of.shape[1] == slot.shape[-1]
     rows = max(1, BLOCK_BYTES // max(1, rows_of.shape[1] * 4))
