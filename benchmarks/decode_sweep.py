@@ -115,19 +115,19 @@ def empty_kernel(x_ptr, PDL: tl.constexpr):
 
 
 @triton.jit
-def stream_read_kernel(a_ptr, b_ptr, out_ptr, n_per_prog, offset_ptr, BLOCK: tl.constexpr, DEPENDENT: tl.constexpr):
-    """Sums a contiguous chunk of a and of b per program: the bytes of a decode step with no attention.
+def stream_read_kernel(a_ptr, b_ptr, out_ptr, offset_ptr, CHUNK: tl.constexpr, DEPENDENT: tl.constexpr):
+    """Sums a contiguous CHUNK of a and of b per program: the bytes of a decode step with no attention.
 
-    DEPENDENT: the addresses first wait for a scalar loaded from memory (0), as the decode kernel's wait for
-    past_len: the difference is what that dependent load costs."""
-    base = tl.program_id(0).to(tl.int64) * n_per_prog
+    One load per tensor and program, so every byte a program reads is in flight at once (a loop would wait for
+    each block before the next: Triton does not pipeline loads that feed no dot). DEPENDENT: the addresses first
+    wait for a scalar loaded from memory (0), as the decode kernel waits for past_len; the difference is what that
+    dependent load costs."""
+    base = tl.program_id(0).to(tl.int64) * CHUNK
     if DEPENDENT:
         base += tl.load(offset_ptr)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for i in range(0, n_per_prog, BLOCK):
-        acc += tl.load(a_ptr + base + i + tl.arange(0, BLOCK)).to(tl.float32)
-        acc += tl.load(b_ptr + base + i + tl.arange(0, BLOCK)).to(tl.float32)
-    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
+    offs = base + tl.arange(0, CHUNK)
+    total = tl.sum(tl.load(a_ptr + offs).to(tl.float32), 0) + tl.sum(tl.load(b_ptr + offs).to(tl.float32), 0)
+    tl.store(out_ptr + tl.program_id(0), total)
 
 
 class _NoLaunch:
@@ -238,21 +238,26 @@ def main() -> None:
 
     # Size-matched ceiling: a plain streaming read of the same K + V bytes per layer (no attention), same graph.
     zero = torch.zeros(1, device="cuda", dtype=torch.int64)
-    for progs, dependent in ((256, False), (1024, False), (256, True)):
-        label = f"streaming read of the layer's K+V caches, {progs} programs"
+    for chunk, warps, dependent in ((4096, 4, False), (16384, 8, False), (2048, 4, False), (4096, 4, True)):
+        n = b1.kc[0].numel()
+        progs = n // chunk
+        label = f"streaming read of the layer's K+V caches, {progs} programs x {chunk} elements"
         if dependent:
             label += ", addresses after a dependent scalar load"
         try:
-            n = b1.kc[0].numel()
             sink = torch.empty(progs, device="cuda", dtype=torch.float32)
 
             def read_all():
                 for i in range(LAYERS):
-                    stream_read_kernel[(progs,)](b1.kc[i], b1.vc[i], sink, n // progs, zero, BLOCK=2048,
-                                                 DEPENDENT=dependent, num_warps=4, num_stages=3)
+                    stream_read_kernel[(progs,)](b1.kc[i], b1.vc[i], sink, zero, CHUNK=chunk, DEPENDENT=dependent,
+                                                 num_warps=warps)
             ms = graph_ms(read_all)
+            expected = b1.kc[0].float().sum() + b1.vc[0].float().sum()
+            stream_read_kernel[(progs,)](b1.kc[0], b1.vc[0], sink, zero, CHUNK=chunk, DEPENDENT=dependent,
+                                         num_warps=warps)
             results["floor"][label] = ms / LAYERS * 1e3
             results["floor"][label + ": fraction of copy"] = 2 * n * 2 / (ms / LAYERS) / 1e6 / copy_gbps
+            results["floor"][label + ": sum matches"] = bool(torch.allclose(sink.sum(), expected, rtol=1e-3, atol=1.0))
         except Exception as exc:
             results["floor"][label] = f"{type(exc).__name__}: {exc}"[:300]
         print(f"[floor] {label}: {results['floor'][label]}", flush=True)
