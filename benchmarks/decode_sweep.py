@@ -28,7 +28,6 @@ import inspect
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -41,6 +40,7 @@ import triton.language as tl
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gpu_check import copy_ms, cuda_time_ms, fmt, out_dir, rand, rel_err  # noqa: E402  (same folder)
 from mistral_export.model.ops import sliding_window_attention_reference  # noqa: E402
 from mistral_export.plugins import kernels  # noqa: E402
 
@@ -63,26 +63,10 @@ def time_left() -> float:
     return BUDGET_S - (time.monotonic() - START)
 
 
-def out_dir() -> Path:
-    d = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def save() -> None:
     results["elapsed_s"] = round(time.monotonic() - START, 1)
     (out_dir() / "decode_sweep.json").write_text(json.dumps(results, indent=2))
     (out_dir() / "decode_sweep.md").write_text(markdown())
-
-
-def rand(*shape):
-    return torch.randn(*shape, device="cuda", dtype=torch.float16)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if torch.isnan(out).any():
-        return float("nan")
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
 def graph_ms(fn, warmup: int = 5, iters: int = 60) -> float:
@@ -92,19 +76,10 @@ def graph_ms(fn, warmup: int = 5, iters: int = 60) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    for _ in range(warmup):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del g
-    return statistics.median(times)
+    try:
+        return cuda_time_ms(g.replay, warmup=warmup, iters=iters)
+    finally:
+        del g
 
 
 @triton.jit
@@ -189,22 +164,8 @@ def main() -> None:
 
     # Copy bandwidth (1 GiB, bytes read + written), as in gpu_check.
     n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    copy_gbps = 2 * n / statistics.median(times) / 1e6
+    copy_gbps = 2 * n / copy_ms(n) / 1e6
     results["copy_gbps_read_plus_write"] = copy_gbps
-    del src, dst
     torch.cuda.empty_cache()
     print(f"copy: {copy_gbps:.0f} GB/s", flush=True)
     save()
@@ -369,12 +330,6 @@ def main() -> None:
         print(f"[b16] {row['label']}: {row.get('us_per_layer', row.get('error'))} us/layer "
               f"frac={row.get('fraction_of_copy')} ok={row.get('ok')}", flush=True)
         save()
-
-
-def fmt(x, digits=3):
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.{digits}g}"
-    return str(x)
 
 
 def markdown() -> str:

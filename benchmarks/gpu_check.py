@@ -117,6 +117,13 @@ def cuda_time_ms(fn, warmup: int = 5, iters: int = 50, max_s: float = 10.0) -> f
     return statistics.median(times)
 
 
+def copy_ms(n: int) -> float:
+    """Median time of a device-to-device copy of `n` bytes (the bandwidth reference of both GPU scripts)."""
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    return cuda_time_ms(lambda: dst.copy_(src), warmup=3, iters=20)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if torch.isnan(out).any():
         return float("nan")
@@ -188,9 +195,7 @@ def main() -> None:
     @section("copy_bandwidth", min_left=30)
     def copy_bandwidth():
         n = 1 << 30
-        src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
-        dst = torch.empty_like(src)
-        ms = cuda_time_ms(lambda: dst.copy_(src), warmup=3, iters=20)
+        ms = copy_ms(n)
         return {"bytes": n, "ms": ms, "gbps_read_plus_write": 2 * n / ms / 1e6}
 
     def decode_inputs(b, layers, past):
