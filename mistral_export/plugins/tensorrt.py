@@ -18,18 +18,21 @@ The AOT target is the GPU the engine is built on (engines are per GPU), or `MIST
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin validates these functions' annotations as objects
-# (TensorDesc classes, Tuple[...], the aot_impl return type), and string annotations fail its checks.
+# (the register functions' TensorDesc inputs, the aot_impl return type), and string annotations fail its checks.
+# Annotations it does not require are left off.
 import os
 from typing import List, Tuple, Union
 
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
+from mistral_export.export.symbolic import PLUGIN_NAMESPACE, SWA_OP, UPDATE_OP
+
 from . import aot
 
-PLUGIN_NAMESPACE = "mistral"
-ATTENTION_PLUGIN = f"{PLUGIN_NAMESPACE}::SlidingWindowAttention"
-CACHE_UPDATE_PLUGIN = f"{PLUGIN_NAMESPACE}::RollingCacheUpdate"
+# The names the exported nodes carry (op_type, plugin_namespace), so the parser binds them to these plugins.
+ATTENTION_PLUGIN = f"{PLUGIN_NAMESPACE}::{SWA_OP}"
+CACHE_UPDATE_PLUGIN = f"{PLUGIN_NAMESPACE}::{UPDATE_OP}"
 
 _IO_TYPES = "FP16|BF16|FP32"
 # What an aot_impl returns (tensorrt.plugin requires this return annotation): kernel name, PTX, launch
@@ -102,18 +105,7 @@ def _attention_autotune(q, k, v, k_cache, v_cache, past_len, outputs) -> List[tr
 
 
 @trtp.aot_impl(ATTENTION_PLUGIN)
-def _attention_aot(
-    q: trtp.TensorDesc,
-    k: trtp.TensorDesc,
-    v: trtp.TensorDesc,
-    k_cache: trtp.TensorDesc,
-    v_cache: trtp.TensorDesc,
-    past_len: trtp.TensorDesc,
-    window: int,
-    scale: float,
-    outputs: Tuple[trtp.TensorDesc],
-    tactic: int,
-) -> _AotKernelLaunch:
+def _attention_aot(q, k, v, k_cache, v_cache, past_len, window, scale, outputs, tactic) -> _AotKernelLaunch:
     q_heads = _static_dim(q, 1, "q heads")
     head_dim = _static_dim(q, 3, "q head_dim")
     kv_heads = _static_dim(k, 1, "k heads")
@@ -125,7 +117,7 @@ def _attention_aot(
     kernel = aot.compile_chunk_attention(dtype, head_dim, group, float(scale), target_capability())
     tile = aot.chunk_attention_tile(dtype, head_dim)
     batch, seq = q.shape_expr[0], q.shape_expr[2]
-    grid = (trtp.cdiv(seq * group, tile.block_m), kv_heads, batch)
+    grid = aot.chunk_attention_grid(batch, kv_heads, seq, group, tile)
     scalars = aot.chunk_attention_scalars(q_heads, kv_heads, seq, capacity, head_dim, int(window))
     return kernel.name, kernel.ptx, _launch_params(kernel, grid), _sym_int32s(scalars)
 
@@ -164,20 +156,13 @@ def _cache_update_autotune(cache, new, past_len, after, outputs) -> List[trtp.Au
 
 
 @trtp.aot_impl(CACHE_UPDATE_PLUGIN)
-def _cache_update_aot(
-    cache: trtp.TensorDesc,
-    new: trtp.TensorDesc,
-    past_len: trtp.TensorDesc,
-    after: trtp.TensorDesc,
-    outputs: Tuple[trtp.TensorDesc],
-    tactic: int,
-) -> _AotKernelLaunch:
+def _cache_update_aot(cache, new, past_len, after, outputs, tactic) -> _AotKernelLaunch:
     kv_heads = _static_dim(cache, 1, "cache heads")
     capacity = _static_dim(cache, 2, "cache capacity")
     head_dim = _static_dim(cache, 3, "cache head_dim")
     kernel = aot.compile_rolling_cache_update(_aot_dtype(cache, "cache"), head_dim, target_capability())
     batch, seq = new.shape_expr[0], new.shape_expr[2]
-    grid = (trtp.cdiv(seq, aot.CACHE_UPDATE_BLOCK_ROWS), kv_heads, batch)
+    grid = aot.rolling_cache_update_grid(batch, kv_heads, seq)
     scalars = aot.rolling_cache_update_scalars(kv_heads, seq, capacity, head_dim)
     return kernel.name, kernel.ptx, _launch_params(kernel, grid), _sym_int32s(scalars)
 
