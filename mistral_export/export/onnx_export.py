@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from mistral_export.errors import MistralExportError
 from mistral_export.export import streaming
 from mistral_export.export.functions import function_protos
-from mistral_export.export.runtime_graph import ARTIFACT_FILE, prepare_onnxruntime_artifact
+from mistral_export.export.runtime_graph import ARTIFACT_FILE, fold_constants_pass, prepare_onnxruntime_artifact
 from mistral_export.export.symbolic import DOMAIN, VERSION
 from mistral_export.export.weight_layout import fold_weight_transposes, fuse_parallel_projections, strip_wrapper_prefix
 from mistral_export.model.checkpoint import Checkpoint, parameter_shapes
@@ -137,15 +137,8 @@ def _constant_reshape_targets(model: ir.Model) -> int:
 
 def _optimize(model: ir.Model, weights: set[str]) -> None:
     from onnxscript import rewriter
-    from onnxscript.optimizer import _constant_folding
 
-    def should_fold(node: ir.Node) -> bool | None:
-        if any(v is not None and v.name in weights for v in node.inputs):
-            return False
-        return None
-
-    fold = _constant_folding.FoldConstantsPass(
-        shape_inference=True, input_size_limit=8192, output_size_limit=262144, should_fold=should_fold)
+    fold = fold_constants_pass(weights, output_size_limit=262144)
     ir.passes.Sequential(
         ir.passes.PassManager([fold, rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
                                common_passes.RemoveUnusedNodesPass()], steps=2, early_stop=True),

@@ -104,18 +104,24 @@ def dedupe_small_constants(model: ir.Model, limit: int = 4096) -> int:
     return merged
 
 
-def optimize_for_runtime(model: ir.Model) -> ir.Model:
-    from onnxscript import rewriter
+def fold_constants_pass(weights: set[str], output_size_limit: int):
+    """onnxscript's constant folding, kept off every node that reads a weight (weights are never loaded)."""
     from onnxscript.optimizer import _constant_folding
-
-    weights = {name for name, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
 
     def should_fold(node: ir.Node) -> bool | None:
         return False if any(v is not None and v.name in weights for v in node.inputs) else None
 
+    return _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=8192,
+                                               output_size_limit=output_size_limit, should_fold=should_fold)
+
+
+def optimize_for_runtime(model: ir.Model) -> ir.Model:
+    from onnxscript import rewriter
+
+    weights = {name for name, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
+
     def fold():
-        return _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=8192,
-                                                   output_size_limit=1 << 20, should_fold=should_fold)
+        return fold_constants_pass(weights, output_size_limit=1 << 20)
 
     cleanup = [common_passes.CommonSubexpressionEliminationPass(), common_passes.RemoveUnusedNodesPass()]
     ir.passes.Sequential(common_passes.InlinePass(), fold(), *cleanup)(model)
