@@ -296,8 +296,5 @@ def read_export_config(model_path: str | Path) -> tuple[ModelConfig, dict[str, s
     meta = {p.key: p.value for p in proto.metadata_props}
     if "mistral_export.config" not in meta:
         raise MistralExportError(f"{model_path}: not exported by mistral-export (no mistral_export.config metadata)")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.json"
-        path.write_text(meta["mistral_export.config"])
-        config = from_hf_config(path).replace(name=meta.get("mistral_export.model_name", "custom"))
-    return config, meta
+    config = from_hf_config(Path(model_path), meta["mistral_export.config"])
+    return config.replace(name=meta.get("mistral_export.model_name", "custom")), meta

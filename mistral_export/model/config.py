@@ -96,9 +96,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, text: str | None = None) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text() if text is None else text)
     except json.JSONDecodeError as exc:
         raise MistralExportError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -112,8 +112,10 @@ def _require(data: dict, key: str, path: Path):
     return data[key]
 
 
-def from_hf_config(path: Path) -> ModelConfig:
-    data = _read_json(path)
+def from_hf_config(path: Path, text: str | None = None) -> ModelConfig:
+    """The Hugging Face config.json at `path`, or `text` holding its contents (an exported model's metadata);
+    errors name `path`."""
+    data = _read_json(path, text)
     model_type = data.get("model_type", "mistral")
     if model_type != "mistral":
         raise MistralExportError(f"{path}: model_type is '{model_type}', expected 'mistral'")
