@@ -378,20 +378,21 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 @functools.lru_cache(maxsize=None)
-def _device_info(index: int) -> tuple[tuple[int, int], int]:
+def _cuda_device_info(index: int) -> tuple[tuple[int, int], int]:
     """(capability, SM count); cached because launchers run once per layer per token."""
     return torch.cuda.get_device_capability(index), torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _device_info(t: torch.Tensor) -> tuple[tuple[int, int], int]:
+    return _cuda_device_info(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def _capability(t: torch.Tensor) -> tuple[int, int] | None:
-    return _device_info(t.device.index if t.device.index is not None else torch.cuda.current_device())[0] \
-        if t.is_cuda else None
+    return _device_info(t)[0] if t.is_cuda else None
 
 
 def _num_sms(t: torch.Tensor) -> int:
-    if not t.is_cuda:
-        return 4
-    return _device_info(t.device.index if t.device.index is not None else torch.cuda.current_device())[1]
+    return _device_info(t)[1] if t.is_cuda else 4
 
 
 def _window_arg(window: int) -> int:
@@ -416,7 +417,6 @@ def _ticket_counters(device: torch.device, n: int) -> torch.Tensor:
         counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
         _TICKETS[device] = counters
     return counters
-
 
 
 def sliding_window_attention(
