@@ -175,24 +175,18 @@ def graph_node_counts(work: Path) -> dict:
     """
     import warnings
 
-    import onnx
     import onnxruntime as ort
+    from graph_size_vs_optimum import after_ort, node_counts
 
     from mistral_export.export.onnx_export import _Flat
     from mistral_export.export.runtime_graph import prepare_onnxruntime_artifact
     from mistral_export.model.transformer import allocate_cache
 
-    def count(path_or_proto) -> int:
-        proto = path_or_proto if isinstance(path_or_proto, onnx.ModelProto) else onnx.load(
-            str(path_or_proto), load_external_data=False)
-        return len(proto.graph.node)
+    def count(path: Path) -> int:
+        return node_counts(path)[0]
 
     def ort_optimized(path: Path) -> int:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(path.with_suffix(".ortopt.onnx"))
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return count(path.with_suffix(".ortopt.onnx"))
+        return after_ort(path, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)[0]
 
     stages: dict[str, list[int]] = {k: [] for k in (
         "dynamo exporter, optimize=False", "dynamo exporter, optimize=True (torch default)",
@@ -212,7 +206,7 @@ def graph_node_counts(work: Path) -> dict:
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(_Flat(model, False), args, dynamo=True, dynamic_shapes=dynamic,
                                             optimize=optimize, verbose=False)
-            stages[key].append(count(program.model_proto))
+            stages[key].append(len(program.model_proto.graph.node))
         path = export_onnx(model, work / f"nodes{layers}")
         stages["mistral-export model.onnx (mistral nodes as calls)"].append(count(path))
         stages["model.onnx after ORT inlining + ORT_ENABLE_EXTENDED"].append(ort_optimized(path))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from transformers import MistralConfig
 
 from mistral_export.export.onnx_export import export_onnx
 from mistral_export.model.checkpoint import random_model
@@ -40,6 +39,8 @@ def after_ort(path: Path, level: ort.GraphOptimizationLevel) -> tuple[int, colle
 
 
 def config_of(optimum_dir: Path) -> ModelConfig:
+    from transformers import MistralConfig  # here, so decode_cpu.py can use the counters without transformers
+
     hf = MistralConfig.from_pretrained(optimum_dir)
     return ModelConfig(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
                        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
