@@ -15,8 +15,9 @@ needs_tiny = pytest.mark.skipif(not TINY_AVAILABLE, reason="the tiny fixture has
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def small_config(head_dim=32, heads=4, kv_heads=4, window=16, layers=2, hidden=64, vocab=97, max_context=512):
-    return ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=96, num_layers=layers,
+def small_config(head_dim=32, heads=4, kv_heads=4, window=16, layers=2, hidden=64, vocab=97, max_context=512,
+                 intermediate=96):
+    return ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
                        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, sliding_window=window,
                        max_context=max_context, rope_theta=10000.0, name=f"d{head_dim}-g{heads // kv_heads}-w{window}")
 

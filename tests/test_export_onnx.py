@@ -15,18 +15,17 @@ from mistral_export.engines.runner import EagerRunner, greedy_tokens, prefill
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import check_model, export_onnx, input_names, output_names
 from mistral_export.model.checkpoint import random_model, save_hf_checkpoint
+from conftest import small_config
 from mistral_export.model.config import TINY_DIR, ModelConfig
 
 TOLERANCE = 1e-4  # fp32 bar of DESIGN.md
 
 
-def small_config(window: int | None, **changes) -> ModelConfig:
-    base = dict(vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=2, num_heads=8, num_kv_heads=2,
-                head_dim=32, sliding_window=window, max_context=64, name=f"small-w{window}")
-    return ModelConfig(**{**base, **changes})
+def export_config(window: int | None, layers: int = 2) -> ModelConfig:
+    return small_config(heads=8, kv_heads=2, window=window, layers=layers, hidden=128, intermediate=192, max_context=64)
 
 
-CONFIGS = {"w16": small_config(16), "w37": small_config(37), "nowindow": small_config(None)}
+CONFIGS = {"w16": export_config(16), "w37": export_config(37), "nowindow": export_config(None)}
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -225,7 +224,7 @@ def test_windowless_cache_overflow_is_a_clear_error(tmp_path_factory):
 
 
 def test_last_token_logits_option(tmp_path):
-    config = small_config(16, num_layers=1)
+    config = export_config(16, layers=1)
     model = random_model(config, seed=5)
     path = export_onnx(model, tmp_path, last_token_logits=True)
     proto = onnx.load(str(path), load_external_data=False)
@@ -241,7 +240,7 @@ def test_last_token_logits_option(tmp_path):
 
 
 def test_export_from_checkpoint_folder_streams_weights(tmp_path):
-    config = small_config(16, num_layers=1)
+    config = export_config(16, layers=1)
     model = random_model(config, seed=9)
     save_hf_checkpoint(model, tmp_path / "ckpt", dtype=torch.bfloat16)
     path = export_onnx(tmp_path / "ckpt", tmp_path / "onnx")
@@ -259,7 +258,7 @@ def test_export_from_checkpoint_folder_streams_weights(tmp_path):
 
 def test_user_errors_are_clear(tmp_path):
     with pytest.raises(MistralExportError, match="opset"):
-        export_onnx(random_model(small_config(16, num_layers=1)), tmp_path, opset=9)
+        export_onnx(random_model(export_config(16, layers=1)), tmp_path, opset=9)
     with pytest.raises(MistralExportError, match="shapes only"):
         export_onnx("mistral-7b-v0.1", tmp_path)
     with pytest.raises(MistralExportError, match="no such ONNX model"):
