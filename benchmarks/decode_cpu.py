@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
 from mistral_export.engines.runner import EagerRunner  # noqa: E402
+from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact  # noqa: E402
 from mistral_export.export.onnx_export import export_onnx  # noqa: E402
 from mistral_export.model.checkpoint import load_model, random_model  # noqa: E402
 from mistral_export.model.config import TINY_DIR, ModelConfig  # noqa: E402
@@ -103,6 +104,7 @@ def bench_model(name: str, model, threads: int, steps: int, warmup: int, work: P
     config = model.config
     t = time.perf_counter()
     path = export_onnx(model, work / name)
+    write_onnxruntime_artifact(path)
     export_seconds = time.perf_counter() - t
     eager = EagerRunner(model)
     eager.reset(1)
@@ -179,7 +181,7 @@ def graph_node_counts(work: Path) -> dict:
     from graph_size_vs_optimum import after_ort, node_counts
 
     from mistral_export.export.onnx_export import _Flat
-    from mistral_export.export.runtime_graph import prepare_onnxruntime_artifact
+    from mistral_export.export.op_translation import translation_table
     from mistral_export.model.transformer import allocate_cache
 
     def count(path: Path) -> int:
@@ -205,12 +207,13 @@ def graph_node_counts(work: Path) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(_Flat(model, False), args, dynamo=True, dynamic_shapes=dynamic,
-                                            optimize=optimize, verbose=False)
+                                            optimize=optimize, verbose=False,
+                                            custom_translation_table=translation_table())
             stages[key].append(len(program.model_proto.graph.node))
         path = export_onnx(model, work / f"nodes{layers}")
         stages["mistral-export model.onnx (mistral nodes as calls)"].append(count(path))
         stages["model.onnx after ORT inlining + ORT_ENABLE_EXTENDED"].append(ort_optimized(path))
-        artifact = prepare_onnxruntime_artifact(path)
+        artifact = write_onnxruntime_artifact(path)
         stages["model.ort.onnx (bodies inlined, shared mask)"].append(count(artifact))
         stages["model.ort.onnx after ORT_ENABLE_EXTENDED"].append(ort_optimized(artifact))
     return {k: {"per_layer": v[1] - v[0], "one_layer_total": v[0]} for k, v in stages.items()}

@@ -26,6 +26,11 @@ class Backend(str, Enum):
     onnxruntime = "onnxruntime"
 
 
+class PluginImpl(str, Enum):
+    aot = "aot"
+    jit = "jit"
+
+
 class Attention(str, Enum):
     reference = "reference"
     triton = "triton"
@@ -46,7 +51,7 @@ def inspect(model: ModelArg,
             context: Annotated[int, typer.Option(help="Context length for the KV-cache estimate.")] = 32768) -> None:
     """Config, parameter count, weight bytes per dtype and KV-cache bytes per sequence."""
     from mistral_export.model.config import load_config
-    from mistral_export.model.inspect import describe
+    from mistral_export.model.summary import describe
 
     with user_errors():
         rows = describe(load_config(model), context)
@@ -61,8 +66,11 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for model.onnx, model.onnx.data and model.ort.onnx.")],
     opset: Annotated[int, typer.Option(help="ONNX opset of the standard ops (18..23).")] = 20,
     last_token_logits: Annotated[bool, typer.Option(help="Keep only the last position's logits ([B,1,V]).")] = False,
+    plugin_impl: Annotated[PluginImpl, typer.Option(help="TensorRT plugin implementation the mistral nodes ask for "
+                                                         "(node attribute aot=1 or 0); ONNX Runtime ignores it.")] = PluginImpl.aot,
 ) -> None:
-    """Trace MODEL to one ONNX graph (prefill chunks and decode) with the mistral:: custom ops."""
+    """Trace MODEL to one ONNX graph (prefill chunks and decode) with the mistral:: custom ops, and its ONNX Runtime artifact."""
+    from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact
     from mistral_export.export.onnx_export import export_onnx
 
     progress = logging.StreamHandler(sys.stderr)
@@ -72,7 +80,9 @@ def export(
     logger.setLevel(logging.INFO)
     started = time.perf_counter()
     with user_errors():
-        path = export_onnx(model, output, opset=opset, last_token_logits=last_token_logits)
+        path = export_onnx(model, output, opset=opset, last_token_logits=last_token_logits, plugin_impl=plugin_impl.value)
+        logger.info("writing the ONNX Runtime artifact model.ort.onnx (function bodies inlined, shared mask)")
+        write_onnxruntime_artifact(path)
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model."))
     typer.echo(f"wrote {path} (+ model.onnx.data, model.ort.onnx; {size / 2**20:.1f} MiB) "
                f"in {time.perf_counter() - started:.1f} s")

@@ -25,3 +25,13 @@ def small_config(head_dim=32, heads=4, kv_heads=4, window=16, layers=2, hidden=6
 @pytest.fixture
 def tmp_model_dir(tmp_path: Path) -> Path:
     return tmp_path / "model"
+
+
+def export_for_onnxruntime(model, out_dir, **options):
+    """model.onnx and its ONNX Runtime artifact (what `mistral-export export` writes); returns model.onnx's path."""
+    from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact
+    from mistral_export.export.onnx_export import export_onnx
+
+    path = export_onnx(model, out_dir, **options)
+    write_onnxruntime_artifact(path)
+    return path

@@ -7,8 +7,9 @@ from typer.testing import CliRunner
 from conftest import needs_tiny, small_config
 from mistral_export.cli import app
 from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
+from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact
 from mistral_export.engines.runner import EagerRunner, prefill
-from mistral_export.export import onnx_export, streaming
+from mistral_export.export import onnx_export, weight_streaming
 from mistral_export.model.checkpoint import random_model, save_hf_checkpoint
 
 
@@ -45,13 +46,13 @@ def test_interrupted_export_leaves_previous_artifacts_intact(tmp_path, monkeypat
     onnx_export.export_onnx(folder, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    real_write = streaming.write_weights
+    real_write = weight_streaming.write_weights
 
     def write_then_die(path, slots, tensors):
         real_write(path, slots[:1], tensors)  # part of the weights are on disk when the "power fails"
         raise Interrupted
 
-    monkeypatch.setattr(streaming, "write_weights", write_then_die)
+    monkeypatch.setattr(weight_streaming, "write_weights", write_then_die)
     with pytest.raises(Interrupted):
         onnx_export.export_onnx(folder, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging left, nothing replaced
@@ -60,6 +61,7 @@ def test_interrupted_export_leaves_previous_artifacts_intact(tmp_path, monkeypat
     assert list((tmp_path / "fresh").iterdir()) == []  # no model.onnx that looks valid
 
     monkeypatch.undo()
+    write_onnxruntime_artifact(out / "model.onnx")
     ids = torch.randint(0, config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
     eager = EagerRunner(random_model(config, seed=7))
     eager.reset(1)

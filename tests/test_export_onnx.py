@@ -15,7 +15,7 @@ from mistral_export.engines.runner import EagerRunner, greedy_tokens, prefill
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import check_model, export_onnx, input_names, output_names
 from mistral_export.model.checkpoint import random_model, save_hf_checkpoint
-from conftest import small_config
+from conftest import export_for_onnxruntime, small_config
 from mistral_export.model.config import TINY_DIR, ModelConfig
 
 TOLERANCE = 1e-4  # fp32 bar of DESIGN.md
@@ -32,7 +32,7 @@ CONFIGS = {"w16": export_config(16), "w37": export_config(37), "nowindow": expor
 def exported(request, tmp_path_factory):
     """(eager model, model.onnx path), exported once per config per session."""
     model = random_model(CONFIGS[request.param], seed=3)
-    path = export_onnx(model, tmp_path_factory.mktemp(request.param))
+    path = export_for_onnxruntime(model, tmp_path_factory.mktemp(request.param))
     return model, path
 
 
@@ -75,6 +75,7 @@ def test_graph_contract(exported):
     for node in custom:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["plugin_namespace"] == b"mistral"
+        assert attrs["aot"] == 1  # TensorRT binds the ahead-of-time plugin implementation by default
         if node.op_type == "SlidingWindowAttention":
             assert attrs["window"] == (config.sliding_window or 0)
             assert attrs["scale"] == pytest.approx(config.head_dim ** -0.5)
@@ -83,6 +84,9 @@ def test_graph_contract(exported):
     assert {(f.domain, f.name) for f in proto.functions} == {("mistral", "SlidingWindowAttention"),
                                                           ("mistral", "RollingCacheUpdate")}
     assert {o.domain: o.version for o in proto.opset_import}["mistral"] == 1
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["mistral_export.cache_capacity"] == str(config.cache_capacity)
+    assert meta["mistral_export.cache_wraps"] == ("1" if config.sliding_window else "0")
     # Weights are external data, none inline.
     big = [t for t in graph.initializer if np.prod(t.dims) > 1024]
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
@@ -119,7 +123,7 @@ def test_loads_in_plain_onnxruntime(exported):
     ids = torch.randint(0, config.vocab_size, (2, 2 * (config.sliding_window or 16) + 3),
                         generator=torch.Generator().manual_seed(5))
     eager = EagerRunner(model)
-    raw = OnnxRuntimeRunner(path, threads=1, inline=False)
+    raw = OnnxRuntimeRunner(path, threads=1, portable=True)
     for runner in (eager, raw):
         runner.reset(2)
     window = config.sliding_window or 16
@@ -136,7 +140,7 @@ def test_runtime_artifact_is_lean(exported):
     assert not proto.functions and "SlidingWindowAttention" not in ops
     assert ops.count("Greater") == 1 and ops.count("Softmax") == model.config.num_layers
     assert ops.count("Shape") <= 3
-    # Fusions (export/runtime_fusions.py): every norm but the first follows a residual Add and takes it in;
+    # Fusions (engines/onnxruntime_fusions.py): every norm but the first follows a residual Add and takes it in;
     # rotate-half of q and k is one Gather each (plus the embedding's).
     layers = model.config.num_layers
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers and ops.count("SimplifiedLayerNormalization") == 1
@@ -179,6 +183,7 @@ def test_batched_decode_at_different_positions(exported):
         prefill(solo, seq[:, :length])
         eager_caches.append(solo.cache)
     eager = EagerRunner(model)
+    eager.reset(2)
     eager.cache = [tuple(torch.cat([eager_caches[0][i][j], eager_caches[1][i][j]]) for j in range(2))
                    for i in range(config.num_layers)]
 
@@ -215,7 +220,7 @@ def test_windowless_cache_overflow_is_a_clear_error(tmp_path_factory):
     for candidate in tmp_path_factory.getbasetemp().glob("nowindow*/model.onnx"):
         path = candidate
     if path is None:
-        path = export_onnx(random_model(config), tmp_path_factory.mktemp("nowindow-overflow"))
+        path = export_for_onnxruntime(random_model(config), tmp_path_factory.mktemp("nowindow-overflow"))
     runner = OnnxRuntimeRunner(path, threads=1)
     runner.reset(1)
     runner.step(torch.zeros(1, 60, dtype=torch.int64), torch.tensor([0]))
@@ -226,7 +231,7 @@ def test_windowless_cache_overflow_is_a_clear_error(tmp_path_factory):
 def test_last_token_logits_option(tmp_path):
     config = export_config(16, layers=1)
     model = random_model(config, seed=5)
-    path = export_onnx(model, tmp_path, last_token_logits=True)
+    path = export_for_onnxruntime(model, tmp_path, last_token_logits=True)
     proto = onnx.load(str(path), load_external_data=False)
     logits = next(o for o in proto.graph.output if o.name == "logits")
     assert [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim] == ["batch", 1, 97]
@@ -243,7 +248,7 @@ def test_export_from_checkpoint_folder_streams_weights(tmp_path):
     config = export_config(16, layers=1)
     model = random_model(config, seed=9)
     save_hf_checkpoint(model, tmp_path / "ckpt", dtype=torch.bfloat16)
-    path = export_onnx(tmp_path / "ckpt", tmp_path / "onnx")
+    path = export_for_onnxruntime(tmp_path / "ckpt", tmp_path / "onnx")
     assert (tmp_path / "onnx" / "model.onnx.data").exists()
     from mistral_export.model.checkpoint import load_model
 
@@ -274,7 +279,7 @@ def test_fixture_parity_and_greedy_generation(tmp_path):
 
     model = load_model("tiny")
     config = model.config
-    path = export_onnx("tiny", tmp_path)
+    path = export_for_onnxruntime("tiny", tmp_path)
     window = config.sliding_window
     runner = OnnxRuntimeRunner(path, threads=2)
     eager = EagerRunner(model)
@@ -287,3 +292,50 @@ def test_fixture_parity_and_greedy_generation(tmp_path):
     prompt = ids[0, :12].tolist()
     expected = list(greedy_tokens(eager, prompt, 4 * window))
     assert list(greedy_tokens(runner, prompt, 4 * window)) == expected
+
+
+def test_jit_plugin_impl_is_written_and_onnxruntime_ignores_it(tmp_path):
+    model = random_model(export_config(16, layers=1), seed=2)
+    path = export_for_onnxruntime(model, tmp_path, plugin_impl="jit")
+    nodes = [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.domain == "mistral"]
+    assert nodes and all(onnx.helper.get_attribute_value(a) == 0 for n in nodes for a in n.attribute
+                         if a.name == "aot")
+    assert all(any(a.name == "aot" for a in n.attribute) for n in nodes)
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(1))
+    eager = EagerRunner(model)
+    for runner in (eager, OnnxRuntimeRunner(path, threads=1), OnnxRuntimeRunner(path, threads=1, portable=True)):
+        runner.reset(1)
+        got = prefill(runner, ids, 7)
+        if runner is eager:
+            expected = got
+        assert max_diff(got, expected) <= TOLERANCE
+    with pytest.raises(MistralExportError, match="--plugin-impl must be one of aot, jit"):
+        export_onnx(model, tmp_path / "bad", plugin_impl="fast")
+
+
+def test_runner_only_reads_the_artifact(tmp_path):
+    """A missing or stale model.ort.onnx is an error naming the command that writes it; the runner writes nothing."""
+    model = random_model(export_config(16, layers=1), seed=4)
+    path = export_onnx(model, tmp_path)
+    with pytest.raises(MistralExportError, match="no ONNX Runtime artifact.*mistral-export export"):
+        OnnxRuntimeRunner(path)
+    assert not (tmp_path / "model.ort.onnx").exists()
+    export_for_onnxruntime(model, tmp_path)
+    export_onnx(random_model(export_config(16, layers=1), seed=5), tmp_path, last_token_logits=True)
+    with pytest.raises(MistralExportError, match="stale.*mistral-export export"):
+        OnnxRuntimeRunner(path)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_positions_past_int32_are_refused_by_every_runner(exported, backend):
+    model, path = exported
+    runner = EagerRunner(model) if backend == "eager" else OnnxRuntimeRunner(path, threads=1)
+    runner.reset(1)
+    last = 2**31 - 1
+    if model.config.sliding_window:  # a ring may reach the last int32 position, not pass it
+        assert torch.isfinite(runner.step(torch.zeros(1, 1, dtype=torch.int64), torch.tensor([last]))).all()
+        expected = "past the last position the kernels address"
+    else:  # a linear cache stops at its capacity long before
+        expected = "exceeds the cache capacity"
+    with pytest.raises(MistralExportError, match=expected):
+        runner.step(torch.zeros(1, 2, dtype=torch.int64), torch.tensor([last]))

@@ -17,40 +17,35 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
+from mistral_export.engines.runner import Runner
 from mistral_export.errors import MistralExportError
 from mistral_export.model.config import ModelConfig
-from mistral_export.model.transformer import check_cache_room
 
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+def session_options(threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = {
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
 
 
-class OnnxRuntimeRunner:
-    """Runner (see runner.py) over an exported model.onnx, on ONNX Runtime's CPU (or another) provider.
+class OnnxRuntimeRunner(Runner):
+    """Runner over an exported model on ONNX Runtime's CPU (or another) provider.
 
-    With `inline` (default) the session runs model.ort.onnx, the same graph with the `mistral` function
-    bodies inlined and their per-layer shape/mask arithmetic shared (see export/runtime_graph.py),
-    written by `export` (or here, if missing or older than model.onnx); `inline=False` runs model.onnx
-    exactly as exported.
+    By default the session runs model.ort.onnx, the ONNX Runtime artifact written beside model.onnx by
+    `export` / `build` (function bodies inlined, per-layer shape/mask arithmetic shared; see
+    engines/onnxruntime_artifact.py); a missing or stale artifact is an error naming the command that
+    writes it. `portable=True` runs model.onnx exactly as exported (its `mistral` nodes from their bodies).
     """
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None,
-                 providers: list[str] | None = None, optimization: str = "all",
-                 options: ort.SessionOptions | None = None, inline: bool = True):
+                 providers: list[str] | None = None, portable: bool = False):
+        from mistral_export.engines.onnxruntime_artifact import onnxruntime_artifact_for
         from mistral_export.export.onnx_export import read_export_config
 
         path = Path(onnx_path)
@@ -59,35 +54,41 @@ class OnnxRuntimeRunner:
         if not path.exists():
             raise MistralExportError(f"{path}: no such ONNX model (run `mistral-export export` first)")
         self.path = path
-        if inline:
-            from mistral_export.export.runtime_graph import prepare_onnxruntime_artifact
-
-            path = prepare_onnxruntime_artifact(path)
-        self.session_path = path
+        self.session_path = path if portable else onnxruntime_artifact_for(path)
         self.config: ModelConfig
         self.config, meta = read_export_config(self.path)
         self.last_token_logits = meta.get("mistral_export.last_token_logits") == "1"
+        # The cache's limits as the artifact records them (the deploy stage reads the same keys).
+        self._capacity = int(meta.get("mistral_export.cache_capacity", self.config.cache_capacity))
+        self._wraps = meta.get("mistral_export.cache_wraps", str(int(self.config.sliding_window is not None))) == "1"
         try:
             self.session = ort.InferenceSession(
-                str(path), sess_options=options or session_options(threads, optimization),
+                str(self.session_path), sess_options=session_options(threads),
                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-            raise MistralExportError(f"{path}: ONNX Runtime cannot load the model: {exc}") from None
+            raise MistralExportError(f"{self.session_path}: ONNX Runtime cannot load the model: {exc}") from None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.cache_dtype = _NUMPY_DTYPES[inputs["past_key_values.0.key"].type]
         self.logits_dtype = _NUMPY_DTYPES[next(o.type for o in self.session.get_outputs() if o.name == "logits")]
         self.layers = self.config.num_layers
-        self.capacity = self.config.cache_capacity
         self._bindings: list[ort.IOBinding] = []
         self._caches: list[list[ort.OrtValue]] = []  # [set][2*layer + (0 key | 1 value)]
         self._current = 0
         self.batch_size = 0
 
+    @property
+    def cache_capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def cache_wraps(self) -> bool:
+        return self._wraps
+
     def reset(self, batch_size: int) -> None:
         """Two zeroed sets of cache OrtValues [B,Hkv,C,D] per layer (ping-pong between steps)."""
         c = self.config
-        shape = (batch_size, c.num_kv_heads, self.capacity, c.head_dim)
+        shape = (batch_size, c.num_kv_heads, self.cache_capacity, c.head_dim)
         zeros = np.zeros(shape, dtype=self.cache_dtype)
         self._caches = []
         for _ in range(2):
@@ -141,19 +142,9 @@ class OnnxRuntimeRunner:
             current[2 * i].update_inplace(np.ascontiguousarray(k, dtype=self.cache_dtype))
             current[2 * i + 1].update_inplace(np.ascontiguousarray(v, dtype=self.cache_dtype))
 
-    def step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
-        if not self._caches:
-            raise MistralExportError("OnnxRuntimeRunner.step before reset(batch_size)")
+    def _step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
         ids = input_ids.detach().cpu()
-        positions = past_len.detach().cpu()
-        if ids.ndim != 2 or ids.shape[0] != self.batch_size or tuple(positions.shape) != (self.batch_size,):
-            raise MistralExportError(
-                f"step expects input_ids [{self.batch_size}, S] and past_len [{self.batch_size}] "
-                f"(the batch given to reset), got {list(ids.shape)} and {list(positions.shape)}")
-        check_cache_room(self.config, positions, ids.shape[1])
-        positions = positions.numpy()
-        if (positions < 0).any():
-            raise MistralExportError(f"past_len must be >= 0, got {positions.tolist()}")
+        positions = past_len.detach().cpu().numpy()
         if self._io_shape != tuple(ids.shape):
             self._bind_io(*ids.shape)
         ids_buffer, positions_buffer, logits = self._io

@@ -6,27 +6,58 @@ the given per-sequence positions and updates the cache; prefill and decode are b
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from mistral_export.errors import MistralExportError
 from mistral_export.model.config import ModelConfig
 from mistral_export.model.transformer import Transformer, allocate_cache
+from mistral_export.op_contract import check_positions
 
 
-class Runner(Protocol):
+class Runner(ABC):
+    """A backend's view of the model: a batch of sequences sharing one rolling cache.
+
+    `step` checks every call against the op contract's limits (op_contract.check_positions: a cache
+    without a window must not overflow, positions stay within int32) before the backend runs it,
+    since no graph, kernel or engine can refuse by itself.
+    """
+
     config: ModelConfig
+    batch_size: int = 0
 
+    @property
+    def cache_capacity(self) -> int:
+        return self.config.cache_capacity
+
+    @property
+    def cache_wraps(self) -> bool:
+        return self.config.sliding_window is not None
+
+    @abstractmethod
     def reset(self, batch_size: int) -> None:
         """Start new sequences: an empty cache for `batch_size` sequences."""
 
     def step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
         """Logits [B,S,V] (fp32, CPU) for tokens [B,S] at positions past_len[b] + i; updates the cache."""
+        if not self.batch_size:
+            raise MistralExportError(f"{type(self).__name__}.step before reset(batch_size)")
+        if input_ids.ndim != 2 or input_ids.shape[0] != self.batch_size or tuple(past_len.shape) != (self.batch_size,):
+            raise MistralExportError(
+                f"step expects input_ids [{self.batch_size}, S] and past_len [{self.batch_size}] "
+                f"(the batch given to reset), got {list(input_ids.shape)} and {list(past_len.shape)}")
+        check_positions(past_len.tolist(), input_ids.shape[1], self.cache_capacity, self.cache_wraps)
+        return self._step(input_ids, past_len)
+
+    @abstractmethod
+    def _step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
+        """The backend's step, on inputs `step` has checked."""
 
 
-class EagerRunner:
+class EagerRunner(Runner):
     def __init__(self, model: Transformer, device: str = "cpu"):
         self.model = model
         self.config = model.config
@@ -36,9 +67,10 @@ class EagerRunner:
 
     def reset(self, batch_size: int) -> None:
         self.cache = allocate_cache(self.config, batch_size, self.dtype, self.device)
+        self.batch_size = batch_size
 
     @torch.inference_mode()
-    def step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
+    def _step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
         logits, _ = self.model(input_ids.to(self.device), past_len.to(self.device), self.cache)
         return logits.float().cpu()
 

@@ -13,11 +13,9 @@ from onnxscript import FLOAT, INT64, script
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
-from mistral_export.export.symbolic import DOMAIN, VERSION
+from mistral_export.op_contract import DOMAIN, NO_WINDOW, VERSION
 
 mistral = Opset(DOMAIN, VERSION)
-
-NO_WINDOW_SPAN = 1 << 40  # "no window" (window attribute 0): a span longer than any cache
 
 
 @script(mistral, default_opset=op)
@@ -40,9 +38,9 @@ def SlidingWindowAttention(q, k, v, k_cache, v_cache, past_len: INT64, window: i
     query_pos = op.Unsqueeze(new_pos, [2])  # [B,S,1]
 
     win = op.Constant(value_int=window)
-    span = op.Where(op.Equal(win, zero), op.Constant(value_int=NO_WINDOW_SPAN), win)
+    in_window = op.Or(op.Equal(win, op.Constant(value_int=NO_WINDOW)), op.Greater(key_pos, op.Sub(query_pos, win)))
     allowed = op.And(op.GreaterOrEqual(key_pos, zero), op.LessOrEqual(key_pos, query_pos))
-    allowed = op.And(allowed, op.Greater(key_pos, op.Sub(query_pos, span)))  # [B,S,K]
+    allowed = op.And(allowed, in_window)  # [B,S,K]
 
     # fp32 accumulation whatever the I/O type; GQA by grouping query heads per kv head:
     # q [B,Hq,S,D] → [B,Hkv,G*S,D], row g*S+s is query head kv*G+g at position s.

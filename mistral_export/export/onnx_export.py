@@ -27,14 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from mistral_export.errors import MistralExportError
-from mistral_export.export import streaming
+from mistral_export.export import weight_streaming
 from mistral_export.export.functions import function_protos
-from mistral_export.export.runtime_graph import ARTIFACT_FILE, fold_constants_pass, prepare_onnxruntime_artifact
-from mistral_export.export.symbolic import DOMAIN, VERSION
+from mistral_export.export.onnxscript_passes import default_rewrite_pass, fold_constants_pass
+from mistral_export.export.op_translation import translation_table
 from mistral_export.export.weight_layout import fold_weight_transposes, fuse_parallel_projections, strip_wrapper_prefix
 from mistral_export.model.checkpoint import Checkpoint, parameter_shapes
 from mistral_export.model.config import ModelConfig, load_config, resolve_model_dir
 from mistral_export.model.transformer import Transformer, rotary_inv_freq
+from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL, DOMAIN, NO_WINDOW, VERSION
 
 DEFAULT_OPSET = 20
 MIN_OPSET, MAX_OPSET = 18, 23
@@ -82,7 +83,7 @@ def _skeleton(config: ModelConfig, dtype: torch.dtype) -> Transformer:
     return skeleton.eval()
 
 
-def _trace(config: ModelConfig, dtype: torch.dtype, opset: int, last_token_logits: bool) -> ir.Model:
+def _trace(config: ModelConfig, dtype: torch.dtype, opset: int, last_token_logits: bool, plugin_impl: str) -> ir.Model:
     wrapper = _Flat(_skeleton(config, dtype), last_token_logits)
     batch, seq = 2, 3  # neither 0 nor 1, so neither dimension is specialized
     shape = (batch, config.num_kv_heads, config.cache_capacity, config.head_dim)
@@ -98,7 +99,7 @@ def _trace(config: ModelConfig, dtype: torch.dtype, opset: int, last_token_logit
         program = torch.onnx.export(
             wrapper, args, dynamo=True, dynamic_shapes=dynamic, optimize=False, verbose=False,
             opset_version=opset, input_names=input_names(config.num_layers),
-            output_names=output_names(config.num_layers),
+            output_names=output_names(config.num_layers), custom_translation_table=translation_table(plugin_impl),
         )
     return program.model
 
@@ -136,11 +137,9 @@ def _constant_reshape_targets(model: ir.Model) -> int:
 
 
 def _optimize(model: ir.Model, weights: set[str]) -> None:
-    from onnxscript import rewriter
-
     fold = fold_constants_pass(weights, output_size_limit=262144)
     ir.passes.Sequential(
-        ir.passes.PassManager([fold, rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+        ir.passes.PassManager([fold, default_rewrite_pass(),
                                common_passes.RemoveUnusedNodesPass()], steps=2, early_stop=True),
         common_passes.CommonSubexpressionEliminationPass(),
         common_passes.RemoveUnusedNodesPass(),
@@ -170,12 +169,14 @@ def _rename_dims(model: ir.Model) -> None:
 
 def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET,
                 last_token_logits: bool = False, dtype: torch.dtype = torch.float32,
-                check: bool = True) -> Path:
+                plugin_impl: str = DEFAULT_PLUGIN_IMPL) -> Path:
     """Export MODEL (a Transformer, a checkpoint folder, or `tiny`) to OUT_DIR/model.onnx (+ .data).
 
     One graph for prefill chunks and decode: inputs input_ids [B,S] int64, past_len [B] int64 and
     per layer past_key_values.{i}.key|value [B,Hkv,C,D]; outputs logits [B,S,V] ([B,1,V] with
-    `last_token_logits`) and present.{i}.key|value. Returns the path of model.onnx.
+    `last_token_logits`) and present.{i}.key|value. The `mistral` nodes carry `aot` 1 or 0 for
+    `plugin_impl` "aot" or "jit" (which TensorRT plugin implementation binds). Returns the path of model.onnx.
+    The ONNX Runtime artifact is another stage (engines/onnxruntime_artifact.py).
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise MistralExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
@@ -210,10 +211,9 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
     # so an interrupted export never leaves a model.onnx that looks valid beside half-written weights.
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
-        _export_into(staging, config, tensors, dtype, opset, last_token_logits, check)
-        for name in (MODEL_FILE, ARTIFACT_FILE):
-            (out / name).unlink(missing_ok=True)
-        for name in (DATA_FILE, ARTIFACT_FILE, MODEL_FILE):  # model.onnx last: its presence means complete
+        _export_into(staging, config, tensors, dtype, opset, last_token_logits, plugin_impl)
+        (out / MODEL_FILE).unlink(missing_ok=True)
+        for name in (DATA_FILE, MODEL_FILE):  # model.onnx last: its presence means complete
             (staging / name).replace(out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -221,10 +221,10 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
 
 
 def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype, opset: int,
-                 last_token_logits: bool, check: bool) -> None:
+                 last_token_logits: bool, plugin_impl: str) -> None:
     model_path, data_path = folder / MODEL_FILE, folder / DATA_FILE
     log.info("tracing %s (%d layers) with the dynamo exporter, opset %d", config.name, config.num_layers, opset)
-    traced = _trace(config, dtype, opset, last_token_logits)
+    traced = _trace(config, dtype, opset, last_token_logits, plugin_impl)
     strip_wrapper_prefix(traced)
     shapes = parameter_shapes(config)
     params = set(shapes)
@@ -238,14 +238,14 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
     for name, (source_names, transposed) in sources.items():
         widths = tuple(shapes[n][0] if transposed else shapes[n][-1] for n in source_names)
         entries.append((name, source_names, widths, transposed, tuple(graph.initializers[name].shape.numpy())))
-    slots = streaming.plan_layout(entries, dtype)
+    slots = weight_streaming.plan_layout(entries, dtype)
     total = sum(slot.length for slot in slots)
     log.info("streaming %d checkpoint tensors into %d initializers (%.2f GiB, %s) in %s",
              sum(len(slot.sources) for slot in slots), len(slots), total / 2**30, str(dtype).removeprefix("torch."),
              DATA_FILE)
-    streaming.write_weights(data_path, slots, tensors())
+    weight_streaming.write_weights(data_path, slots, tensors())
     for slot in slots:
-        graph.initializers[slot.initializer].const_value = streaming.external_tensor(slot, data_path)
+        graph.initializers[slot.initializer].const_value = weight_streaming.external_tensor(slot, data_path)
 
     _rename_dims(traced)
     traced.opset_imports[DOMAIN] = VERSION
@@ -253,6 +253,11 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
         "mistral_export.config": json.dumps(config.to_hf_dict()),
         "mistral_export.model_name": config.name,
         "mistral_export.cache_capacity": str(config.cache_capacity),
+        # Whether the cache is a ring (a window) or linear (no window: a sequence must not pass the capacity,
+        # which the graph cannot enforce; every consumer reads this and refuses, see op_contract.check_positions).
+        "mistral_export.cache_wraps": str(int(config.sliding_window is not None)),
+        "mistral_export.window": str(config.sliding_window or NO_WINDOW),
+        "mistral_export.plugin_impl": plugin_impl,
         "mistral_export.last_token_logits": str(int(last_token_logits)),
         "mistral_export.dtype": str(dtype).removeprefix("torch."),
     })
@@ -260,11 +265,8 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
     del proto.functions[:]
     proto.functions.extend(function_protos(opset))
     onnx.save(proto, str(model_path))
-    if check:
-        log.info("checking %s (onnx.checker full check, strict shape inference)", MODEL_FILE)
-        check_model(model_path)
-    log.info("writing the ONNX Runtime artifact %s (function bodies inlined, shared mask)", ARTIFACT_FILE)
-    prepare_onnxruntime_artifact(model_path)
+    log.info("checking %s (onnx.checker full check, strict shape inference)", MODEL_FILE)
+    check_model(model_path)
 
 
 def _stored_dtype(checkpoint, fallback: torch.dtype) -> torch.dtype:

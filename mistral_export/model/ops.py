@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-NO_WINDOW = 0  # `window` attribute value meaning "attend to every earlier position"
+from mistral_export.op_contract import (NO_WINDOW, TORCH_ATTENTION, TORCH_CACHE_UPDATE,
+                                        TORCH_CACHE_UPDATE_INPLACE)
 
 
 def cache_positions(past_len: Tensor, capacity: int) -> Tensor:
@@ -89,7 +90,7 @@ def rolling_cache_update_reference(cache: Tensor, new: Tensor, past_len: Tensor)
     return out
 
 
-@torch.library.custom_op("mistral::sliding_window_attention", mutates_args=())
+@torch.library.custom_op(TORCH_ATTENTION, mutates_args=())
 def sliding_window_attention(
     q: Tensor,
     k: Tensor,
@@ -108,7 +109,7 @@ def _(q, k, v, k_cache, v_cache, past_len, window, scale):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("mistral::rolling_cache_update_", mutates_args=("cache",))
+@torch.library.custom_op(TORCH_CACHE_UPDATE_INPLACE, mutates_args=("cache",))
 def rolling_cache_update_(cache: Tensor, new: Tensor, past_len: Tensor) -> None:
     """In-place update used by the eager model: no copy of the cache per step."""
     rolling_cache_update_in_place(cache, new, past_len)
@@ -117,3 +118,18 @@ def rolling_cache_update_(cache: Tensor, new: Tensor, past_len: Tensor) -> None:
 @rolling_cache_update_.register_fake
 def _(cache, new, past_len):
     return None
+
+
+@torch.library.custom_op(TORCH_CACHE_UPDATE, mutates_args=())
+def rolling_cache_update(cache: Tensor, new: Tensor, past_len: Tensor, after: Tensor) -> Tensor:
+    """Functional update for traced graphs (a graph holds no in-place state): the cache after writing `new`.
+
+    `after` (the same layer's attention output) is an ordering input only: the graph must not run the
+    update before the attention that reads the old cache. It is never read.
+    """
+    return rolling_cache_update_reference(cache, new, past_len)
+
+
+@rolling_cache_update.register_fake
+def _(cache, new, past_len, after):
+    return torch.empty_like(cache)

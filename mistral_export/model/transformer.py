@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mistral_export.errors import MistralExportError
 from mistral_export.model import ops
 from mistral_export.model.config import ModelConfig
+from mistral_export.op_contract import check_positions
 
 KVCache = list[tuple[Tensor, Tensor]]  # per layer (keys, values), each [B, Hkv, C, D]
 
@@ -76,15 +76,15 @@ class Attention(nn.Module):
             # Training and scoring: whole sequences, no cache, differentiable reference.
             empty = k.new_zeros(batch, c.num_kv_heads, 0, c.head_dim)
             out = ops.sliding_window_attention_reference(q, k, v, empty, empty, past_len, window, scale)
-            present = None
-        elif torch.onnx.is_in_onnx_export():
-            from mistral_export.export.symbolic import attention_and_cache_update
-
-            out, present = attention_and_cache_update(q, k, v, cache, past_len, window, scale)
+            return self.wo(out.transpose(1, 2).reshape(batch, seq, -1)), None
+        k_cache, v_cache = cache
+        out = torch.ops.mistral.sliding_window_attention(q, k, v, k_cache, v_cache, past_len, window, scale)
+        if torch.compiler.is_exporting():
+            # A traced graph holds no in-place state: the updated caches are new values, ordered after the
+            # attention that reads the old ones (a chunk longer than W needs the keys it evicts).
+            present = (torch.ops.mistral.rolling_cache_update(k_cache, k, past_len, out),
+                       torch.ops.mistral.rolling_cache_update(v_cache, v, past_len, out))
         else:
-            k_cache, v_cache = cache
-            out = torch.ops.mistral.sliding_window_attention(q, k, v, k_cache, v_cache, past_len, window, scale)
-            # After attention has read the old cache (a chunk longer than W needs the keys it evicts).
             torch.ops.mistral.rolling_cache_update_(k_cache, k, past_len)
             torch.ops.mistral.rolling_cache_update_(v_cache, v, past_len)
             present = cache
@@ -139,8 +139,8 @@ class Transformer(nn.Module):
         batch, seq = input_ids.shape
         if past_len is None:
             past_len = torch.zeros(batch, dtype=torch.int64, device=input_ids.device)
-        if cache is not None and not torch.onnx.is_in_onnx_export():
-            check_cache_room(self.config, past_len, seq)
+        if cache is not None and not torch.compiler.is_exporting():
+            check_positions(past_len.tolist(), seq, self.config.cache_capacity, self.config.sliding_window is not None)
         positions = past_len.unsqueeze(1) + torch.arange(seq, device=input_ids.device)
         x = self.tok_embeddings(input_ids)
         cos, sin = rotary_cos_sin(positions, self.inv_freq, x.dtype)
@@ -152,17 +152,6 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         logits = self.output(self.norm(x))
         return logits, (presents if cache is not None else None)
-
-
-def check_cache_room(config: ModelConfig, past_len: Tensor, seq: int) -> None:
-    """Without a window the cache is linear: outgrowing it must fail loudly, never wrap."""
-    if config.sliding_window is None:
-        end = int(past_len.max()) + seq
-        if end > config.cache_capacity:
-            raise MistralExportError(
-                f"sequence of {end} tokens exceeds the cache capacity {config.cache_capacity} of a model "
-                f"without sliding window (max context); shorten the prompt or --max-new-tokens"
-            )
 
 
 def allocate_cache(config: ModelConfig, batch: int, dtype: torch.dtype = torch.float32,

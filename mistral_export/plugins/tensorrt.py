@@ -26,13 +26,13 @@ from typing import List, Tuple, Union
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
-from mistral_export.export.symbolic import PLUGIN_NAMESPACE, SWA_OP, UPDATE_OP
+from mistral_export.op_contract import ATTENTION_OP, CACHE_UPDATE_OP, PLUGIN_NAMESPACE
 
 from . import aot
 
 # The names the exported nodes carry (op_type, plugin_namespace), so the parser binds them to these plugins.
-ATTENTION_PLUGIN = f"{PLUGIN_NAMESPACE}::{SWA_OP}"
-CACHE_UPDATE_PLUGIN = f"{PLUGIN_NAMESPACE}::{UPDATE_OP}"
+ATTENTION_PLUGIN = f"{PLUGIN_NAMESPACE}::{ATTENTION_OP}"
+CACHE_UPDATE_PLUGIN = f"{PLUGIN_NAMESPACE}::{CACHE_UPDATE_OP}"
 
 _IO_TYPES = "FP16|BF16|FP32"
 # What an aot_impl returns (tensorrt.plugin requires this return annotation): kernel name, PTX, launch

@@ -5,12 +5,13 @@ positions and the band mask from `past_len` and the shapes of its own inputs, pe
 step. Here the bodies are inlined ahead of time, `Shape` of a dimension the graph knows is replaced
 by a constant (head counts, capacity, head dim) or by the one shared `Shape(input_ids)` slice
 (batch, sequence), then constant folding and CSE leave one mask computation for all layers: what
-remains per layer is the attention arithmetic itself. Last, `runtime_fusions` takes the residual Adds
+remains per layer is the attention arithmetic itself. Last, `onnxruntime_fusions` takes the residual Adds
 into the RMSNorms and makes rotate-half one Gather. The artifact shares `model.onnx.data`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import onnx
@@ -18,7 +19,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from mistral_export.errors import MistralExportError
-from mistral_export.export.runtime_fusions import fuse_rms_norms, fuse_rotate_half
+from mistral_export.engines.onnxruntime_fusions import fuse_rms_norms, fuse_rotate_half
+from mistral_export.export.onnxscript_passes import default_rewrite_pass, fold_constants_pass
 
 ARTIFACT_FILE = "model.ort.onnx"
 
@@ -104,20 +106,7 @@ def dedupe_small_constants(model: ir.Model, limit: int = 4096) -> int:
     return merged
 
 
-def fold_constants_pass(weights: set[str], output_size_limit: int):
-    """onnxscript's constant folding, kept off every node that reads a weight (weights are never loaded)."""
-    from onnxscript.optimizer import _constant_folding
-
-    def should_fold(node: ir.Node) -> bool | None:
-        return False if any(v is not None and v.name in weights for v in node.inputs) else None
-
-    return _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=8192,
-                                               output_size_limit=output_size_limit, should_fold=should_fold)
-
-
 def optimize_for_runtime(model: ir.Model) -> ir.Model:
-    from onnxscript import rewriter
-
     weights = {name for name, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
 
     def fold():
@@ -133,7 +122,7 @@ def optimize_for_runtime(model: ir.Model) -> ir.Model:
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     dedupe_small_constants(model)
     ir.passes.Sequential(
-        ir.passes.PassManager([fold(), rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES), *cleanup],
+        ir.passes.PassManager([fold(), default_rewrite_pass(), *cleanup],
                               steps=3, early_stop=True),
         common_passes.RemoveUnusedFunctionsPass(),
         common_passes.RemoveUnusedOpsetsPass(),
@@ -147,19 +136,41 @@ def optimize_for_runtime(model: ir.Model) -> ir.Model:
     return model
 
 
-def prepare_onnxruntime_artifact(model_path: str | Path) -> Path:
-    """Write (or reuse, if newer than model.onnx) model.ort.onnx next to model.onnx; returns its path."""
+SOURCE_KEY = "mistral_export.source_onnx_sha256"  # which model.onnx the artifact was made from
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_onnxruntime_artifact(model_path: str | Path) -> Path:
+    """Writes model.ort.onnx next to model.onnx (sharing its weights file); returns its path."""
     model_path = Path(model_path)
     artifact = model_path.parent / ARTIFACT_FILE
-    if artifact.exists() and artifact.stat().st_mtime >= model_path.stat().st_mtime:
-        return artifact
     try:
         model = ir.load(str(model_path))  # weights stay external (lazy)
     except Exception as exc:  # noqa: BLE001 - onnx raises several unrelated types for a bad file
         raise MistralExportError(f"{model_path}: cannot read the ONNX model: {exc}") from None
     optimize_for_runtime(model)
+    model.metadata_props[SOURCE_KEY] = file_sha256(model_path)
     proto = ir.serde.serialize_model(model)  # ExternalTensors keep their location: model.onnx.data
-    tmp = artifact.with_suffix(".tmp")
+    tmp = artifact.with_name(artifact.name + ".tmp")
     onnx.save(proto, str(tmp))
     tmp.replace(artifact)
+    return artifact
+
+
+def onnxruntime_artifact_for(model_path: Path) -> Path:
+    """The model.ort.onnx made from `model_path`, or a clear error if it is missing or was made from another one."""
+    artifact = model_path.parent / ARTIFACT_FILE
+    hint = f"`mistral-export export MODEL -o {model_path.parent}` (or `build`) writes it"
+    if not artifact.exists():
+        raise MistralExportError(f"{artifact}: no ONNX Runtime artifact beside {model_path.name}; {hint}")
+    meta = {p.key: p.value for p in onnx.load(str(artifact), load_external_data=False).metadata_props}
+    if meta.get(SOURCE_KEY) != file_sha256(model_path):
+        raise MistralExportError(f"{artifact}: made from another {model_path.name} (stale); {hint} again")
     return artifact
