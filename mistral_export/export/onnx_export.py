@@ -34,7 +34,8 @@ from mistral_export.export.op_translation import translation_table
 from mistral_export.export.weight_layout import fold_weight_transposes, fuse_parallel_projections, strip_wrapper_prefix
 from mistral_export.model.checkpoint import Checkpoint, parameter_shapes
 from mistral_export.model.config import ModelConfig, load_config, resolve_model_dir
-from mistral_export.model.transformer import Transformer, rotary_inv_freq
+from mistral_export.model.transformer import (Attention, Block, FeedForward, RMSNorm, Transformer,
+                                              rotary_inv_freq)
 from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL, DOMAIN, NO_WINDOW, VERSION
 
 DEFAULT_OPSET = 20
@@ -167,15 +168,41 @@ def _rename_dims(model: ir.Model) -> None:
                                 for d in value.shape])
 
 
+def check_exportable(model: Transformer) -> None:
+    """Refuse a model carrying anything the export would silently drop.
+
+    The exporter traces a plain `Transformer` skeleton and streams its parameters: a quantizer module
+    (ModelOpt's QuantLinear, TensorQuantizer), an extra buffer or parameter (ModelOpt SmoothQuant's
+    `pre_quant_scale`) or a forward hook would change what the model computes without reaching the ONNX.
+    """
+    expected = parameter_shapes(model.config)
+    allowed = (Transformer, Block, Attention, FeedForward, RMSNorm, nn.Linear, nn.Embedding, nn.ModuleList)
+    for name, module in model.named_modules():
+        if type(module) not in allowed:
+            raise MistralExportError(
+                f"model module '{name or '<root>'}' is a {type(module).__module__}.{type(module).__name__}, which the "
+                f"exporter does not know (a quantizer?); export the plain model and choose --precision instead")
+        if module._forward_hooks or module._forward_pre_hooks:
+            raise MistralExportError(f"model module '{name or '<root>'}' has forward hooks, which the export would "
+                                     f"drop; remove them before exporting")
+    extra = [n for n, _ in model.named_parameters() if n not in expected]
+    extra += [n for n, _ in model.named_buffers() if n != "inv_freq"]
+    if extra:
+        raise MistralExportError(f"model carries tensors the export would drop: {', '.join(extra[:5])}"
+                                 f"{f' and {len(extra) - 5} more' if len(extra) > 5 else ''} (quantizer state such "
+                                 f"as pre_quant_scale?); export the plain model and choose --precision instead")
+
+
 def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET,
                 last_token_logits: bool = False, dtype: torch.dtype = torch.float32,
-                plugin_impl: str = DEFAULT_PLUGIN_IMPL) -> Path:
+                plugin_impl: str = DEFAULT_PLUGIN_IMPL, metadata: dict[str, str] | None = None) -> Path:
     """Export MODEL (a Transformer, a checkpoint folder, or `tiny`) to OUT_DIR/model.onnx (+ .data).
 
     One graph for prefill chunks and decode: inputs input_ids [B,S] int64, past_len [B] int64 and
     per layer past_key_values.{i}.key|value [B,Hkv,C,D]; outputs logits [B,S,V] ([B,1,V] with
     `last_token_logits`) and present.{i}.key|value. The `mistral` nodes carry `aot` 1 or 0 for
-    `plugin_impl` "aot" or "jit" (which TensorRT plugin implementation binds). Returns the path of model.onnx.
+    `plugin_impl` "aot" or "jit" (which TensorRT plugin implementation binds). `metadata` adds
+    metadata_props (the precision stage's keys). Returns the path of model.onnx.
     The ONNX Runtime artifact is another stage (engines/onnxruntime_artifact.py).
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -183,6 +210,7 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
     if dtype not in (torch.float32, torch.float16):
         raise MistralExportError(f"export dtype must be float32 or float16, got {dtype}")
     if isinstance(model_or_folder, Transformer):
+        check_exportable(model_or_folder)
         config = model_or_folder.config
         source = model_or_folder
 
@@ -211,7 +239,7 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
     # so an interrupted export never leaves a model.onnx that looks valid beside half-written weights.
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
-        _export_into(staging, config, tensors, dtype, opset, last_token_logits, plugin_impl)
+        _export_into(staging, config, tensors, dtype, opset, last_token_logits, plugin_impl, metadata or {})
         (out / MODEL_FILE).unlink(missing_ok=True)
         for name in (DATA_FILE, MODEL_FILE):  # model.onnx last: its presence means complete
             (staging / name).replace(out / name)
@@ -221,7 +249,7 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
 
 
 def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype, opset: int,
-                 last_token_logits: bool, plugin_impl: str) -> None:
+                 last_token_logits: bool, plugin_impl: str, metadata: dict[str, str]) -> None:
     model_path, data_path = folder / MODEL_FILE, folder / DATA_FILE
     log.info("tracing %s (%d layers) with the dynamo exporter, opset %d", config.name, config.num_layers, opset)
     traced = _trace(config, dtype, opset, last_token_logits, plugin_impl)
@@ -260,6 +288,7 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
         "mistral_export.plugin_impl": plugin_impl,
         "mistral_export.last_token_logits": str(int(last_token_logits)),
         "mistral_export.dtype": str(dtype).removeprefix("torch."),
+        **metadata,
     })
     proto = ir.serde.serialize_model(traced)
     del proto.functions[:]

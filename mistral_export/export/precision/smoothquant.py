@@ -1,0 +1,72 @@
+"""SmoothQuant (Xiao et al., 2023) as an exact weight transform of the eager model, done before export.
+
+Per-tensor INT8 activations lose the small channels when a few channels carry outliers. SmoothQuant
+divides each input channel j of a GEMM by s_j = max|X_j|^α / max|W_j|^(1−α) and multiplies the
+weights' column j by s_j: the product is unchanged and the activation range flattens. The division
+is folded into whatever produces X, so the graph gains no node:
+
+- wq/wk/wv (one activation) ← attention_norm's weight; w1/w3 ← ffn_norm's weight;
+- w2's input (silu(w1 x) · w3 x) ← w3's rows;
+- wo's input (the attention output, a weighted sum of v) ← wv's rows. One v channel feeds the same
+  channel of every query head of its GQA group, so the factor is shared by the group (maxima over it).
+
+No library does this for this graph (ONNX Runtime's needs Intel neural-compressor; ModelOpt's torch
+version keeps `pre_quant_scale` buffers, which an export from parameters drops), hence this module.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+
+from mistral_export.model.transformer import Transformer
+
+MIN_FACTOR = 1e-5
+
+
+def smoothing_factors(activation_max: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
+    """s_j = max|X_j|^α / max|W_j|^(1−α) over the weights' columns j (channels never seen get 1)."""
+    weight_max = torch.cat([w.detach().abs().float() for w in weights], 0).amax(0)
+    factors = activation_max.float().clamp(min=MIN_FACTOR).pow(alpha) / weight_max.clamp(min=MIN_FACTOR).pow(1 - alpha)
+    return torch.where(activation_max > 0, factors.clamp(min=MIN_FACTOR), torch.ones_like(factors))
+
+
+@torch.no_grad()
+def smooth(model: Transformer, maxima: dict[str, Tensor], alpha: float) -> Transformer:
+    """A copy of MODEL with SmoothQuant's factors folded in (outputs equal up to float rounding).
+
+    `maxima`: max |x| per input channel of each Linear over calibration steps (calibration.input_channel_maxima).
+    """
+    smoothed = copy.deepcopy(model)
+    c = model.config
+    for i, block in enumerate(smoothed.layers):
+        attention, ffn = block.attention, block.feed_forward
+        prefix = f"layers.{i}"
+
+        s = smoothing_factors(maxima[f"{prefix}.attention.wq"], [attention.wq.weight, attention.wk.weight,
+                                                                 attention.wv.weight], alpha)
+        _fold(block.attention_norm.weight, s, [attention.wq.weight, attention.wk.weight, attention.wv.weight])
+
+        s = smoothing_factors(maxima[f"{prefix}.feed_forward.w1"], [ffn.w1.weight, ffn.w3.weight], alpha)
+        _fold(block.ffn_norm.weight, s, [ffn.w1.weight, ffn.w3.weight])
+
+        s = smoothing_factors(maxima[f"{prefix}.feed_forward.w2"], [ffn.w2.weight], alpha)
+        ffn.w3.weight.div_(s.unsqueeze(1).to(ffn.w3.weight.dtype))
+        ffn.w2.weight.mul_(s.to(ffn.w2.weight.dtype))
+
+        # wo's input channels (h, d); the factor of kv head g's channel d is shared by the query heads of g.
+        group, d = c.group_size, c.head_dim
+        x_max = maxima[f"{prefix}.attention.wo"].view(c.num_kv_heads, group, d).amax(1)  # [Hkv, D]
+        w_max = attention.wo.weight.detach().abs().float().amax(0).view(c.num_kv_heads, group, d).amax(1)
+        s = smoothing_factors(x_max.flatten(), [w_max.flatten().unsqueeze(0)], alpha).view(c.num_kv_heads, 1, d)
+        attention.wv.weight.div_(s.reshape(-1, 1).to(attention.wv.weight.dtype))
+        attention.wo.weight.mul_(s.expand(c.num_kv_heads, group, d).reshape(-1).to(attention.wo.weight.dtype))
+    return smoothed
+
+
+def _fold(norm_weight: Tensor, factors: Tensor, consumers: list[Tensor]) -> None:
+    norm_weight.div_(factors.to(norm_weight.dtype))
+    for weight in consumers:
+        weight.mul_(factors.to(weight.dtype))
