@@ -13,6 +13,7 @@ are attached, and the weights are streamed from the checkpoint into `model.onnx.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -229,23 +230,32 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
             yield from checkpoint.tensors(_stored_dtype(checkpoint, dtype))
 
     out = Path(out_dir)
+    with staged_model(out) as staging:
+        _export_into(staging, config, tensors, dtype, opset, last_token_logits, plugin_impl, metadata or {})
+    return out / MODEL_FILE
+
+
+@contextlib.contextmanager
+def staged_model(out: Path):
+    """A staging folder inside OUT (created if needed) whose model.onnx and model.onnx.data move into OUT when the block completes.
+
+    Everything is written there and moved into place only when complete and checked, so an interrupted
+    export never leaves a model.onnx that looks valid beside half-written weights.
+    """
     if out.exists() and not out.is_dir():
         raise MistralExportError(f"{out}: output must be a folder, and this is a file")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MistralExportError(f"{out}: cannot create the output folder ({exc.strerror})") from None
-    # Everything is written into a staging folder and moved into place only when complete and checked,
-    # so an interrupted export never leaves a model.onnx that looks valid beside half-written weights.
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
-        _export_into(staging, config, tensors, dtype, opset, last_token_logits, plugin_impl, metadata or {})
+        yield staging
         (out / MODEL_FILE).unlink(missing_ok=True)
         for name in (DATA_FILE, MODEL_FILE):  # model.onnx last: its presence means complete
             (staging / name).replace(out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out / MODEL_FILE
 
 
 def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype, opset: int,

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mistral_export.errors import MistralExportError
-from mistral_export.export.onnx_export import DATA_FILE, MODEL_FILE, check_exportable, check_model, export_onnx
+from mistral_export.export.onnx_export import MODEL_FILE, check_exportable, check_model, export_onnx, staged_model
 from mistral_export.export.precision.calibration import (CalibrationOptions, calibration_samples, calibration_steps,
                                                          input_channel_maxima)
 from mistral_export.model.transformer import Transformer
@@ -68,9 +66,7 @@ def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | P
         return export_onnx(model_or_folder, out_dir, **options)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".precision-", dir=out))
-    try:
+    with staged_model(out) as staging:
         if precision == "int8-wo":
             from mistral_export.export.precision.int8 import quantize_weights_only
 
@@ -83,11 +79,6 @@ def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | P
             _quantize_w8a8(model_or_folder, staging, options, calibration or CalibrationOptions(), smoothquant_alpha,
                            progress)
         check_model(staging / MODEL_FILE)
-        (out / MODEL_FILE).unlink(missing_ok=True)
-        for name in (DATA_FILE, MODEL_FILE):  # model.onnx last: its presence means complete
-            (staging / name).replace(out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out / MODEL_FILE
 
 
