@@ -60,18 +60,32 @@ def inspect(model: ModelArg,
         typer.echo(f"{key:<{width}}  {value}")
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+    int8_wo = "int8-wo"
+
+
 @app.command()
 def export(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for model.onnx, model.onnx.data and model.ort.onnx.")],
+    precision: Annotated[Precision, typer.Option(help="fp32, fp16, int8 (W8A8, SmoothQuant) or int8-wo (W8A16).")] = Precision.fp32,
     opset: Annotated[int, typer.Option(help="ONNX opset of the standard ops (18..23).")] = 20,
     last_token_logits: Annotated[bool, typer.Option(help="Keep only the last position's logits ([B,1,V]).")] = False,
     plugin_impl: Annotated[PluginImpl, typer.Option(help="TensorRT plugin implementation the mistral nodes ask for "
                                                          "(node attribute aot=1 or 0); ONNX Runtime ignores it.")] = PluginImpl.aot,
+    smoothquant_alpha: Annotated[float, typer.Option(help="int8: SmoothQuant migration strength alpha.")] = 0.5,
+    no_smoothquant: Annotated[bool, typer.Option("--no-smoothquant", help="int8: plain W8A8, no smoothing.")] = False,
+    calib_data: Annotated[Optional[Path], typer.Option(help="int8: calibration text (plain text, or JSONL with a "
+                                                            "`text` field); default: the packaged calibration text.")] = None,
+    calib_samples: Annotated[Optional[int], typer.Option(min=1, help="int8: calibration samples (default 32).")] = None,
+    calib_seq_len: Annotated[Optional[int], typer.Option(min=1, help="int8: tokens per calibration sample (default 256).")] = None,
 ) -> None:
-    """Trace MODEL to one ONNX graph (prefill chunks and decode) with the mistral:: custom ops, and its ONNX Runtime artifact."""
+    """Trace MODEL to one ONNX graph (prefill chunks and decode) with the mistral:: custom ops in PRECISION, and its ONNX Runtime artifact."""
     from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact
-    from mistral_export.export.onnx_export import export_onnx
+    from mistral_export.export.precision import calibration_options, export_precision
 
     progress = logging.StreamHandler(sys.stderr)
     progress.setFormatter(logging.Formatter("[export] %(message)s"))
@@ -80,11 +94,13 @@ def export(
     logger.setLevel(logging.INFO)
     started = time.perf_counter()
     with user_errors():
-        path = export_onnx(model, output, opset=opset, last_token_logits=last_token_logits, plugin_impl=plugin_impl.value)
+        path = export_precision(model, output, precision.value, opset=opset, last_token_logits=last_token_logits,
+                                plugin_impl=plugin_impl.value, smoothquant_alpha=None if no_smoothquant else smoothquant_alpha,
+                                calibration=calibration_options(calib_data, calib_samples, calib_seq_len))
         logger.info("writing the ONNX Runtime artifact model.ort.onnx (function bodies inlined, shared mask)")
         write_onnxruntime_artifact(path)
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model."))
-    typer.echo(f"wrote {path} (+ model.onnx.data, model.ort.onnx; {size / 2**20:.1f} MiB) "
+    typer.echo(f"wrote {path} ({precision.value}; + model.onnx.data, model.ort.onnx; {size / 2**20:.1f} MiB) "
                f"in {time.perf_counter() - started:.1f} s")
 
 

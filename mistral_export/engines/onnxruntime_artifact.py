@@ -18,6 +18,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from mistral_export.engines import onnxruntime_quantized
 from mistral_export.errors import MistralExportError
 from mistral_export.engines.onnxruntime_fusions import fuse_rms_norms, fuse_rotate_half
 from mistral_export.export.onnxscript_passes import default_rewrite_pass, fold_constants_pass
@@ -155,8 +156,16 @@ def write_onnxruntime_artifact(model_path: str | Path) -> Path:
         model = ir.load(str(model_path))  # weights stay external (lazy)
     except Exception as exc:  # noqa: BLE001 - onnx raises several unrelated types for a bad file
         raise MistralExportError(f"{model_path}: cannot read the ONNX model: {exc}") from None
+    quantized = onnxruntime_quantized.is_quantized(model)
+    if quantized:
+        onnxruntime_quantized.to_float32_activations(model)
     optimize_for_runtime(model)
+    if quantized:
+        onnxruntime_quantized.to_matmul_nbits(model)
     model.metadata_props[SOURCE_KEY] = file_sha256(model_path)
+    if quantized:  # new weights: the artifact's own data file, model.ort.onnx.data
+        onnxruntime_quantized.save_with_own_data(model, artifact)
+        return artifact
     proto = ir.serde.serialize_model(model)  # ExternalTensors keep their location: model.onnx.data
     tmp = artifact.with_name(artifact.name + ".tmp")
     onnx.save(proto, str(tmp))

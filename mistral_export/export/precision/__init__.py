@@ -29,7 +29,7 @@ from mistral_export.export.precision.calibration import (CalibrationOptions, cal
 from mistral_export.model.transformer import Transformer
 from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL
 
-__all__ = ["PRECISIONS", "CalibrationOptions", "check_precision", "export_precision"]
+__all__ = ["PRECISIONS", "CalibrationOptions", "calibration_options", "check_precision", "export_precision"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-wo")
 TRACE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float16, "int8-wo": torch.float16}
@@ -41,6 +41,13 @@ QUANTIZATION_KEY = "mistral_export.quantization"
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise MistralExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+
+
+def calibration_options(data: Path | None = None, samples: int | None = None,
+                        seq_len: int | None = None) -> CalibrationOptions:
+    """CalibrationOptions from the command line's --calib-data/--calib-samples/--calib-seq-len (None: default)."""
+    defaults = CalibrationOptions()
+    return CalibrationOptions(data=data, samples=samples or defaults.samples, seq_len=seq_len or defaults.seq_len)
 
 
 def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | Path, precision: str = "fp32", *,

@@ -1,0 +1,149 @@
+"""The ONNX Runtime artifact of the INT8 precisions: the fastest form ONNX Runtime's CPU provider runs.
+
+The portable model.onnx of int8 / int8-wo is fp16 with standard Q/DQ (what TensorRT reads). ONNX Runtime's
+CPU provider has no fp16 GEMM on x86 (it wraps fp16 nodes in casts) and its fastest 8-bit GEMM is the
+contrib op `com.microsoft.MatMulNBits` (bits 8, block 128, accuracy_level 4: int8 weights, activations
+quantized to int8 per block of 128 on the fly, int8 dot products). Measured on the ~175M config
+(benchmarks/decode_cpu.py): MatMulNBits beats both the Q/DQ graph ORT fuses itself and fp32 by far;
+at its default accuracy level it is ten times slower than fp32, so the level is always set.
+
+So the artifact is made in two steps around `optimize_for_runtime`:
+- before: activations, caches and logits become fp32 (fp16 initializers converted, casts retargeted);
+- after: each MatMul whose weight is DequantizeLinear(int8, one scale per output channel) becomes
+  MatMulNBits over the *same* int8 values and scales (no requantization: its results are those of the
+  portable model's weights); a W8A8 activation Q/DQ pair before it is dropped (MatMulNBits quantizes
+  the activation itself). No library converts existing Q/DQ weights to MatMulNBits' layout, hence this.
+
+The artifact then carries its own weights file, model.ort.onnx.data.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+PRECISION_KEY = "mistral_export.precision"
+QUANTIZED = ("int8", "int8-wo")
+MS_DOMAIN = "com.microsoft"
+BLOCK_SIZE = 128
+ACCURACY_LEVEL = 4  # int8 compute; the default (0) is ten times slower than fp32 on CPU
+
+
+def is_quantized(model: ir.Model) -> bool:
+    return model.metadata_props.get(PRECISION_KEY) in QUANTIZED
+
+
+def to_float32_activations(model: ir.Model) -> None:
+    """Every fp16 tensor of the main graph becomes fp32 (function bodies are generic in their input type)."""
+    graph = model.graph
+    f16, f32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
+    for name, value in list(graph.initializers.items()):
+        if value.dtype == f16 and value.const_value is not None:
+            array = value.const_value.numpy().astype(np.float32)
+            value.const_value = ir.tensor(array, name=name)
+            value.type = ir.TensorType(f32)
+    values = [*graph.inputs, *graph.outputs, *(out for node in graph for out in node.outputs)]
+    for value in values:
+        if value.dtype == f16:
+            value.type = ir.TensorType(f32)
+    for node in graph:
+        if node.domain != "":
+            continue
+        if node.op_type == "Cast" and node.attributes.get_int("to") == f16:
+            node.attributes["to"] = ir.AttrInt64("to", f32)
+        elif node.op_type == "Constant" and "value" in node.attributes:
+            tensor = node.attributes["value"].as_tensor()
+            if tensor.dtype == f16:
+                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float32)))
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _int8_weight(dq: ir.Node | None):
+    """(int8 [K, N], scales [N]) of a DequantizeLinear of an int8 initializer with one scale per output channel."""
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "":
+        return None
+    weight, scale = (_constant(v) for v in dq.inputs[:2])
+    zero = _constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
+    if weight is None or scale is None or weight.dtype != np.int8 or weight.ndim != 2:
+        return None
+    if dq.attributes.get_int("axis", 1) not in (1, -1) or scale.shape != (weight.shape[1],):
+        return None
+    if zero is not None and np.any(zero != 0):
+        return None
+    return weight, scale.astype(np.float32)
+
+
+def _activation_source(value: ir.Value) -> ir.Value:
+    """x for a value DequantizeLinear(QuantizeLinear(x)) (W8A8's activation pair), else the value itself."""
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "":
+        return value
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear" or q.domain != "":
+        return value
+    return q.inputs[0]
+
+
+def to_matmul_nbits(model: ir.Model) -> int:
+    """MatMul(x, DequantizeLinear(int8 W, per-channel scale)) → MatMulNBits(x, W + 128, scale). Returns count."""
+    graph = model.graph
+    converted = 0
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.domain != "":
+            continue
+        found = _int8_weight(node.inputs[1].producer())
+        if found is None:
+            continue
+        weight, scale = found
+        k, n = weight.shape
+        blocks = -(-k // BLOCK_SIZE)
+        # MatMulNBits' 8-bit layout: [N, blocks, block_size] unsigned bytes with zero point 128 (its default
+        # when no zero point is given); K padded with zeros (128) to whole blocks.
+        packed = np.full((n, blocks * BLOCK_SIZE), 128, dtype=np.uint8)
+        packed[:, :k] = (weight.T.astype(np.int16) + 128).astype(np.uint8)
+        name = node.inputs[1].producer().inputs[0].name or f"matmul{converted}"
+        b = _initializer(graph, f"{name}.nbits", packed.reshape(n, blocks, BLOCK_SIZE))
+        s = _initializer(graph, f"{name}.nbits_scales", np.repeat(scale, blocks))
+        matmul = ir.node("MatMulNBits", [_activation_source(node.inputs[0]), b, s],
+                         {"K": k, "N": n, "bits": 8, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL},
+                         domain=MS_DOMAIN)
+        graph.insert_before(node, matmul)
+        out = node.outputs[0]
+        matmul.outputs[0].shape, matmul.outputs[0].type = out.shape, out.type
+        out.replace_all_uses_with(matmul.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        matmul.outputs[0].name = out.name  # keeps a graph output's name (logits)
+        converted += 1
+    if converted:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    return converted
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    value.const_value = ir.tensor(array, name=name)
+    graph.register_initializer(value)
+    return value
+
+
+def save_with_own_data(model: ir.Model, artifact: Path) -> None:
+    """ARTIFACT and ARTIFACT.data (every weight), written in a staging folder and moved in, the model last."""
+    staging = Path(tempfile.mkdtemp(prefix=".artifact-", dir=artifact.parent))
+    try:
+        data = artifact.name + ".data"
+        ir.save(model, str(staging / artifact.name), external_data=data)
+        artifact.unlink(missing_ok=True)
+        (staging / data).replace(artifact.parent / data)
+        (staging / artifact.name).replace(artifact)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
