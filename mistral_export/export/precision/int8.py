@@ -66,6 +66,8 @@ def quantize_w8a8(source: Path, target: Path, steps: Iterator[Step], cache_dtype
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # one scale per output channel of [K, N]
                 "OpTypesToExcludeOutputQuantization": ["MatMul"],  # Q/DQ on GEMM inputs only (TensorRT's INT8 GEMM)
             })
+    data = target.with_name(target.name + ".data")
+    data.chmod(0o644)  # written through a private temporary file; readable like every other artifact
 
 
 @contextlib.contextmanager
