@@ -119,8 +119,10 @@ class Genai:
         self.folders = {}
         for precision in GENAI_PRECISIONS:
             out = work / f"{name}-genai-{precision}"
-            subprocess.run([str(python), script, "build", str(hf), str(out), precision, str(threads)], check=True,
-                           stdout=subprocess.DEVNULL)
+            built = subprocess.run([str(python), script, "build", str(hf), str(out), precision, str(threads)],
+                                   capture_output=True, text=True)
+            if built.returncode:
+                sys.exit(f"onnxruntime-genai's builder failed ({precision}):\n{built.stderr[-3000:]}")
             genai_config = json.loads((out / "genai_config.json").read_text())
             # Its sliding-window cache mode refuses chunked prefill past the window; the graph's attention keeps
             # the window (GroupQueryAttention local_window_size) over a cache that grows to max_length.
@@ -190,6 +192,12 @@ class _Silent:
         pass
 
 
+def settle() -> None:
+    """Let the previous series' ONNX Runtime threads stop spinning (they spin a while after each run) before
+    the next series is timed, so no series pays for another's idle threads."""
+    time.sleep(0.05)
+
+
 def bench_model(name: str, model, args, work: Path) -> dict:
     config = model.config
     window = config.sliding_window
@@ -221,10 +229,13 @@ def bench_model(name: str, model, args, work: Path) -> dict:
             for p, runner in runners.items():
                 runner.reset(1)
                 runner.fill_cache(cache)
+                settle()
                 times[(label, p)] += time_steps(runner, position, per_round, args.warmup)
             if genai:
                 for p in GENAI_PRECISIONS:
+                    settle()
                     times[(label, f"genai-{p}")] += genai.steps(p, per_round + args.warmup)[args.warmup:]
+            settle()
         read_bw.append(fastest_read_bandwidth())
         print(f"{name} {label}: " + "  ".join(f"{s} {1e3 * min(times[(label, s)]):.2f}" for s in series), flush=True)
     if genai:
