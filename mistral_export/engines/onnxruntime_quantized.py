@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from mistral_export.export.precision.int8 import add_initializer
+
 PRECISION_KEY = "mistral_export.precision"
 QUANTIZED = ("int8", "int8-wo")
 MS_DOMAIN = "com.microsoft"
@@ -111,8 +113,8 @@ def to_matmul_nbits(model: ir.Model) -> int:
         packed = np.full((n, blocks * BLOCK_SIZE), 128, dtype=np.uint8)
         packed[:, :k] = (weight.T.astype(np.int16) + 128).astype(np.uint8)
         name = node.inputs[1].producer().inputs[0].name or f"matmul{converted}"
-        b = _initializer(graph, f"{name}.nbits", packed.reshape(n, blocks, BLOCK_SIZE))
-        s = _initializer(graph, f"{name}.nbits_scales", np.repeat(scale, blocks))
+        b = add_initializer(graph, f"{name}.nbits", packed.reshape(n, blocks, BLOCK_SIZE))
+        s = add_initializer(graph, f"{name}.nbits_scales", np.repeat(scale, blocks))
         matmul = ir.node("MatMulNBits", [_activation_source(node.inputs[0]), b, s],
                          {"K": k, "N": n, "bits": 8, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL},
                          domain=MS_DOMAIN)
@@ -127,13 +129,6 @@ def to_matmul_nbits(model: ir.Model) -> int:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return converted
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    value.const_value = ir.tensor(array, name=name)
-    graph.register_initializer(value)
-    return value
 
 
 def save_with_own_data(model: ir.Model, artifact: Path) -> None:

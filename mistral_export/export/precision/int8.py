@@ -92,9 +92,9 @@ def quantize_weights_only(source: Path, target: Path) -> int:
                                                           else np.float16)
         quantized = np.clip(np.rint(values / scale.astype(np.float32)), -INT8_MAX, INT8_MAX).astype(np.int8)
         name = weight.name
-        q = _initializer(model, f"{name}_quantized", quantized)
-        s = _initializer(model, f"{name}_scale", scale)
-        zero = _initializer(model, f"{name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
+        q = add_initializer(model.graph, f"{name}_quantized", quantized)
+        s = add_initializer(model.graph, f"{name}_scale", scale)
+        zero = add_initializer(model.graph, f"{name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
         dq = ir.node("DequantizeLinear", [q, s, zero], {"axis": 1})
         dq.outputs[0].name = f"{name}_DequantizeLinear_Output"
         dq.outputs[0].shape, dq.outputs[0].type = weight.shape, weight.type
@@ -107,8 +107,8 @@ def quantize_weights_only(source: Path, target: Path) -> int:
     return count
 
 
-def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
     value.const_value = ir.tensor(array, name=name)
-    model.graph.register_initializer(value)
+    graph.register_initializer(value)
     return value
