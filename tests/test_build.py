@@ -21,6 +21,7 @@ from mistral_export.engines.tensorrt_engine import unavailable_reason
 from mistral_export.errors import MistralExportError
 from mistral_export.model.checkpoint import load_model, random_model, save_hf_checkpoint
 from mistral_export.model.config import TINY_DIR
+from mistral_export.model.tokenizer import load_tokenizer
 
 
 def last_run(out: Path) -> dict[str, str]:
@@ -70,16 +71,18 @@ def test_build_then_generate_matches_eager_for_4w_tokens(tiny_build):
     out, _ = tiny_build
     eager = EagerRunner(load_model("tiny"))
     window = eager.config.sliding_window
+    prompt_text = "def read_config(path):"
+    tokenizer = load_tokenizer(out)  # the build folder's own tokenizer.json
+    prompt = tokenizer.encode(prompt_text)
+    expected = list(greedy_tokens(eager, prompt, 4 * window))  # no stop token: exactly 4W tokens
     built = open_runner(select_artifact(out, "onnxruntime", "fp32"))
-    prompt = [1, *range(100, 120)]
-    expected = list(greedy_tokens(eager, prompt, 4 * window))
     assert list(greedy_tokens(built, prompt, 4 * window)) == expected and len(expected) == 4 * window
-    cli = CliRunner()
-    args = ["--prompt", "def read_config(path):", "--max-new-tokens", str(4 * window)]
-    from_build = cli.invoke(app, ["generate", "--backend", "onnxruntime", "--engine", str(out), *args])
-    from_eager = cli.invoke(app, ["generate", "tiny", *args])
-    assert from_build.exit_code == from_eager.exit_code == 0, from_build.output
-    assert from_build.stdout == from_eager.stdout and len(from_build.stdout) > 4 * window
+    if tokenizer.eos_id in expected:  # the command stops at the end-of-sequence token
+        expected = expected[:expected.index(tokenizer.eos_id) + 1]
+    from_build = CliRunner().invoke(app, ["generate", "--backend", "onnxruntime", "--engine", str(out),
+                                          "--prompt", prompt_text, "--max-new-tokens", str(4 * window)])
+    assert from_build.exit_code == 0, from_build.output
+    assert from_build.stdout == prompt_text + tokenizer.decode(expected) + "\n"
 
 
 @needs_tiny
@@ -113,6 +116,11 @@ def test_precision_and_checkpoint_changes_rebuild_only_what_depends(small_checkp
     assert last_run(out) == {"tokenizer": "skipped", "onnx/fp16": "built", "onnxruntime/fp16": "built"}
     assert {k: v for k, v in mtimes(out).items() if k.startswith("onnx/fp32")} == fp32_files
     assert sorted(a.precision for a in find_artifacts(out)) == ["fp16", "fp32"]
+    generate = ["generate", "--backend", "onnxruntime", "--engine", str(out), "--prompt", "x", "--max-new-tokens", "2"]
+    several = CliRunner().invoke(app, generate)
+    assert several.exit_code == 2 and "several precisions (fp16, fp32); pick one with --precision" in several.stderr
+    picked = CliRunner().invoke(app, [*generate, "--precision", "fp16"])
+    assert picked.exit_code == 0, picked.output  # the build folder's tokenizer.json
 
     os.utime(small_checkpoint / "model.safetensors")  # touched, same content: hashed again, nothing rebuilt
     build(small_checkpoint, out, "fp16")
@@ -180,17 +188,6 @@ def test_backend_tensorrt_without_tensorrt_is_one_error_line_and_keeps_the_onnx(
     assert last_run(out) == {"tokenizer": "skipped", "onnx/fp32": "skipped", "onnxruntime/fp32": "built"}
 
 
-def test_generate_from_a_build_folder_with_several_precisions_needs_precision(tmp_path):
-    out = tmp_path / "build"
-    model = random_model(small_config(vocab=2048))
-    build(model, out, "fp32")
-    build(model, out, "fp16")
-    result = CliRunner().invoke(app, ["generate", "tiny", "--backend", "onnxruntime", "--engine", str(out),
-                                      "--prompt", "x", "--max-new-tokens", "2"])
-    assert result.exit_code == 2 and "several precisions (fp16, fp32); pick one with --precision" in result.stderr
-    for precision in ("fp16", "fp32"):
-        picked = CliRunner().invoke(app, ["generate", "tiny", "--backend", "onnxruntime", "--engine", str(out),
-                                          "--precision", precision, "--prompt", "x", "--max-new-tokens", "2"])
-        assert picked.exit_code == 0, picked.output  # in-memory model: no tokenizer.json, MODEL's is used
+def test_generate_needs_engine_for_tensorrt():
     missing = CliRunner().invoke(app, ["generate", "--backend", "tensorrt", "--prompt", "x"])
     assert missing.exit_code == 2 and "--backend tensorrt needs --engine DIR" in missing.stderr
