@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import needs_tiny, small_config
+from conftest import needs_tiny, small_config, train_sentencepiece
 from mistral_export.cli import app
 from mistral_export.engines import onnxruntime_artifact
 from mistral_export.engines.artifacts import find_artifacts, open_runner, read_build, select_artifact
@@ -191,3 +191,26 @@ def test_backend_tensorrt_without_tensorrt_is_one_error_line_and_keeps_the_onnx(
 def test_generate_needs_engine_for_tensorrt():
     missing = CliRunner().invoke(app, ["generate", "--backend", "tensorrt", "--prompt", "x"])
     assert missing.exit_code == 2 and "--backend tensorrt needs --engine DIR" in missing.stderr
+
+
+def test_native_checkpoint_with_a_sentencepiece_tokenizer_end_to_end(tmp_path):
+    """Mistral's native layout (params.json, consolidated.safetensors, tokenizer.model): generate from it, build it
+    (the build folder carries the converted tokenizer.json), generate from the build: the same text."""
+    from test_checkpoint import write_native
+
+    save_hf_checkpoint(random_model(small_config(vocab=800), seed=2), tmp_path / "hf")
+    native = tmp_path / "native"
+    write_native(tmp_path / "hf", native)
+    train_sentencepiece(native / "tokenizer.model")
+    cli = CliRunner()
+    args = ["--prompt", "def f(x):\n    return x + 1", "--max-new-tokens", "12"]
+    eager = cli.invoke(app, ["generate", str(native), *args])
+    assert eager.exit_code == 0, eager.output
+    out = tmp_path / "build"
+    built = cli.invoke(app, ["build", str(native), "-o", str(out), "--backend", "onnxruntime"])
+    assert built.exit_code == 0, built.output
+    assert read_build(out)["stages"]["tokenizer"]["inputs"]["source"] == "tokenizer.model"
+    assert (out / "tokenizer.json").exists()
+    from_build = cli.invoke(app, ["generate", "--backend", "onnxruntime", "--engine", str(out), *args])
+    assert from_build.exit_code == 0, from_build.output
+    assert from_build.stdout == eager.stdout and len(eager.stdout) > len("def f(x):")

@@ -7,12 +7,13 @@ ids and the same decoded text as sentencepiece itself on varied text.
 
 from __future__ import annotations
 
-import inspect
 import json
 import textwrap
 
 import pytest
 import sentencepiece as spm
+
+from conftest import train_sentencepiece
 
 from mistral_export.errors import MistralExportError
 from mistral_export.model.tokenizer import TextTokenizer, load_tokenizer, tokenizer_from_sentencepiece, write_tokenizer_json
@@ -33,28 +34,9 @@ SAMPLES = [
 ]
 
 
-def corpus_text() -> str:
-    """Some text and code from the standard library (no download), plus a few accented words."""
-    import collections
-    import json as json_module
-    import pathlib
-
-    parts = [inspect.getsource(m) for m in (collections, json_module, pathlib)]
-    parts.append("Le café est très bon. Über naïve façade. 1 2 3 4 5 6 7 8 9 0.\n" * 20)
-    return "\n".join(parts)
-
-
 @pytest.fixture(scope="module", params=["bpe", "unigram"])
 def sentencepiece_model(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(f"spm-{request.param}")
-    text = folder / "corpus.txt"
-    text.write_text(corpus_text())
-    spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(folder / "tokenizer"), model_type=request.param, vocab_size=800,
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, character_coverage=0.9995, bos_id=1, eos_id=2, unk_id=0,
-        max_sentence_length=1 << 16, minloglevel=2, num_threads=1)
-    return folder / "tokenizer.model"
+    return train_sentencepiece(tmp_path_factory.mktemp(f"spm-{request.param}") / "tokenizer.model", request.param)
 
 
 @pytest.mark.parametrize("text", SAMPLES)
