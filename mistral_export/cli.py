@@ -154,17 +154,13 @@ def _print_build_summary(out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mistral_export.engines.artifacts import read_build
-    from mistral_export.engines.describe import _size
+    from mistral_export.engines.describe import last_run_rows
 
-    record = read_build(out)
     table = Table(title=f"{out}", title_justify="left", box=None, pad_edge=False)
     for column in ("stage", "this run", "files", "size"):
         table.add_column(column, justify="right" if column == "size" else "left")
-    for run in record["last_run"]:
-        outputs = record["stages"][run["stage"]]["outputs"]
-        action = f"built ({run['seconds']} s)" if run["action"] == "built" else "unchanged"
-        table.add_row(run["stage"], action, ", ".join(outputs), _size(sum(o["size"] for o in outputs.values())))
+    for row in last_run_rows(out):
+        table.add_row(*row)
     Console().print(table)
 
 

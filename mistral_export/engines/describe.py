@@ -8,7 +8,7 @@ from mistral_export.engines.artifacts import TOKENIZER_FILE, Artifact, find_arti
 from mistral_export.errors import MistralExportError
 
 
-def _size(num_bytes: int) -> str:
+def human_size(num_bytes: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if num_bytes < 1024 or unit == "GiB":
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
@@ -29,14 +29,14 @@ def _artifact_row(build_dir: Path, artifact: Artifact, stages: dict) -> tuple[st
     if artifact.backend == "onnxruntime":
         ort = engine["onnxruntime"]
         size = folder_bytes(artifact.folder, [ort["file"], "model.onnx", "model.onnx.data"])
-        detail = (f"{where}/{ort['file']} ({_size(size)} with the ONNX it shares weights with); ONNX Runtime "
+        detail = (f"{where}/{ort['file']} ({human_size(size)} with the ONNX it shares weights with); ONNX Runtime "
                   f"{ort['version']}, providers {', '.join(p.removesuffix('ExecutionProvider') for p in ort['providers'])}")
     else:
         trt = engine["tensorrt"]
         profile = trt["profiles"][0]["input_ids"]
         options = trt.get("options", {})
         level = options.get("builder_optimization_level")
-        detail = (f"{where}/{trt['file']} ({_size(folder_bytes(artifact.folder, [trt['file']]))}); {trt['gpu']} sm "
+        detail = (f"{where}/{trt['file']} ({human_size(folder_bytes(artifact.folder, [trt['file']]))}); {trt['gpu']} sm "
                   f"{trt['compute_capability']}, TensorRT {trt['version']}, CUDA {trt.get('cuda_version')}; batch "
                   f"{profile['min'][0]}..{profile['max'][0]} (opt {profile['opt'][0]}), chunk 1..{profile['max'][1]}, "
                   f"builder level {level if level is not None else 'default'}, plugins {trt['plugins']}")
@@ -67,7 +67,7 @@ def describe_build(build_dir: str | Path) -> list[tuple[str, str]]:
             inputs = entry["inputs"]
             size = sum(o["size"] for o in entry["outputs"].values())
             options = ", ".join(f"{k} {v}" for k, v in inputs.get("precision_options", {}).items() if v is not None)
-            rows.append((f"onnx {entry['precision']}", f"{name}/model.onnx (+ .data, {_size(size)}); opset "
+            rows.append((f"onnx {entry['precision']}", f"{name}/model.onnx (+ .data, {human_size(size)}); opset "
                          f"{inputs['opset'] or 'default'}, plugin_impl {inputs['plugin_impl']}, last_token_logits "
                          f"{inputs['last_token_logits']}" + (f", {options}" if options else "")))
     try:
@@ -77,4 +77,15 @@ def describe_build(build_dir: str | Path) -> list[tuple[str, str]]:
     rows += [_artifact_row(build_dir, artifact, stages) for artifact in artifacts]
     if not artifacts:
         rows.append(("artifacts", "none yet (an interrupted or failed build?)"))
+    return rows
+
+
+def last_run_rows(build_dir: str | Path) -> list[tuple[str, str, str, str]]:
+    """(stage, built or unchanged, files, size) for each stage of the last `build` into BUILD_DIR."""
+    build = read_build(Path(build_dir))
+    rows = []
+    for run in build["last_run"]:
+        outputs = build["stages"][run["stage"]]["outputs"]
+        action = f"built ({run['seconds']} s)" if run["action"] == "built" else "unchanged"
+        rows.append((run["stage"], action, ", ".join(outputs), human_size(sum(o["size"] for o in outputs.values()))))
     return rows
