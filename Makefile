@@ -7,6 +7,7 @@ CLI    := $(VENV)/bin/mistral-export
 STAMP  := $(VENV)/.installed
 OUTDIR ?= build/tiny
 PROMPT ?= def read_config(path):
+BACKEND ?= onnxruntime
 
 .PHONY: run test clean
 
@@ -19,8 +20,9 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(CLI) inspect tiny --context 4096
-	$(CLI) export tiny -o $(OUTDIR)
-	$(CLI) generate tiny --backend onnxruntime --onnx $(OUTDIR) --prompt '$(PROMPT)' --max-new-tokens 80
+	$(CLI) build tiny -o $(OUTDIR) --backend $(BACKEND)
+	$(CLI) inspect $(OUTDIR)
+	$(CLI) generate --backend $(BACKEND) --engine $(OUTDIR) --prompt '$(PROMPT)' --max-new-tokens 80
 
 test: $(STAMP)
 	$(PY) -m pytest

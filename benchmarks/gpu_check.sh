@@ -19,4 +19,13 @@ if command -v pytest >/dev/null 2>&1 || python3 -c "import pytest" 2>/dev/null; 
   timeout 75 python3 -m pytest tests/test_kernels.py -k cuda -q -p no:cacheprovider 2>&1 | tail -25 \
     | tee "$results/gpu_check_pytest.txt"
 fi
+# The TensorRT path (engine build through `build`, plugin layers, TensorRT vs ONNX Runtime, the runner's in-place
+# cache and CUDA graph, the other-GPU refusal): the tests marked `tensorrt`, where TensorRT and the export stack import.
+if python3 -c "import tensorrt, polygraphy, onnxruntime, onnxscript, rich" 2>/dev/null; then
+  timeout 300 python3 -m pytest tests/test_tensorrt_engine.py tests/test_tensorrt_plugins.py -m tensorrt -q -rs \
+    -p no:cacheprovider 2>&1 | tail -40 | tee "$results/gpu_check_tensorrt_pytest.txt"
+else
+  echo "TensorRT (or the export stack) not importable: tensorrt-marked tests not run" \
+    | tee "$results/gpu_check_tensorrt_pytest.txt"
+fi
 exit "$status"

@@ -24,6 +24,7 @@ ModelArg = Annotated[str, typer.Argument(help="A checkpoint folder (HF config.js
 class Backend(str, Enum):
     eager = "eager"
     onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
 
 
 class PluginImpl(str, Enum):
@@ -34,6 +35,26 @@ class PluginImpl(str, Enum):
 class Attention(str, Enum):
     reference = "reference"
     triton = "triton"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+    int8_wo = "int8-wo"
+
+
+# Options `export` and `build` share (the precision stage's options).
+PrecisionOpt = Annotated[Precision, typer.Option(help="fp32, fp16, int8 (W8A8, SmoothQuant) or int8-wo (W8A16).")]
+LastTokenLogitsOpt = Annotated[bool, typer.Option(help="Keep only the last position's logits ([B,1,V]).")]
+PluginImplOpt = Annotated[PluginImpl, typer.Option(help="TensorRT plugin implementation the mistral nodes ask for "
+                                                        "(node attribute aot=1 or 0); ONNX Runtime ignores it.")]
+SmoothQuantAlphaOpt = Annotated[float, typer.Option(help="int8: SmoothQuant migration strength alpha.")]
+NoSmoothQuantOpt = Annotated[bool, typer.Option("--no-smoothquant", help="int8: plain W8A8, no smoothing.")]
+CalibDataOpt = Annotated[Optional[Path], typer.Option(help="int8: calibration text (plain text, or JSONL with a `text` "
+                                                           "field); default: the packaged calibration text.")]
+CalibSamplesOpt = Annotated[Optional[int], typer.Option(min=1, help="int8: calibration samples (default 32).")]
+CalibSeqLenOpt = Annotated[Optional[int], typer.Option(min=1, help="int8: tokens per calibration sample (default 256).")]
 
 
 @contextlib.contextmanager
@@ -47,41 +68,36 @@ def user_errors():
 
 
 @app.command()
-def inspect(model: ModelArg,
+def inspect(model: Annotated[str, typer.Argument(help="A build folder (from `build`), a checkpoint folder, or a preset: "
+                                                     "tiny, mistral-7b-v0.1, mistral-7b-v0.3.")],
             context: Annotated[int, typer.Option(help="Context length for the KV-cache estimate.")] = 32768) -> None:
-    """Config, parameter count, weight bytes per dtype and KV-cache bytes per sequence."""
+    """A build folder: what was built (precisions, backends, GPU, sizes, options). A model: config, parameter count,
+    weight bytes per dtype and KV-cache bytes per sequence."""
+    from mistral_export.engines.artifacts import is_build_folder
+    from mistral_export.engines.describe import describe_build
     from mistral_export.model.config import load_config
     from mistral_export.model.summary import describe
 
     with user_errors():
-        rows = describe(load_config(model), context)
+        rows = describe_build(model) if is_build_folder(model) else describe(load_config(model), context)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-    int8_wo = "int8-wo"
 
 
 @app.command()
 def export(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for model.onnx, model.onnx.data and model.ort.onnx.")],
-    precision: Annotated[Precision, typer.Option(help="fp32, fp16, int8 (W8A8, SmoothQuant) or int8-wo (W8A16).")] = Precision.fp32,
+    precision: PrecisionOpt = Precision.fp32,
     opset: Annotated[int, typer.Option(help="ONNX opset of the standard ops (18..23).")] = 20,
-    last_token_logits: Annotated[bool, typer.Option(help="Keep only the last position's logits ([B,1,V]).")] = False,
-    plugin_impl: Annotated[PluginImpl, typer.Option(help="TensorRT plugin implementation the mistral nodes ask for "
-                                                         "(node attribute aot=1 or 0); ONNX Runtime ignores it.")] = PluginImpl.aot,
-    smoothquant_alpha: Annotated[float, typer.Option(help="int8: SmoothQuant migration strength alpha.")] = 0.5,
-    no_smoothquant: Annotated[bool, typer.Option("--no-smoothquant", help="int8: plain W8A8, no smoothing.")] = False,
-    calib_data: Annotated[Optional[Path], typer.Option(help="int8: calibration text (plain text, or JSONL with a "
-                                                            "`text` field); default: the packaged calibration text.")] = None,
-    calib_samples: Annotated[Optional[int], typer.Option(min=1, help="int8: calibration samples (default 32).")] = None,
-    calib_seq_len: Annotated[Optional[int], typer.Option(min=1, help="int8: tokens per calibration sample (default 256).")] = None,
+    last_token_logits: LastTokenLogitsOpt = False,
+    plugin_impl: PluginImplOpt = PluginImpl.aot,
+    smoothquant_alpha: SmoothQuantAlphaOpt = 0.5,
+    no_smoothquant: NoSmoothQuantOpt = False,
+    calib_data: CalibDataOpt = None,
+    calib_samples: CalibSamplesOpt = None,
+    calib_seq_len: CalibSeqLenOpt = None,
 ) -> None:
     """Trace MODEL to one ONNX graph (prefill chunks and decode) with the mistral:: custom ops in PRECISION, and its ONNX Runtime artifact."""
     from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact
@@ -104,40 +120,128 @@ def export(
                f"in {time.perf_counter() - started:.1f} s")
 
 
+class BuildBackend(str, Enum):
+    auto = "auto"
+    tensorrt = "tensorrt"
+    onnxruntime = "onnxruntime"
+
+
+@app.command()
+def build(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The build folder (created; stages already built there "
+                                                                "with the same inputs are skipped).")],
+    precision: PrecisionOpt = Precision.fp32,
+    backend: Annotated[BuildBackend, typer.Option(help="tensorrt: an engine for this GPU; onnxruntime: the ONNX Runtime "
+                                                       "artifact; auto: TensorRT where TensorRT and a GPU are present.")] = BuildBackend.auto,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset of the standard ops (18..23; default 20).")] = None,
+    last_token_logits: LastTokenLogitsOpt = False,
+    plugin_impl: PluginImplOpt = PluginImpl.aot,
+    smoothquant_alpha: SmoothQuantAlphaOpt = 0.5,
+    no_smoothquant: NoSmoothQuantOpt = False,
+    calib_data: CalibDataOpt = None,
+    calib_samples: CalibSamplesOpt = None,
+    calib_seq_len: CalibSeqLenOpt = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="TensorRT: largest batch the engine runs.")] = 8,
+    opt_batch: Annotated[int, typer.Option(min=1, help="TensorRT: batch the engine is tuned for.")] = 1,
+    max_chunk: Annotated[int, typer.Option(min=1, help="TensorRT: longest prefill chunk one step runs.")] = 512,
+    builder_opt_level: Annotated[Optional[int], typer.Option(min=0, max=5, help="TensorRT builder optimization "
+                                                                                "level (default: TensorRT's, 3).")] = None,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache, reused across builds "
+                                                              "(default ~/.cache/mistral-export/).")] = None,
+) -> None:
+    """Checkpoint to serving artifacts in one folder: tokenizer, ONNX of the precision, then a TensorRT engine for
+    this GPU or the ONNX Runtime artifact. Stages whose inputs did not change are skipped."""
+    from mistral_export.engines.build import PrecisionOptions, build as run_build
+    from mistral_export.engines.progress import BuildProgress
+    from mistral_export.engines.tensorrt_engine import DEFAULT_TIMING_CACHE, EngineOptions
+
+    precision_options = PrecisionOptions(smoothquant_alpha=None if no_smoothquant else smoothquant_alpha,
+                                         calib_data=calib_data, calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+    engine_options = EngineOptions(max_batch=max_batch, opt_batch=opt_batch, max_chunk=max_chunk,
+                                   builder_optimization_level=builder_opt_level,
+                                   timing_cache=timing_cache or DEFAULT_TIMING_CACHE)
+    progress = BuildProgress()
+    with user_errors():
+        out = run_build(model, output, precision.value, backend.value, opset=opset, last_token_logits=last_token_logits,
+                        plugin_impl=plugin_impl.value, precision_options=precision_options,
+                        engine_options=engine_options, progress=progress)
+    _print_build_summary(out)
+
+
+def _print_build_summary(out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mistral_export.engines.describe import last_run_rows
+
+    table = Table(title=f"{out}", title_justify="left", box=None, pad_edge=False)
+    for column in ("stage", "this run", "files", "size"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for row in last_run_rows(out):
+        table.add_row(*row)
+    Console().print(table)
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 @app.command()
 def generate(
-    model: ModelArg,
-    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    model: Annotated[Optional[str], typer.Argument(help="A checkpoint folder or `tiny` (eager and --onnx runs; "
+                                                        "not needed with --engine).")] = None,
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 64,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Prefill the prompt in chunks of this many tokens.")] = None,
-    backend: Annotated[Backend, typer.Option(help="eager: the PyTorch reference model; onnxruntime: an exported ONNX.")] = Backend.eager,
-    onnx: Annotated[Optional[Path], typer.Option(help="Exported model.onnx (or its folder) for --backend onnxruntime.")] = None,
+    backend: Annotated[Backend, typer.Option(help="eager: the PyTorch reference model; onnxruntime: an ONNX Runtime "
+                                                  "artifact (--engine) or export (--onnx); tensorrt: an engine (--engine).")] = Backend.eager,
+    engine: Annotated[Optional[Path], typer.Option(help="A build folder (from `build`) for --backend onnxruntime|tensorrt.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Which precision of the build folder to run.")] = None,
+    onnx: Annotated[Optional[Path], typer.Option(help="A plain export folder (model.onnx) for --backend onnxruntime.")] = None,
+    device: Annotated[Device, typer.Option(help="onnxruntime: CPU or CUDA execution provider (onnxruntime-gpu).")] = Device.cpu,
     attention: Annotated[Attention, typer.Option(help="Eager attention kernels: reference (torch) or triton (CUDA).")] = Attention.reference,
 ) -> None:
     """Greedy generation, tokens streamed to the terminal as they come."""
     from mistral_export.model.config import resolve_model_dir
-    from mistral_export.model.tokenizer import load_tokenizer
+    from mistral_export.model.tokenizer import find_tokenizer_source, load_tokenizer
 
     with user_errors():
-        folder = resolve_model_dir(model)
+        runner = _make_runner(model, backend, engine, precision, onnx, device, attention)
+        folder = resolve_model_dir(model) if model else None
+        if engine is not None and find_tokenizer_source(engine):
+            folder = engine  # the build folder carries the tokenizer.json converted at build
         if folder is None:
-            raise MistralExportError(f"preset '{model}' has no weights or tokenizer; pass a checkpoint folder or 'tiny'")
-        runner = _make_runner(model, backend, onnx, attention)
+            raise MistralExportError(f"no tokenizer: pass a checkpoint folder or 'tiny' as MODEL" +
+                                     (f" ('{model}' has shapes only)" if model else ""))
         tokenizer = load_tokenizer(folder)
         _stream(runner, tokenizer, prompt, max_new_tokens, chunk_size)
 
 
-def _make_runner(model: str, backend: Backend, onnx: Path | None, attention: Attention):
+def _make_runner(model: str | None, backend: Backend, engine: Path | None, precision: str | None, onnx: Path | None,
+                 device: Device, attention: Attention):
     from mistral_export.engines.runner import EagerRunner
     from mistral_export.model.checkpoint import load_model
 
+    if backend is not Backend.eager and engine is not None:
+        from mistral_export.engines.artifacts import open_runner, select_artifact
+
+        artifact = select_artifact(engine, backend.value, precision)
+        return open_runner(artifact, providers=_providers(device) if backend is Backend.onnxruntime else None)
+    if backend is Backend.tensorrt:
+        raise MistralExportError("--backend tensorrt needs --engine DIR (from `mistral-export build MODEL -o DIR "
+                                 "--backend tensorrt`)")
     if backend is Backend.onnxruntime:
         from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
 
         if onnx is None:
-            raise MistralExportError("--backend onnxruntime needs --onnx PATH (from `mistral-export export MODEL -o DIR`)")
-        return OnnxRuntimeRunner(onnx)
-    device = "cpu"
+            raise MistralExportError("--backend onnxruntime needs --engine DIR (from `mistral-export build`) or "
+                                     "--onnx DIR (from `mistral-export export`)")
+        return OnnxRuntimeRunner(onnx, providers=_providers(device))
+    if model is None:
+        raise MistralExportError("--backend eager needs MODEL (a checkpoint folder or 'tiny')")
+    torch_device = "cpu"
     if attention is Attention.triton:
         import torch
 
@@ -145,8 +249,20 @@ def _make_runner(model: str, backend: Backend, onnx: Path | None, attention: Att
             raise MistralExportError("--attention triton needs a CUDA GPU; none is visible to torch")
         import mistral_export.plugins.torch_cuda  # noqa: F401  (registers the CUDA kernels)
 
-        device = "cuda"
-    return EagerRunner(load_model(model, device=device), device=device)
+        torch_device = "cuda"
+    return EagerRunner(load_model(model, device=torch_device), device=torch_device)
+
+
+def _providers(device: Device) -> list[str]:
+    import onnxruntime as ort
+
+    if device is Device.cpu:
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise MistralExportError("--device cuda needs ONNX Runtime's CUDA execution provider (pip install "
+                                 "'mistral-export[gpu]', which brings onnxruntime-gpu); this ONNX Runtime has "
+                                 f"{', '.join(ort.get_available_providers())}")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def _stream(runner, tokenizer, prompt: str, max_new_tokens: int, chunk_size: int | None) -> None:

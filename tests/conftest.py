@@ -35,3 +35,29 @@ def export_for_onnxruntime(model, out_dir, **options):
     path = export_onnx(model, out_dir, **options)
     write_onnxruntime_artifact(path)
     return path
+
+
+def train_sentencepiece(path: Path, model_type: str = "bpe", vocab_size: int = 800) -> Path:
+    """A SentencePiece model at PATH trained offline on standard-library source, with Mistral's options (byte
+    fallback, digits split, no whitespace normalization); for native-checkpoint tokenizer tests."""
+    import collections
+    import inspect
+    import json as json_module
+    import pathlib
+
+    import sentencepiece as spm
+
+    text = path.with_suffix(".corpus.txt")
+    parts = [inspect.getsource(m) for m in (collections, json_module, pathlib)]
+    parts.append("Le café est très bon. Über naïve façade. 1 2 3 4 5 6 7 8 9 0.\n" * 20)
+    text.write_text("\n".join(parts))
+    prefix = path.with_suffix("")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(prefix), model_type=model_type, vocab_size=vocab_size, byte_fallback=True,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, character_coverage=0.9995, bos_id=1, eos_id=2, unk_id=0,
+        max_sentence_length=1 << 16, minloglevel=2, num_threads=1)
+    text.unlink()
+    prefix.with_suffix(".vocab").unlink()
+    prefix.with_suffix(".model").replace(path)
+    return path

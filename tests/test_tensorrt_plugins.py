@@ -19,10 +19,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mistral_export"
 
 
 def test_only_the_plugin_module_imports_tensorrt():
+    """...and the engine module, which imports it lazily (inside the functions that build or run engines)."""
+    allowed = {PACKAGE / "plugins" / "tensorrt.py", PACKAGE / "engines" / "tensorrt_engine.py"}
     offenders = [
         str(path.relative_to(PACKAGE))
         for path in PACKAGE.rglob("*.py")
-        if path != PACKAGE / "plugins" / "tensorrt.py"
+        if path not in allowed
         and re.search(r"^\s*(import tensorrt|from tensorrt)", path.read_text(), flags=re.M)
     ]
     assert offenders == []

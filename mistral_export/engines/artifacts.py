@@ -102,6 +102,27 @@ def find_artifacts(build_dir: Path, precision: str | None = None, backend: str |
     return found
 
 
+def is_build_folder(path: str | Path) -> bool:
+    return (Path(path) / BUILD_FILE).is_file()
+
+
+def select_artifact(build_dir: Path, backend: str, precision: str | None = None) -> Artifact:
+    """The one artifact of BACKEND (and PRECISION) to run: an error lists the choices when several precisions fit;
+    among TensorRT engines of one precision, the one built for this GPU comes first."""
+    found = find_artifacts(build_dir, precision, backend)
+    precisions = sorted({a.precision for a in found})
+    if len(precisions) > 1:
+        raise MistralExportError(f"{build_dir}: {backend} artifacts of several precisions ({', '.join(precisions)}); "
+                                 "pick one with --precision")
+    if backend == "tensorrt" and len(found) > 1:
+        from mistral_export.engines import tensorrt_engine
+
+        if tensorrt_engine.unavailable_reason() is None:
+            here = tensorrt_engine.this_gpu().folder_name
+            found.sort(key=lambda a: a.folder.parent.name != here)
+    return found[0]
+
+
 def open_runner(artifact: Artifact, threads: int | None = None, providers: list[str] | None = None):
     """A Runner (engines/runner.py) over an artifact."""
     if artifact.backend == "onnxruntime":

@@ -1,34 +1,73 @@
-"""The pipeline behind `mistral-export build`: export → precision → engine, into one build folder.
+"""The pipeline behind `mistral-export build`: tokenizer, export + precision, then the engine, into one build folder.
 
-Layout and engine.json: engines/artifacts.py.
+    build("tiny", "build/tiny")                                    # fp32 ONNX Runtime artifact
+    build("ckpt/", "out/", "fp16", backend="auto", engine_options=EngineOptions(max_batch=4))
+
+Stages (recorded in DIR/build.json with the key of their inputs and the signature of their outputs):
+
+    tokenizer                      DIR/tokenizer.json            checkpoint's tokenizer (sentencepiece converted once)
+    onnx/<precision>               DIR/onnx/<p>/model.onnx(.data) checkpoint, config, precision options, tool versions
+    onnxruntime/<precision>        DIR/onnx/<p>/model.ort.onnx, engine.json       the ONNX above, ONNX Runtime version
+    tensorrt/<gpu>-sm<cc>/<p>      DIR/engines/<gpu>-sm<cc>/<p>/model.plan, engine.json   the ONNX above, engine
+                                   options, GPU, TensorRT version
+
+A stage whose key and outputs are unchanged is skipped; a stage writes under temporary names and renames when
+complete, its engine.json last; build.json is rewritten (atomically) after every stage, so an interrupted build
+keeps what it finished. One build folder holds one checkpoint and any number of precisions and engines: artifacts
+made from another checkpoint are removed when the checkpoint changes. Layout and engine.json: engines/artifacts.py.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
+import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
+import torch
 
+from mistral_export.engines import stages
 from mistral_export.engines.artifacts import (BUILD_FILE, ENGINE_FILE, ENGINE_FORMAT, TOKENIZER_FILE, onnx_dir,
-                                              write_json_atomic)
+                                              read_json, tensorrt_dir, write_json_atomic)
 from mistral_export.engines.onnxruntime_artifact import ARTIFACT_FILE, file_sha256, write_onnxruntime_artifact
+from mistral_export.engines.progress import BuildProgress
+from mistral_export.engines.stages import tool_version  # noqa: F401  (re-exported: engine.json's tool_version)
+from mistral_export.engines.tensorrt_engine import INSTALL_HINT, PLAN_FILE, EngineOptions
 from mistral_export.errors import MistralExportError
-from mistral_export.export.precision import check_precision, export_precision
+from mistral_export.export.onnx_export import DATA_FILE, MODEL_FILE, read_export_config
+from mistral_export.export.precision import calibration_options, check_precision, export_precision
+from mistral_export.model.checkpoint import find_weight_files
 from mistral_export.model.config import ModelConfig, load_config, resolve_model_dir
+from mistral_export.model.tokenizer import find_tokenizer_source, write_tokenizer_json
 from mistral_export.model.transformer import Transformer
+from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL
 
-log = logging.getLogger(__name__)
+BACKENDS = ("auto", "tensorrt", "onnxruntime")
+BUILD_FORMAT = 1
+ORT_PROVIDERS = ["CPUExecutionProvider", "CUDAExecutionProvider"]
 
 
-def tool_version() -> str:
-    try:
-        return version("mistral-export")
-    except PackageNotFoundError:
-        return "0+unknown"
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """The int8 calibration options (`export` and `build` share their names)."""
+
+    smoothquant_alpha: float | None = 0.5  # None: plain W8A8 (--no-smoothquant)
+    calib_data: Path | None = None  # plain text or JSONL with a `text` field; None: the packaged calibration text
+    calib_samples: int | None = None
+    calib_seq_len: int | None = None
+
+    def key(self, precision: str) -> dict:
+        if precision != "int8":
+            return {}
+        data = Path(self.calib_data) if self.calib_data else None
+        if data is not None and not data.is_file():
+            raise MistralExportError(f"--calib-data {data}: no such file")
+        return {"smoothquant_alpha": self.smoothquant_alpha, "calib_samples": self.calib_samples,
+                "calib_seq_len": self.calib_seq_len, "calib_data_sha256": file_sha256(data) if data else None}
 
 
 def cache_description(config: ModelConfig, dtype: str) -> dict:
@@ -36,43 +75,273 @@ def cache_description(config: ModelConfig, dtype: str) -> dict:
             "wraps": config.sliding_window is not None, "dtype": dtype}
 
 
-def build(model: Transformer | str | Path, out_dir: str | Path, precision: str = "fp32",
-          backend: str = "onnxruntime") -> Path:
-    """Build MODEL (a checkpoint folder, `tiny`, or an in-memory Transformer) into OUT_DIR; returns OUT_DIR."""
+def choose_backend(requested: str) -> tuple[str, str | None, str]:
+    """(backend, why TensorRT is unavailable or None, the reason to print) for --backend REQUESTED."""
+    from mistral_export.engines import tensorrt_engine
+
+    if requested not in BACKENDS:
+        raise MistralExportError(f"--backend must be one of {', '.join(BACKENDS)}, got '{requested}'")
+    if requested == "onnxruntime":
+        return "onnxruntime", None, "requested"
+    problem = tensorrt_engine.unavailable_reason()
+    if requested == "tensorrt":
+        return "tensorrt", problem, "requested"
+    if problem is None:
+        gpu = tensorrt_engine.this_gpu()
+        return "tensorrt", None, f"TensorRT {gpu.tensorrt_version} and {gpu.name} found"
+    return "onnxruntime", None, f"{problem}; the ONNX Runtime artifact runs anywhere"
+
+
+def build(model: Transformer | str | Path, out_dir: str | Path, precision: str = "fp32", backend: str = "onnxruntime",
+          *, opset: int | None = None, last_token_logits: bool = False, plugin_impl: str = DEFAULT_PLUGIN_IMPL,
+          precision_options: PrecisionOptions | None = None, engine_options: EngineOptions | None = None,
+          progress: BuildProgress | None = None) -> Path:
+    """Build MODEL (a checkpoint folder, `tiny`, or an in-memory Transformer) into OUT_DIR; returns OUT_DIR.
+
+    build.json's `last_run` lists each stage of this call as built or skipped.
+    """
     check_precision(precision)
-    if backend != "onnxruntime":
-        raise MistralExportError(f"backend {backend} is not available yet")
+    engine_options = engine_options or EngineOptions()
+    engine_options.check()
+    precision_options = precision_options or PrecisionOptions()
+    chosen, problem, why = choose_backend(backend)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MistralExportError(f"{out}: the build folder is a file")
     out.mkdir(parents=True, exist_ok=True)
-    config = model.config if isinstance(model, Transformer) else load_config(model)
-    source = None if isinstance(model, Transformer) else (str(model) if str(model) == "tiny"
-                                                          else str(Path(model).resolve()))
-    started = time.perf_counter()
-    folder = onnx_dir(out, precision)
-    model_path = export_precision(model, folder, precision)
-    write_onnxruntime_artifact(model_path)
-    engine = {
-        "format": ENGINE_FORMAT,
-        "backend": "onnxruntime",
-        "precision": precision,
-        "tool_version": tool_version(),
-        "model": {"name": config.name, "config": config.to_hf_dict()},
-        "cache": cache_description(config, "float16" if precision != "fp32" else "float32"),
-        "onnx_sha256": file_sha256(model_path),
-        "onnxruntime": {"file": ARTIFACT_FILE, "version": ort.__version__,
-                        "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"]},
-        "build_seconds": round(time.perf_counter() - started, 2),
-    }
-    write_json_atomic(folder / ENGINE_FILE, engine)
-    model_dir = resolve_model_dir(model) if source else None
-    if model_dir is not None and (model_dir / TOKENIZER_FILE).exists():
-        tmp = out / f".{TOKENIZER_FILE}.tmp"
-        shutil.copyfile(model_dir / TOKENIZER_FILE, tmp)
-        tmp.replace(out / TOKENIZER_FILE)
-    write_json_atomic(out / BUILD_FILE, {
-        "format": 1,
-        "tool_version": tool_version(),
-        "model": {"source": source, "name": config.name, "config": config.to_hf_dict()},
-        "artifacts": [str(folder.relative_to(out))],
-    })
+    stages.remove_stale_staging(out)
+    with progress or BuildProgress(quiet=True) as shown:
+        if backend == "auto":
+            shown.note(f"backend: {chosen} ({why})")
+        pipeline = _Pipeline(model, out, shown)
+        pipeline.tokenizer()
+        onnx_entry = pipeline.onnx(precision, opset, last_token_logits, plugin_impl, precision_options)
+        if chosen == "onnxruntime":
+            pipeline.onnxruntime(precision, onnx_entry)
+        elif problem is not None:
+            pipeline.save()
+            raise MistralExportError(
+                f"--backend tensorrt: {problem}; install it with {INSTALL_HINT} (the ONNX stage's output "
+                f"{onnx_dir(out, precision)} is kept)")
+        else:
+            pipeline.tensorrt(precision, onnx_entry, engine_options, plugin_impl)
+        pipeline.save()
     return out
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+class _Pipeline:
+    def __init__(self, model: Transformer | str | Path, out: Path, progress: BuildProgress):
+        self.model = model
+        self.out = out
+        self.progress = progress
+        self.run_log: list[dict] = []
+        self.in_memory = isinstance(model, Transformer)
+        self.config = model.config if self.in_memory else load_config(model)
+        self.folder = None if self.in_memory else resolve_model_dir(model)
+        if not self.in_memory and self.folder is None:
+            raise MistralExportError(f"preset '{model}' has shapes only, no weights; pass a checkpoint folder or 'tiny'")
+        previous = read_json(out / BUILD_FILE, BUILD_FILE) if (out / BUILD_FILE).exists() else {}
+        self.record = previous if previous.get("format") == BUILD_FORMAT else {}
+        self.record.setdefault("stages", {})
+        self._fingerprint_checkpoint()
+
+    # --- bookkeeping ------------------------------------------------------------------------------------------
+
+    def _fingerprint_checkpoint(self) -> None:
+        known = self.record.get("model", {}).get("files")
+        if self.in_memory:
+            digest = stages.key_of({name: file_bytes_sha256(p) for name, p in self.model.state_dict().items()})
+            files, checkpoint = {}, stages.key_of({"config": self.config.to_hf_dict(), "weights": digest})
+        else:
+            names = [p for p in (self.folder / "config.json", self.folder / "params.json") if p.exists()]
+            names += find_weight_files(self.folder)
+            names += sorted(self.folder.glob("*.safetensors.index.json"))
+            listed = [(path.name, path) for path in names]
+            total = sum(path.stat().st_size for _, path in listed)
+            with self.progress.bar("hashing the checkpoint", total) as advance:
+                files = stages.hash_files(listed, known, on_bytes=advance)
+            checkpoint = stages.combined_sha256(files)
+        source = None if self.in_memory else ("tiny" if str(self.model) == "tiny" else str(Path(self.model).resolve()))
+        if self.record.get("model", {}).get("checkpoint_sha256") not in (None, checkpoint):
+            self._drop(lambda name, entry: name != "tokenizer", "made from another checkpoint")
+        self.record["model"] = {"source": source, "name": self.config.name, "config": self.config.to_hf_dict(),
+                                "checkpoint_sha256": checkpoint, "files": files}
+        self.checkpoint = checkpoint
+
+    def _drop(self, which: Callable[[str, dict], bool], why: str) -> None:
+        """Remove the recorded stages WHICH selects, and their outputs (engine.json first: the completeness marker)."""
+        for name, entry in list(self.record["stages"].items()):
+            if not which(name, entry):
+                continue
+            for output in sorted(entry.get("outputs", {}), key=lambda o: not o.endswith(ENGINE_FILE)):
+                (self.out / output).unlink(missing_ok=True)
+            del self.record["stages"][name]
+            self.progress.note(f"[yellow]removed {name}[/yellow] ({why})")
+
+    def save(self) -> None:
+        stages_done = self.record["stages"]
+        artifacts = sorted({str(Path(o).parent) for e in stages_done.values() for o in e["outputs"]
+                            if o.endswith(ENGINE_FILE)})
+        precisions: dict[str, dict] = {}
+        for name, entry in stages_done.items():
+            if "precision" in entry:
+                slot = precisions.setdefault(entry["precision"], {})
+                folder = str(Path(next(iter(entry["outputs"]))).parent)
+                slot.setdefault(entry["kind"], []).append(folder)
+        write_json_atomic(self.out / BUILD_FILE, {
+            "format": BUILD_FORMAT,
+            "tool_version": stages.tool_version(),
+            "model": self.record["model"],
+            "artifacts": artifacts,
+            "precisions": precisions,
+            "stages": stages_done,
+            "last_run": self.run_log,
+        })
+
+    def _stage(self, name: str, inputs: dict, what: str, make: Callable[[], tuple[list[Path], dict]],
+               **details) -> dict:
+        key = stages.key_of(inputs)
+        previous = self.record["stages"].get(name)
+        if previous and previous.get("key") == key and stages.outputs_intact(self.out, previous["outputs"]):
+            self.progress.skipped(name)
+            self.run_log.append({"stage": name, "action": "skipped"})
+            return previous
+        started = time.perf_counter()
+        with self.progress.stage(name, what):
+            if previous:  # its outputs are about to be replaced: never leave them recorded as current
+                del self.record["stages"][name]
+                self.save()
+            outputs, produced = make()
+        seconds = round(time.perf_counter() - started, 2)
+        entry = {"key": key, **details, "inputs": inputs, "outputs": stages.record_outputs(self.out, outputs),
+                 "seconds": seconds, **produced}
+        self.record["stages"][name] = entry
+        self.run_log.append({"stage": name, "action": "built", "seconds": seconds})
+        self.save()
+        return entry
+
+    # --- stages -----------------------------------------------------------------------------------------------
+
+    def tokenizer(self) -> None:
+        source = None if self.in_memory else find_tokenizer_source(self.folder)
+        if source is None:
+            return
+        inputs = {"source": source.name, "sha256": file_sha256(source), "tool": stages.tool_fingerprint(),
+                  "tokenizers": _package_version("tokenizers"), "sentencepiece": _package_version("sentencepiece")}
+
+        def make():
+            target = self.out / TOKENIZER_FILE
+            write_tokenizer_json(source, target)
+            return [target], {}
+
+        self._stage("tokenizer", inputs, f"{TOKENIZER_FILE} from {source.name}", make)
+
+    def onnx(self, precision: str, opset: int | None, last_token_logits: bool, plugin_impl: str,
+             precision_options: PrecisionOptions) -> dict:
+        folder = onnx_dir(self.out, precision)
+        inputs = {"checkpoint": self.checkpoint, "config": self.config.to_hf_dict(), "precision": precision,
+                  "opset": opset, "last_token_logits": last_token_logits, "plugin_impl": plugin_impl,
+                  "precision_options": precision_options.key(precision), "tool": stages.tool_fingerprint(),
+                  "torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": _package_version("onnxscript")}
+
+        def make():
+            for dependent in (ENGINE_FILE, ARTIFACT_FILE):  # they describe the ONNX being replaced
+                (folder / dependent).unlink(missing_ok=True)
+            model_path = _export_precision(self.model, folder, precision, opset, last_token_logits, plugin_impl,
+                                           precision_options, self.progress)
+            return [model_path, folder / DATA_FILE], {"onnx_sha256": file_sha256(model_path)}
+
+        entry = self._stage(f"onnx/{precision}", inputs, f"export and {precision}", make,
+                            kind="onnx", precision=precision)
+        # Engines built from an earlier ONNX of this precision (other options, another GPU's build) are stale now.
+        self._drop(lambda name, e: e.get("upstream") == f"onnx/{precision}" and e.get("inputs", {}).get("onnx") != entry["key"],
+                   f"built from an earlier onnx/{precision}")
+        return entry
+
+    def onnxruntime(self, precision: str, onnx_entry: dict) -> dict:
+        folder = onnx_dir(self.out, precision)
+        inputs = {"onnx": onnx_entry["key"], "onnxruntime": ort.__version__, "tool": stages.tool_fingerprint()}
+
+        def make():
+            for stale in (ENGINE_FILE, ARTIFACT_FILE):
+                (folder / stale).unlink(missing_ok=True)
+            model_path = folder / MODEL_FILE
+            artifact = write_onnxruntime_artifact(model_path)
+            config, _ = read_export_config(model_path)
+            engine = {
+                "format": ENGINE_FORMAT,
+                "backend": "onnxruntime",
+                "precision": precision,
+                "tool_version": stages.tool_version(),
+                "model": {"name": config.name, "config": config.to_hf_dict()},
+                # The artifact's own cache type: the int8 ORT artifacts run fp32 activations and caches.
+                "cache": cache_description(config, onnx_cache_dtype(artifact)),
+                "onnx_sha256": onnx_entry["onnx_sha256"],
+                "onnxruntime": {"file": ARTIFACT_FILE, "version": ort.__version__, "providers": ORT_PROVIDERS},
+                "build_seconds": round(time.perf_counter() - started, 2),
+            }
+            write_json_atomic(folder / ENGINE_FILE, engine)
+            return [artifact, folder / ENGINE_FILE], {}
+
+        started = time.perf_counter()
+        return self._stage(f"onnxruntime/{precision}", inputs, f"ONNX Runtime artifact {ARTIFACT_FILE}", make,
+                           kind="onnxruntime", precision=precision, upstream=f"onnx/{precision}")
+
+    def tensorrt(self, precision: str, onnx_entry: dict, options: EngineOptions, plugin_impl: str) -> dict:
+        from mistral_export.engines import tensorrt_engine
+
+        gpu = tensorrt_engine.this_gpu()
+        folder = tensorrt_dir(self.out, gpu.slug, gpu.compute_capability, precision)
+        model_path = onnx_dir(self.out, precision) / MODEL_FILE
+        inputs = {"onnx": onnx_entry["key"], "engine": options.key(), "gpu": gpu.name,
+                  "compute_capability": gpu.compute_capability, "tensorrt": gpu.tensorrt_version,
+                  "tool": stages.tool_fingerprint()}
+
+        def make():
+            for stale in (ENGINE_FILE, PLAN_FILE):
+                (folder / stale).unlink(missing_ok=True)
+            config, _ = read_export_config(model_path)
+            with stages.staging_folder(self.out / "engines", gpu.folder_name) as staging:
+                plan, engine = tensorrt_engine.build_engine(
+                    model_path, staging, precision=precision, config=config,
+                    cache=cache_description(config, onnx_cache_dtype(model_path)),
+                    onnx_sha256=onnx_entry["onnx_sha256"], options=options, plugin_impl=plugin_impl,
+                    tool_version=stages.tool_version(), progress=self.progress.bars)
+                folder.mkdir(parents=True, exist_ok=True)
+                os.replace(plan, folder / PLAN_FILE)
+            write_json_atomic(folder / ENGINE_FILE, engine)
+            return [folder / PLAN_FILE, folder / ENGINE_FILE], {}
+
+        return self._stage(f"tensorrt/{gpu.folder_name}/{precision}", inputs,
+                           f"TensorRT engine for {gpu.name} ({precision})", make,
+                           kind="tensorrt", precision=precision, upstream=f"onnx/{precision}")
+
+
+def file_bytes_sha256(tensor: torch.Tensor) -> str:
+    import hashlib
+
+    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    return hashlib.sha256(str((tuple(tensor.shape), str(tensor.dtype))).encode() + data).hexdigest()
+
+
+def onnx_cache_dtype(model_path: Path) -> str:
+    """The element type of the cache inputs as the graph declares it ('float16', 'float32')."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    elem = next(i.type.tensor_type.elem_type for i in graph.input if i.name == "past_key_values.0.key")
+    return onnx.helper.tensor_dtype_to_np_dtype(elem).name
+
+
+def _export_precision(model, folder: Path, precision: str, opset: int | None, last_token_logits: bool,
+                      plugin_impl: str, options: PrecisionOptions, progress: BuildProgress) -> Path:
+    return export_precision(model, folder, precision, opset=opset, last_token_logits=last_token_logits,
+                            plugin_impl=plugin_impl, progress=progress.bars,
+                            smoothquant_alpha=options.smoothquant_alpha,
+                            calibration=calibration_options(options.calib_data, options.calib_samples,
+                                                            options.calib_seq_len))
