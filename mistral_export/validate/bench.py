@@ -18,8 +18,8 @@ from mistral_export.validate.cases import boundary
 from mistral_export.validate.console import Phases
 from mistral_export.validate.plots import bench_plot
 from mistral_export.validate.report import environment, finite
-from mistral_export.validate.suite import (check_same_model, default_threads, eager_source, runnable_here,
-                                           torch_threads)
+from mistral_export.validate.suite import (busy_machine_warning, check_same_model, default_threads, eager_source,
+                                           runnable_here, torch_threads)
 from mistral_export.engines.artifacts import write_json_atomic
 from mistral_export.errors import MistralExportError
 
@@ -73,6 +73,7 @@ def bench_build(build_dir: str | Path, batches: list[int] = (1, 4, 16), prompt_l
         "runners": [{"label": label, "timings": found} for label, found in timings.items()],
         "skipped": [{"label": a.label, "reason": runnable_here(a)} for a in artifacts if runnable_here(a)],
         "note": eager_note,
+        "warnings": busy_machine_warning(context["machine"], threads),
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     report["plot"] = bench_plot(report, report_dir / "bench.png")

@@ -46,6 +46,8 @@ def print_summary(report: dict, report_dir, console: Console | None = None) -> N
             if not case["passed"]:
                 failed = "; ".join(_failed_check(c) for c in case["checks"] if not c["passed"])
                 console.print(f"[red]FAIL[/red] {artifact['label']} · {case['name']}: {failed}", highlight=False)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)
     console.print(f"report: {report_dir}/report.md (report.json, plots)", highlight=False)
 
 
@@ -63,6 +65,8 @@ def print_bench(report: dict, report_dir, console: Console | None = None) -> Non
             table.add_row(runner["label"], t["name"], f"{t['p50_ms']:.2f}", f"{t['p90_ms']:.2f}", f"{t['p99_ms']:.2f}",
                           f"{t['tokens_per_s']:.0f}")
     console.print(table)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)
     for skipped in report["skipped"]:
         console.print(f"skipped {skipped['label']}: {skipped['reason']}", highlight=False)
     console.print(f"bench: {report_dir}/bench.json, {report_dir}/bench.png", highlight=False)

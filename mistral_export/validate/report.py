@@ -111,6 +111,8 @@ _FIXED = {"perplexity_ratio": 4, "min_cosine": 6, "perplexity_eager": 2, "perple
 def value_text(metric: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "NaN"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if metric in _PERCENT:
         return f"{100 * value:.1f}%"
     if metric in _COUNT:
@@ -121,8 +123,8 @@ def value_text(metric: str, value) -> str:
 
 
 def bound_text(check: dict) -> str:
-    symbol = {"<=": "≤", ">=": "≥", "==": "="}[check["kind"]]
-    return f"{symbol} {value_text(check['metric'], check['bound'])}"
+    symbol = {"<=": "≤ ", ">=": "≥ ", "==": "= "}.get(check["kind"], "")
+    return f"{symbol}{value_text(check['metric'], check['bound'])}"
 
 
 def cell(case: dict, metric: str) -> str:
@@ -242,6 +244,7 @@ def markdown(report: dict) -> str:
     lines.append("")
     header, rows = summary_rows(report)
     lines += _table(header, rows)
+    lines += [""] + [f"Warning: {w}." for w in report["warnings"]] if report["warnings"] else []
     failures = _failures(report)
     if failures:
         lines += ["", "Failing cases:", ""] + failures

@@ -47,6 +47,17 @@ def torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
+def busy_machine_warning(machine: dict, threads: int) -> list[str]:
+    """Other processes on the cores make timings noisy, and multi-threaded steps far slower (threads wait for each
+    other's time slices): say so in the report rather than let a ratio mislead."""
+    load = (machine.get("load_average") or [0.0])[0]
+    cores = machine.get("cpu_count") or 1
+    if load + threads <= cores + 0.5:
+        return []
+    return [f"the machine was busy (load average {load:.1f} on {cores} cores; threads: {threads}): latencies "
+            f"and ratios are noisy{'; --threads 1 suffers least' if threads > 1 else ''}"]
+
+
 def eager_source(build_dir: Path, build: dict, model: str | None) -> str:
     source = model or build.get("model", {}).get("source")
     if not source:
@@ -159,6 +170,7 @@ def validate_build(build_dir: str | Path, model: str | None = None, precision: s
                                     "cases": [], "latency": None, "memory": None})
                     continue
                 reports.append(validate_artifact(artifact, eager, scripts, plan, threads, phases, eager_memory))
+    warnings = busy_machine_warning(context["machine"], threads)
     if all(r["skipped"] for r in reports):
         raise MistralExportError(f"{build_dir}: no artifact this machine can run ({reports[0]['skipped']})")
     report = {
@@ -171,6 +183,7 @@ def validate_build(build_dir: str | Path, model: str | None = None, precision: s
         "options": {"quick": quick, "precision": precision, "prompts": str(prompts) if prompts else None,
                     "threads": threads, "tokens_from": texts.tokenizer},
         **context,
+        "warnings": warnings,
         "artifacts": reports,
         "seconds": None,
     }
