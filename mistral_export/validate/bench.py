@@ -6,11 +6,13 @@ measured in one process, interleaved (validate/latency.py). Writes bench.json an
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-from mistral_export.engines.artifacts import find_artifacts, open_runner, read_build
+from mistral_export.engines.artifacts import Artifact, find_artifacts, open_runner, read_build, write_json_atomic
 from mistral_export.engines.runner import EagerRunner
+from mistral_export.errors import MistralExportError
 from mistral_export.model.checkpoint import load_model
 from mistral_export.model.config import ModelConfig, from_hf_config
 from mistral_export.validate import latency
@@ -20,15 +22,11 @@ from mistral_export.validate.plots import bench_plot
 from mistral_export.validate.report import environment, finite
 from mistral_export.validate.suite import (busy_machine_warning, check_same_model, default_threads, eager_source,
                                            runnable_here, torch_threads)
-from mistral_export.engines.artifacts import write_json_atomic
-from mistral_export.errors import MistralExportError
 
 EAGER = "eager (torch, fp32)"
 
 
-def _config_of(artifact) -> ModelConfig:
-    import json
-
+def _config_of(artifact: Artifact) -> ModelConfig:
     return from_hf_config(artifact.folder / "engine.json", json.dumps(artifact.engine["model"]["config"]))
 
 
