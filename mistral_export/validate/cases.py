@@ -60,7 +60,8 @@ class CaseResult:
             found.append({"metric": "error", "value": self.error, "bound": None, "kind": "none", "passed": False})
         return {"name": self.name, "kind": self.kind, "passed": all(c["passed"] for c in found),
                 "detail": self.detail, "metrics": metrics, "checks": found, "error": self.error,
-                "per_position": {"position": self.rows.position, "max_abs_diff": self.rows.max_abs_diff,
+                "per_position": {"position": self.rows.position,
+                                 "max_abs_diff": [float(f"{d:.4g}") for d in self.rows.max_abs_diff],
                                  "top1_agree": self.rows.top1_agree}}
 
 

@@ -16,7 +16,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mistral_export
-from mistral_export.engines.artifacts import write_json_atomic
 from mistral_export.engines.build import tool_version
 
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "tensorrt", "polygraphy", "matplotlib")
@@ -96,7 +95,8 @@ def write_report(report: dict, report_dir: Path) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     report["plots"] = plot_validate(report, report_dir)
     write_text_atomic(report_dir / "report.md", markdown(report))
-    write_json_atomic(report_dir / "report.json", finite(report))
+    # One line: the per-position arrays (thousands of positions per case) would take a line per number indented.
+    write_text_atomic(report_dir / "report.json", json.dumps(finite(report), separators=(",", ":"), allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------------------
