@@ -33,10 +33,18 @@ def _mark_window(axis, window: int | None, upto: float, every: bool = True) -> N
     """Dotted lines at W, 2W, 3W ... (or at W alone)."""
     if not window:
         return
-    for k in range(1, 2 + int(upto // window) if every else 2):
+    for k in range(1, 1 + int(upto // window) if every else 2):
         axis.axvline(k * window, color="0.6", linestyle=":", linewidth=1)
         axis.text(k * window, 1.0, f" {k}W" if k > 1 else " W", transform=axis.get_xaxis_transform(),
                   va="top", fontsize=8, color="0.4")
+
+
+def _log_axes(axis) -> None:
+    """Log scales with plain numbers on the time axis (2, 3, 20 ms, not 2×10^0)."""
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
 
 
 def _context_ticks(axis, timings: list[dict]) -> None:
@@ -57,10 +65,7 @@ def decode_latency_plot(report: dict, path: Path) -> dict:
         up = [t["p90_ms"] - t["p50_ms"] for t in decode]
         axis.errorbar(x, p50, yerr=[[0] * len(up), up], marker="o", capsize=3,
                       linestyle="--" if label.startswith("eager") else "-", label=label)
-    axis.set_xscale("log", base=2)
-    axis.set_yscale("log")
-    axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    axis.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    _log_axes(axis)
     _context_ticks(axis, [t for t in series[0][1] if t["kind"] == "decode" and t["batch"] == 1])
     axis.set_xlabel("context (tokens already in the sequence)")
     axis.set_ylabel("ms per decode step")
@@ -108,9 +113,11 @@ def boundary_plot(report: dict, path: Path) -> dict:
             top.scatter(nan_positions, [1.0] * len(nan_positions), transform=top.get_xaxis_transform(),
                         marker="x", color="red", label=f"{artifact['label']}: NaN/Inf")
         last = max([last, *rows["position"], *xs])
-        bars.update((k, v) for k, v in artifact["thresholds"].items() if k in ("max_abs_logit_diff", "top1_agreement"))
-    for metric, bound in bars:
-        (top if metric == "max_abs_logit_diff" else bottom).axhline(bound, color="red", linestyle="--", linewidth=0.8)
+        bars.update((k, v, artifact["precision"]) for k, v in artifact["thresholds"].items()
+                    if k in ("max_abs_logit_diff", "top1_agreement"))
+    for metric, bound, precision in sorted(bars):
+        (top if metric == "max_abs_logit_diff" else bottom).axhline(
+            bound, color="red", linestyle="--", linewidth=0.8, label=f"{precision} bar ({bound:g})")
     top.set_yscale("log")
     top.set_ylabel("max |Δlogit| at the position")
     top.set_title(f"{title}\nlines: chunked prefill; diamonds: single decode steps; dashed red: the bars",
@@ -148,11 +155,12 @@ def bench_plot(report: dict, path: Path) -> dict:
     right.set_xlabel("prompt tokens")
     right.set_ylabel("ms per prefill")
     for axis in (left, right):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
+        _log_axes(axis)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7)
     _mark_window(left, report["build"]["window"], 0, every=False)
-    _context_ticks(left, [t for t in report["runners"][0]["timings"] if t["kind"] == "decode" and t["batch"] == 1])
+    for axis, kind in ((left, "decode"), (right, "prefill")):
+        first_batch = report["runners"][0]["timings"][0]["batch"]
+        _context_ticks(axis, [t for t in report["runners"][0]["timings"] if t["kind"] == kind and t["batch"] == first_batch])
     figure.suptitle(title, fontsize=10)
     return _save(figure, path, title)
