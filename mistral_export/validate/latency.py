@@ -9,7 +9,6 @@ them instead of falling on one.
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from collections.abc import Callable
@@ -130,21 +129,6 @@ def measure(runners: dict[str, Runner], plan: Plan, advance: Callable[[], None] 
                     times[name, m] += timer(runner, m, per_round)
                 advance()
     return {name: [summarize(m, times[name, m]) for m in plan.measurements if (name, m) in times] for name in runners}
-
-
-def kv_cache_bytes(config: ModelConfig, bytes_per_element: int, capacity: int | None = None) -> int:
-    """K and V of every layer for one sequence, at the cache's full capacity (what a runner allocates)."""
-    c = capacity or config.cache_capacity
-    return 2 * config.num_layers * config.num_kv_heads * c * config.head_dim * bytes_per_element
-
-
-def rss_bytes() -> int:
-    """The process's resident memory now."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return peak_rss_bytes()
 
 
 def reset_peak_rss() -> bool:

@@ -106,18 +106,16 @@ def validate_artifact(artifact: Artifact, eager: EagerRunner, scripts: list[case
             advance()
     results.append(cases.pooled(results))
     case_reports = [r.report(artifact.precision) for r in results]
-    comparator = None
     if artifact.backend == "tensorrt":
         from mistral_export.validate.tensorrt_compare import compare_with_onnx
 
-        comparator = compare_with_onnx(artifact, artifact.folder.parents[2] / "onnx" / artifact.precision)
-        if comparator is not None:
-            case_reports.append(comparator)
+        compared = compare_with_onnx(artifact, artifact.folder.parents[2] / "onnx" / artifact.precision)
+        case_reports += [compared] if compared else []
     peak_reset = latency.reset_peak_rss()
     with phases.phase(f"latency {artifact.label}", 2 * len(plan.measurements) * plan.rounds) as advance:
         timings = latency.measure({"artifact": runner, "eager": eager}, plan, advance)
     config = eager.config
-    per_sequence = latency.kv_cache_bytes(config, cache_dtype_bytes(artifact))
+    per_sequence = config.kv_cache_bytes(config.cache_capacity, cache_dtype_bytes(artifact))
     memory = {
         "process_peak_rss_bytes": latency.peak_rss_bytes(),
         "peak_scope": "this artifact's latency phase" if peak_reset else "process lifetime",
@@ -153,7 +151,7 @@ def validate_build(build_dir: str | Path, model: str | None = None, precision: s
         eager = EagerRunner(load_model(source))  # fp32: the reference for every precision
         config = eager.config
         eager_memory = {"weights_bytes": sum(p.numel() * p.element_size() for p in eager.model.parameters()),
-                        "kv_cache_bytes_per_sequence": latency.kv_cache_bytes(config, 4)}
+                        "kv_cache_bytes_per_sequence": config.kv_cache_bytes(config.cache_capacity, 4)}
         for artifact in artifacts:
             check_same_model(artifact, config, source)
         texts = load_texts(build_dir, source, config, prompts, quick)
