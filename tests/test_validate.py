@@ -371,3 +371,15 @@ def test_metrics_of_known_logits():
     with_nan = aggregate(compare_rows(artifact.masked_fill(artifact == 2.75, math.nan), eager, [7, 8]))
     assert with_nan["nonfinite_logits"] == 1 and math.isnan(with_nan["max_abs_logit_diff"])
     assert not any(c["passed"] for c in checks(with_nan, "fp32", "prefill") if c["metric"] != "top1_agreement")
+
+
+def test_steps_longer_than_a_runners_limit_run_in_chunks():
+    """What validate does for a TensorRT engine's longest step (its profile's max_chunk): the same logits."""
+    with torch_threads(1):
+        eager = EagerRunner(load_model("tiny"))
+        ids = torch.randint(3, 2048, (2, 3 * W + 5), generator=torch.Generator().manual_seed(1))
+        start = torch.tensor([0, 7])
+        eager.reset(2)
+        whole = eager.step(ids, start)
+        eager.reset(2)
+        torch.testing.assert_close(cases.split_step(eager, ids, start, W - 14), whole, atol=1e-4, rtol=0)

@@ -222,7 +222,10 @@ def split_step(runner: Runner, input_ids: Tensor, past_len: Tensor, limit: int |
     seq = input_ids.shape[1]
     if not limit or seq <= limit:
         return runner.step(input_ids, past_len)
-    return torch.cat([runner.step(input_ids[:, i:i + limit], past_len + i) for i in range(0, seq, limit)], dim=1)
+    outputs = [runner.step(input_ids[:, i:i + limit], past_len + i) for i in range(0, seq, limit)]
+    if outputs[0].shape[1] < limit:  # the runner keeps only each step's last position: the chunk's last is the step's
+        return outputs[-1]
+    return torch.cat(outputs, dim=1)
 
 
 def _score(result: CaseResult, step: Step, got: Tensor, expected: Tensor) -> None:
