@@ -290,6 +290,64 @@ def _stream(runner, tokenizer, prompt: str, max_new_tokens: int, chunk_size: int
                    f"{(len(generated) - 1) / decode_seconds:.1f} tokens/s", err=True)
 
 
+ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="Threads for the artifact and the eager model "
+                                                               "(default: every core this process may use).")]
+
+
+@app.command()
+def validate(
+    build_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A build folder (`mistral-export build MODEL -o DIR`).")],
+    model: Annotated[Optional[str], typer.Option(help="Checkpoint for the eager reference (default: the one build.json "
+                                                     "records).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Validate only the artifacts of this precision.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="Prompts: a JSON list of strings (*.json) or one per line.")] = None,
+    report_dir: Annotated[Optional[Path], typer.Option(help="Where the report goes (default: DIR/report).")] = None,
+    quick: Annotated[bool, typer.Option(help="A smaller case set and fewer timed steps, same report.")] = False,
+    threads: ThreadsOption = None,
+) -> None:
+    """Parity and latency of every artifact in DIR against the fp32 eager model; exit 1 when a parity bar fails."""
+    from mistral_export.validate.console import print_summary
+    from mistral_export.validate.suite import validate_build
+
+    with user_errors():
+        report = validate_build(build_dir, model=model, precision=precision, prompts=prompts, report_dir=report_dir,
+                                quick=quick, threads=threads)
+    print_summary(report, report_dir or build_dir / "report")
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MistralExportError(f"{option} expects comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise MistralExportError(f"{option} expects positive integers, got '{text}'")
+    return values
+
+
+@app.command()
+def bench(
+    build_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A build folder (`mistral-export build MODEL -o DIR`).")],
+    batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,4,16",
+    prompt_lengths: Annotated[Optional[str], typer.Option(help="Prefill lengths, comma-separated (default: W/4, W, 4W).")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Timed steps (decode) or prefills per grid point.")] = 20,
+    model: Annotated[Optional[str], typer.Option(help="Checkpoint for the eager baseline (default: build.json's).")] = None,
+    report_dir: Annotated[Optional[Path], typer.Option(help="Where bench.json and bench.png go (default: DIR/report).")] = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Latency alone, over a grid (batch x context x prompt length), for every artifact in DIR and the eager model."""
+    from mistral_export.validate.bench import bench_build
+    from mistral_export.validate.console import print_bench
+
+    with user_errors():
+        report = bench_build(build_dir, batches=_int_list(batches, "--batches"),
+                             prompt_lengths=_int_list(prompt_lengths, "--prompt-lengths") if prompt_lengths else None,
+                             samples=samples, model=model, report_dir=report_dir, threads=threads)
+    print_bench(report, report_dir or build_dir / "report")
+
+
 def main() -> None:
     app()
 
