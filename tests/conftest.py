@@ -35,3 +35,13 @@ def export_for_onnxruntime(model, out_dir, **options):
     path = export_onnx(model, out_dir, **options)
     write_onnxruntime_artifact(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory) -> Path:
+    """An fp32 ONNX Runtime build folder of the tiny fixture (engines/build.py), shared by the session."""
+    if not TINY_AVAILABLE:
+        pytest.skip("the tiny fixture has not been trained (tools/train_tiny.py)")
+    from mistral_export.engines.build import build
+
+    return build("tiny", tmp_path_factory.mktemp("tiny-build"))

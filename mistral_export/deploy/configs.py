@@ -103,7 +103,7 @@ def engine_config(name: str, engine: dict, folder: str, max_batch: int, instance
             raise MistralExportError(f"{folder}/engine.json: the engine has no {needed} tensor")
     vocab = engine["model"]["config"]["vocab_size"]
     logits_dims = [-1, vocab] if outputs["logits"]["shape"][1] != 1 else [1, vocab]
-    states = "\n".join(
+    states = ",\n".join(
         f'''    {{
       input_name: "{s["input"]}"
       output_name: "{s["output"]}"

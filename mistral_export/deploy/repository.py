@@ -42,9 +42,9 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _write_config(folder: Path, text: str) -> None:
-    parse_config(text, str(folder / "config.pbtxt"))
-    (folder / "config.pbtxt").write_text(text)
+def _write_config(staging: Path, target: Path, text: str) -> None:
+    parse_config(text, str(target / "config.pbtxt"))
+    (staging / "config.pbtxt").write_text(text)
 
 
 def _install(staging: Path, target: Path) -> None:
@@ -63,14 +63,6 @@ def _stage(repository: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=repository))
 
 
-def _choose(artifacts: list[Artifact], build_dir: Path, precision: str | None) -> list[Artifact]:
-    precisions = sorted({a.precision for a in artifacts})
-    if len(precisions) > 1:
-        raise MistralExportError(f"{build_dir}: artifacts of several precisions ({', '.join(precisions)}); "
-                                 f"choose one with --precision")
-    return artifacts
-
-
 def package(build_dir: Path, repository: Path, name: str | None = None, max_batch: int = 8, instances: int = 1,
             backend: str | None = None, precision: str | None = None) -> list[Path]:
     """Write the model(s) of BUILD_DIR's artifact into REPOSITORY; returns the model folders written."""
@@ -84,13 +76,21 @@ def package(build_dir: Path, repository: Path, name: str | None = None, max_batc
     if backend is None:
         backend = "tensorrt" if any(a.backend == "tensorrt" for a in find_artifacts(build_dir, precision)) \
             else "onnxruntime"
-    artifacts = _choose(find_artifacts(build_dir, precision, backend), build_dir, precision)
+    artifacts = find_artifacts(build_dir, precision, backend)
+    precisions = sorted({a.precision for a in artifacts})
+    if len(precisions) > 1:
+        raise MistralExportError(f"{build_dir}: {backend} artifacts of several precisions ({', '.join(precisions)}); "
+                                 f"choose one with --precision")
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", build["model"]["name"])
     repository.mkdir(parents=True, exist_ok=True)
-    if backend == "onnxruntime":
-        written = [_package_onnxruntime(build_dir, artifacts[0], repository, name, max_batch, instances)]
-    else:
-        written = _package_tensorrt(build_dir, artifacts, repository, name, max_batch, instances)
+    try:
+        if backend == "onnxruntime":
+            written = [_package_onnxruntime(build_dir, artifacts[0], repository, name, max_batch, instances)]
+        else:
+            written = _package_tensorrt(build_dir, artifacts, repository, name, max_batch, instances)
+    finally:  # an interrupted or refused packaging leaves no half-written model folder
+        for staging in repository.glob(f".{name}*.staging-*"):
+            shutil.rmtree(staging, ignore_errors=True)
     _write_readme(repository, name, backend)
     return written
 
@@ -102,7 +102,7 @@ def _text_model(build_dir: Path, repository: Path, name: str, template: str, max
     version.mkdir()
     shutil.copyfile(TEMPLATES / template, version / "model.py")
     shutil.copyfile(build_dir / TOKENIZER_FILE, version / TOKENIZER_FILE)
-    _write_config(staging, text_interface_config(name, max_batch, instances, kind, parameters))
+    _write_config(staging, repository / name, text_interface_config(name, max_batch, instances, kind, parameters))
     return staging
 
 
@@ -140,9 +140,9 @@ def _package_tensorrt(build_dir: Path, artifacts: list[Artifact], repository: Pa
             raise MistralExportError(f"{plan}: the engine file engine.json names is missing")
         files[capability] = "model.plan" if len(plans) == 1 else f"{plan.parent.parent.name}.plan"
         _link_or_copy(plan, staging / "1" / files[capability])
-    _write_config(staging, engine_config(core, first.engine, str(first.folder), max_batch, instances, files))
+    _write_config(staging, repository / core, engine_config(core, first.engine, str(first.folder), max_batch, instances, files))
     bls = _text_model(build_dir, repository, name, "tensorrt_generate.py", max_batch, instances, "KIND_CPU",
-                      {"engine_model": core})
+                      {"engine_model": core, "prefill_chunk": DEFAULT_PREFILL_CHUNK})
     shutil.copyfile(first.folder / ENGINE_FILE, bls / "1" / ENGINE_FILE)
     _install(staging, repository / core)
     _install(bls, repository / name)
