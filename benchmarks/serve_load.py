@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_cpu import SYNTHETIC_170M  # noqa: E402
+from benchmarks.decode_cpu import machine as decode_cpu_machine  # noqa: E402
 from mistral_export.deploy.repository import package  # noqa: E402
 from mistral_export.deploy.server import Ports, free_port, running_server  # noqa: E402
 from mistral_export.engines.build import build  # noqa: E402
@@ -107,10 +108,9 @@ def server_version(ports: Ports) -> str:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "onnxruntime": version("onnxruntime"), "nvidia-pytriton": version("nvidia-pytriton"),
+    return {**decode_cpu_machine(threads="ONNX Runtime's default"), "platform": platform.platform(),
+            "nvidia-pytriton": version("nvidia-pytriton"), "tritonclient": version("tritonclient"),
             "genai-perf": GENAI_PERF_PACKAGES[0].split("==")[1], "git_commit": commit}
 
 
@@ -118,7 +118,7 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         "# Served generation under load (genai-perf, gRPC streaming)", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['platform']}), shared with other jobs during the run "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} ({m['platform']}), shared with other jobs during the run "
         f"(load average {result['load_average_before']} before, {result['load_average_after']} after). "
         f"tritonserver {result['server_version']} (nvidia-pytriton {m['nvidia-pytriton']}), ONNX Runtime "
         f"{m['onnxruntime']} (fp32, CPU, default threads), genai-perf {m['genai-perf']}, git {m['git_commit']}.",

@@ -2,6 +2,7 @@
 model repository layouts (config.pbtxt checked with Triton's proto; the TensorRT layout's states
 against the engine's I/O)."""
 
+import functools
 import json
 import threading
 import time
@@ -56,14 +57,19 @@ def tokenizer():
     return load_tokenizer(TINY_DIR)
 
 
-@pytest.fixture(scope="module")
-def eager():
-    return EagerRunner(load_model("tiny"))
-
-
-def eager_text(eager, tokenizer, prompt: str, max_tokens: int) -> str:
-    ids = list(greedy_tokens(eager, tokenizer.encode(prompt), max_tokens, stop_id=tokenizer.eos_id))
-    return tokenizer.decode(ids)
+@functools.cache
+def eager_text(prompt: str, max_tokens: int) -> str:
+    """The eager model's greedy continuation (the reference), on one thread: the tiny model gains nothing
+    from two, and two threads slow to a crawl when other jobs share the cores."""
+    tokenizer = load_tokenizer(TINY_DIR)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runner = EagerRunner(load_model("tiny"))
+        return tokenizer.decode(list(greedy_tokens(runner, tokenizer.encode(prompt), max_tokens,
+                                                   stop_id=tokenizer.eos_id)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def request(tokenizer, prompt, max_tokens, limits=Limits(4096, True), **inputs):
@@ -72,7 +78,7 @@ def request(tokenizer, prompt, max_tokens, limits=Limits(4096, True), **inputs):
     return parse_request(tensors, {}, tokenizer, limits)
 
 
-def test_in_flight_batching_matches_eager(tiny_build, tokenizer, eager):
+def test_in_flight_batching_matches_eager(tiny_build, tokenizer):
     """12 requests arriving while others decode, 4 slots (so requests wait, join and leave; the last
     decoding sequence moves into a freed slot), prompts prefilled in chunks of 24 tokens (some prompts
     and generations pass 2W = 128): each stream is exactly its own eager greedy continuation."""
@@ -91,10 +97,10 @@ def test_in_flight_batching_matches_eager(tiny_build, tokenizer, eager):
     assert any(len(tokenizer.encode(p)) + n > 128 for p, n in cases)
     for (prompt, max_tokens), sink in zip(cases, sinks):
         assert sink.error is None
-        assert "".join(sink.pieces) == eager_text(eager, tokenizer, prompt, max_tokens), prompt
+        assert "".join(sink.pieces) == eager_text(prompt, max_tokens), prompt
 
 
-def test_cancelled_request_frees_its_slot(tiny_build, tokenizer, eager):
+def test_cancelled_request_frees_its_slot(tiny_build, tokenizer):
     runner = open_runner(find_artifacts(tiny_build)[0], threads=2)
     batcher = InFlightBatcher(runner, max_batch=2, prefill_chunk=256)
     gone, kept, later = Collector(cancel_after=2), Collector(), Collector()
@@ -108,8 +114,8 @@ def test_cancelled_request_frees_its_slot(tiny_build, tokenizer, eager):
     finally:
         batcher.close()
     assert "cancelled" in gone.error and len(gone.pieces) == 2
-    assert kept.pieces == [PROMPTS[1] + eager_text(eager, tokenizer, PROMPTS[1], 30)]  # one response, prompt included
-    assert later.pieces == [eager_text(eager, tokenizer, PROMPTS[2], 20)]
+    assert kept.pieces == [PROMPTS[1] + eager_text(PROMPTS[1], 30)]  # one response, prompt included
+    assert later.pieces == [eager_text(PROMPTS[2], 20)]
 
 
 def test_detokenizer_never_splits_a_character(tokenizer):
@@ -256,3 +262,19 @@ def test_tensorrt_engine_io_mismatch_is_refused(tiny_build, tmp_path):
 def test_config_the_proto_rejects_is_an_error():
     with pytest.raises(MistralExportError, match="schema rejects"):
         parse_config('name: "x"\nmax_batch_sise: 4\n', "x/config.pbtxt")
+
+
+def test_cli_package_and_serve(tiny_build, tmp_path):
+    from typer.testing import CliRunner
+
+    from mistral_export.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["package", str(tiny_build), "-o", str(tmp_path / "repo"), "--name", "coder"])
+    assert result.exit_code == 0 and (tmp_path / "repo" / "coder" / "config.pbtxt").is_file()
+    result = runner.invoke(app, ["package", str(tmp_path), "-o", str(tmp_path / "repo")])
+    assert result.exit_code == 2 and "error:" in result.output and "build.json" in result.output
+    result = runner.invoke(app, ["package", str(tiny_build), "-o", str(tmp_path / "repo"), "--backend", "tensorrt"])
+    assert result.exit_code == 2 and "no tensorrt artifact" in result.output
+    result = runner.invoke(app, ["serve", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "not a model repository" in result.output

@@ -2,7 +2,6 @@
 greedy text over gRPC streaming, HTTP generate_stream and HTTP generate equals the eager model's; concurrent
 clients get their own continuations; bad requests get clean errors and the server keeps serving."""
 
-import functools
 import json
 import queue
 import threading
@@ -14,18 +13,15 @@ import pytest
 
 from mistral_export.deploy.repository import package
 from mistral_export.deploy.server import Ports, free_port, running_server
-from mistral_export.engines.runner import EagerRunner, greedy_tokens
-from mistral_export.model.checkpoint import load_model
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
+from test_deploy import PROMPTS, eager_text
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the deploy extra (tritonclient) is not installed")
 pytest.importorskip("pytriton", reason="the deploy extra (nvidia-pytriton: the server) is not installed")
 
 MODEL = "tiny"
 LONG_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n" * 3
-PROMPTS = ["def read_config(path):", "import os\n", "class Parser:\n    def __init__(self", "for i in range(",
-           "return self.", "    if not os.path.exists(", "# Copyright", "def __repr__(self):\n        return"]
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +32,6 @@ def server(tiny_build, tmp_path_factory):
     with open(repository.parent / "tritonserver.log", "w") as log, running_server(repository, ports, log=log) as process:
         yield ports
         assert process.poll() is None, "the server died during the tests"
-
-
-@functools.cache
-def eager_text(prompt: str, max_tokens: int) -> str:
-    tokenizer = load_tokenizer(TINY_DIR)
-    runner = _eager()
-    return tokenizer.decode(list(greedy_tokens(runner, tokenizer.encode(prompt), max_tokens, stop_id=tokenizer.eos_id)))
-
-
-@functools.cache
-def _eager():
-    return EagerRunner(load_model("tiny"))
 
 
 def grpc_inputs(prompt: str, max_tokens, stream=True, max_tokens_dtype="INT32"):

@@ -7,7 +7,7 @@ ONNX Runtime model and the TensorRT BLS model) share this module: parsing and li
 stop conditions and incremental detokenization.
 
 Sampling: greedy unless `temperature` > 0 (then softmax(logits / temperature) restricted to the `top_k`
-most likely tokens (0: all) and the smallest set reaching probability `top_p` (1: all), drawn with
+most likely tokens (0: all) and the smallest set reaching probability `top_p` (0 or 1: all), drawn with
 `seed`). `min_length` keeps EOS from being chosen before that many tokens. `stop_words` end the
 generation once the generated text ends with one (the stop word is part of the output, as in
 TensorRT-LLM); `bad_words` are token sequences never completed.
@@ -131,8 +131,8 @@ def parse_request(inputs: Mapping[str, np.ndarray], parameters: Mapping[str, obj
     limits.check(len(request.prompt_ids), request.max_tokens)
     if not 0 <= request.min_length <= request.max_tokens:
         raise RequestError(f"min_length must be between 0 and max_tokens ({request.max_tokens}), got {request.min_length}")
-    if request.temperature < 0 or request.top_k < 0 or not 0 < request.top_p <= 1:
-        raise RequestError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got "
+    if request.temperature < 0 or request.top_k < 0 or not 0 <= request.top_p <= 1:
+        raise RequestError(f"sampling needs temperature >= 0, top_k >= 0 and 0 <= top_p <= 1, got "
                            f"{request.temperature}, {request.top_k}, {request.top_p}")
     words = {name: [_text(w) for w in np.asarray(inputs[name]).reshape(-1)] if name in inputs else []
              for name in LIST_INPUTS}
@@ -221,7 +221,7 @@ class Generation:
             order = order[:r.top_k]
         probs = np.exp(logits[order] - logits[order[0]])
         probs /= probs.sum()
-        if r.top_p < 1:
+        if 0 < r.top_p < 1:
             keep = int(np.searchsorted(np.cumsum(probs), r.top_p)) + 1
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
         return int(order[self._rng.choice(len(order), p=probs)])
