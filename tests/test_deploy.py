@@ -278,3 +278,12 @@ def test_cli_package_and_serve(tiny_build, tmp_path):
     assert result.exit_code == 2 and "no tensorrt artifact" in result.output
     result = runner.invoke(app, ["serve", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "not a model repository" in result.output
+
+
+def test_model_templates_compile():
+    """The Python-backend models run only inside Triton's stub; here at least each one compiles."""
+    from mistral_export.deploy.repository import TEMPLATES
+
+    for template in sorted(TEMPLATES.glob("*.py")):
+        compile(template.read_text(), str(template), "exec")
+    assert {t.name for t in TEMPLATES.glob("*.py")} == {"onnxruntime_generate.py", "tensorrt_generate.py"}

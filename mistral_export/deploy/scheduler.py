@@ -1,8 +1,9 @@
 """In-flight batching over the ONNX Runtime runner's slots (engines/onnxruntime_runner.py).
 
-One loop thread owns the runner. Each turn it runs at most one prefill chunk of the newest request
-(in the free slot right after the decoding ones) and then one decode step that serves every decoding
-sequence at its own position (the graph takes past_len per sequence). A request whose prefill is done
+One loop thread owns the runner. Each turn it prefills waiting requests, up to `prefill_chunk` prompt
+tokens in all (each in the free slot right after the decoding ones; a longer prompt continues over the
+next turns), and then runs one decode step that serves every decoding sequence at its own position
+(the graph takes past_len per sequence). A request whose prefill is done
 joins the decoding batch; a finished or cancelled one leaves it, and the last decoding sequence moves
 into its slot, so the decoding sequences always sit in slots 0..n-1 and a step binds them as one block.
 Requests beyond the batch wait in arrival order.
@@ -58,12 +59,9 @@ class InFlightBatcher:
                 self._wake.wait_for(lambda: self._closed or self._waiting or self.active)
                 if self._closed:
                     return
-                if self._prefilling is None and self._waiting and len(self._decoding) < self.max_batch:
-                    self._prefilling, self._prefilled = self._waiting.popleft(), 0
             try:
                 self._drop_cancelled()
-                if self._prefilling is not None:
-                    self._prefill_chunk()
+                self._prefill()
                 if self._decoding:
                     self._decode()
             except Exception as exc:  # a failed step fails its sequences, never the server
@@ -86,18 +84,30 @@ class InFlightBatcher:
         for generation in cancelled:  # ends the request (its client has gone)
             generation.fail("the client cancelled the request")
 
-    def _prefill_chunk(self) -> None:
+    def _prefill(self) -> None:
+        """Prefill up to `prefill_chunk` prompt tokens this turn: whole short prompts one after another
+        (each joins the decoding batch at once), a long one in chunks over several turns."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            with self._wake:
+                if self._prefilling is None:
+                    if not self._waiting or len(self._decoding) >= self.max_batch:
+                        return
+                    self._prefilling, self._prefilled = self._waiting.popleft(), 0
+            budget -= self._prefill_chunk(budget)
+
+    def _prefill_chunk(self, budget: int) -> int:
         generation = self._prefilling
         ids = generation.request.prompt_ids
-        chunk = ids[self._prefilled:self._prefilled + self.prefill_chunk]
+        chunk = ids[self._prefilled:self._prefilled + budget]
         logits = self.runner.prefill_slot(len(self._decoding), torch.tensor([chunk]),
                                           torch.tensor([self._prefilled]))
         self._prefilled += len(chunk)
-        if self._prefilled < len(ids):
-            return
-        self._prefilling = None
-        if not generation.push(generation.choose(logits[0, -1].numpy())):
-            self._decoding.append(generation)  # its slot is len(self._decoding) already
+        if self._prefilled == len(ids):
+            self._prefilling = None
+            if not generation.push(generation.choose(logits[0, -1].numpy())):
+                self._decoding.append(generation)  # its slot is len(self._decoding) already
+        return len(chunk)
 
     def _decode(self) -> None:
         tokens = torch.tensor([[g.tokens[-1]] for g in self._decoding])
