@@ -26,11 +26,15 @@ from mistral_export.op_contract import check_positions
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
+    """`spinning=False`: worker threads sleep between steps instead of spinning, leaving the cores to
+    whatever else runs in the process (a server's request handling)."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
@@ -46,7 +50,7 @@ class OnnxRuntimeRunner(Runner):
     """
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None,
-                 providers: list[str] | None = None, portable: bool = False):
+                 providers: list[str] | None = None, portable: bool = False, spinning: bool = True):
         from mistral_export.engines.onnxruntime_artifact import onnxruntime_artifact_for
         from mistral_export.export.onnx_export import read_export_config
 
@@ -65,7 +69,7 @@ class OnnxRuntimeRunner(Runner):
         self._wraps = meta.get("mistral_export.cache_wraps", str(int(self.config.sliding_window is not None))) == "1"
         try:
             self.session = ort.InferenceSession(
-                str(self.session_path), sess_options=session_options(threads),
+                str(self.session_path), sess_options=session_options(threads, spinning),
                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise MistralExportError(f"{self.session_path}: ONNX Runtime cannot load the model: {exc}") from None
