@@ -100,6 +100,48 @@ def test_in_flight_batching_matches_eager(tiny_build, tokenizer):
         assert "".join(sink.pieces) == eager_text(prompt, max_tokens), prompt
 
 
+def test_runner_slots_keep_each_sequence_apart(tiny_build):
+    """OnnxRuntimeRunner's slot steps against one-sequence steps: a prefill (in chunks) in the slot after the
+    decoding ones between decode steps, a sequence leaving (the last one moves into its slot, the prefilling
+    one moves down behind it): every logits row matches the same sequence run alone."""
+    artifact = find_artifacts(tiny_build)[0]
+    runner, alone = open_runner(artifact, threads=2), open_runner(artifact, threads=2)
+    g = torch.Generator().manual_seed(0)
+    seqs = {name: torch.randint(3, 2048, (length,), generator=g) for name, length in (("a", 30), ("b", 30), ("c", 24))}
+    reference = {}
+    for name, ids in seqs.items():
+        alone.reset(1)
+        reference[name] = alone.step(ids[None], torch.tensor([0]))[0]
+    pos = dict.fromkeys(seqs, 0)
+
+    def prefill(slot, name, n):
+        logits = runner.prefill_slot(slot, seqs[name][None, pos[name]:pos[name] + n], torch.tensor([pos[name]]))
+        torch.testing.assert_close(logits[0], reference[name][pos[name]:pos[name] + n], atol=1e-4, rtol=0)
+        pos[name] += n
+
+    def decode(*names):
+        logits = runner.step_slots(torch.stack([seqs[n][pos[n]:pos[n] + 1] for n in names]),
+                                   torch.tensor([pos[n] for n in names]))
+        for row, name in enumerate(names):
+            torch.testing.assert_close(logits[row, 0], reference[name][pos[name]], atol=1e-4, rtol=0)
+            pos[name] += 1
+
+    runner.reset(3)
+    prefill(0, "a", 10)
+    for _ in range(3):  # b prefills in slot 1 in chunks while a decodes in slot 0
+        prefill(1, "b", 7)
+        decode("a")
+    prefill(1, "b", 4)
+    prefill(2, "c", 8)  # c starts in slot 2 while a and b decode
+    decode("a", "b")
+    runner.move_slot(1, 0)  # a leaves: b moves into slot 0, the prefilling c down to slot 1
+    runner.move_slot(2, 1)
+    decode("b")
+    prefill(1, "c", 8)
+    for _ in range(3):
+        decode("b", "c")
+
+
 def test_cancelled_request_frees_its_slot(tiny_build, tokenizer):
     runner = open_runner(find_artifacts(tiny_build)[0], threads=2)
     batcher = InFlightBatcher(runner, max_batch=2, prefill_chunk=256)
