@@ -348,6 +348,59 @@ def bench(
     print_bench(report, report_dir or build_dir / "report")
 
 
+class DeployBackend(str, Enum):
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+@app.command()
+def package(
+    build_dir: Annotated[Path, typer.Argument(help="A build folder (from `mistral-export build`).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The Triton model repository to write into.")],
+    name: Annotated[Optional[str], typer.Option(help="Model name (default: the build's model name).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences generated together per model instance.")] = 8,
+    instances: Annotated[int, typer.Option(min=1, help="Model instances (each holds its own batch).")] = 1,
+    backend: Annotated[Optional[DeployBackend], typer.Option(help="Which artifact to serve (default: TensorRT "
+                                                                  "engines if the build has them, else ONNX Runtime).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Which precision, when the build has several.")] = None,
+) -> None:
+    """Write a Triton Inference Server model repository (text generation, streaming, in-flight batching)."""
+    from mistral_export.deploy.repository import package as write_repository
+
+    with user_errors():
+        written = write_repository(build_dir, output, name=name, max_batch=max_batch, instances=instances,
+                                   backend=backend.value if backend else None, precision=precision)
+    for folder in written:
+        typer.echo(f"wrote {folder}")
+    typer.echo(f"start it with: mistral-export serve {output}")
+
+
+@app.command()
+def serve(
+    repository: Annotated[Path, typer.Argument(help="A model repository (from `mistral-export package`).")],
+    http_port: Annotated[int, typer.Option(help="HTTP/REST port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 to accept other machines).")] = "127.0.0.1",
+) -> None:
+    """Start Triton Inference Server on REPOSITORY; Ctrl-C shuts it down cleanly."""
+    import signal
+
+    from mistral_export.deploy.server import Ports, running_server
+
+    ports = Ports(http_port, grpc_port, metrics_port)
+    with user_errors(), running_server(repository, ports, host) as process:
+        typer.echo(f"ready: HTTP http://{host}:{ports.http}  gRPC {host}:{ports.grpc}  "
+                   f"metrics http://{host}:{ports.metrics}/metrics  (Ctrl-C stops)", err=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            typer.echo("stopping tritonserver", err=True)
+    if process.returncode not in (0, -signal.SIGTERM):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

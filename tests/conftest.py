@@ -61,3 +61,13 @@ def train_sentencepiece(path: Path, model_type: str = "bpe", vocab_size: int = 8
     prefix.with_suffix(".vocab").unlink()
     prefix.with_suffix(".model").replace(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory) -> Path:
+    """An fp32 ONNX Runtime build folder of the tiny fixture (engines/build.py), shared by the session."""
+    if not TINY_AVAILABLE:
+        pytest.skip("the tiny fixture has not been trained (tools/train_tiny.py)")
+    from mistral_export.engines.build import build
+
+    return build("tiny", tmp_path_factory.mktemp("tiny-build"))

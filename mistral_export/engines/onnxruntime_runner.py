@@ -10,6 +10,7 @@ old cache, since the `after` ordering input is unused by the body.)
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,20 @@ from torch import Tensor
 from mistral_export.engines.runner import Runner
 from mistral_export.errors import MistralExportError
 from mistral_export.model.config import ModelConfig
+from mistral_export.op_contract import check_positions
 
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
+    """`spinning=False`: worker threads sleep between steps instead of spinning, leaving the cores to
+    whatever else runs in the process (a server's request handling)."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
@@ -44,7 +50,7 @@ class OnnxRuntimeRunner(Runner):
     """
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None,
-                 providers: list[str] | None = None, portable: bool = False):
+                 providers: list[str] | None = None, portable: bool = False, spinning: bool = True):
         from mistral_export.engines.onnxruntime_artifact import onnxruntime_artifact_for
         from mistral_export.export.onnx_export import read_export_config
 
@@ -63,7 +69,7 @@ class OnnxRuntimeRunner(Runner):
         self._wraps = meta.get("mistral_export.cache_wraps", str(int(self.config.sliding_window is not None))) == "1"
         try:
             self.session = ort.InferenceSession(
-                str(self.session_path), sess_options=session_options(threads),
+                str(self.session_path), sess_options=session_options(threads, spinning),
                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise MistralExportError(f"{self.session_path}: ONNX Runtime cannot load the model: {exc}") from None
@@ -111,6 +117,7 @@ class OnnxRuntimeRunner(Runner):
                 binding.bind_ortvalue_output(f"present.{i}.value", write[2 * i + 1])
             self._bindings.append(binding)
         self._io_shape = None
+        self._slot_bindings: dict[tuple[int, int, int], ort.IOBinding] = {}
         self._current = 0
         self.batch_size = batch_size
 
@@ -153,3 +160,86 @@ class OnnxRuntimeRunner(Runner):
         self.session.run_with_iobinding(self._bindings[self._current])
         self._current = 1 - self._current
         return torch.from_numpy(logits.astype(np.float32))  # a copy: the buffer is overwritten next step
+
+    # Slots, for in-flight batching (deploy/scheduler.py). Each sequence of the batch that `reset` allocated
+    # owns one slot of every cache tensor; sequences come and go. The scheduler keeps the sequences that
+    # decode together in slots 0..n-1 (`move_slot` fills the hole a finished one leaves), so one step over
+    # them binds a contiguous [n,Hkv,C,D] view of each cache by pointer, with no copy of the batch cache.
+    # A slot's stale contents never need clearing: a sequence starts at position 0 and reads only
+    # positions it has written. CPU only: slots are addressed and copied as host memory.
+
+    def step_slots(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
+        """One step of the sequences in slots 0..n-1 (n = input_ids.shape[0]); logits [n,S,V].
+
+        Only those slots are kept: afterwards every slot from n on holds undefined values, except the
+        slot a `prefill_slot` sequence occupies, which both ping-pong sets carry (so it survives).
+        """
+        logits = self._run_slots(0, input_ids, past_len)
+        self._current = 1 - self._current
+        return logits
+
+    def prefill_slot(self, slot: int, input_ids: Tensor, past_len: Tensor) -> Tensor:
+        """One step (a prefill chunk) of the one sequence in `slot`; logits [1,S,V]; every other slot is kept."""
+        logits = self._run_slots(slot, input_ids, past_len)
+        for read, written in zip(self._caches[self._current], self._caches[1 - self._current]):
+            self._copy_slot(written, slot, read, slot)  # both sets now agree on this slot
+        return logits
+
+    def move_slot(self, source: int, target: int) -> None:
+        """Copy the cache of `source` into `target` in both ping-pong sets (the scheduler then frees `source`)."""
+        self._check_slots(max(source, target), 1)
+        for values in self._caches:
+            for value in values:
+                self._copy_slot(value, source, value, target)
+
+    def _slot_bytes(self) -> int:
+        c = self.config
+        return c.num_kv_heads * self.cache_capacity * c.head_dim * np.dtype(self.cache_dtype).itemsize
+
+    def _copy_slot(self, source: ort.OrtValue, source_slot: int, target: ort.OrtValue, target_slot: int) -> None:
+        size = self._slot_bytes()
+        ctypes.memmove(target.data_ptr() + target_slot * size, source.data_ptr() + source_slot * size, size)
+
+    def _check_slots(self, first: int, count: int) -> None:
+        if self.device != "cpu":
+            raise MistralExportError("slot steps (in-flight batching) run on the CPU provider only")
+        if not self.batch_size:
+            raise MistralExportError(f"{type(self).__name__}: slot step before reset(batch_size)")
+        if first < 0 or count < 1 or first + count > self.batch_size:
+            raise MistralExportError(f"slots {first}..{first + count - 1} are outside the batch of {self.batch_size} "
+                                     f"that reset allocated")
+
+    def _run_slots(self, first: int, input_ids: Tensor, past_len: Tensor) -> Tensor:
+        count, seq = input_ids.shape
+        self._check_slots(first, count)
+        if tuple(past_len.shape) != (count,):
+            raise MistralExportError(f"past_len must be [{count}] for input_ids {list(input_ids.shape)}, "
+                                     f"got {list(past_len.shape)}")
+        check_positions(past_len.tolist(), seq, self.cache_capacity, self.cache_wraps)
+        binding = self._slot_binding(first, count, self._current)
+        ids = np.ascontiguousarray(input_ids.numpy(), dtype=np.int64)  # kept alive until the run: ORT reads them in place
+        positions = np.ascontiguousarray(past_len.numpy(), dtype=np.int64)
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("past_len", positions)
+        logits = np.empty((count, 1 if self.last_token_logits else seq, self.config.vocab_size), dtype=self.logits_dtype)
+        binding.bind_output("logits", "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return torch.from_numpy(logits if logits.dtype == np.float32 else logits.astype(np.float32))
+
+    def _slot_binding(self, first: int, count: int, parity: int) -> ort.IOBinding:
+        """A binding of slots first..first+count-1: read from set `parity`, written to the other (cached)."""
+        key = (first, count, parity)
+        if key not in self._slot_bindings:
+            c = self.config
+            shape = [count, c.num_kv_heads, self.cache_capacity, c.head_dim]
+            offset = first * self._slot_bytes()
+            read, write = self._caches[parity], self._caches[1 - parity]
+            binding = self.session.io_binding()
+            for i in range(self.layers):
+                for j, part in enumerate(("key", "value")):
+                    binding.bind_input(f"past_key_values.{i}.{part}", "cpu", 0, self.cache_dtype, shape,
+                                       read[2 * i + j].data_ptr() + offset)
+                    binding.bind_output(f"present.{i}.{part}", "cpu", 0, self.cache_dtype, shape,
+                                        write[2 * i + j].data_ptr() + offset)
+            self._slot_bindings[key] = binding
+        return self._slot_bindings[key]

@@ -1,0 +1,186 @@
+"""Load benchmark of the served model: genai-perf against `mistral-export serve`, at several concurrencies.
+
+For each model (the tiny fixture, and a synthetic ~168M-parameter config with random weights) the script
+builds the fp32 ONNX Runtime artifact, packages it (`--max-batch 16`), starts the server on 127.0.0.1,
+and runs genai-perf over gRPC streaming at each concurrency: time to first token, inter-token latency
+(p50/p99), output tokens/s. In-flight batching shows as output tokens/s growing with concurrency.
+
+The synthetic config is decode_cpu.py's SYNTHETIC_170M with the fixture's vocabulary (2048) and 12
+layers instead of 8 (168M parameters; the ~175M of SYNTHETIC_170M is mostly its 32000-row embedding
+and head), so the fixture's tokenizer.json serves it and genai-perf counts its tokens with the same one.
+
+genai-perf lives in its own venv (build/genai-perf-venv, made on first use): its tritonclient (<= 2.60,
+which still ships perf_analyzer) needs protobuf < 6, the project's onnx >= 6.31. perf_analyzer also
+needs libb64.so.0d and libcudart.so.12, which the nvidia-pytriton wheel carries under hashed names:
+they are linked under those names into a folder on LD_LIBRARY_PATH.
+
+    python benchmarks/serve_load.py [--models tiny,synthetic-168m] [--concurrency 1,4,16]
+                                    [--requests-per-client 3] [--input-tokens 32] [--output-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.decode_cpu import SYNTHETIC_170M  # noqa: E402
+from benchmarks.decode_cpu import machine as decode_cpu_machine  # noqa: E402
+from mistral_export.deploy.repository import package  # noqa: E402
+from mistral_export.deploy.server import Ports, free_port, running_server  # noqa: E402
+from mistral_export.engines.build import build  # noqa: E402
+from mistral_export.model.checkpoint import random_model, save_hf_checkpoint  # noqa: E402
+from mistral_export.model.config import TINY_DIR, load_config  # noqa: E402
+
+GENAI_PERF_VENV = ROOT / "build" / "genai-perf-venv"
+GENAI_PERF_PACKAGES = ["genai-perf==0.0.16", "tritonclient[all]==2.51.0"]  # 2.51: perf_analyzer matching the server
+SYNTHETIC = SYNTHETIC_170M.replace(vocab_size=2048, num_layers=12, name="synthetic-168m")
+MAX_BATCH = 16
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def genai_perf() -> tuple[Path, dict[str, str]]:
+    """The genai-perf executable of its own venv (created if missing) and the environment it needs."""
+    executable = GENAI_PERF_VENV / "bin" / "genai-perf"
+    if not executable.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(GENAI_PERF_VENV)], check=True)
+        subprocess.run([str(GENAI_PERF_VENV / "bin" / "pip"), "install", "--quiet", *GENAI_PERF_PACKAGES], check=True)
+    import pytriton
+
+    wheel_libs = Path(pytriton.__file__).parents[1] / "nvidia_pytriton.libs"
+    libs = GENAI_PERF_VENV / "perf_analyzer_libs"
+    libs.mkdir(exist_ok=True)
+    for name, pattern in (("libb64.so.0d", "libb64-*.so.0d"), ("libcudart.so.12", "libcudart-*.so.12*")):
+        link = libs / name
+        if not link.exists():
+            link.symlink_to(next(wheel_libs.glob(pattern)))
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(libs), os.environ.get("LD_LIBRARY_PATH")])),
+               PATH=f"{GENAI_PERF_VENV / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    return executable, env
+
+
+def build_model(name: str, work: Path) -> Path:
+    if name == "tiny":
+        return build("tiny", work / "tiny-build")
+    checkpoint = work / f"{name}-checkpoint"
+    save_hf_checkpoint(random_model(SYNTHETIC, seed=0), checkpoint)
+    (checkpoint / "tokenizer.json").write_bytes((TINY_DIR / "tokenizer.json").read_bytes())
+    return build(checkpoint, work / f"{name}-build")
+
+
+def profile(executable: Path, env: dict, model: str, ports: Ports, concurrency: int, args, artifacts: Path) -> dict:
+    command = [str(executable), "profile", "-m", model, "--endpoint-type", "kserve", "--backend", "tensorrtllm",
+               "--streaming", "-u", f"127.0.0.1:{ports.grpc}", "--tokenizer", str(TINY_DIR),
+               "--synthetic-input-tokens-mean", str(args.input_tokens), "--synthetic-input-tokens-stddev", "0",
+               "--output-tokens-mean", str(args.output_tokens), "--output-tokens-mean-deterministic",
+               "--concurrency", str(concurrency), "--request-count", str(max(4, concurrency * args.requests_per_client)),
+               "--warmup-request-count", str(concurrency), "--artifact-dir", str(artifacts)]
+    artifacts.mkdir(parents=True)
+    started = time.perf_counter()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, cwd=artifacts.parent)
+    (export,) = artifacts.rglob("*genai_perf.json")
+    metrics = json.loads(export.read_text())
+    pick = {"time_to_first_token": "ttft_ms", "inter_token_latency": "itl_ms", "request_latency": "request_latency_ms"}
+    row = {"concurrency": concurrency, "wall_s": round(time.perf_counter() - started, 1)}
+    for key, label in pick.items():
+        row[label] = {stat: round(metrics[key][stat], 3) for stat in ("avg", "p50", "p99")}
+    row["output_tokens_per_s"] = round(metrics["output_token_throughput"]["avg"], 2)
+    row["requests_per_s"] = round(metrics["request_throughput"]["avg"], 3)
+    row["generated_tokens_per_s"] = round(row["requests_per_s"] * args.output_tokens, 2)
+    row["output_tokens_per_request"] = round(metrics["output_sequence_length"]["avg"], 1)
+    return row
+
+
+def server_version(ports: Ports) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2", timeout=10) as response:
+        return json.loads(response.read())["version"]
+
+
+def machine() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {**decode_cpu_machine(threads="ONNX Runtime's default"), "platform": platform.platform(),
+            "nvidia-pytriton": version("nvidia-pytriton"), "tritonclient": version("tritonclient"),
+            "genai-perf": GENAI_PERF_PACKAGES[0].split("==")[1], "git_commit": commit}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Served generation under load (genai-perf, gRPC streaming)", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} ({m['platform']}), shared with other jobs during the run "
+        f"(load average {result['load_average_before']} before, {result['load_average_after']} after). "
+        f"tritonserver {result['server_version']} (nvidia-pytriton {m['nvidia-pytriton']}), ONNX Runtime "
+        f"{m['onnxruntime']} (fp32, CPU, default threads), genai-perf {m['genai-perf']}, git {m['git_commit']}.",
+        f"Command: `{result['command']}`", "",
+        f"Each request: {result['input_tokens']} prompt tokens, exactly {result['output_tokens']} output tokens "
+        f"(min_length = max_tokens); model packaged with --max-batch {MAX_BATCH} (one instance). genai-perf counts "
+        f"output tokens by tokenizing the returned text again, which for random weights' text gives more tokens than "
+        f"were generated; 'generated tokens/s' is requests/s x {result['output_tokens']}, the tokens the model "
+        f"produced. The ratio to concurrency 1 uses generated tokens/s.", ""]
+    for model in result["models"]:
+        rows = model["rows"]
+        lines += [f"## {model['name']} ({model['parameters'] / 1e6:.0f}M parameters, window {model['window']})", "",
+                  "| concurrency | TTFT ms p50 / p99 | inter-token ms p50 / p99 | generated tokens/s | "
+                  "genai-perf output tokens/s | vs concurrency 1 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        base = rows[0]["generated_tokens_per_s"]
+        for r in rows:
+            lines.append(f"| {r['concurrency']} | {r['ttft_ms']['p50']:.1f} / {r['ttft_ms']['p99']:.1f} | "
+                         f"{r['itl_ms']['p50']:.1f} / {r['itl_ms']['p99']:.1f} | {r['generated_tokens_per_s']:.1f} | "
+                         f"{r['output_tokens_per_s']:.1f} | {r['generated_tokens_per_s'] / base:.2f}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="tiny,synthetic-168m")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--input-tokens", type=int, default=32)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    args = parser.parse_args()
+    executable, env = genai_perf()
+    result = {"command": shlex.join(["python", "benchmarks/serve_load.py", *sys.argv[1:]]), "machine": machine(),
+              "load_average_before": [round(x, 2) for x in os.getloadavg()], "input_tokens": args.input_tokens,
+              "output_tokens": args.output_tokens, "models": []}
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        work = Path(tmp)
+        for name in args.models.split(","):
+            print(f"[serve_load] building {name}", file=sys.stderr)
+            build_dir = build_model(name, work)
+            repository = work / f"{name}-repository"
+            package(build_dir, repository, name=name.replace("-", "_"), max_batch=MAX_BATCH)
+            config = load_config("tiny") if name == "tiny" else SYNTHETIC
+            ports = Ports(free_port(), free_port(), free_port())
+            with open(work / f"{name}-server.log", "w") as log, running_server(repository, ports, log=log):
+                result["server_version"] = server_version(ports)
+                rows = []
+                for concurrency in map(int, args.concurrency.split(",")):
+                    print(f"[serve_load] {name}: concurrency {concurrency}", file=sys.stderr)
+                    rows.append(profile(executable, env, name.replace("-", "_"), ports, concurrency, args,
+                                        work / f"{name}-c{concurrency}" / "artifacts"))
+                    print(f"[serve_load]   {json.dumps(rows[-1])}", file=sys.stderr)
+            result["models"].append({"name": name, "parameters": config.parameter_count(), "window": config.sliding_window,
+                                     "rows": rows})
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "serve_load.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""`mistral-export serve`: start Triton Inference Server on a model repository.
+
+The server is `tritonserver` from PATH (the full server image, with its own backends), or else the one
+the `nvidia-pytriton` wheel ships (Python backend only, enough for the ONNX Runtime layout). That one
+needs a backend folder holding the Python stub built for the running Python, so `serve` assembles a
+writable copy of the wheel's backends with the matching stub. The stub's embedded Python finds
+packages through the `python3` on PATH, so the server starts with this environment's bin first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mistral_export.errors import MistralExportError
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int
+    grpc: int
+    metrics: int
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _server_from_wheel(work: Path) -> tuple[Path, Path, Path]:
+    """(tritonserver binary, backend folder, shared libraries) of the nvidia-pytriton wheel, with the
+    Python stub for this Python in the backend folder."""
+    try:
+        import pytriton
+    except ImportError:
+        raise MistralExportError("no `tritonserver` on PATH and the nvidia-pytriton wheel is not installed: "
+                                 "pip install 'mistral-export[deploy]', or run inside Triton's server image") from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / python / "triton_python_backend_stub"
+    if not stub.exists():
+        raise MistralExportError(f"{stub.parent.parent}: nvidia-pytriton ships no Python backend stub for Python {python}")
+    backends = work / "backends"
+    shutil.copytree(root / "backends", backends)
+    shutil.copy2(stub, backends / "python" / stub.name)
+    return root / "bin" / "tritonserver", backends, root.parent.parent / "nvidia_pytriton.libs"
+
+
+def server_command(repository: Path, ports: Ports, host: str, work: Path) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that start the server.
+
+    The environment puts this Python's bin first on PATH (the stub imports mistral_export through it);
+    with the wheel's server also its bundled libraries on LD_LIBRARY_PATH (the stub links against them).
+    """
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    binary = shutil.which("tritonserver")
+    extra: list[str] = []
+    if binary is None:
+        server, backends, libs = _server_from_wheel(work)
+        binary, extra = str(server), [f"--backend-directory={backends}"]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), os.environ.get("LD_LIBRARY_PATH")]))
+    command = [binary, f"--model-repository={repository}", *extra,
+               f"--http-address={host}", f"--http-port={ports.http}",
+               f"--grpc-address={host}", f"--grpc-port={ports.grpc}",
+               f"--metrics-address={host}", f"--metrics-port={ports.metrics}"]
+    return command, env
+
+
+def _ready(host: str, port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_ready(process: subprocess.Popen, host: str, port: int, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise MistralExportError(f"tritonserver exited with code {process.returncode} before it was ready "
+                                     f"(its log above says why)")
+        if _ready(host, port):
+            return
+        time.sleep(0.2)
+    raise MistralExportError(f"tritonserver was not ready after {timeout:.0f} s")
+
+
+def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
+    """SIGTERM (Triton's clean shutdown: in-flight requests finish, models unload), then SIGKILL if stuck."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@contextmanager
+def running_server(repository: Path, ports: Ports, host: str = "127.0.0.1", log=None):
+    """A started, ready server (the process) for the duration of the block; stopped cleanly after."""
+    repository = Path(repository).resolve()
+    if not (repository.is_dir() and any(repository.glob("*/config.pbtxt"))):
+        raise MistralExportError(f"{repository}: not a model repository (no */config.pbtxt; "
+                                 f"`mistral-export package BUILD -o REPO` writes one)")
+    with tempfile.TemporaryDirectory(prefix="mistral-export-triton-") as work:
+        command, env = server_command(repository, ports, host, Path(work))
+        # Its own session: Ctrl-C reaches only us, and we stop the server once (a second signal kills it).
+        process = subprocess.Popen(command, env=env, start_new_session=True,
+                                   stdout=log, stderr=subprocess.STDOUT if log is not None else None)
+        try:
+            wait_ready(process, host, ports.http)
+            yield process
+        finally:
+            stop(process)

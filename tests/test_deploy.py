@@ -1,0 +1,331 @@
+"""Deploy without a server: in-flight batching over runner slots, the text interface's rules, and the
+model repository layouts (config.pbtxt checked with Triton's proto; the TensorRT layout's states
+against the engine's I/O)."""
+
+import functools
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mistral_export.deploy.configs import parse_config
+from mistral_export.deploy.generation import (Generation, IncrementalDetokenizer, Limits, RequestError, Sink,
+                                              parse_request)
+from mistral_export.deploy.repository import ENGINE_SUFFIX, package
+from mistral_export.deploy.scheduler import InFlightBatcher
+from mistral_export.engines.artifacts import ENGINE_FILE, find_artifacts, open_runner, tensorrt_dir, write_json_atomic
+from mistral_export.engines.runner import EagerRunner, greedy_tokens
+from mistral_export.errors import MistralExportError
+from mistral_export.model.checkpoint import load_model
+from mistral_export.model.config import TINY_DIR
+from mistral_export.model.tokenizer import load_tokenizer
+
+pytest.importorskip("tritonclient.grpc", reason="the deploy extra (tritonclient) is not installed")
+from tritonclient.grpc import model_config_pb2  # noqa: E402
+
+PROMPTS = ["def read_config(path):", "import os\n", "class Parser:\n    def __init__(self", "for i in range(",
+           "return self.", "    if not os.path.exists(", "# Copyright", "def __repr__(self):\n        return"]
+
+
+class Collector(Sink):
+    """The test's end of a generation: what a client would receive."""
+
+    def __init__(self, cancel_after: int | None = None):
+        self.pieces: list[str] = []
+        self.final = threading.Event()
+        self.error: str | None = None
+        self.cancel_after = cancel_after
+
+    def send(self, text, final):
+        self.pieces.append(text)
+        if final:
+            self.final.set()
+
+    def fail(self, message):
+        self.error = message
+        self.final.set()
+
+    def cancelled(self):
+        return self.cancel_after is not None and len(self.pieces) >= self.cancel_after
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TINY_DIR)
+
+
+@functools.cache
+def eager_text(prompt: str, max_tokens: int) -> str:
+    """The eager model's greedy continuation (the reference), on one thread: the tiny model gains nothing
+    from two, and two threads slow to a crawl when other jobs share the cores."""
+    tokenizer = load_tokenizer(TINY_DIR)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runner = EagerRunner(load_model("tiny"))
+        return tokenizer.decode(list(greedy_tokens(runner, tokenizer.encode(prompt), max_tokens,
+                                                   stop_id=tokenizer.eos_id)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def request(tokenizer, prompt, max_tokens, limits=Limits(4096, True), **inputs):
+    tensors = {"text_input": np.array([[prompt.encode()]], dtype=object), "max_tokens": np.array([[max_tokens]], np.int32)}
+    tensors.update({k: np.asarray(v) for k, v in inputs.items()})
+    return parse_request(tensors, {}, tokenizer, limits)
+
+
+def test_in_flight_batching_matches_eager(tiny_build, tokenizer):
+    """12 requests arriving while others decode, 4 slots (so requests wait, join and leave; the last
+    decoding sequence moves into a freed slot), prompts prefilled in chunks of 24 tokens (some prompts
+    and generations pass 2W = 128): each stream is exactly its own eager greedy continuation."""
+    runner = open_runner(find_artifacts(tiny_build)[0], threads=2)
+    batcher = InFlightBatcher(runner, max_batch=4, prefill_chunk=24)
+    cases = [(PROMPTS[i % 8] * (1 + 11 * (i % 3 == 2)), 4 + 6 * i) for i in range(12)]
+    sinks = []
+    try:
+        for i, (prompt, max_tokens) in enumerate(cases):
+            sinks.append(Collector())
+            batcher.submit(Generation(request(tokenizer, prompt, max_tokens, stream=[[True]]), tokenizer, sinks[-1]))
+            time.sleep(0.01 * (i % 3))
+        assert all(s.final.wait(300) for s in sinks)
+    finally:
+        batcher.close()
+    assert any(len(tokenizer.encode(p)) + n > 128 for p, n in cases)
+    for (prompt, max_tokens), sink in zip(cases, sinks):
+        assert sink.error is None
+        assert "".join(sink.pieces) == eager_text(prompt, max_tokens), prompt
+
+
+def test_runner_slots_keep_each_sequence_apart(tiny_build):
+    """OnnxRuntimeRunner's slot steps against one-sequence steps: a prefill (in chunks) in the slot after the
+    decoding ones between decode steps, a sequence leaving (the last one moves into its slot, the prefilling
+    one moves down behind it): every logits row matches the same sequence run alone."""
+    artifact = find_artifacts(tiny_build)[0]
+    runner, alone = open_runner(artifact, threads=2), open_runner(artifact, threads=2)
+    g = torch.Generator().manual_seed(0)
+    seqs = {name: torch.randint(3, 2048, (length,), generator=g) for name, length in (("a", 30), ("b", 30), ("c", 24))}
+    reference = {}
+    for name, ids in seqs.items():
+        alone.reset(1)
+        reference[name] = alone.step(ids[None], torch.tensor([0]))[0]
+    pos = dict.fromkeys(seqs, 0)
+
+    def prefill(slot, name, n):
+        logits = runner.prefill_slot(slot, seqs[name][None, pos[name]:pos[name] + n], torch.tensor([pos[name]]))
+        torch.testing.assert_close(logits[0], reference[name][pos[name]:pos[name] + n], atol=1e-4, rtol=0)
+        pos[name] += n
+
+    def decode(*names):
+        logits = runner.step_slots(torch.stack([seqs[n][pos[n]:pos[n] + 1] for n in names]),
+                                   torch.tensor([pos[n] for n in names]))
+        for row, name in enumerate(names):
+            torch.testing.assert_close(logits[row, 0], reference[name][pos[name]], atol=1e-4, rtol=0)
+            pos[name] += 1
+
+    runner.reset(3)
+    prefill(0, "a", 10)
+    for _ in range(3):  # b prefills in slot 1 in chunks while a decodes in slot 0
+        prefill(1, "b", 7)
+        decode("a")
+    prefill(1, "b", 4)
+    prefill(2, "c", 8)  # c starts in slot 2 while a and b decode
+    decode("a", "b")
+    runner.move_slot(1, 0)  # a leaves: b moves into slot 0, the prefilling c down to slot 1
+    runner.move_slot(2, 1)
+    decode("b")
+    prefill(1, "c", 8)
+    for _ in range(3):
+        decode("b", "c")
+
+
+def test_cancelled_request_frees_its_slot(tiny_build, tokenizer):
+    runner = open_runner(find_artifacts(tiny_build)[0], threads=2)
+    batcher = InFlightBatcher(runner, max_batch=2, prefill_chunk=256)
+    gone, kept, later = Collector(cancel_after=2), Collector(), Collector()
+    try:
+        batcher.submit(Generation(request(tokenizer, PROMPTS[0], 200, stream=[[True]]), tokenizer, gone))
+        batcher.submit(Generation(request(tokenizer, PROMPTS[1], 30), tokenizer, kept))
+        assert gone.final.wait(120) and kept.final.wait(120)
+        batcher.submit(Generation(request(tokenizer, PROMPTS[2], 20, exclude_input_in_output=[[True]]), tokenizer, later))
+        assert later.final.wait(120)
+        assert batcher.active == 0
+    finally:
+        batcher.close()
+    assert "cancelled" in gone.error and len(gone.pieces) == 2
+    assert kept.pieces == [PROMPTS[1] + eager_text(PROMPTS[1], 30)]  # one response, prompt included
+    assert later.pieces == [eager_text(PROMPTS[2], 20)]
+
+
+def test_detokenizer_never_splits_a_character(tokenizer):
+    text = "x = 'é€😀 naïve 日本語'  # ünïcödé"
+    ids = tokenizer.encode(text, add_bos=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, tokenizer.encode("print("))
+    pieces = [detokenizer.push(i) for i in ids] + [detokenizer.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(1 for p in pieces if not p) > 0  # some tokens held back: they ended inside a character
+
+
+def test_sampling_rules(tokenizer):
+    vocab = tokenizer.vocab_size
+    (word,) = tokenizer.encode(" return", add_bos=False)
+    logits = np.zeros(vocab, np.float32)
+    logits[tokenizer.eos_id], logits[word], logits[9] = 5.0, 4.0, 3.0
+    sink = Collector()
+    generation = Generation(request(tokenizer, "a", 3, min_length=[[2]]), tokenizer, sink)
+    assert generation.choose(logits) == word  # EOS barred before min_length
+    generation.tokens = [word, word]
+    assert generation.choose(logits) == tokenizer.eos_id
+    generation = Generation(request(tokenizer, "a", 3, bad_words=[[b" return"]], min_length=[[1]]), tokenizer, sink)
+    assert generation.request.bad_words_ids == [[word]] and generation.choose(logits) == 9
+    draws = [Generation(request(tokenizer, "a", 3, temperature=[[1.0]], top_k=[[2]], seed=[[s]]), tokenizer, sink)
+             .choose(logits) for s in range(40)]
+    assert set(draws) == {tokenizer.eos_id, word}  # top_k 2: only the two most likely
+    again = Generation(request(tokenizer, "a", 3, temperature=[[1.0]], top_k=[[2]], seed=[[3]]), tokenizer, sink)
+    assert again.choose(logits) == draws[3]  # a seed repeats
+
+
+def test_stop_words_end_the_generation(tokenizer):
+    sink = Collector()
+    generation = Generation(request(tokenizer, "a", 50, stop_words=[[b"return"]], stream=[[True]]), tokenizer, sink)
+    ids = tokenizer.encode("x = 1\n    return x\n    y = 2", add_bos=False)
+    pushed = 0
+    while not generation.push(ids[pushed]):
+        pushed += 1
+    assert "".join(sink.pieces).endswith("return") and sink.final.is_set()
+
+
+@pytest.mark.parametrize("case, inputs, parameters, message", [
+    ("empty prompt", {"text_input": [[b""]], "max_tokens": [[4]]}, {}, "text_input is empty"),
+    ("max_tokens 0", {"text_input": [[b"x"]], "max_tokens": [[0]]}, {}, "at least 1"),
+    ("max_tokens over", {"text_input": [[b"x"]], "max_tokens": [[100]]}, {}, "over the limit 63"),
+    ("prompt too long", {"text_input": [[b"x " * 80]], "max_tokens": [[1]]}, {}, "longer than this model allows"),
+    ("sum too long", {"text_input": [[b"x " * 30]], "max_tokens": [[40]]}, {}, "exceeds the limit 64 of this model "
+                                                                           ".a model without sliding window"),
+    ("unknown parameter", {"text_input": [[b"x"]], "max_tokens": [[4]]}, {"beam_width": 2}, "unknown parameter"),
+    ("min_length", {"text_input": [[b"x"]], "max_tokens": [[4]], "min_length": [[5]]}, {}, "min_length"),
+])
+def test_bad_requests_are_refused(tokenizer, case, inputs, parameters, message):
+    no_window = {"cache": {"capacity": 64, "wraps": False}, "model": {"config": {"max_position_embeddings": 64}}}
+    with pytest.raises(RequestError, match=message):
+        parse_request({k: np.array(v, dtype=object if isinstance(v[0][0], bytes) else None) for k, v in inputs.items()},
+                      parameters, tokenizer, Limits.from_engine(no_window))
+
+
+def test_onnxruntime_repository(tiny_build, tmp_path):
+    repository = tmp_path / "repo"
+    (written,) = package(tiny_build, repository, max_batch=4, instances=2)
+    config = parse_config((written / "config.pbtxt").read_text(), "test")
+    assert config.backend == "python" and config.max_batch_size == 4 and config.model_transaction_policy.decoupled
+    assert config.instance_group[0].count == 2
+    assert [i.name for i in config.input if not i.optional] == ["text_input", "max_tokens"]
+    for file in ("1/model.py", "1/tokenizer.json", "1/onnxruntime/model.ort.onnx", "1/onnxruntime/model.onnx.data",
+                 "1/onnxruntime/engine.json"):
+        assert (written / file).is_file(), file
+    assert "mistral-export serve" in (repository / "README.md").read_text()
+    assert not [p for p in repository.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def tensorrt_build(tiny_build, out, gpus):
+    """A build folder as the TensorRT build writes it: engine.json per GPU, I/O as the ONNX graph has it.
+    (No TensorRT here: model.plan is a placeholder that is only copied, never loaded.)"""
+    import onnx
+
+    out.mkdir()
+    (out / "build.json").write_text((tiny_build / "build.json").read_text())
+    (out / "tokenizer.json").write_text((tiny_build / "tokenizer.json").read_text())
+    onnx_engine = json.loads((tiny_build / "onnx/fp32/engine.json").read_text())
+    graph = onnx.load(tiny_build / "onnx/fp32/model.onnx", load_external_data=False).graph
+    dtype = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+
+    def tensors(values):
+        return [{"name": v.name, "dtype": dtype[v.type.tensor_type.elem_type],
+                 "shape": [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]}
+                for v in values]
+
+    for gpu, slug, capability in gpus:
+        folder = tensorrt_dir(out, slug, capability, "fp32")
+        folder.mkdir(parents=True)
+        (folder / "model.plan").write_bytes(b"placeholder: not an engine")
+        write_json_atomic(folder / ENGINE_FILE, {
+            "format": 1, "backend": "tensorrt", "precision": "fp32", "model": onnx_engine["model"],
+            "cache": onnx_engine["cache"], "io": {"inputs": tensors(graph.input), "outputs": tensors(graph.output)},
+            "tensorrt": {"gpu": gpu, "gpu_slug": slug, "compute_capability": capability, "tensorrt_version": "10.13",
+                         "file": "model.plan"}})
+    return out
+
+
+def test_tensorrt_repository(tiny_build, tmp_path):
+    gpus = [("NVIDIA H200", "h200", "9.0"), ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb", "8.0")]
+    build = tensorrt_build(tiny_build, tmp_path / "build", gpus)
+    written = package(build, tmp_path / "repo", name="tiny", max_batch=8)
+    bls, core = (parse_config((f / "config.pbtxt").read_text(), str(f)) for f in written)
+    assert core.name == "tiny" + ENGINE_SUFFIX and core.platform == "tensorrt_plan"
+    assert dict(core.cc_model_filenames) == {"9.0": "h200-sm90.plan", "8.0": "a100-sxm4-80gb-sm80.plan"}
+    assert all((written[1] / "1" / f).is_file() for f in core.cc_model_filenames.values())
+    engine = json.loads((build / "engines/h200-sm90/fp32/engine.json").read_text())
+    inputs = {t["name"]: t for t in engine["io"]["inputs"]}
+    outputs = {t["name"]: t for t in engine["io"]["outputs"]}
+    cfg = engine["model"]["config"]
+    states = core.sequence_batching.state
+    assert len(states) == 2 * cfg["num_hidden_layers"]
+    assert {s.input_name for s in states} == {n for n in inputs if n.startswith("past_key_values.")}
+    assert {s.output_name for s in states} == {n for n in outputs if n.startswith("present.")}
+    for s in states:
+        assert s.output_name == s.input_name.replace("past_key_values.", "present.")
+        assert list(s.dims) == inputs[s.input_name]["shape"][1:] == outputs[s.output_name]["shape"][1:] == \
+            [cfg["num_key_value_heads"], engine["cache"]["capacity"], cfg["head_dim"]]
+        assert s.data_type == model_config_pb2.TYPE_FP32 and s.use_same_buffer_for_input_output
+        (initial,) = s.initial_state
+        assert initial.zero_data and list(initial.dims) == list(s.dims)
+    assert core.sequence_batching.WhichOneof("strategy_choice") == "oldest"
+    assert {i.name for i in core.input} | {s.input_name for s in states} == set(inputs)
+    assert [o.name for o in core.output] == ["logits"] and list(core.output[0].dims) == [-1, cfg["vocab_size"]]
+    assert bls.backend == "python" and bls.model_transaction_policy.decoupled
+    assert dict((k, v.string_value) for k, v in bls.parameters.items())["engine_model"] == core.name
+    assert (written[0] / "1" / "model.py").read_text().count("correlation_id") >= 1
+
+
+def test_tensorrt_engine_io_mismatch_is_refused(tiny_build, tmp_path):
+    build = tensorrt_build(tiny_build, tmp_path / "build", [("NVIDIA H200", "h200", "9.0")])
+    path = build / "engines/h200-sm90/fp32/engine.json"
+    engine = json.loads(path.read_text())
+    engine["io"]["inputs"] = [t for t in engine["io"]["inputs"] if t["name"] != "past_key_values.1.value"]
+    write_json_atomic(path, engine)
+    with pytest.raises(MistralExportError, match="no past_key_values.1.value input"):
+        package(build, tmp_path / "repo")
+    assert not (tmp_path / "repo" / "tiny").exists()
+
+
+def test_config_the_proto_rejects_is_an_error():
+    with pytest.raises(MistralExportError, match="schema rejects"):
+        parse_config('name: "x"\nmax_batch_sise: 4\n', "x/config.pbtxt")
+
+
+def test_cli_package_and_serve(tiny_build, tmp_path):
+    from typer.testing import CliRunner
+
+    from mistral_export.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["package", str(tiny_build), "-o", str(tmp_path / "repo"), "--name", "coder"])
+    assert result.exit_code == 0 and (tmp_path / "repo" / "coder" / "config.pbtxt").is_file()
+    result = runner.invoke(app, ["package", str(tmp_path), "-o", str(tmp_path / "repo")])
+    assert result.exit_code == 2 and "error:" in result.output and "build.json" in result.output
+    result = runner.invoke(app, ["package", str(tiny_build), "-o", str(tmp_path / "repo"), "--backend", "tensorrt"])
+    assert result.exit_code == 2 and "no tensorrt artifact" in result.output
+    result = runner.invoke(app, ["serve", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "not a model repository" in result.output
+
+
+def test_model_templates_compile():
+    """The Python-backend models run only inside Triton's stub; here at least each one compiles."""
+    from mistral_export.deploy.repository import TEMPLATES
+
+    for template in sorted(TEMPLATES.glob("*.py")):
+        compile(template.read_text(), str(template), "exec")
+    assert {t.name for t in TEMPLATES.glob("*.py")} == {"onnxruntime_generate.py", "tensorrt_generate.py"}
