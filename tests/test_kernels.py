@@ -5,8 +5,9 @@ imported, and other test modules (test_aot_ptx.py) need the real compiler in the
 interpreter cases run in one subprocess: this file executed as a script. Each case is still its own test.
 
 Cases cross the ring's wrap-around, use chunks shorter and longer than the window, GQA ratios 1, 4 and 8, a batch
-with different past_len, no window, the last position a runner allows (2^31 - 1), a non-contiguous q, several
-decode splits and tiles, and an output buffer pre-filled with NaN so that every element must be written. Under the
+with different past_len, no window, the last position a runner allows (2^31 - 1), fp16 inputs whose sums or scores
+only fit fp32 (the softmax must accumulate in fp32), a non-contiguous q, several decode splits and tiles, and an
+output buffer pre-filled with NaN so that every element must be written. Under the
 interpreter the cache update's stores are recorded: every kept element is written exactly once per launch (on a GPU,
 two writes to one slot race), which is what the "last min(S, C) rows" rule guarantees.
 """
@@ -65,6 +66,16 @@ ATTENTION_CASES = [
          chunk=SMALL_CHUNK, noncontiguous=True),
     dict(id="chunk-ending-at-max-position", B=2, Hq=2, Hkv=1, S=20, D=16, C=16, W=16,
          past=[MAX_POSITION - 19, 2**40], dtype="float32", chunk=SMALL_CHUNK),
+    # fp16 I/O whose sums only fit fp32: near-uniform attention over values ~5000, so one key tile already sums past
+    # fp16's 65504; the output (their mean) is fine in fp16 only if the softmax accumulates in fp32.
+    dict(id="chunk-fp16-sums-beyond-fp16", B=1, Hq=2, Hkv=1, S=24, D=16, C=32, W=32, past=[40], dtype="float16",
+         chunk=SMALL_CHUNK, q_scale=0.05, v_offset=5000.0),
+    dict(id="decode-fp16-sums-beyond-fp16", B=1, Hq=2, Hkv=1, S=1, D=16, C=32, W=32, past=[40], dtype="float16",
+         keys_per_split=32, decode_block_n=16, q_scale=0.05, v_offset=5000.0),
+    # fp16 I/O with scores of magnitude ~100 whose differences of ~1 decide the weights: right only if the scores
+    # stay fp32 (fp16's spacing there is 0.0625-0.125). The decode kernel shares the softmax step.
+    dict(id="chunk-fp16-large-scores", B=1, Hq=2, Hkv=1, S=24, D=16, C=32, W=32, past=[40], dtype="float16",
+         chunk=SMALL_CHUNK, q_scale=6.0, k_scale=6.0),
     dict(id="chunk-default-tiles-fp16", B=1, Hq=2, Hkv=1, S=18, D=32, C=16, W=16, past=[25], dtype="float16"),
     # The interpreter mishandles bf16 dot products (numpy has no bf16); bf16 is checked on a GPU only.
     dict(id="chunk-bf16", B=2, Hq=4, Hkv=1, S=18, D=32, C=16, W=16, past=[25, 3], dtype="bfloat16",
@@ -96,15 +107,17 @@ def _attention_inputs(case: dict, device: str):
     dtype = getattr(torch, case["dtype"])
     B, Hq, Hkv, S, D, C = (case[n] for n in ("B", "Hq", "Hkv", "S", "D", "C"))
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+    def rand(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=gen) * scale + offset).to(dtype).to(device)
 
+    q_scale, k_scale, v_offset = (case.get(name, default) for name, default in
+                                  (("q_scale", 1.0), ("k_scale", 1.0), ("v_offset", 0.0)))
     if case.get("noncontiguous"):
-        q = rand(B, S, Hq, D).transpose(1, 2)  # [B,Hq,S,D] view with S-major strides
+        q = rand(B, S, Hq, D, scale=q_scale).transpose(1, 2)  # [B,Hq,S,D] view with S-major strides
     else:
-        q = rand(B, Hq, S, D)
-    k, v = rand(B, Hkv, S, D), rand(B, Hkv, S, D)
-    k_cache, v_cache = rand(B, Hkv, C, D), rand(B, Hkv, C, D)
+        q = rand(B, Hq, S, D, scale=q_scale)
+    k, v = rand(B, Hkv, S, D, scale=k_scale), rand(B, Hkv, S, D, offset=v_offset)
+    k_cache, v_cache = rand(B, Hkv, C, D, scale=k_scale), rand(B, Hkv, C, D, offset=v_offset)
     past = torch.tensor(case["past"], dtype=torch.int64, device=device)
     return q, k, v, k_cache, v_cache, past
 
