@@ -5,9 +5,10 @@ Each mutation is a one-place text edit of the torch reference (model/ops.py), th
 (export/functions.py), the Triton kernels (plugins/kernels.py) or the AOT scalars (plugins/aot.py). The edits are
 made in a scratch copy of the tracked files (the checkout is never touched); the tests run there, first unmutated
 (they must pass), then once per mutation (one must fail). Prints a Markdown table: implementation, rule, mutation,
-the failing test(s), or SURVIVED. Slow (the reference's mutations run the Hugging Face parity tests): minutes.
+the failing test(s), or SURVIVED; `--out FILE` also writes it there with the git commit, command and versions.
+Slow (the reference's mutations run the Hugging Face parity tests): about 25 minutes on 2 cores.
 
-    .venv/bin/python tools/contract_mutations.py [--only ID ...] [--list]
+    .venv/bin/python tools/contract_mutations.py [--only ID ...] [--list] [--out benchmarks/results/contract_mutations.md]
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from provenance import markdown as provenance_markdown, provenance  # noqa: E402
 OPS, BODIES = "mistral_export/model/ops.py", "mistral_export/export/functions.py"
 KERNELS, AOT = "mistral_export/plugins/kernels.py", "mistral_export/plugins/aot.py"
 # Test files per implementation, cheapest and most specific first (pytest stops at the first failure, -x), except
@@ -213,7 +216,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="mutation ids (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--out", type=Path, help="also write the table (with its provenance) to this file")
     args = parser.parse_args()
+    origin = provenance(("torch", "triton", "onnx", "onnxruntime", "onnxscript"))
     chosen = [m for m in MUTATIONS if not args.only or m.id in args.only]
     if args.list:
         for m in chosen:
@@ -226,7 +231,8 @@ def main() -> None:
             status, failed = run_tests(tree, TESTS[file], stop_at_first=False)
             if status != 0:
                 sys.exit(f"unmutated tests fail for {file}: {failed or status}")
-        print("| implementation | rule | mutation | failing test |\n| --- | --- | --- | --- |", flush=True)
+        rows = ["| implementation | rule | mutation | failing test |", "| --- | --- | --- | --- |"]
+        print("\n".join(rows), flush=True)
         for m in chosen:
             original = (tree / m.file).read_text()
             (tree / m.file).write_text(m.apply(original))
@@ -240,7 +246,12 @@ def main() -> None:
                 caught = ", ".join(f"`{t}`" for t in failed[:3]) + (f" (+{len(failed) - 3})" if len(failed) > 3 else "")
             else:
                 caught = f"pytest exit {status} (no test ran to a result)"
-            print(f"| {IMPLEMENTATION[m.file]} | {m.rule} | `{m.id}` | {caught} |", flush=True)
+            rows.append(f"| {IMPLEMENTATION[m.file]} | {m.rule} | `{m.id}` | {caught} |")
+            print(rows[-1], flush=True)
+    if args.out:
+        header = ["# Op contract mutations", "", provenance_markdown(origin),
+                  "Each rule of the op contract (DESIGN.md) broken in one implementation; the test(s) that fail.", ""]
+        args.out.write_text("\n".join(header + rows) + "\n")
 
 
 if __name__ == "__main__":
