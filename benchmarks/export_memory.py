@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import struct
 import subprocess
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from mistral_export.model.checkpoint import internal_to_hf  # noqa: E402
 from mistral_export.model.config import load_config  # noqa: E402
 from mistral_export.model.transformer import Transformer  # noqa: E402
+from provenance import RESULTS, markdown as provenance_markdown, provenance  # noqa: E402  (same folder)
 
 CHILD = """
 import json, resource, sys, threading, time
@@ -91,8 +91,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="checkpoint dtype on disk")
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temp dir, removed)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export_memory")
+    parser.add_argument("--out", type=Path, default=RESULTS / "export_memory")
     args = parser.parse_args()
+    origin = provenance(("torch", "onnx", "onnxscript", "onnxruntime"))
 
     config = load_config("mistral-7b-v0.1").replace(num_layers=args.layers, name="mistral-7b-shapes")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -150,8 +151,7 @@ def main() -> None:
             "peak_rss_bytes_estimate": estimate,
             "peak_over_weights_estimate": estimate / full_weight_bytes,
         },
-        "machine": machine(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "provenance": origin,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -159,21 +159,8 @@ def main() -> None:
     print(markdown(result))
 
 
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    mem = next((line.split(":", 1)[1].strip() for line in open("/proc/meminfo") if line.startswith("MemTotal")), "?")
-    import onnx
-    import onnxruntime
-    import onnxscript
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "python": platform.python_version(),
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
-            "onnxruntime": onnxruntime.__version__}
-
-
 def markdown(r: dict) -> str:
     gib = 1024 ** 3
-    m = r["machine"]
     e = r["extrapolated_32_layers"]
     return f"""# Export peak memory
 
@@ -200,10 +187,7 @@ mmap of the checkpoint file being read, which can reach the size of the largest 
 {e['largest_checkpoint_file_bytes'] / 1e9:.1f} GB bf16): estimated peak ~{e['peak_rss_bytes_estimate'] / gib:.1f} GiB against
 {e['weight_bytes_fp32'] / gib:.1f} GiB of exported fp32 weights, ~{e['peak_over_weights_estimate']:.2f}x (target <= 1.3x).
 
-Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; Python {m['python']}, torch {m['torch']}, onnx {m['onnx']},
-onnxscript {m['onnxscript']}, onnxruntime {m['onnxruntime']}.
-Command: `{r['command']}`
-"""
+{provenance_markdown(r['provenance'])}"""
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@
 3. Prefill at 16k and 32k tokens, window 4096, vs SDPA with a dense window mask.
 4. The torch.ops path (`mistral_export.plugins.torch_cuda`) once on CUDA.
 
-Writes gpu_check_<gpu>.json and .md to $OUT if set, else benchmarks/results/, after every section, and stops
-starting new sections after a time budget so that it ends within a few minutes.
+Writes gpu_check_<gpu>.json and .md to $OUT if set, else benchmarks/results/, after every section (each file
+records the git commit, command, versions and GPU), and stops starting new sections after a time budget so that
+it ends within a few minutes. Every section draws its random inputs from a generator seeded with its name.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
 import traceback
+import zlib
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from mistral_export.model.ops import (  # noqa: E402
     sliding_window_attention_reference,
 )
 from mistral_export.plugins import kernels  # noqa: E402
+from provenance import RESULTS, gpu_tag, markdown as provenance_markdown, provenance  # noqa: E402
 
 BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "270"))
 START = time.monotonic()
@@ -47,19 +49,13 @@ TARGETS = {
     "prefill_32k_over_16k": 2.3,
 }
 
-results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "targets": TARGETS, "sections": {}}
+results: dict = {"targets": TARGETS, "sections": {}}
 
 
 def out_dir() -> Path:
-    d = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results"
+    d = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def gpu_tag() -> str:
-    name = torch.cuda.get_device_name().lower()
-    m = re.search(r"(h100|h200|a100|l40s?|l4|a10g?|b200|gb200|rtx ?\d+)", name)
-    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "_", name)).replace(" ", "")
 
 
 def time_left() -> float:
@@ -83,6 +79,7 @@ def section(name: str, min_left: float):
             save()
             return fn
         t0 = time.monotonic()
+        torch.manual_seed(zlib.crc32(name.encode()))  # same inputs whatever ran before
         try:
             value = fn()
             results["sections"][name] = value
@@ -134,6 +131,11 @@ def rand(*shape, dtype=torch.float16):
     return torch.randn(*shape, device="cuda", dtype=dtype)
 
 
+def decode_bytes_read(batch: int, kv_heads: int, q_heads: int, keys: int, head_dim: int, itemsize: int) -> int:
+    """Bytes a decode step must read at least: K and V of every attended key, plus q (for bandwidth figures)."""
+    return (2 * batch * kv_heads * keys + batch * q_heads) * head_dim * itemsize
+
+
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
     """Bool mask [..., Sq, Sk]: key allowed iff 0 <= j <= p and j > p - W (the contract's rule)."""
     kp, qp = k_pos.unsqueeze(-2), q_pos.unsqueeze(-1)
@@ -145,6 +147,7 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.
 
 def main() -> None:
     props = torch.cuda.get_device_properties(0)
+    results["provenance"] = provenance(("torch", "triton"), env=("GPU_CHECK_BUDGET_S",))
     results["device"] = {
         "name": torch.cuda.get_device_name(),
         "capability": list(torch.cuda.get_device_capability()),
@@ -214,25 +217,24 @@ def main() -> None:
         layers = 32
         for b in (1, 16):
             q, k, v, kc, vc, pl = decode_inputs(b, layers, past=32000)  # window full, ring wrapped
-            bytes_layer = kernels.decode_bytes_read(b, HKV, HQ, W, D, 2)
+            bytes_layer = decode_bytes_read(b, HKV, HQ, W, D, 2)
             single = cuda_time_ms(lambda: kernels.sliding_window_attention(q[0], k[0], v[0], kc[0], vc[0], pl, W,
                                                                            SCALE), iters=100)
             outs = [torch.empty_like(x) for x in q]
 
-            def all_layers(kps=None, fused=True):
+            def all_layers(kps=None):
                 for i in range(layers):
                     kernels.sliding_window_attention(q[i], k[i], v[i], kc[i], vc[i], pl, W, SCALE, out=outs[i],
-                                                     keys_per_split=kps, fused_merge=fused)
+                                                     keys_per_split=kps)
 
             graph_ms = {}
-            for kps, fused in ((None, True), (64, False), (128, False), (256, False), (512, False), (None, False)):
-                all_layers(kps, fused)
+            for kps in (None, 64, 128, 256, 512):  # None: the launcher's own split count
+                all_layers(kps)
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
-                    all_layers(kps, fused)
-                label = str(kps or "auto") + (" fused-merge" if fused else "")
-                graph_ms[label] = cuda_time_ms(g.replay, warmup=3, iters=30) / layers
+                    all_layers(kps)
+                graph_ms[str(kps or "auto")] = cuda_time_ms(g.replay, warmup=3, iters=30) / layers
             per_layer = graph_ms["auto"]
             check = [rel_err(outs[i], sliding_window_attention_reference(q[i], k[i], v[i], kc[i], vc[i], pl, W,
                                                                          SCALE)) for i in (0, layers - 1)]
@@ -355,8 +357,8 @@ def markdown() -> str:
     d = results.get("device", {})
     s = results["sections"]
     lines = [f"# GPU check: {d.get('name', '?')}", "",
+             provenance_markdown(results["provenance"]) if "provenance" in results else "",
              f"capability {d.get('capability')}, {d.get('sms')} SMs, {d.get('memory_gib')} GiB; "
-             f"torch {d.get('torch')}, triton {d.get('triton')}; started {results['started']}, "
              f"{results.get('elapsed_s', '?')} s", ""]
     if "correctness" in s:
         lines += ["## Correctness vs torch reference (Hq 32, Hkv 8, D 128, W = C = 4096; output pre-filled with NaN)",

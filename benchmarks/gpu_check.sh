@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# One prepared GPU check of the Triton kernels, then the decode sweep (a few minutes; installs nothing;
-# needs python3 with torch+triton).
-# Results go to $OUT if set (the device tool's output folder), else benchmarks/results/.
+# One prepared GPU check of the Triton kernels, then the decode sweep, then the CUDA cases of the kernel tests
+# (a few minutes; installs nothing; needs python3 with torch+triton).
+# Results go to $OUT if set (the device tool's output folder), else benchmarks/results/:
+#   gpu_check_<gpu>.json/.md and decode_sweep_<gpu>.json/.md (written by the two scripts, each with the git
+#   commit, command, versions and GPU), and gpu_check_<gpu>_log.txt (this script's whole output, same header).
+# Where the checkout has no .git, pass the commit: MISTRAL_EXPORT_COMMIT=<hash> benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 results="${OUT:-benchmarks/results}"
 mkdir -p "$results"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee "$results/gpu_check_nvidia_smi.txt"
+tag=$(python3 benchmarks/provenance.py --gpu-tag) || { echo "no CUDA GPU visible to torch" >&2; exit 1; }
+log="$results/gpu_check_${tag}_log.txt"
+{
+  echo "# benchmarks/gpu_check.sh"
+  python3 benchmarks/provenance.py --header torch triton
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
+} | tee "$log"
 # The kernel checks and timings bound their own time (GPU_CHECK_BUDGET_S); the outer timeout is a backstop.
-timeout 300 python3 benchmarks/gpu_check.py 2>&1 | tee "$results/gpu_check_log.txt"
+timeout 300 python3 benchmarks/gpu_check.py 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
-# Batch-1 decode: where the time goes (fixed floor, a size-matched plain read of the same bytes, launcher
+# Batch-1 decode: where the time goes (fixed floor, a size-matched plain read of the same bytes, launch
 # variants); bounded by its own budget, so the whole script stays under the device tool's 10 minutes.
-DECODE_SWEEP_BUDGET_S=150 timeout 200 python3 benchmarks/decode_sweep.py 2>&1 | tee "$results/decode_sweep_log.txt"
+DECODE_SWEEP_BUDGET_S=150 timeout 200 python3 benchmarks/decode_sweep.py 2>&1 | tee -a "$log"
 # The CUDA cases of the kernel test suite (same cases as the interpreter runs on CPU), bounded.
-if command -v pytest >/dev/null 2>&1 || python3 -c "import pytest" 2>/dev/null; then
-  timeout 75 python3 -m pytest tests/test_kernels.py -k cuda -q -p no:cacheprovider 2>&1 | tail -25 \
-    | tee "$results/gpu_check_pytest.txt"
+if python3 -c "import pytest" 2>/dev/null; then
+  timeout 75 python3 -m pytest tests/test_kernels.py -k cuda -q -p no:cacheprovider 2>&1 | tail -25 | tee -a "$log"
 fi
 # The TensorRT path (engine build through `build`, plugin layers, TensorRT vs ONNX Runtime, the runner's in-place
 # cache and CUDA graph, the other-GPU refusal): the tests marked `tensorrt`, where TensorRT and the export stack import.

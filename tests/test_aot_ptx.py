@@ -19,6 +19,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("AOT compilation needs triton's compiler, not the interpreter", allow_module_level=True)
 
+from mistral_export.op_contract import NO_WINDOW  # noqa: E402
 from mistral_export.plugins import aot  # noqa: E402
 
 CAPABILITIES = aot.SUPPORTED_CAPABILITIES
@@ -104,7 +105,7 @@ def test_scalars_are_contiguous_strides():
     assert [scalars[f"stride_k{d}"] for d in "bhs"] == list(kv.stride()[:3])
     assert [scalars[f"stride_c{d}"] for d in "bhc"] == list(cache.stride()[:3])
     assert (scalars["seq_len"], scalars["capacity"], scalars["window"]) == (S, C, W)
-    assert aot.chunk_attention_scalars(Hq, Hkv, S, C, D, 0)[-1] > 2**29  # no window: unbounded
+    assert aot.chunk_attention_scalars(Hq, Hkv, S, C, D, NO_WINDOW)[-1] == NO_WINDOW  # the attribute as-is
 
     cache_scalars = dict(zip(aot.CACHE_UPDATE_SCALARS, aot.rolling_cache_update_scalars(Hkv, S, C, D)))
     assert [cache_scalars[f"stride_c{d}"] for d in "bhc"] == list(cache.stride()[:3])
@@ -118,3 +119,31 @@ def test_rejects_unsupported_inputs():
         aot.compile_rolling_cache_update("int8", 128, 90)
     with pytest.raises(ValueError, match="capability must be one of"):
         aot.compile_chunk_attention("fp16", 128, 4, 0.1, 75)
+
+
+def test_decode_kernels_compile_for_sm90_with_pdl():
+    """The JIT decode path (split partials + merge, programmatic dependent launch) compiles for Hopper.
+
+    TensorRT does not launch these (its AOT path uses the chunk kernel), but torch on a GPU does, and no GPU
+    runs the tests here: compiling catches what the interpreter cannot (e.g. gdc_* intrinsics, int64 position
+    arithmetic in the prologue).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mistral_export.plugins import kernels
+
+    def compile_ptx(fn, types: dict, constants: dict) -> str:
+        signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constants)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+    fp32 = ("part_out_ptr", "part_max_ptr", "part_sum_ptr")
+    types = {**{n: "*fp16" for n in ("q_ptr", "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")},
+             **{n: "*fp32" for n in fp32}, "past_len_ptr": "*i64", "scale_log2": "fp32"}
+    partial = compile_ptx(kernels.decode_partial_kernel, types, dict(
+        GROUP=4, BLOCK_G=16, BLOCK_N=kernels.DECODE_BLOCK_N, HEAD_DIM=128, DOT_PRECISION="tf32", PDL=True))
+    merge = compile_ptx(kernels.decode_merge_kernel, types, dict(Q_HEADS=32, BLOCK_SPLITS=64, HEAD_DIM=128, PDL=True))
+    for ptx in (partial, merge):
+        assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx

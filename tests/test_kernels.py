@@ -5,12 +5,16 @@ imported, and other test modules (test_aot_ptx.py) need the real compiler in the
 interpreter cases run in one subprocess: this file executed as a script. Each case is still its own test.
 
 Cases cross the ring's wrap-around, use chunks shorter and longer than the window, GQA ratios 1, 4 and 8, a batch
-with different past_len, no window, a non-contiguous q, several decode splits and tiles, and an output buffer
-pre-filled with NaN so that every element must be written.
+with different past_len, no window, the last position a runner allows (2^31 - 1), fp16 inputs whose sums or scores
+only fit fp32 (the softmax must accumulate in fp32), a non-contiguous q, several decode splits and tiles, and an
+output buffer pre-filled with NaN so that every element must be written. Under the
+interpreter the cache update's stores are recorded: every kept element is written exactly once per launch (on a GPU,
+two writes to one slot race), which is what the "last min(S, C) rows" rule guarantees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,8 +22,11 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from mistral_export.op_contract import MAX_POSITION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # max |Δ| / max |reference|
@@ -40,8 +47,8 @@ ATTENTION_CASES = [
     dict(id="decode-no-window", B=2, Hq=4, Hkv=1, S=1, D=16, C=64, W=0, past=[10, 63], dtype="float32",
          **SMALL_SPLITS),
     dict(id="decode-default-splits", B=2, Hq=4, Hkv=2, S=1, D=32, C=64, W=64, past=[3, 150], dtype="float32"),
-    dict(id="decode-fused-merge-gqa4", B=3, Hq=8, Hkv=2, S=1, D=32, C=40, W=40, past=[0, 17, 123],
-         dtype="float32", fused_merge=True, **SMALL_SPLITS),
+    dict(id="decode-at-max-position", B=2, Hq=4, Hkv=2, S=1, D=16, C=24, W=24, past=[MAX_POSITION, 30],
+         dtype="float32", **SMALL_SPLITS),
     # chunks / prefill
     dict(id="chunk-shorter-than-window-gqa1-wrap", B=2, Hq=2, Hkv=2, S=7, D=32, C=16, W=16, past=[3, 29],
          dtype="float32", chunk=SMALL_CHUNK),
@@ -57,6 +64,18 @@ ATTENTION_CASES = [
          chunk=SMALL_CHUNK),
     dict(id="chunk-noncontiguous-q", B=2, Hq=4, Hkv=1, S=9, D=32, C=16, W=16, past=[2, 40], dtype="float32",
          chunk=SMALL_CHUNK, noncontiguous=True),
+    dict(id="chunk-ending-at-max-position", B=2, Hq=2, Hkv=1, S=20, D=16, C=16, W=16,
+         past=[MAX_POSITION - 19, 2**40], dtype="float32", chunk=SMALL_CHUNK),
+    # fp16 I/O whose sums only fit fp32: near-uniform attention over values ~5000, so one key tile already sums past
+    # fp16's 65504; the output (their mean) is fine in fp16 only if the softmax accumulates in fp32.
+    dict(id="chunk-fp16-sums-beyond-fp16", B=1, Hq=2, Hkv=1, S=24, D=16, C=32, W=32, past=[40], dtype="float16",
+         chunk=SMALL_CHUNK, q_scale=0.05, v_offset=5000.0),
+    dict(id="decode-fp16-sums-beyond-fp16", B=1, Hq=2, Hkv=1, S=1, D=16, C=32, W=32, past=[40], dtype="float16",
+         keys_per_split=32, decode_block_n=16, q_scale=0.05, v_offset=5000.0),
+    # fp16 I/O with scores of magnitude ~100 whose differences of ~1 decide the weights: right only if the scores
+    # stay fp32 (fp16's spacing there is 0.0625-0.125). The decode kernel shares the softmax step.
+    dict(id="chunk-fp16-large-scores", B=1, Hq=2, Hkv=1, S=24, D=16, C=32, W=32, past=[40], dtype="float16",
+         chunk=SMALL_CHUNK, q_scale=6.0, k_scale=6.0),
     dict(id="chunk-default-tiles-fp16", B=1, Hq=2, Hkv=1, S=18, D=32, C=16, W=16, past=[25], dtype="float16"),
     # The interpreter mishandles bf16 dot products (numpy has no bf16); bf16 is checked on a GPU only.
     dict(id="chunk-bf16", B=2, Hq=4, Hkv=1, S=18, D=32, C=16, W=16, past=[25, 3], dtype="bfloat16",
@@ -70,6 +89,8 @@ CACHE_CASES = [
     dict(id="cache-chunk-longer-than-capacity", B=2, H=2, S=11, D=32, C=8, past=[0, 6], dtype="float32"),
     dict(id="cache-decode-fp16-mixed-past", B=3, H=2, S=1, D=16, C=8, past=[0, 7, 100], dtype="float16"),
     dict(id="cache-long-prefill-fp16", B=1, H=1, S=40, D=64, C=16, past=[0], dtype="float16"),
+    dict(id="cache-chunk-at-max-position", B=2, H=1, S=21, D=16, C=8, past=[MAX_POSITION - 20, 2**40],
+         dtype="float32"),
 ]
 
 
@@ -86,15 +107,17 @@ def _attention_inputs(case: dict, device: str):
     dtype = getattr(torch, case["dtype"])
     B, Hq, Hkv, S, D, C = (case[n] for n in ("B", "Hq", "Hkv", "S", "D", "C"))
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+    def rand(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=gen) * scale + offset).to(dtype).to(device)
 
+    q_scale, k_scale, v_offset = (case.get(name, default) for name, default in
+                                  (("q_scale", 1.0), ("k_scale", 1.0), ("v_offset", 0.0)))
     if case.get("noncontiguous"):
-        q = rand(B, S, Hq, D).transpose(1, 2)  # [B,Hq,S,D] view with S-major strides
+        q = rand(B, S, Hq, D, scale=q_scale).transpose(1, 2)  # [B,Hq,S,D] view with S-major strides
     else:
-        q = rand(B, Hq, S, D)
-    k, v = rand(B, Hkv, S, D), rand(B, Hkv, S, D)
-    k_cache, v_cache = rand(B, Hkv, C, D), rand(B, Hkv, C, D)
+        q = rand(B, Hq, S, D, scale=q_scale)
+    k, v = rand(B, Hkv, S, D, scale=k_scale), rand(B, Hkv, S, D, offset=v_offset)
+    k_cache, v_cache = rand(B, Hkv, C, D, scale=k_scale), rand(B, Hkv, C, D, offset=v_offset)
     past = torch.tensor(case["past"], dtype=torch.int64, device=device)
     return q, k, v, k_cache, v_cache, past
 
@@ -110,7 +133,7 @@ def run_attention_case(case: dict, device: str) -> float:
     overrides = {}
     if "chunk" in case:
         overrides["chunk"] = kernels.ChunkConfig(*case["chunk"], num_warps=1, num_stages=1)
-    for name in ("keys_per_split", "decode_block_n", "fused_merge"):
+    for name in ("keys_per_split", "decode_block_n"):
         if name in case:
             overrides[name] = case[name]
     kernels.sliding_window_attention(q, k, v, k_cache, v_cache, past, case["W"], scale, out=out, **overrides)
@@ -120,8 +143,35 @@ def run_attention_case(case: dict, device: str) -> float:
     return ((out.float() - expected).abs().max() / expected.abs().max()).item()
 
 
-def run_cache_case(case: dict, device: str) -> float:
-    """Max |kernel − reference| over the whole cache (exact copy expected: 0)."""
+@contextlib.contextmanager
+def recorded_stores():
+    """Yields a list that receives the addresses of every element a kernel stores under the interpreter.
+
+    Wraps the interpreter's store (triton.runtime.interpreter.InterpreterBuilder.create_masked_store, not public
+    API): if a Triton upgrade bypasses it, nothing is recorded and the count check of the caller fails.
+    """
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    original = InterpreterBuilder.create_masked_store
+    addresses = []
+
+    def record(self, ptrs, value, mask, cache_policy):
+        addresses.append(np.broadcast_to(ptrs.data, mask.data.shape)[mask.data].copy())
+        return original(self, ptrs, value, mask, cache_policy)
+
+    InterpreterBuilder.create_masked_store = record
+    try:
+        yield addresses
+    finally:
+        InterpreterBuilder.create_masked_store = original
+
+
+def run_cache_case(case: dict, device: str) -> float | str:
+    """Max |kernel − reference| over the whole cache (exact copy expected: 0).
+
+    Under the interpreter also: each of the B·H·min(S, C)·D kept elements is stored exactly once (a row that the
+    chunk itself overwrites must not be written at all: on a GPU the two writes would race).
+    """
     from mistral_export.model.ops import rolling_cache_update_reference
     from mistral_export.plugins import kernels
 
@@ -131,7 +181,16 @@ def run_cache_case(case: dict, device: str) -> float:
     new = torch.randn(case["B"], case["H"], case["S"], case["D"], generator=gen).to(dtype).to(device)
     past = torch.tensor(case["past"], dtype=torch.int64, device=device)
     expected = rolling_cache_update_reference(cache, new, past)
-    kernels.rolling_cache_update_(cache, new, past)
+    if device != "cpu":
+        kernels.rolling_cache_update_(cache, new, past)
+        return (cache.float() - expected.float()).abs().max().item()
+    with recorded_stores() as stores:
+        kernels.rolling_cache_update_(cache, new, past)
+    written = np.concatenate(stores) if stores else np.empty(0, dtype=np.uint64)
+    kept = case["B"] * case["H"] * min(case["S"], case["C"]) * case["D"]
+    if written.size != kept or np.unique(written).size != kept:
+        return (f"stores: {written.size} element writes to {np.unique(written).size} addresses; "
+                f"expected {kept} writes, each to its own address")
     return (cache.float() - expected.float()).abs().max().item()
 
 

@@ -107,6 +107,13 @@ def dedupe_small_constants(model: ir.Model, limit: int = 4096) -> int:
     return merged
 
 
+MAX_ROUNDS = 10  # of merging and folding; the exported graphs need 2 (one that changes, one that confirms)
+
+
+def _graph_size(model: ir.Model) -> tuple[int, int]:
+    return sum(1 for _ in model.graph.all_nodes()), len(model.graph.initializers)
+
+
 def optimize_for_runtime(model: ir.Model) -> ir.Model:
     weights = {name for name, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
 
@@ -117,10 +124,17 @@ def optimize_for_runtime(model: ir.Model) -> ir.Model:
     ir.passes.Sequential(common_passes.InlinePass(), fold(), *cleanup)(model)
     _canonical_shapes(model)
     ir.passes.Sequential(common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0))(model)
-    for _ in range(3):
+    # Merging equal constants lets CSE (which compares inputs by identity) merge the per-layer copies of the mask
+    # arithmetic, whose results fold into new equal constants: repeat until a round leaves the graph's size alone.
+    for _ in range(MAX_ROUNDS):
+        size = _graph_size(model)
         dedupe_small_constants(model)
         ir.passes.Sequential(fold(), *cleanup)(model)
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        if _graph_size(model) == size:
+            break
+    else:
+        raise RuntimeError(f"constant merging and folding still change the graph after {MAX_ROUNDS} rounds")
     dedupe_small_constants(model)
     ir.passes.Sequential(
         ir.passes.PassManager([fold(), default_rewrite_pass(), *cleanup],

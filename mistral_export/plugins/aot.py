@@ -9,7 +9,8 @@ Two things Triton adds that TensorRT does not expect are dealt with here:
 * Triton ≥ 3.3 appends `global_scratch` / `profile_scratch` pointer parameters to every kernel. These kernels
   use neither (sizes checked to be 0), so the unreferenced trailing parameters are removed from the PTX entry,
   leaving exactly the parameters TensorRT passes.
-* Only int32 scalars can be passed; the float `scale` is baked into the PTX as a constant instead.
+* Only int32 scalars can be passed; the float `scale` is baked into the PTX as a constant instead. The
+  `window` scalar is the node's attribute as-is (0: no window, handled in the kernel).
 
 Grids and scalar arguments are written with + - * // only, so the same functions evaluate on Python ints
 (tests, torch) and on TensorRT's symbolic shape expressions.
@@ -104,14 +105,23 @@ def chunk_attention_tile(dtype: str, head_dim: int) -> AotTile:
     return AotTile(block_m=64, block_n=64, num_warps=4, num_stages=2)
 
 
-CACHE_UPDATE_BLOCK_ROWS = 16
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+
+
+def _ptx_entry(ptx: str, name: str) -> re.Match:
+    """The `.entry name(...)` of the PTX; group 1 is its parameter list."""
+    entry = re.search(r"\.entry\s+" + re.escape(name) + r"\(\s*(.*?)\s*\)", ptx, flags=re.S)
+    if entry is None:
+        raise RuntimeError(f"no .entry {name} in the PTX")
+    return entry
 
 
 def _strip_unused_trailing_params(ptx: str, name: str, keep: int) -> str:
     """Drops the entry parameters after the first `keep`, which must be unreferenced in the body."""
-    entry = re.search(r"\.entry\s+" + re.escape(name) + r"\(\s*(.*?)\s*\)", ptx, flags=re.S)
-    if entry is None:
-        raise RuntimeError(f"no .entry {name} in the PTX")
+    entry = _ptx_entry(ptx, name)
     params = [p.strip() for p in entry.group(1).split(",")]
     if len(params) < keep:
         raise RuntimeError(f"{name} has {len(params)} PTX parameters, fewer than the {keep} TensorRT passes")
@@ -128,10 +138,7 @@ def _strip_unused_trailing_params(ptx: str, name: str, keep: int) -> str:
 
 def ptx_entry_params(ptx: str, name: str) -> list[str]:
     """Parameter declarations of the PTX entry `name` (used by tests to check the launch contract)."""
-    entry = re.search(r"\.entry\s+" + re.escape(name) + r"\(\s*(.*?)\s*\)", ptx, flags=re.S)
-    if entry is None:
-        raise RuntimeError(f"no .entry {name} in the PTX")
-    return [p.strip() for p in entry.group(1).split(",") if p.strip()]
+    return [p.strip() for p in _ptx_entry(ptx, name).group(1).split(",") if p.strip()]
 
 
 def _compile(fn, signature: dict[str, str], constants: dict[str, Any], aligned: Sequence[str],
@@ -160,7 +167,7 @@ def _compile(fn, signature: dict[str, str], constants: dict[str, Any], aligned: 
 
 def compile_chunk_attention(dtype: str, head_dim: int, group: int, scale: float, capability: int) -> AotKernel:
     """PTX of `chunk_attention_kernel` for one I/O dtype, head_dim, GQA group size and scale."""
-    from .kernels import LOG2E, chunk_attention_kernel
+    from .kernels import LOG2E, chunk_attention_kernel, dot_precision
 
     _check_dtype(dtype)
     _check_head_dim(head_dim)
@@ -178,7 +185,7 @@ def compile_chunk_attention(dtype: str, head_dim: int, group: int, scale: float,
         "BLOCK_M": tile.block_m,
         "BLOCK_N": tile.block_n,
         "HEAD_DIM": head_dim,
-        "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+        "DOT_PRECISION": dot_precision(_torch_dtype(dtype)),
     }
     aligned = [n for n in ATTENTION_INPUTS + ATTENTION_OUTPUTS if n != "past_len_ptr"]
     aligned += [n for n in ATTENTION_SCALARS if n.startswith("stride_")]
@@ -194,18 +201,16 @@ def chunk_attention_grid(batch, kv_heads: int, seq, group: int, tile: AotTile):
 
 def chunk_attention_scalars(q_heads: int, kv_heads: int, seq, capacity: int, head_dim: int, window: int) -> list:
     """The int32 scalars of `chunk_attention_kernel` for contiguous (LINEAR) tensors, in ATTENTION_SCALARS order."""
-    from .kernels import UNBOUNDED_WINDOW
-
     # `seq` may be a TensorRT expression: keep it on the left of each product.
     q_strides = [seq * (q_heads * head_dim), seq * head_dim, head_dim]
     kv_strides = [seq * (kv_heads * head_dim), seq * head_dim, head_dim]
     cache_strides = [kv_heads * capacity * head_dim, capacity * head_dim, head_dim]
-    return [*q_strides, *kv_strides, *cache_strides, *q_strides, seq, capacity, window or UNBOUNDED_WINDOW]
+    return [*q_strides, *kv_strides, *cache_strides, *q_strides, seq, capacity, window]
 
 
 def compile_rolling_cache_update(dtype: str, head_dim: int, capability: int) -> AotKernel:
     """PTX of `rolling_cache_update_kernel` (cache and new share `dtype`)."""
-    from .kernels import rolling_cache_update_kernel
+    from .kernels import CACHE_UPDATE_BLOCK_ROWS, rolling_cache_update_kernel
 
     _check_dtype(dtype)
     _check_head_dim(head_dim)
@@ -222,6 +227,8 @@ def compile_rolling_cache_update(dtype: str, head_dim: int, capability: int) -> 
 
 
 def rolling_cache_update_grid(batch, kv_heads: int, seq):
+    from .kernels import CACHE_UPDATE_BLOCK_ROWS
+
     return (cdiv(seq, CACHE_UPDATE_BLOCK_ROWS), kv_heads, batch)
 
 

@@ -5,11 +5,15 @@ Three kernels (plus a merge step) implement the contract:
 * `decode_partial_kernel` + `decode_merge_kernel`: S = 1. One program per (split of the window, kv head,
   sequence) serves every query head of the GQA group, so K/V are read once per group; the window is split
   across programs (flash-decoding) so that batch 1 still fills the GPU, and the partial softmaxes are merged
-  by a second, small kernel (launched early with programmatic dependent launch on sm_90+).
+  by a second, small kernel (both launched with programmatic dependent launch on sm_90+).
 * `chunk_attention_kernel`: any S (prefill chunks; also the single-kernel form TensorRT's AOT path uses for
   decode). Tiled online softmax over [pre-update cache ∪ new keys]; each query tile visits only the keys
   inside its window band, so the cost grows as S·W rather than S².
 * `rolling_cache_update_kernel`: writes the last min(S, C) new rows into slots (past_len + i) mod C, in place.
+
+`window` is the node attribute as-is: 0 (`op_contract.NO_WINDOW`) means no window, in the kernels too.
+Positions are int64 in `past_len`; each program moves its sequence's position down by a multiple of C (same
+slots, same window arithmetic) so that the int32 positions inside the kernels never come near overflow.
 
 Parameter order of the chunk and cache-update kernels is (input pointers, int32 scalars, output pointers,
 constexprs): the order TensorRT's AOT plugin launch uses, so the same kernels serve torch and TensorRT.
@@ -31,11 +35,23 @@ import torch
 import triton
 import triton.language as tl
 
+from mistral_export.op_contract import NO_WINDOW
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
-# Stands in for "no window" so the kernels need no branch: j > p - 2**30 holds for every real position.
-UNBOUNDED_WINDOW = 1 << 30
+_NO_WINDOW = tl.constexpr(NO_WINDOW)  # jit functions read module globals only as constexpr
+
+# Decode launch, measured on an H200 at batch 1 and 16 (benchmarks/decode_sweep.py, results in
+# benchmarks/results/decode_sweep_h200.md): 32-key tiles, ~2 waves of programs over the SMs, 4 warps, 3 stages,
+# and programmatic dependent launch of both kernels on sm_90+ (11.1 µs per layer at batch 1 against 13.8 for
+# 64-key tiles without PDL; batch 16 not slower). Merging in the last split's program (atomic ticket) instead of
+# a second kernel was no faster (12.8 vs 12.3 µs) and was removed.
+DECODE_BLOCK_N = 32
+DECODE_WAVES = 2.0
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3
+CACHE_UPDATE_BLOCK_ROWS = 16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,6 +75,24 @@ def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, DOT_PRECIS
 
 
 @triton.jit
+def _ring_past(past_len_ptr, b, capacity):
+    """past_len[b] as an int32 position: moved down by a multiple of C, to below 2C.
+
+    Slots (j mod C) and every difference of positions stay the same, and keys older than past - C are never
+    read, so the kernels compute in int32 whatever the sequence's real (int64) position.
+    """
+    past = tl.load(past_len_ptr + b)
+    ring = tl.maximum(capacity, 1)
+    return (past - tl.maximum(past // ring - 1, 0) * ring).to(tl.int32)
+
+
+@triton.jit
+def _window_start(pos, window):
+    """First key position a query at `pos` attends: W keys ending at pos (the HF rule j > pos - W), or 0."""
+    return tl.where(window == _NO_WINDOW, 0, pos - window + 1)
+
+
+@triton.jit
 def decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, past_len_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
@@ -66,17 +100,12 @@ def decode_partial_kernel(
     stride_kb, stride_kh,
     stride_cb, stride_ch, stride_cc,
     capacity, window, scale_log2, keys_per_split, num_splits,
-    counter_ptr, out_ptr, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-    GROUP_P2: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Partial attention of one decode query per head of a GQA group over one split of its key range.
 
     Writes the unnormalised accumulator, running max (log2 units) and running sum per (b, q head, split).
-    With FUSED_MERGE the last split of a (b, kv head) to finish (an atomic ticket per group) merges the
-    partials itself instead of `decode_merge_kernel`. The ticket counters are zero before the launch and
-    reset by the merging program.
     PDL (programmatic dependent launch, sm_90+): wait for the previous kernel before reading anything (so it
     is safe whatever kernel precedes), then let the dependent kernel (the merge) launch at once; it waits for
     this grid in its own prologue. Both are no-ops in a launch without the PDL attribute.
@@ -89,9 +118,9 @@ def decode_partial_kernel(
     b = tl.program_id(2).to(tl.int64)
     kv_heads = tl.num_programs(1)
 
-    past = tl.load(past_len_ptr + b).to(tl.int32)
-    pos = past  # the query's absolute position
-    lo = tl.maximum(tl.maximum(past - capacity, 0), pos - window + 1)
+    past = _ring_past(past_len_ptr, b, capacity)
+    pos = past  # the query's position
+    lo = tl.maximum(tl.maximum(past - capacity, 0), _window_start(pos, window))
     start = lo + split * keys_per_split
     end = tl.minimum(start + keys_per_split, pos + 1)
 
@@ -131,31 +160,6 @@ def decode_partial_kernel(
     tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=group_ok[:, None])
     tl.store(part_max_ptr + part, m_i, mask=group_ok)
     tl.store(part_sum_ptr + part, l_i, mask=group_ok)
-
-    if FUSED_MERGE:
-        tl.debug_barrier()  # every thread's partial stores precede the (releasing) ticket
-        counter = counter_ptr + b * kv_heads + kv_head
-        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if ticket == num_splits - 1:
-            # All heads of the group at once: one round of (L2) loads instead of one per head.
-            offs_mg = tl.arange(0, GROUP_P2)
-            mg_ok = offs_mg < GROUP
-            offs_s = tl.arange(0, BLOCK_SPLITS)
-            ok2 = mg_ok[:, None] & (offs_s < num_splits)[None, :]
-            m_rows = (b * kv_heads + kv_head) * GROUP + offs_mg
-            parts = m_rows[:, None] * num_splits + offs_s[None, :]  # [GROUP_P2, BLOCK_SPLITS]
-            # .cg: other programs' partials must come from L2, not a stale L1 line.
-            m = tl.load(part_max_ptr + parts, mask=ok2, other=float("-inf"), cache_modifier=".cg")
-            l = tl.load(part_sum_ptr + parts, mask=ok2, other=0.0, cache_modifier=".cg")
-            o = tl.load(part_out_ptr + parts[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=ok2[:, :, None],
-                        other=0.0, cache_modifier=".cg")
-            m_max = tl.max(m, 1)
-            w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)[:, None])  # padding rows: all 0
-            total = tl.sum(l * w, 1)
-            merged = tl.sum(o * w[:, :, None], 1) / tl.where(total == 0.0, 1.0, total)[:, None]
-            tl.store(out_ptr + b * stride_ob + (kv_head * GROUP + offs_mg)[:, None] * stride_oh + offs_d[None, :],
-                     merged.to(out_ptr.dtype.element_ty), mask=mg_ok[:, None])
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -204,19 +208,20 @@ def chunk_attention_kernel(
 
     The rows of a kv head's GQA group are packed as row = i * GROUP + g (position i, head g of the group), so
     a tile covers BLOCK_M / GROUP positions of every head in the group and K/V tiles serve them all.
-    `window` is the window, or UNBOUNDED_WINDOW for none; `scale_log2` is scale * log2(e), last so that the
-    AOT path can bake it in as a constant.
+    `window` is the window, 0 for none; `scale_log2` is scale * log2(e), last so that the AOT path can bake it
+    in as a constant.
     """
     pid_m = tl.program_id(0)
     kv_head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
 
-    past = tl.load(past_len_ptr + b).to(tl.int32)
+    past = _ring_past(past_len_ptr, b, capacity)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < GROUP * seq_len
     i = rows // GROUP
     g = rows % GROUP
     pos = past + i
+    first_key = _window_start(pos, window)  # per row
     q_heads = kv_head * GROUP + g
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -227,7 +232,7 @@ def chunk_attention_kernel(
     first_i = (pid_m * BLOCK_M) // GROUP
     last_i = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, seq_len - 1)
     # Key band of this tile: nothing before the earliest row's window, nothing older than the cache holds.
-    lo = tl.maximum(tl.maximum(past - capacity, 0), past + first_i - window + 1)
+    lo = tl.maximum(tl.maximum(past - capacity, 0), _window_start(past + first_i, window))
     hi = past + last_i + 1  # exclusive
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -244,7 +249,7 @@ def chunk_attention_kernel(
         offs = cache_base + (j % ring)[:, None] * stride_cc + offs_d[None, :]
         k = tl.load(k_cache_ptr + offs, mask=ok[:, None], other=0.0)
         v = tl.load(v_cache_ptr + offs, mask=ok[:, None], other=0.0)
-        allowed = ok[None, :] & (j[None, :] > pos[:, None] - window)
+        allowed = ok[None, :] & (j[None, :] >= first_key[:, None])
         m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
     # Keys of this chunk, index j - past of k/v: causal and window bounds per row.
@@ -255,7 +260,7 @@ def chunk_attention_kernel(
         offs = new_base + (j - past)[:, None] * stride_ks + offs_d[None, :]
         k = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)
         v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
-        allowed = ok[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - window)
+        allowed = ok[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] >= first_key[:, None])
         m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0 only on padding rows, never stored
@@ -280,7 +285,7 @@ def rolling_cache_update_kernel(
     pid = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    past = tl.load(past_len_ptr + b).to(tl.int32)
+    past = _ring_past(past_len_ptr, b, capacity)
     first = seq_len - tl.minimum(seq_len, capacity)  # earlier rows would be overwritten in the same chunk
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = (rows >= first) & (rows < seq_len)
@@ -329,14 +334,19 @@ def decode_block_g(group: int) -> int:
 
 
 def decode_splits(max_keys: int, work_items: int, num_sms: int, block_n: int,
-                  waves: float = 2.0) -> tuple[int, int]:
+                  waves: float = DECODE_WAVES) -> tuple[int, int]:
     """(num_splits, keys_per_split): enough programs to cover ~`waves` waves of the SMs, each a whole number of
-    tiles."""
+    tiles. (`waves` other than the default: benchmarks/decode_sweep.py.)"""
     tiles = triton.cdiv(max_keys, block_n)
     wanted = max(1, math.ceil(waves * num_sms / max(work_items, 1)))
     splits = min(tiles, wanted)
     keys_per_split = triton.cdiv(tiles, splits) * block_n
     return triton.cdiv(max_keys, keys_per_split), keys_per_split
+
+
+def decode_max_keys(window: int, capacity: int) -> int:
+    """Keys a decode query attends at most: its window, or the C cached keys and itself."""
+    return capacity + 1 if window == NO_WINDOW else min(window, capacity + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,28 +405,57 @@ def _num_sms(t: torch.Tensor) -> int:
     return _device_info(t)[1] if t.is_cuda else 4
 
 
-def _window_arg(window: int) -> int:
+def _check_attention_inputs(q, k, v, k_cache, v_cache, past_len, window: int) -> None:
+    _check_rank("q", q, 4, "[B,Hq,S,D]")
+    _check_rank("k", k, 4, "[B,Hkv,S,D]")
+    _check_rank("v", v, 4, "[B,Hkv,S,D]")
+    _check_rank("k_cache", k_cache, 4, "[B,Hkv,C,D]")
+    _check_rank("v_cache", v_cache, 4, "[B,Hkv,C,D]")
+    batch, q_heads, seq, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    _check_head_dim("q", head_dim)
+    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_io_dtype(name, t, q.dtype)
+    if k.shape != (batch, kv_heads, seq, head_dim) or v.shape != k.shape:
+        raise ValueError(f"k and v must be [B,Hkv,S,D] = {(batch, kv_heads, seq, head_dim)}; "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if v_cache.shape != k_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache and v_cache must be [B,Hkv,C,D] with B={batch}, D={head_dim}; "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
+    _check_past_len(past_len, batch)
     if window < 0:
-        raise ValueError(f"window must be >= 0 (0 = no window); got {window}")
-    return window if window > 0 else UNBOUNDED_WINDOW
+        raise ValueError(f"window must be >= 0 ({NO_WINDOW} = no window); got {window}")
+
+
+def _check_cache_update_inputs(cache, new, past_len) -> None:
+    _check_rank("cache", cache, 4, "[B,Hkv,C,D]")
+    _check_rank("new", new, 4, "[B,Hkv,S,D]")
+    batch, heads, capacity, head_dim = cache.shape
+    _check_head_dim("cache", head_dim)
+    if cache.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"cache must be float16, bfloat16 or float32; got {cache.dtype}")
+    if new.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"new must be float16, bfloat16 or float32; got {new.dtype}")
+    if new.shape[0] != batch or new.shape[1] != heads or new.shape[3] != head_dim:
+        raise ValueError(f"new must be [B={batch},Hkv={heads},S,D={head_dim}]; got {tuple(new.shape)}")
+    if cache.stride(-1) != 1:
+        raise ValueError("cache must have a contiguous last dim (it is updated in place)")
+    _check_past_len(past_len, batch)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
 # Programmatic dependent launch: Triton >= 3.4 on sm_90+ (`launch_pdl=True` and tl.extra.cuda.gdc_*).
 _PDL_AVAILABLE = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
 
 
-def _ticket_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters for the fused decode merge; each launch leaves them zero again."""
-    counters = _TICKETS.get(device)
-    if counters is None or counters.numel() < n:
-        counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _TICKETS[device] = counters
-    return counters
+def uses_pdl(t: torch.Tensor) -> bool:
+    """Whether decode launches on `t`'s device use programmatic dependent launch (sm_90+, Triton >= 3.4)."""
+    return t.is_cuda and _PDL_AVAILABLE and _capability(t) >= (9, 0)
 
 
 def sliding_window_attention(
@@ -432,53 +471,14 @@ def sliding_window_attention(
     out: torch.Tensor | None = None,
     chunk: ChunkConfig | None = None,
     keys_per_split: int | None = None,
-    decode_block_n: int = 32,
-    fused_merge: bool = False,
-    decode_waves: float = 2.0,
-    decode_num_warps: int = 4,
-    decode_num_stages: int = 3,
-    pdl: int = 2,
+    decode_block_n: int = DECODE_BLOCK_N,
 ) -> torch.Tensor:
-    """The SlidingWindowAttention contract on Triton. S = 1 takes the split decode path, else the chunk kernel.
+    """The SlidingWindowAttention contract on Triton: S = 1 takes the split decode path, else the chunk kernel.
 
-    `out` may be passed (it is fully overwritten); `chunk`, `keys_per_split` and `decode_block_n` override the
-    tile choices (tests use them to cross tile and split boundaries at small shapes). Decode tuning
-    (benchmarks/decode_sweep.py, results in benchmarks/results/decode_sweep_h200.md): `decode_waves` sets the
-    split count (~waves x SMs programs), `decode_num_warps` / `decode_num_stages` the partial kernel's launch,
-    `pdl` programmatic dependent launch on sm_90+ (0 off; 1 the merge kernel launches early and waits for the
-    partials in its prologue; 2 also the partial kernel, which waits for whatever precedes it before reading
-    anything). Defaults are the sweep's best on an H200 at batch 1 (BN 32, 2 waves, pdl 2: 11.1 µs per layer
-    vs 13.8 for the former BN 64 without PDL) that did not slow batch 16 (69.3 vs 71.6 µs).
-    `fused_merge=True` merges decode splits in the last split's program (atomic ticket) instead of a second
-    kernel; on an H200 it was no faster than the two kernels (12.8 vs 12.3 µs with pdl 2 at BN 64).
-
-    Decode with the fused merge uses per-device ticket counters: concurrent decode launches on different
-    streams of one device are not supported (launches on one stream, CUDA graphs included, are).
+    `out` may be passed (it is fully overwritten). `chunk`, `keys_per_split` and `decode_block_n` are test hooks
+    that override the tile and split choices (tests cross tile and split boundaries at small shapes with them).
     """
-    _check_rank("q", q, 4, "[B,Hq,S,D]")
-    _check_rank("k", k, 4, "[B,Hkv,S,D]")
-    _check_rank("v", v, 4, "[B,Hkv,S,D]")
-    _check_rank("k_cache", k_cache, 4, "[B,Hkv,C,D]")
-    _check_rank("v_cache", v_cache, 4, "[B,Hkv,C,D]")
-    batch, q_heads, seq, head_dim = q.shape
-    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-    _check_head_dim("q", head_dim)
-    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_io_dtype(name, t, q.dtype)
-    if k.shape != (batch, kv_heads, seq, head_dim) or v.shape != k.shape:
-        raise ValueError(f"k and v must be [B,Hkv,S,D] = {(batch, kv_heads, seq, head_dim)}; "
-                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
-    if v_cache.shape != k_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache and v_cache must be [B,Hkv,C,D] with B={batch}, D={head_dim}; "
-                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if q_heads % kv_heads:
-        raise ValueError(f"q heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
-    _check_past_len(past_len, batch)
-    group = q_heads // kv_heads
-    win = _window_arg(window)
-    scale_log2 = float(scale) * LOG2E
-    precision = dot_precision(q.dtype)
-
+    _check_attention_inputs(q, k, v, k_cache, v_cache, past_len, window)
     q = _last_dim_contiguous(q)
     k, v = _same_strides(k, v)
     k_cache, v_cache = _same_strides(k_cache, v_cache)
@@ -486,89 +486,78 @@ def sliding_window_attention(
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
+    batch, _, seq, _ = q.shape
     if batch == 0 or seq == 0:
         return out
-
+    args = (q, k, v, k_cache, v_cache, past_len, window, float(scale) * LOG2E, out)
     if seq == 1:
-        # Decode. k/v hold a single row, so their S stride never matters (the kernel reads row 0 only).
-        max_keys = min(win, capacity + 1)
-        splits, per_split = decode_splits(max_keys, batch * kv_heads, _num_sms(q), decode_block_n, decode_waves)
-        if keys_per_split is not None:
-            per_split = keys_per_split
-            splits = triton.cdiv(max_keys, per_split)
-        part_out = torch.empty((batch * q_heads * splits, head_dim), device=q.device, dtype=torch.float32)
-        part_max = torch.empty((batch * q_heads * splits,), device=q.device, dtype=torch.float32)
-        part_sum = torch.empty_like(part_max)
-        fused = fused_merge and splits > 1
-        counters = _ticket_counters(q.device, batch * kv_heads) if fused else part_max
-        pdl = pdl if q.is_cuda and _PDL_AVAILABLE and _capability(q) >= (9, 0) else 0
-        group_p2 = triton.next_power_of_2(group)
-        decode_partial_kernel[(splits, kv_heads, batch)](
-            q, k, v, k_cache, v_cache, past_len,
-            part_out, part_max, part_sum,
-            q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            capacity, win, scale_log2, per_split, splits,
-            counters, out, out.stride(0), out.stride(1),
-            GROUP=group, BLOCK_G=decode_block_g(group), BLOCK_N=decode_block_n, HEAD_DIM=head_dim,
-            DOT_PRECISION=precision, FUSED_MERGE=fused, BLOCK_SPLITS=triton.next_power_of_2(splits),
-            GROUP_P2=group_p2, PDL=pdl > 0,
-            num_warps=decode_num_warps, num_stages=decode_num_stages if q.is_cuda else 1,
-            **({"launch_pdl": True} if pdl >= 2 else {}),
-        )
-        if fused:
-            return out
-        decode_merge_kernel[(batch * q_heads,)](
-            part_out, part_max, part_sum, out,
-            out.stride(0), out.stride(1), splits,
-            Q_HEADS=q_heads, BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim, PDL=pdl > 0,
-            num_warps=4 if head_dim >= 64 else 1,
-            **({"launch_pdl": True} if pdl else {}),
-        )
-        return out
+        _decode(*args, keys_per_split, decode_block_n)
+    else:
+        _chunk(*args, chunk or chunk_config(q.shape[3], q.dtype, _capability(q)))
+    return out
 
-    cfg = chunk or chunk_config(head_dim, q.dtype, _capability(q))
-    grid = (triton.cdiv(group * seq, cfg.block_m), kv_heads, batch)
-    chunk_attention_kernel[grid](
+
+def _decode(q, k, v, k_cache, v_cache, past_len, window, scale_log2, out, keys_per_split, block_n) -> None:
+    """S = 1. k/v hold a single row, so their S stride never matters (the kernel reads row 0 only)."""
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    max_keys = decode_max_keys(window, capacity)
+    if keys_per_split is None:
+        splits, keys_per_split = decode_splits(max_keys, batch * kv_heads, _num_sms(q), block_n)
+    else:
+        splits = triton.cdiv(max_keys, keys_per_split)
+    part_out = torch.empty((batch * q_heads * splits, head_dim), device=q.device, dtype=torch.float32)
+    part_max = torch.empty((batch * q_heads * splits,), device=q.device, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    pdl = uses_pdl(q)
+    launch = {"launch_pdl": True} if pdl else {}  # only where Triton knows the option (>= 3.4)
+    decode_partial_kernel[(splits, kv_heads, batch)](
+        q, k, v, k_cache, v_cache, past_len,
+        part_out, part_max, part_sum,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        capacity, window, scale_log2, keys_per_split, splits,
+        GROUP=group, BLOCK_G=decode_block_g(group), BLOCK_N=block_n, HEAD_DIM=head_dim,
+        DOT_PRECISION=dot_precision(q.dtype), PDL=pdl,
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES if q.is_cuda else 1, **launch,
+    )
+    decode_merge_kernel[(batch * q_heads,)](
+        part_out, part_max, part_sum, out,
+        out.stride(0), out.stride(1), splits,
+        Q_HEADS=q_heads, BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim, PDL=pdl,
+        num_warps=4 if head_dim >= 64 else 1, **launch,
+    )
+
+
+def _chunk(q, k, v, k_cache, v_cache, past_len, window, scale_log2, out, cfg: ChunkConfig) -> None:
+    batch, q_heads, seq, head_dim = q.shape
+    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    chunk_attention_kernel[(triton.cdiv(group * seq, cfg.block_m), kv_heads, batch)](
         q, k, v, k_cache, v_cache, past_len,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        seq, capacity, win,
+        seq, capacity, window,
         out,
         scale_log2,
-        GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, DOT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out
-
-
-CACHE_UPDATE_BLOCK_ROWS = 16
 
 
 def rolling_cache_update_(cache: torch.Tensor, new: torch.Tensor, past_len: torch.Tensor) -> None:
     """The RollingCacheUpdate contract on Triton, in place on `cache` (its last dim must be contiguous)."""
-    _check_rank("cache", cache, 4, "[B,Hkv,C,D]")
-    _check_rank("new", new, 4, "[B,Hkv,S,D]")
-    batch, heads, capacity, head_dim = cache.shape
-    _check_head_dim("cache", head_dim)
-    if cache.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"cache must be float16, bfloat16 or float32; got {cache.dtype}")
-    if new.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"new must be float16, bfloat16 or float32; got {new.dtype}")
-    if new.shape[0] != batch or new.shape[1] != heads or new.shape[3] != head_dim:
-        raise ValueError(f"new must be [B={batch},Hkv={heads},S,D={head_dim}]; got {tuple(new.shape)}")
-    if cache.stride(-1) != 1:
-        raise ValueError("cache must have a contiguous last dim (it is updated in place)")
-    _check_past_len(past_len, batch)
+    _check_cache_update_inputs(cache, new, past_len)
     new = _last_dim_contiguous(new)
+    batch, heads, capacity, head_dim = cache.shape
     seq = new.shape[2]
     if batch == 0 or seq == 0 or capacity == 0:
         return
-    grid = (triton.cdiv(seq, CACHE_UPDATE_BLOCK_ROWS), heads, batch)
-    rolling_cache_update_kernel[grid](
+    rolling_cache_update_kernel[(triton.cdiv(seq, CACHE_UPDATE_BLOCK_ROWS), heads, batch)](
         cache, new, past_len, cache,
         cache.stride(0), cache.stride(1), cache.stride(2),
         new.stride(0), new.stride(1), new.stride(2),
@@ -578,20 +567,15 @@ def rolling_cache_update_(cache: torch.Tensor, new: torch.Tensor, past_len: torc
     )
 
 
-def decode_bytes_read(batch: int, kv_heads: int, q_heads: int, keys: int, head_dim: int, itemsize: int) -> int:
-    """Bytes a decode step must read at least: K and V of every attended key, plus q (for bandwidth figures)."""
-    return (2 * batch * kv_heads * keys + batch * q_heads) * head_dim * itemsize
-
-
 __all__ = [
+    "CACHE_UPDATE_BLOCK_ROWS",
     "ChunkConfig",
+    "DECODE_BLOCK_N",
     "LOG2E",
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
-    "UNBOUNDED_WINDOW",
     "chunk_attention_kernel",
     "chunk_config",
-    "decode_bytes_read",
     "decode_merge_kernel",
     "decode_partial_kernel",
     "dot_precision",
