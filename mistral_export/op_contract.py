@@ -27,9 +27,11 @@ NO_WINDOW = 0
 PLUGIN_IMPLS = {"aot": 1, "jit": 0}
 DEFAULT_PLUGIN_IMPL = "aot"
 
-# Positions are int32 inside the Triton kernels and the TensorRT plugins (their scalars are int32), so a
-# sequence may hold positions 0 .. MAX_POSITION; every runner refuses a step that would go past it.
-MAX_POSITION = 2**31 - 1
+# The last position a sequence may reach. Rotary angles are computed from positions cast to fp32 (in the eager
+# model and the exported graph, as Hugging Face does), which holds every integer exactly only up to 2^24: past
+# that, neighbouring positions would get the same rotation. (The kernels rebase int64 positions, so they set no
+# lower limit.) Every runner refuses a step that would go past it.
+MAX_POSITION = 2**24 - 1
 
 
 def check_positions(past_len: list[int], seq: int, capacity: int, wraps: bool) -> None:
@@ -37,7 +39,7 @@ def check_positions(past_len: list[int], seq: int, capacity: int, wraps: bool) -
 
     A graph or a kernel cannot raise, so each runner (and the deploy stage) calls this before a step:
     without a window (`wraps` False) the cache is linear and a sequence must not pass its capacity (it
-    would wrap silently); with one, positions must stay within the int32 range of the kernels.
+    would wrap silently); with one, positions must stay exact in the fp32 rotary embedding (MAX_POSITION).
     """
     from mistral_export.errors import MistralExportError
 
@@ -52,5 +54,5 @@ def check_positions(past_len: list[int], seq: int, capacity: int, wraps: bool) -
             f"(max context); shorten the prompt or --max-new-tokens")
     if end - 1 > MAX_POSITION:
         raise MistralExportError(
-            f"position {end - 1} is past the last position the kernels address ({MAX_POSITION} = 2^31 - 1); "
-            f"start a new sequence")
+            f"position {end - 1} is past the last position rotary embeddings compute exactly ({MAX_POSITION} = "
+            f"2^24 - 1, fp32); start a new sequence")

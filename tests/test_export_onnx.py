@@ -17,6 +17,7 @@ from mistral_export.export.onnx_export import check_model, export_onnx, input_na
 from mistral_export.model.checkpoint import random_model, save_hf_checkpoint
 from conftest import export_for_onnxruntime, small_config
 from mistral_export.model.config import TINY_DIR, ModelConfig
+from mistral_export.op_contract import MAX_POSITION
 
 TOLERANCE = 1e-4  # fp32 bar of DESIGN.md
 
@@ -327,14 +328,14 @@ def test_runner_only_reads_the_artifact(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
-def test_positions_past_int32_are_refused_by_every_runner(exported, backend):
+def test_positions_past_the_last_exact_one_are_refused_by_every_runner(exported, backend):
     model, path = exported
     runner = EagerRunner(model) if backend == "eager" else OnnxRuntimeRunner(path, threads=1)
     runner.reset(1)
-    last = 2**31 - 1
-    if model.config.sliding_window:  # a ring may reach the last int32 position, not pass it
+    last = MAX_POSITION
+    if model.config.sliding_window:  # a ring may reach the last position, not pass it
         assert torch.isfinite(runner.step(torch.zeros(1, 1, dtype=torch.int64), torch.tensor([last]))).all()
-        expected = "past the last position the kernels address"
+        expected = "past the last position rotary embeddings compute exactly"
     else:  # a linear cache stops at its capacity long before
         expected = "exceeds the cache capacity"
     with pytest.raises(MistralExportError, match=expected):

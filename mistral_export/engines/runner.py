@@ -22,7 +22,7 @@ class Runner(ABC):
     """A backend's view of the model: a batch of sequences sharing one rolling cache.
 
     `step` checks every call against the op contract's limits (op_contract.check_positions: a cache
-    without a window must not overflow, positions stay within int32) before the backend runs it,
+    without a window must not overflow, positions stay below op_contract.MAX_POSITION) before the backend runs it,
     since no graph, kernel or engine can refuse by itself.
     """
 
