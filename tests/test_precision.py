@@ -82,7 +82,7 @@ def exported(tmp_path_factory):
         paths[precision] = export_precision("tiny", root / precision, precision)
         write_onnxruntime_artifact(paths[precision])
     result = CliRunner().invoke(app, ["export", "tiny", "-o", str(root / "int8"), "--precision", "int8",
-                                      "--calib-samples", "16", "--calib-seq-len", "128"])
+                                      "--calib-samples", "8", "--calib-seq-len", "96"])
     assert result.exit_code == 0, result.output
     paths["int8"] = root / "int8" / "model.onnx"
     return paths
@@ -155,7 +155,7 @@ def test_portable_graph_form(exported, precision):
     if precision == "int8":
         assert len(activations) == len(weights)
         assert quantization["smoothquant_alpha"] == 0.5
-        assert quantization["calibration"]["samples"] == 16 and quantization["calibration"]["seq_len"] == 128
+        assert quantization["calibration"]["samples"] == 8 and quantization["calibration"]["seq_len"] == 96
     else:
         assert activations == [] and quantization["method"] == "W8A16 weight-only"
 
@@ -206,11 +206,11 @@ def test_smoothquant_matters_on_activation_outliers(tiny, held_out, tmp_path):
     eager = EagerRunner(model)
     eager.reset(ids.shape[0])
     assert (prefill(eager, ids, CHUNK) - reference).abs().max() < 1e-3  # same function in fp32
-    calibration = CalibrationOptions(samples=8, seq_len=128, tokenizer=TINY_DIR)
+    calibration = CalibrationOptions(samples=4, seq_len=96, tokenizer=TINY_DIR)
     measured = {}
     for name, alpha in (("plain", None), ("smoothquant", 0.5)):
+        # The portable Q/DQ graph, whose static activation scales are what SmoothQuant changes (TensorRT's input).
         path = export_precision(model, tmp_path / name, "int8", calibration=calibration, smoothquant_alpha=alpha)
-        write_onnxruntime_artifact(path)
         measured[name] = score(OnnxRuntimeRunner(path, portable=True), reference, ids)
     plain, smoothed = measured["plain"], measured["smoothquant"]
     assert smoothed["top1_agreement"] >= plain["top1_agreement"] + 0.05, measured
