@@ -22,6 +22,7 @@ run: $(STAMP)
 	$(CLI) inspect tiny --context 4096
 	$(CLI) build tiny -o $(OUTDIR) --backend $(BACKEND)
 	$(CLI) inspect $(OUTDIR)
+	$(CLI) validate $(OUTDIR) --quick
 	$(CLI) generate --backend $(BACKEND) --engine $(OUTDIR) --prompt '$(PROMPT)' --max-new-tokens 80
 
 test: $(STAMP)
