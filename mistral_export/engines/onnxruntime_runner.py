@@ -58,7 +58,7 @@ class OnnxRuntimeRunner(Runner):
     """Runner over an exported model on ONNX Runtime's CPU (or another) provider.
 
     By default the session runs model.ort.onnx, the ONNX Runtime artifact written beside model.onnx by
-    `export` / `build` (function bodies inlined, per-layer shape/mask arithmetic shared; see
+    `export` / `build` (GroupQueryAttention per layer, the cache updated in place; see
     engines/onnxruntime_artifact.py); a missing or stale artifact is an error naming the command that
     writes it. `portable=True` runs model.onnx exactly as exported (its `mistral` nodes from their bodies).
     The cache is host memory whatever the provider (another provider copies it in at each step).
