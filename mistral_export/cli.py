@@ -113,7 +113,7 @@ def export(
         path = export_precision(model, output, precision.value, opset=opset, last_token_logits=last_token_logits,
                                 plugin_impl=plugin_impl.value, smoothquant_alpha=None if no_smoothquant else smoothquant_alpha,
                                 calibration=calibration_options(calib_data, calib_samples, calib_seq_len))
-        logger.info("writing the ONNX Runtime artifact model.ort.onnx (function bodies inlined, shared mask)")
+        logger.info("writing the ONNX Runtime artifact model.ort.onnx (GroupQueryAttention, cache updated in place)")
         write_onnxruntime_artifact(path)
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model."))
     typer.echo(f"wrote {path} ({precision.value}; + model.onnx.data, model.ort.onnx; {size / 2**20:.1f} MiB) "

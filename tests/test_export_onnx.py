@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from mistral_export.engines.onnxruntime_attention import CACHE_IN_PLACE_KEY
 from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
 from mistral_export.engines.runner import EagerRunner, greedy_tokens, prefill
 from mistral_export.errors import MistralExportError
@@ -132,21 +134,32 @@ def test_loads_in_plain_onnxruntime(exported):
 
 
 def test_runtime_artifact_is_lean(exported):
-    """model.ort.onnx: bodies inlined, one band-mask computation shared by all layers."""
+    """model.ort.onnx: per layer one GroupQueryAttention updating the cache in place, the projections and the
+    fused norms; positions, RoPE tables and the kernels' lengths computed once for all layers."""
     model, path = exported
     runner = OnnxRuntimeRunner(path, threads=1)
     assert runner.session_path.name == "model.ort.onnx"
     proto = onnx.load(str(runner.session_path), load_external_data=False)
-    ops = [n.op_type for n in proto.graph.node]
-    assert not proto.functions and "SlidingWindowAttention" not in ops
-    assert ops.count("Greater") == 1 and ops.count("Softmax") == model.config.num_layers
-    assert ops.count("Shape") <= 3
-    # Fusions (engines/onnxruntime_fusions.py): every norm but the first follows a residual Add and takes it in;
-    # rotate-half of q and k is one Gather each (plus the embedding's).
-    layers = model.config.num_layers
-    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers and ops.count("SimplifiedLayerNormalization") == 1
+    assert {p.key: p.value for p in proto.metadata_props}[CACHE_IN_PLACE_KEY] == "1"
+    ops = Counter(n.op_type for n in proto.graph.node)
+    layers, window = model.config.num_layers, model.config.sliding_window
+    assert not proto.functions and not {"SlidingWindowAttention", "RollingCacheUpdate", "ScatterElements",
+                                        "Softmax", "Transpose"} & set(ops)
+    attention = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == layers
+    for node in attention:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["local_window_size"] == (window or -1) and attrs["sliding_window_cache"] == int(bool(window))
+        assert attrs["do_rotary"] == int(bool(window))  # without a window RoPE runs before it (RotaryEmbedding)
+    assert ops["RotaryEmbedding"] == (0 if window else 2 * layers)
+    # Once per step: positions, cos and sin, GQA's lengths; no per-layer shape arithmetic.
+    assert ops["Cos"] == ops["Sin"] == ops["ReduceMax"] == ops["Min"] == 1 and ops["Shape"] <= 3
+    # Fusions (engines/onnxruntime_fusions.py): every norm but the first follows a residual Add and takes it in.
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers and ops["SimplifiedLayerNormalization"] == 1
     assert "Pow" not in ops and "Sqrt" not in ops
-    assert ops.count("Gather") == 1 + 2 * layers and ops.count("Slice") == 2 * layers  # cache-update slices only
+    # Per layer: 2 norms, 4 projections, the attention, SwiGLU's Split, Sigmoid and 2 Muls (+ Split and 2 RoPE).
+    per_layer = 11 if window else 14
+    assert len(proto.graph.node) - per_layer * layers <= 30
 
 
 def test_prefill_decode_and_chunked_match_eager(exported):

@@ -1,15 +1,12 @@
 """ONNX Runtime fusions for model.ort.onnx: fewer kernels per decode step.
 
-At batch 1 a small model's decode step costs about a microsecond per kernel ONNX Runtime
-dispatches, so node count matters as much as bytes. ONNX Runtime's own optimizer fuses RMSNorm,
-but not the residual Add before it (the sum has a second consumer), and it leaves rotate-half as
-two slices and a concat. These rewrites match exactly what our exporter emits and leave any other
-shape alone:
-
-- RMSNorm (Pow 2, ReduceMean last axis, Add eps, Sqrt, Div, Mul weight) → SimplifiedLayerNormalization,
-  or com.microsoft.SkipSimplifiedLayerNormalization when its input is a residual Add (the fused node
-  also returns the sum for the next residual);
-- rotate-half (Concat of x's upper and lower halves on the last axis) → one Gather.
+At batch 1 a decode step pays several microseconds per kernel ONNX Runtime dispatches, so node count
+matters as much as bytes. ONNX Runtime's own optimizer fuses RMSNorm, but not the residual Add before
+it (the sum has a second consumer). This rewrite matches exactly what our exporter emits and leaves any
+other shape alone: RMSNorm (Pow 2, ReduceMean last axis, Add eps, Sqrt, Div, Mul weight) →
+SimplifiedLayerNormalization, or com.microsoft.SkipSimplifiedLayerNormalization when its input is a
+residual Add (the fused node also returns the sum for the next residual). Attention, RoPE and the cache
+update become GroupQueryAttention in onnxruntime_attention.py.
 """
 
 from __future__ import annotations
@@ -103,7 +100,7 @@ def fuse_rms_norms(model: ir.Model) -> int:
     return fused
 
 
-def _half_slice(node: ir.Node | None):
+def last_axis_slice(node: ir.Node | None):
     """(x, start, end) of a unit-step Slice of x's last axis with constant bounds."""
     if node is None or node.op_type != "Slice" or node.domain != "" or len(node.inputs) < 4:
         return None
@@ -116,36 +113,3 @@ def _half_slice(node: ir.Node | None):
     if not _last_axis(int(axes.item()), rank):
         return None
     return x, int(starts.item()), int(ends.item())
-
-
-def fuse_rotate_half(model: ir.Model) -> int:
-    graph = model.graph
-    fused = 0
-    for concat in list(graph):
-        if concat.op_type != "Concat" or concat.domain != "" or len(concat.inputs) != 2:
-            continue
-        upper, lower = (_half_slice(v.producer()) if v is not None else None for v in concat.inputs)
-        if upper is None or lower is None or upper[0] is not lower[0]:
-            continue
-        x = upper[0]
-        dim = x.shape[-1] if x.shape is not None else None
-        rank = len(x.shape) if x.shape is not None else None
-        if not isinstance(dim, int) or dim % 2 or not _last_axis(concat.attributes.get_int("axis"), rank):
-            continue
-        half = dim // 2
-        if upper[1] != half or upper[2] < dim or lower[1:] != (0, half):
-            continue
-        permutation = ir.Value(name=f"{concat.outputs[0].name}_permutation", shape=ir.Shape([dim]),
-                               type=ir.TensorType(ir.DataType.INT64))
-        permutation.const_value = ir.tensor(np.r_[np.arange(half, dim), np.arange(half)].astype(np.int64))
-        graph.register_initializer(permutation)
-        gather = ir.node("Gather", [x, permutation], {"axis": -1})
-        graph.insert_before(concat, gather)
-        out = concat.outputs[0]
-        gather.outputs[0].shape, gather.outputs[0].type = out.shape, out.type
-        out.replace_all_uses_with(gather.outputs[0], replace_graph_outputs=True)
-        slices = [v.producer() for v in concat.inputs]
-        graph.remove(concat, safe=True)
-        graph.remove([s for s in dict.fromkeys(slices) if not any(o.uses() for o in s.outputs)], safe=True)
-        fused += 1
-    return fused

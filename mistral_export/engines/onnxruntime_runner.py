@@ -1,16 +1,16 @@
 """ONNX Runtime runner for the exported graph (any ORT build: the `mistral` ops run as function bodies).
 
-The rolling cache lives in OrtValues that stay put between steps: two sets per layer, bound with
-I/O binding as past_key_values.* (read) and present.* (written), swapped after each step. A decode
-step therefore copies no cache through numpy; only input_ids, past_len and the logits cross.
-(Binding present.* to the very OrtValues of past_key_values.* is not safe: the function body of
-RollingCacheUpdate is a ScatterElements that ORT may schedule before the attention that reads the
-old cache, since the `after` ordering input is unused by the body.)
+The cache is one numpy array the runner owns, [2 * layers, B, Hkv, C, D] (key, value per layer), bound to
+the session by pointer: a step copies no cache through Python. The ONNX Runtime artifact updates it in
+place (engines/onnxruntime_attention.py: GroupQueryAttention, whose `present.*` are bound to the very
+memory of `past_key_values.*`), in the layout that kernel keeps. The portable model.onnx
+(`portable=True`) returns the whole updated ring as new `present.*` tensors, written to a second buffer
+and copied back.
 """
 
 from __future__ import annotations
 
-import ctypes
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
+from mistral_export.engines.onnxruntime_attention import CACHE_IN_PLACE_KEY
 from mistral_export.engines.runner import Runner
 from mistral_export.errors import MistralExportError
 from mistral_export.model.config import ModelConfig
@@ -40,13 +41,27 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
     return options
 
 
+@dataclass
+class _Bound:
+    """An I/O binding for one (first slot, count, sequence length), with the host buffers it points at."""
+    binding: ort.IOBinding
+    ids: np.ndarray
+    positions: np.ndarray
+    logits: np.ndarray
+    written: np.ndarray | None  # [2 * layers, count, Hkv, C, D]: the new caches (portable graph)
+
+
+MAX_BINDINGS = 16  # kept per runner (decode shapes and recent prefill chunk lengths)
+
+
 class OnnxRuntimeRunner(Runner):
     """Runner over an exported model on ONNX Runtime's CPU (or another) provider.
 
     By default the session runs model.ort.onnx, the ONNX Runtime artifact written beside model.onnx by
-    `export` / `build` (function bodies inlined, per-layer shape/mask arithmetic shared; see
+    `export` / `build` (GroupQueryAttention per layer, the cache updated in place; see
     engines/onnxruntime_artifact.py); a missing or stale artifact is an error naming the command that
     writes it. `portable=True` runs model.onnx exactly as exported (its `mistral` nodes from their bodies).
+    The cache is host memory whatever the provider (another provider copies it in at each step).
     """
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None,
@@ -73,14 +88,15 @@ class OnnxRuntimeRunner(Runner):
                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise MistralExportError(f"{self.session_path}: ONNX Runtime cannot load the model: {exc}") from None
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.cache_dtype = _NUMPY_DTYPES[inputs["past_key_values.0.key"].type]
         self.logits_dtype = _NUMPY_DTYPES[next(o.type for o in self.session.get_outputs() if o.name == "logits")]
         self.layers = self.config.num_layers
-        self._bindings: list[ort.IOBinding] = []
-        self._caches: list[list[ort.OrtValue]] = []  # [set][2*layer + (0 key | 1 value)]
-        self._current = 0
+        self._in_place = self.session.get_modelmeta().custom_metadata_map.get(CACHE_IN_PLACE_KEY) == "1"
+        self._inputs = [f"past_key_values.{i}.{part}" for i in range(self.layers) for part in ("key", "value")]
+        self._outputs = [f"present.{i}.{part}" for i in range(self.layers) for part in ("key", "value")]
+        self._cache = np.zeros((0,), dtype=self.cache_dtype)
+        self._bound: dict[tuple[int, int, int], _Bound] = {}
         self.batch_size = 0
 
     @property
@@ -92,117 +108,47 @@ class OnnxRuntimeRunner(Runner):
         return self._wraps
 
     def reset(self, batch_size: int) -> None:
-        """Two zeroed sets of cache OrtValues [B,Hkv,C,D] per layer (ping-pong between steps)."""
+        """A zeroed cache [2 * layers, B, Hkv, C, D]."""
         c = self.config
-        shape = (batch_size, c.num_kv_heads, self.cache_capacity, c.head_dim)
-        zeros = np.zeros(shape, dtype=self.cache_dtype)
-        self._caches = []
-        for _ in range(2):
-            values = []
-            for _ in range(2 * self.layers):
-                # ORT-owned buffers (ortvalue_from_numpy would alias the one numpy array in all of them).
-                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self.device, 0)
-                value.update_inplace(zeros)
-                values.append(value)
-            self._caches.append(values)
-        # One binding per ping-pong parity, its cache inputs and outputs bound once.
-        self._bindings = []
-        for parity in range(2):
-            read, write = self._caches[parity], self._caches[1 - parity]
-            binding = self.session.io_binding()
-            for i in range(self.layers):
-                binding.bind_ortvalue_input(f"past_key_values.{i}.key", read[2 * i])
-                binding.bind_ortvalue_input(f"past_key_values.{i}.value", read[2 * i + 1])
-                binding.bind_ortvalue_output(f"present.{i}.key", write[2 * i])
-                binding.bind_ortvalue_output(f"present.{i}.value", write[2 * i + 1])
-            self._bindings.append(binding)
-        self._io_shape = None
-        self._slot_bindings: dict[tuple[int, int, int], ort.IOBinding] = {}
-        self._current = 0
+        self._cache = np.zeros((2 * self.layers, batch_size, c.num_kv_heads, self.cache_capacity, c.head_dim),
+                               dtype=self.cache_dtype)
+        self._bound = {}  # their pointers are into the old cache
         self.batch_size = batch_size
-
-    def _bind_io(self, batch: int, seq: int) -> None:
-        """input_ids, past_len and logits in numpy buffers that ORT reads and writes in place.
-
-        Bound again only when the step's shape changes (prefill chunk, then decode): a decode step
-        then costs two small copies in and one out, not a rebinding and a fresh output each step.
-        """
-        ids = np.zeros((batch, seq), dtype=np.int64)
-        positions = np.zeros(batch, dtype=np.int64)
-        logits = np.empty((batch, 1 if self.last_token_logits else seq, self.config.vocab_size), dtype=self.logits_dtype)
-        for binding in self._bindings:
-            binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids))
-            binding.bind_ortvalue_input("past_len", ort.OrtValue.ortvalue_from_numpy(positions))
-            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        self._io = ids, positions, logits
-        self._io_shape = (batch, seq)
 
     def cache_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """The current cache as numpy copies (for tests and inspection)."""
-        current = self._caches[self._current]
-        return [(current[2 * i].numpy(), current[2 * i + 1].numpy()) for i in range(self.layers)]
+        return [(self._cache[2 * i].copy(), self._cache[2 * i + 1].copy()) for i in range(self.layers)]
 
     def fill_cache(self, arrays: list[tuple[np.ndarray, np.ndarray]]) -> None:
         """Overwrite the current cache (benchmarks start at a deep position with a random cache)."""
-        current = self._caches[self._current]
         for i, (k, v) in enumerate(arrays):
-            current[2 * i].update_inplace(np.ascontiguousarray(k, dtype=self.cache_dtype))
-            current[2 * i + 1].update_inplace(np.ascontiguousarray(v, dtype=self.cache_dtype))
+            np.copyto(self._cache[2 * i], k, casting="same_kind")
+            np.copyto(self._cache[2 * i + 1], v, casting="same_kind")
 
     def _step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
-        ids = input_ids.detach().cpu()
-        positions = past_len.detach().cpu().numpy()
-        if self._io_shape != tuple(ids.shape):
-            self._bind_io(*ids.shape)
-        ids_buffer, positions_buffer, logits = self._io
-        np.copyto(ids_buffer, ids.numpy(), casting="unsafe")
-        np.copyto(positions_buffer, positions, casting="unsafe")
-        self.session.run_with_iobinding(self._bindings[self._current])
-        self._current = 1 - self._current
-        return torch.from_numpy(logits.astype(np.float32))  # a copy: the buffer is overwritten next step
+        return self._run(0, input_ids, past_len)
 
     # Slots, for in-flight batching (deploy/scheduler.py). Each sequence of the batch that `reset` allocated
-    # owns one slot of every cache tensor; sequences come and go. The scheduler keeps the sequences that
-    # decode together in slots 0..n-1 (`move_slot` fills the hole a finished one leaves), so one step over
-    # them binds a contiguous [n,Hkv,C,D] view of each cache by pointer, with no copy of the batch cache.
-    # A slot's stale contents never need clearing: a sequence starts at position 0 and reads only
-    # positions it has written. CPU only: slots are addressed and copied as host memory.
+    # owns one slot of the cache; sequences come and go. The scheduler keeps the sequences that decode
+    # together in slots 0..n-1 (`move_slot` fills the hole a finished one leaves), so one step over them binds
+    # a contiguous [n,Hkv,C,D] view of each layer's cache by pointer, with no copy of the batch cache. A step
+    # writes only its own slots. A slot's stale contents never need clearing: a sequence starts at position 0
+    # and reads only positions it has written.
 
     def step_slots(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
-        """One step of the sequences in slots 0..n-1 (n = input_ids.shape[0]); logits [n,S,V].
-
-        Only those slots are kept: afterwards every slot from n on holds undefined values, except the
-        slot a `prefill_slot` sequence occupies, which both ping-pong sets carry (so it survives).
-        """
-        logits = self._run_slots(0, input_ids, past_len)
-        self._current = 1 - self._current
-        return logits
+        """One step of the sequences in slots 0..n-1 (n = input_ids.shape[0]); logits [n,S,V]."""
+        return self._run_slots(0, input_ids, past_len)
 
     def prefill_slot(self, slot: int, input_ids: Tensor, past_len: Tensor) -> Tensor:
-        """One step (a prefill chunk) of the one sequence in `slot`; logits [1,S,V]; every other slot is kept."""
-        logits = self._run_slots(slot, input_ids, past_len)
-        for read, written in zip(self._caches[self._current], self._caches[1 - self._current]):
-            self._copy_slot(written, slot, read, slot)  # both sets now agree on this slot
-        return logits
+        """One step (a prefill chunk) of the one sequence in `slot`; logits [1,S,V]."""
+        return self._run_slots(slot, input_ids, past_len)
 
     def move_slot(self, source: int, target: int) -> None:
-        """Copy the cache of `source` into `target` in both ping-pong sets (the scheduler then frees `source`)."""
+        """Copy the cache of `source` into `target` (the scheduler then frees `source`)."""
         self._check_slots(max(source, target), 1)
-        for values in self._caches:
-            for value in values:
-                self._copy_slot(value, source, value, target)
-
-    def _slot_bytes(self) -> int:
-        c = self.config
-        return c.num_kv_heads * self.cache_capacity * c.head_dim * np.dtype(self.cache_dtype).itemsize
-
-    def _copy_slot(self, source: ort.OrtValue, source_slot: int, target: ort.OrtValue, target_slot: int) -> None:
-        size = self._slot_bytes()
-        ctypes.memmove(target.data_ptr() + target_slot * size, source.data_ptr() + source_slot * size, size)
+        self._cache[:, target] = self._cache[:, source]
 
     def _check_slots(self, first: int, count: int) -> None:
-        if self.device != "cpu":
-            raise MistralExportError("slot steps (in-flight batching) run on the CPU provider only")
         if not self.batch_size:
             raise MistralExportError(f"{type(self).__name__}: slot step before reset(batch_size)")
         if first < 0 or count < 1 or first + count > self.batch_size:
@@ -216,30 +162,40 @@ class OnnxRuntimeRunner(Runner):
             raise MistralExportError(f"past_len must be [{count}] for input_ids {list(input_ids.shape)}, "
                                      f"got {list(past_len.shape)}")
         check_positions(past_len.tolist(), seq, self.cache_capacity, self.cache_wraps)
-        binding = self._slot_binding(first, count, self._current)
-        ids = np.ascontiguousarray(input_ids.numpy(), dtype=np.int64)  # kept alive until the run: ORT reads them in place
-        positions = np.ascontiguousarray(past_len.numpy(), dtype=np.int64)
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("past_len", positions)
-        logits = np.empty((count, 1 if self.last_token_logits else seq, self.config.vocab_size), dtype=self.logits_dtype)
-        binding.bind_output("logits", "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(binding)
-        return torch.from_numpy(logits if logits.dtype == np.float32 else logits.astype(np.float32))
+        return self._run(first, input_ids, past_len)
 
-    def _slot_binding(self, first: int, count: int, parity: int) -> ort.IOBinding:
-        """A binding of slots first..first+count-1: read from set `parity`, written to the other (cached)."""
-        key = (first, count, parity)
-        if key not in self._slot_bindings:
-            c = self.config
-            shape = [count, c.num_kv_heads, self.cache_capacity, c.head_dim]
-            offset = first * self._slot_bytes()
-            read, write = self._caches[parity], self._caches[1 - parity]
-            binding = self.session.io_binding()
-            for i in range(self.layers):
-                for j, part in enumerate(("key", "value")):
-                    binding.bind_input(f"past_key_values.{i}.{part}", "cpu", 0, self.cache_dtype, shape,
-                                       read[2 * i + j].data_ptr() + offset)
-                    binding.bind_output(f"present.{i}.{part}", "cpu", 0, self.cache_dtype, shape,
-                                        write[2 * i + j].data_ptr() + offset)
-            self._slot_bindings[key] = binding
-        return self._slot_bindings[key]
+    def _run(self, first: int, input_ids: Tensor, past_len: Tensor) -> Tensor:
+        """Slots first..first+B-1 run tokens [B,S] at past_len [B]; their cache is updated; logits [B,S,V] fp32."""
+        count, seq = input_ids.shape
+        bound = self._binding(first, count, seq)
+        np.copyto(bound.ids, input_ids.detach().cpu().numpy(), casting="unsafe")
+        np.copyto(bound.positions, past_len.detach().cpu().numpy(), casting="unsafe")
+        self.session.run_with_iobinding(bound.binding)
+        if bound.written is not None:
+            self._cache[:, first:first + count] = bound.written
+        return torch.from_numpy(bound.logits.astype(np.float32))  # a copy: the buffer is overwritten next step
+
+    def _binding(self, first: int, count: int, seq: int) -> _Bound:
+        key = (first, count, seq)
+        if key in self._bound:
+            return self._bound[key]
+        if len(self._bound) >= MAX_BINDINGS:
+            self._bound.clear()
+        c = self.config
+        shape = (2 * self.layers, count, *self._cache.shape[2:])
+        written = None if self._in_place else np.empty(shape, self.cache_dtype)
+        bound = _Bound(binding=self.session.io_binding(), ids=np.zeros((count, seq), dtype=np.int64),
+                       positions=np.zeros(count, dtype=np.int64),
+                       logits=np.empty((count, 1 if self.last_token_logits else seq, c.vocab_size), self.logits_dtype),
+                       written=written)
+        binding = bound.binding
+        binding.bind_input("input_ids", "cpu", 0, np.int64, [count, seq], bound.ids.ctypes.data)
+        binding.bind_input("past_len", "cpu", 0, np.int64, [count], bound.positions.ctypes.data)
+        binding.bind_output("logits", "cpu", 0, self.logits_dtype, list(bound.logits.shape), bound.logits.ctypes.data)
+        for j, (past, present) in enumerate(zip(self._inputs, self._outputs)):
+            view = self._cache[j, first:first + count]
+            target = view if written is None else written[j]
+            binding.bind_input(past, "cpu", 0, self.cache_dtype, list(view.shape), view.ctypes.data)
+            binding.bind_output(present, "cpu", 0, self.cache_dtype, list(target.shape), target.ctypes.data)
+        self._bound[key] = bound
+        return bound
