@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed
 OUTDIR ?= build/tiny
 PROMPT ?= def read_config(path):
 BACKEND ?= onnxruntime
+JOBS   ?= auto
 
 .PHONY: run test clean
 
@@ -25,8 +26,9 @@ run: $(STAMP)
 	$(CLI) validate $(OUTDIR) --quick
 	$(CLI) generate --backend $(BACKEND) --engine $(OUTDIR) --prompt '$(PROMPT)' --max-new-tokens 80
 
+# Test files spread over the cores (a file's module fixtures stay in one process); JOBS=0 runs serially.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(JOBS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
