@@ -364,6 +364,17 @@ def test_metrics_of_known_logits():
     assert not any(c["passed"] for c in checks(with_nan, "fp32", "prefill") if c["metric"] != "top1_agreement")
 
 
+def test_greedy_match_counts_ties_only_within_one_fp16_step():
+    # Eager's two best logits 8.000 and 7.995 (a tie: within 2^-10 * 8), then 8.00 and 7.98 (not one).
+    eager = torch.tensor([[8.0, 7.995, 0.0], [8.0, 7.98, 0.0], [8.0, 7.995, 0.0]])
+    artifact = eager + torch.tensor([[0.0, 0.01, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # flips the tie
+    rows = compare_rows(artifact, eager, [0, 1, 2])
+    assert rows.top1_agree == [False, True, True] and rows.top1_tie == [True, False, False]
+    assert greedy_match(rows) == 3 and greedy_match(rows, ties=False) == 0
+    flipped_clear = compare_rows(eager + torch.tensor([[0.0] * 3, [0.0, 0.03, 0.0], [0.0] * 3]), eager, [0, 1, 2])
+    assert flipped_clear.top1_tie == [False, False, False] and greedy_match(flipped_clear) == 1
+
+
 def test_steps_longer_than_a_runners_limit_run_in_chunks():
     """What validate does for a TensorRT engine's longest step (its profile's max_chunk): the same logits."""
     with torch_threads(1):

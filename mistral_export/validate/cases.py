@@ -54,6 +54,7 @@ class CaseResult:
         metrics = aggregate(self.rows)
         if self.kind == "greedy":
             metrics["greedy_match_tokens"] = greedy_match(self.rows)
+            metrics["greedy_match_tokens_strict"] = greedy_match(self.rows, ties=False)
             metrics["generated_tokens"] = len(self.rows)
         found = checks(metrics, precision, self.kind)
         if self.error:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mistral_export.validate.thresholds import THRESHOLDS
+from mistral_export.validate.thresholds import GREEDY_TIE_RELATIVE, THRESHOLDS
 
 # A rate over fewer positions moves in steps larger than the bars' 1%: top-1 agreement is checked on cases with
 # at least this many positions, and on all positions pooled.
@@ -34,6 +34,7 @@ class PositionRows:
     ref_max_abs: list[float] = field(default_factory=list)
     cosine: list[float] = field(default_factory=list)
     top1_agree: list[bool] = field(default_factory=list)
+    top1_tie: list[bool] = field(default_factory=list)  # disagrees, but within a greedy tie (thresholds.py)
     kl: list[float] = field(default_factory=list)
     nonfinite: list[int] = field(default_factory=list)
     ce_artifact: list[float] = field(default_factory=list)
@@ -58,7 +59,12 @@ def compare_rows(artifact: Tensor, eager: Tensor, positions: list[int], targets:
     rows.max_abs_diff = torch.where(finite.all(-1), diff.max(-1).values, torch.nan).tolist()
     rows.ref_max_abs = e.abs().max(-1).values.tolist()
     rows.cosine = torch.nn.functional.cosine_similarity(a, e, dim=-1).tolist()
-    rows.top1_agree = (a.argmax(-1) == e.argmax(-1)).tolist()
+    picks = a.argmax(-1)
+    agree = picks == e.argmax(-1)
+    top = e.max(-1).values
+    gap = top - e.gather(-1, picks.view(-1, 1)).view(-1)  # eager's best logit minus eager's logit of the pick
+    rows.top1_agree = agree.tolist()
+    rows.top1_tie = (~agree & (gap <= GREEDY_TIE_RELATIVE * top.abs())).tolist()
     log_a, log_e = torch.log_softmax(a, -1), torch.log_softmax(e, -1)
     rows.kl = (log_e.exp() * (log_e - log_a)).sum(-1).tolist()
     if targets is not None:
@@ -92,11 +98,12 @@ def aggregate(rows: PositionRows) -> dict[str, float | int]:
     return metrics
 
 
-def greedy_match(rows: PositionRows) -> int:
-    """Leading generated tokens identical to eager's: rows after the prompt's last, fed eager's argmax."""
+def greedy_match(rows: PositionRows, ties: bool = True) -> int:
+    """Leading generated tokens identical to eager's (rows after the prompt's last, fed eager's argmax); with
+    `ties`, a position where the artifact picks a token tied with eager's (thresholds.py) counts as identical."""
     matched = 0
-    for agree in rows.top1_agree:
-        if not agree:
+    for agree, tie in zip(rows.top1_agree, rows.top1_tie):
+        if not (agree or (ties and tie)):
             break
         matched += 1
     return matched
