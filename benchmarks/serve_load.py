@@ -23,21 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_cpu import SYNTHETIC_170M  # noqa: E402
-from benchmarks.decode_cpu import machine as decode_cpu_machine  # noqa: E402
+from benchmarks.provenance import markdown as provenance_markdown, provenance  # noqa: E402
 from mistral_export.deploy.repository import package  # noqa: E402
 from mistral_export.deploy.server import Ports, free_port, running_server  # noqa: E402
 from mistral_export.engines.build import build  # noqa: E402
@@ -109,21 +107,20 @@ def server_version(ports: Ports) -> str:
 
 
 def machine() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {**decode_cpu_machine(threads="ONNX Runtime's default"), "platform": platform.platform(),
-            "nvidia-pytriton": version("nvidia-pytriton"), "tritonclient": version("tritonclient"),
-            "genai-perf": GENAI_PERF_PACKAGES[0].split("==")[1], "git_commit": commit}
+    """Commit, command, versions and machine (benchmarks/provenance.py), genai-perf's pinned version beside."""
+    found = provenance(("onnxruntime", "nvidia-pytriton", "tritonclient"))
+    found["versions"]["genai-perf"] = GENAI_PERF_PACKAGES[0].split("==")[1] + " (own venv)"
+    return found
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         "# Served generation under load (genai-perf, gRPC streaming)", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} ({m['platform']}), shared with other jobs during the run "
-        f"(load average {result['load_average_before']} before, {result['load_average_after']} after). "
-        f"tritonserver {result['server_version']} (nvidia-pytriton {m['nvidia-pytriton']}), ONNX Runtime "
-        f"{m['onnxruntime']} (fp32, CPU, default threads), genai-perf {m['genai-perf']}, git {m['git_commit']}.",
-        f"Command: `{result['command']}`", "",
+        provenance_markdown(m).rstrip("\n"),
+        f"Load average {result['load_average_before']} before, {result['load_average_after']} after "
+        f"({m['machine']['cores']} cores). tritonserver {result['server_version']} (the nvidia-pytriton wheel's); "
+        f"ONNX Runtime fp32 on the CPU with its default threads.", "",
         f"Each request: {result['input_tokens']} prompt tokens, exactly {result['output_tokens']} output tokens "
         f"(min_length = max_tokens); model packaged with --max-batch {MAX_BATCH} (one instance). genai-perf counts "
         f"output tokens by tokenizing the returned text again, which for random weights' text gives more tokens than "
