@@ -185,7 +185,7 @@ MUTATIONS = [
              "ok = (rows >= first) & (rows < seq_len)", "ok = rows < seq_len"),
     Mutation("kernel-slot-arithmetic", KERNELS, "update writes slot (past_len + i) mod C",
              "slots = (past + rows) % tl.maximum(capacity, 1)", "slots = (past + rows + 1) % tl.maximum(capacity, 1)"),
-    Mutation("kernel-int32-positions", KERNELS, "positions up to 2^31 - 1 (int64 past_len)",
+    Mutation("kernel-int32-positions", KERNELS, "int64 positions (past_len past 2^31 in the tests; the runners stop at 2^24 - 1)",
              "return (past - tl.maximum(past // ring - 1, 0) * ring).to(tl.int32)", "return past.to(tl.int32)"),
     Mutation("kernel-split-merge", KERNELS, "decode: partial softmaxes merged with their maxima",
              "w = tl.math.exp2(m - m_max)  # empty splits", "w = tl.where(m == float(\"-inf\"), 0.0, 1.0)  #"),
