@@ -96,9 +96,10 @@ def find_artifacts(build_dir: Path, precision: str | None = None, backend: str |
         if (precision is None or artifact.precision == precision) and (backend is None or artifact.backend == backend):
             found.append(artifact)
     if not found:
-        wanted = " ".join(filter(None, [backend, precision])) or "any"
-        raise MistralExportError(f"{build_dir}: no {wanted} artifact in this build folder "
-                                 f"(`mistral-export build MODEL -o {build_dir}` makes them)")
+        missing = " ".join(filter(None, ["no", backend, precision, "artifact"]))
+        options = "".join(f" --{name} {value}" for name, value in (("precision", precision), ("backend", backend)) if value)
+        raise MistralExportError(f"{build_dir}: {missing} in this build folder "
+                                 f"(`mistral-export build MODEL -o {build_dir}{options}` makes one)")
     return found
 
 
