@@ -72,8 +72,11 @@ class InFlightBatcher:
 
     def _drop_cancelled(self) -> None:
         with self._wake:
-            cancelled = [g for g in self._waiting if g.sink.cancelled()]
-            self._waiting = deque(g for g in self._waiting if not g.sink.cancelled())
+            # One look per request: a client cancelling between two looks would leave the queue unanswered.
+            kept, cancelled = deque(), []
+            for generation in self._waiting:
+                (cancelled if generation.sink.cancelled() else kept).append(generation)
+            self._waiting = kept
         if self._prefilling is not None and self._prefilling.sink.cancelled():
             cancelled.append(self._prefilling)
             self._prefilling = None
