@@ -17,6 +17,7 @@ quantized (`mistral_export.quantization`, JSON).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 
@@ -103,7 +104,10 @@ def _quantize_w8a8(model_or_folder, staging: Path, options: dict, calibration: C
         "calibration": calibration.describe()})
     with _progress_bars(progress) as bars:
         if alpha is not None:
-            model = smooth(model, input_channel_maxima(model, calibration_steps(model, samples, bars)), alpha)
+            maxima = input_channel_maxima(model, calibration_steps(model, samples, bars))
+            if model is model_or_folder:  # the caller's model stays as it was; one loaded here is smoothed in place
+                model = copy.deepcopy(model)
+            smooth(model, maxima, alpha)
         source = export_onnx(model, staging / "fp16", **options)
         quantize_w8a8(source, staging / MODEL_FILE, calibration_steps(model, samples, bars))
 

@@ -2,8 +2,10 @@
 
 Each sample is run as a sequence is served: its first tokens as prefill chunks (at most the cache
 capacity each), the rest as decode steps of one token, every step reading the cache the previous
-steps wrote. `calibration_steps` yields each step's inputs with the cache as it was *before* the step
+steps wrote. `calibration_steps` yields each step's inputs with the cache as it is *before* the step
 (what the exported graph receives), so activation ranges are taken on the inputs the graph really sees.
+The cache yielded is the live one, not a copy (a copy per step would be a full cache of every layer, a
+GiB for Mistral 7B): a consumer reads it before asking for the next step, which then writes it.
 
 The default text (`calibration_text.txt`, package data) is this project's own README and source code
 as of its writing: Python code and English prose, neither the `tiny` fixture's training corpus (the
@@ -98,7 +100,7 @@ def step_plan(seq_len: int, capacity: int) -> list[tuple[int, int]]:
 
 
 def calibration_steps(model: Transformer, samples: list[list[int]], progress=None) -> Iterator[Step]:
-    """Every step of every sample, with the cache before it; the eager model writes the cache as it goes."""
+    """Every step of every sample, with the live cache before it (read it before the next step writes it)."""
     plans = [step_plan(len(sample), model.config.cache_capacity) for sample in samples]
     task = progress.add_task("calibration", total=sum(map(len, plans))) if progress is not None else None
     dtype = next(model.parameters()).dtype
@@ -108,7 +110,7 @@ def calibration_steps(model: Transformer, samples: list[list[int]], progress=Non
             for start, length in plan:
                 ids = torch.tensor([sample[start:start + length]], dtype=torch.int64)
                 past_len = torch.tensor([start], dtype=torch.int64)
-                yield Step(ids, past_len, [(k.clone(), v.clone()) for k, v in cache])
+                yield Step(ids, past_len, cache)
                 model(ids, past_len, cache)  # writes this step into the cache, in place
                 if task is not None:
                     progress.advance(task)

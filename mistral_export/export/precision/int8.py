@@ -38,13 +38,13 @@ def _matmul_weights(model: ir.Model) -> list[tuple[ir.Node, ir.Value]]:
     return found
 
 
-def quantize_w8a8(source: Path, target: Path, steps: Iterator[Step], cache_dtype=np.float16) -> None:
+def quantize_w8a8(source: Path, target: Path, steps: Iterator[Step]) -> None:
     """SOURCE (fp16 model.onnx) → TARGET with int8 Q/DQ on every MatMul of the main graph."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
         quantize_static
 
     class Feeds(CalibrationDataReader):
-        """The calibration steps as the graph's inputs (caches in the graph's dtype)."""
+        """The calibration steps as the graph's inputs (caches copied into the fp16 graph's dtype)."""
 
         def get_next(self):
             step = next(steps, None)
@@ -52,8 +52,8 @@ def quantize_w8a8(source: Path, target: Path, steps: Iterator[Step], cache_dtype
                 return None
             feed = {"input_ids": step.input_ids.numpy(), "past_len": step.past_len.numpy()}
             for i, (keys, values) in enumerate(step.cache):
-                feed[f"past_key_values.{i}.key"] = keys.numpy().astype(cache_dtype)
-                feed[f"past_key_values.{i}.value"] = values.numpy().astype(cache_dtype)
+                feed[f"past_key_values.{i}.key"] = keys.numpy().astype(np.float16)
+                feed[f"past_key_values.{i}.value"] = values.numpy().astype(np.float16)
             return feed
 
     with _quiet_root_logger():  # it warns on the root logger to pre-process (the exporter has folded and inferred)

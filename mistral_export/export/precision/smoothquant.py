@@ -16,7 +16,6 @@ version keeps `pre_quant_scale` buffers, which an export from parameters drops),
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import Tensor
@@ -34,14 +33,13 @@ def smoothing_factors(activation_max: Tensor, weights: list[Tensor], alpha: floa
 
 
 @torch.no_grad()
-def smooth(model: Transformer, maxima: dict[str, Tensor], alpha: float) -> Transformer:
-    """A copy of MODEL with SmoothQuant's factors folded in (outputs equal up to float rounding).
+def smooth(model: Transformer, maxima: dict[str, Tensor], alpha: float) -> None:
+    """Fold SmoothQuant's factors into MODEL's weights, in place (outputs equal up to float rounding).
 
     `maxima`: max |x| per input channel of each Linear over calibration steps (calibration.input_channel_maxima).
     """
-    smoothed = copy.deepcopy(model)
     c = model.config
-    for i, block in enumerate(smoothed.layers):
+    for i, block in enumerate(model.layers):
         attention, ffn = block.attention, block.feed_forward
         prefix = f"layers.{i}"
 
@@ -63,7 +61,6 @@ def smooth(model: Transformer, maxima: dict[str, Tensor], alpha: float) -> Trans
         s = smoothing_factors(x_max.flatten(), [w_max.flatten().unsqueeze(0)], alpha).view(c.num_kv_heads, 1, d)
         attention.wv.weight.div_(s.reshape(-1, 1).to(attention.wv.weight.dtype))
         attention.wo.weight.mul_(s.expand(c.num_kv_heads, group, d).reshape(-1).to(attention.wo.weight.dtype))
-    return smoothed
 
 
 def _fold(norm_weight: Tensor, factors: Tensor, consumers: list[Tensor]) -> None:
