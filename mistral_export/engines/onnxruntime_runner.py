@@ -22,7 +22,6 @@ from mistral_export.engines.onnxruntime_attention import CACHE_IN_PLACE_KEY
 from mistral_export.engines.runner import Runner
 from mistral_export.errors import MistralExportError
 from mistral_export.model.config import ModelConfig
-from mistral_export.op_contract import check_positions
 
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -79,9 +78,6 @@ class OnnxRuntimeRunner(Runner):
         self.config: ModelConfig
         self.config, meta = read_export_config(self.path)
         self.last_token_logits = meta.get("mistral_export.last_token_logits") == "1"
-        # The cache's limits as the artifact records them (the deploy stage reads the same keys).
-        self._capacity = int(meta.get("mistral_export.cache_capacity", self.config.cache_capacity))
-        self._wraps = meta.get("mistral_export.cache_wraps", str(int(self.config.sliding_window is not None))) == "1"
         try:
             self.session = ort.InferenceSession(
                 str(self.session_path), sess_options=session_options(threads, spinning),
@@ -98,14 +94,6 @@ class OnnxRuntimeRunner(Runner):
         self._cache = np.zeros((0,), dtype=self.cache_dtype)
         self._bound: dict[tuple[int, int, int], _Bound] = {}
         self.batch_size = 0
-
-    @property
-    def cache_capacity(self) -> int:
-        return self._capacity
-
-    @property
-    def cache_wraps(self) -> bool:
-        return self._wraps
 
     def reset(self, batch_size: int) -> None:
         """A zeroed cache [2 * layers, B, Hkv, C, D]."""
@@ -156,12 +144,8 @@ class OnnxRuntimeRunner(Runner):
                                      f"that reset allocated")
 
     def _run_slots(self, first: int, input_ids: Tensor, past_len: Tensor) -> Tensor:
-        count, seq = input_ids.shape
-        self._check_slots(first, count)
-        if tuple(past_len.shape) != (count,):
-            raise MistralExportError(f"past_len must be [{count}] for input_ids {list(input_ids.shape)}, "
-                                     f"got {list(past_len.shape)}")
-        check_positions(past_len.tolist(), seq, self.cache_capacity, self.cache_wraps)
+        self._check_slots(first, input_ids.shape[0])
+        self._check_step(input_ids, past_len, input_ids.shape[0], f"slots from {first}")
         return self._run(first, input_ids, past_len)
 
     def _run(self, first: int, input_ids: Tensor, past_len: Tensor) -> Tensor:

@@ -43,14 +43,18 @@ class Runner(ABC):
 
     def step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
         """Logits [B,S,V] (fp32, CPU) for tokens [B,S] at positions past_len[b] + i; updates the cache."""
+        self._check_step(input_ids, past_len, self.batch_size, "the batch given to reset")
+        return self._step(input_ids, past_len)
+
+    def _check_step(self, input_ids: Tensor, past_len: Tensor, batch: int, which: str) -> None:
+        """Tokens [batch,S] at past_len [batch] within the op contract's limits (`which` names the batch)."""
         if not self.batch_size:
             raise MistralExportError(f"{type(self).__name__}.step before reset(batch_size)")
-        if input_ids.ndim != 2 or input_ids.shape[0] != self.batch_size or tuple(past_len.shape) != (self.batch_size,):
+        if input_ids.ndim != 2 or input_ids.shape[0] != batch or tuple(past_len.shape) != (batch,):
             raise MistralExportError(
-                f"step expects input_ids [{self.batch_size}, S] and past_len [{self.batch_size}] "
-                f"(the batch given to reset), got {list(input_ids.shape)} and {list(past_len.shape)}")
+                f"step expects input_ids [{batch}, S] and past_len [{batch}] "
+                f"({which}), got {list(input_ids.shape)} and {list(past_len.shape)}")
         check_positions(past_len.tolist(), input_ids.shape[1], self.cache_capacity, self.cache_wraps)
-        return self._step(input_ids, past_len)
 
     @abstractmethod
     def _step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:

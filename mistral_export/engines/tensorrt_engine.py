@@ -302,8 +302,6 @@ class TensorRTRunner(Runner):
 
         self.config = from_hf_config(self.folder / "engine.json", json.dumps(self.engine_doc["model"]["config"]))
         self.config = self.config.replace(name=self.engine_doc["model"]["name"])
-        self._capacity = int(self.engine_doc["cache"]["capacity"])
-        self._wraps = bool(self.engine_doc["cache"]["wraps"])
         self.device = torch.device("cuda", device)
         self.engine = EngineFromPath(str(self.folder / PLAN_FILE))()
         self.context = self.engine.create_execution_context()
@@ -315,14 +313,6 @@ class TensorRTRunner(Runner):
         self.cuda_graphs = cuda_graphs
         self._check_aliasing()
         self.batch_size = 0
-
-    @property
-    def cache_capacity(self) -> int:
-        return self._capacity
-
-    @property
-    def cache_wraps(self) -> bool:
-        return self._wraps
 
     def _cache_names(self):
         for i in range(self.config.num_layers):
