@@ -85,6 +85,23 @@ def inspect(model: Annotated[str, typer.Argument(help="A build folder (from `bui
         typer.echo(f"{key:<{width}}  {value}")
 
 
+@contextlib.contextmanager
+def _log_to_stderr(pattern: str):
+    """The pipeline's log messages on this command's stderr, for the command only (the handler goes with it:
+    in one process running several commands, a later one must not write to an earlier one's closed stream)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(pattern))
+    logger = logging.getLogger("mistral_export")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @app.command()
 def export(
     model: ModelArg,
@@ -103,13 +120,8 @@ def export(
     from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact
     from mistral_export.export.precision import calibration_options, export_precision
 
-    progress = logging.StreamHandler(sys.stderr)
-    progress.setFormatter(logging.Formatter("[export] %(message)s"))
-    logger = logging.getLogger("mistral_export")
-    logger.addHandler(progress)
-    logger.setLevel(logging.INFO)
     started = time.perf_counter()
-    with user_errors():
+    with user_errors(), _log_to_stderr("[export] %(message)s") as logger:
         path = export_precision(model, output, precision.value, opset=opset, last_token_logits=last_token_logits,
                                 plugin_impl=plugin_impl.value, smoothquant_alpha=None if no_smoothquant else smoothquant_alpha,
                                 calibration=calibration_options(calib_data, calib_samples, calib_seq_len))
