@@ -42,10 +42,11 @@ sys.path.insert(0, str(ROOT))
 from mistral_export.engines.onnxruntime_artifact import onnxruntime_artifact_for  # noqa: E402
 from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact  # noqa: E402
 from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner, session_options  # noqa: E402
+from mistral_export.engines.progress import BuildProgress  # noqa: E402
 from mistral_export.engines.runner import EagerRunner  # noqa: E402
 from mistral_export.errors import MistralExportError  # noqa: E402
 from mistral_export.export.onnx_export import export_onnx  # noqa: E402
-from mistral_export.export.precision import CalibrationOptions, export_precision  # noqa: E402
+from mistral_export.export.precision import PRECISIONS, CalibrationOptions, export_precision  # noqa: E402
 from mistral_export.model.checkpoint import load_model, random_model, save_hf_checkpoint  # noqa: E402
 from mistral_export.model.config import TINY_DIR, ModelConfig  # noqa: E402
 from provenance import markdown as provenance_markdown, provenance  # noqa: E402  (same folder)
@@ -81,7 +82,6 @@ def random_cache(config: ModelConfig, seed: int) -> list[tuple[np.ndarray, np.nd
             for _ in range(config.num_layers)]
 
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-wo")
 GENAI_PRECISIONS = ("fp32", "int8")
 GENAI_VENV = ROOT / "benchmarks" / ".venv-genai"
 GENAI_PACKAGES = ["onnxruntime-genai==0.18.0", "numpy<2", "transformers", "onnx", "onnx-ir"]
@@ -248,19 +248,11 @@ def export_all(name: str, model, precisions, seed: int) -> dict[str, Path]:
         except MistralExportError:  # none yet, or incomplete
             t = time.perf_counter()
             path = export_precision(model, folder, precision, calibration=calibration,
-                                    progress=None if sys.stderr.isatty() else _Silent())
+                                    progress=None if sys.stderr.isatty() else BuildProgress(quiet=True).bars)
             write_onnxruntime_artifact(path)
             print(f"{name} {precision}: exported in {time.perf_counter() - t:.0f} s to {folder}", flush=True)
         paths[precision] = path
     return paths
-
-
-class _Silent:
-    def add_task(self, *args, **kwargs):
-        return None
-
-    def advance(self, *args, **kwargs):
-        pass
 
 
 def settle() -> None:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import needs_tiny, small_config
 from mistral_export.cli import app
-from mistral_export.engines.artifacts import BUILD_FILE, read_json, write_json_atomic
+from mistral_export.engines.artifacts import BUILD_FILE
 from mistral_export.engines.build import build
 from mistral_export.engines.runner import EagerRunner
 from mistral_export.model.checkpoint import load_model, random_model, save_hf_checkpoint

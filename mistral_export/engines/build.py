@@ -35,11 +35,11 @@ from mistral_export.engines.artifacts import (BUILD_FILE, ENGINE_FILE, ENGINE_FO
                                               read_json, tensorrt_dir, write_json_atomic)
 from mistral_export.engines.onnxruntime_artifact import ARTIFACT_FILE, file_sha256, write_onnxruntime_artifact
 from mistral_export.engines.progress import BuildProgress
-from mistral_export.engines.stages import tool_version  # noqa: F401  (re-exported: engine.json's tool_version)
 from mistral_export.engines.tensorrt_engine import INSTALL_HINT, PLAN_FILE, EngineOptions
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import DATA_FILE, MODEL_FILE, read_export_config
-from mistral_export.export.precision import calibration_options, check_precision, export_precision
+from mistral_export.export.precision import (DEFAULT_SMOOTHQUANT_ALPHA, calibration_options, check_precision,
+                                             export_precision)
 from mistral_export.model.checkpoint import find_weight_files
 from mistral_export.model.config import ModelConfig, load_config, resolve_model_dir
 from mistral_export.model.tokenizer import find_tokenizer_source, write_tokenizer_json
@@ -55,7 +55,7 @@ ORT_PROVIDERS = ["CPUExecutionProvider", "CUDAExecutionProvider"]
 class PrecisionOptions:
     """The int8 calibration options (`export` and `build` share their names)."""
 
-    smoothquant_alpha: float | None = 0.5  # None: plain W8A8 (--no-smoothquant)
+    smoothquant_alpha: float | None = DEFAULT_SMOOTHQUANT_ALPHA  # None: plain W8A8 (--no-smoothquant)
     calib_data: Path | None = None  # plain text or JSONL with a `text` field; None: the packaged calibration text
     calib_samples: int | None = None
     calib_seq_len: int | None = None

@@ -20,7 +20,7 @@ def folder_bytes(folder: Path, names: list[str] | None = None) -> int:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and (names is None or p.name in names))
 
 
-def _artifact_row(build_dir: Path, artifact: Artifact, stages: dict) -> tuple[str, str]:
+def _artifact_row(build_dir: Path, artifact: Artifact) -> tuple[str, str]:
     engine = artifact.engine
     where = str(artifact.folder.relative_to(build_dir))
     cache = engine["cache"]
@@ -74,7 +74,7 @@ def describe_build(build_dir: str | Path) -> list[tuple[str, str]]:
         artifacts = find_artifacts(build_dir)
     except MistralExportError:
         artifacts = []
-    rows += [_artifact_row(build_dir, artifact, stages) for artifact in artifacts]
+    rows += [_artifact_row(build_dir, artifact) for artifact in artifacts]
     if not artifacts:
         rows.append(("artifacts", "none yet (an interrupted or failed build?)"))
     return rows

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from mistral_export.engines.onnxruntime_fusions import MS_DOMAIN
+from mistral_export.export.precision import PRECISION_KEY
 from mistral_export.export.precision.int8 import add_initializer
 
-PRECISION_KEY = "mistral_export.precision"
 QUANTIZED = ("int8", "int8-wo")
-MS_DOMAIN = "com.microsoft"
 MAX_BLOCK_SIZE = 512
 
 

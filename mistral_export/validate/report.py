@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mistral_export
-from mistral_export.engines.build import tool_version
+from mistral_export.engines.stages import tool_version
 
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "tensorrt", "polygraphy", "matplotlib")
 MIB = 2**20

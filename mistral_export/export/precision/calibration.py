@@ -104,16 +104,20 @@ def calibration_steps(model: Transformer, samples: list[list[int]], progress=Non
     plans = [step_plan(len(sample), model.config.cache_capacity) for sample in samples]
     task = progress.add_task("calibration", total=sum(map(len, plans))) if progress is not None else None
     dtype = next(model.parameters()).dtype
-    with torch.inference_mode():
-        for sample, plan in zip(samples, plans):
-            cache = allocate_cache(model.config, 1, dtype)
-            for start, length in plan:
-                ids = torch.tensor([sample[start:start + length]], dtype=torch.int64)
-                past_len = torch.tensor([start], dtype=torch.int64)
-                yield Step(ids, past_len, cache)
-                model(ids, past_len, cache)  # writes this step into the cache, in place
-                if task is not None:
-                    progress.advance(task)
+    try:
+        with torch.inference_mode():
+            for sample, plan in zip(samples, plans):
+                cache = allocate_cache(model.config, 1, dtype)
+                for start, length in plan:
+                    ids = torch.tensor([sample[start:start + length]], dtype=torch.int64)
+                    past_len = torch.tensor([start], dtype=torch.int64)
+                    yield Step(ids, past_len, cache)
+                    model(ids, past_len, cache)  # writes this step into the cache, in place
+                    if task is not None:
+                        progress.advance(task)
+    finally:  # a build's progress lives on: its finished bar goes (SmoothQuant adds a second one)
+        if task is not None:
+            progress.remove_task(task)
 
 
 def input_channel_maxima(model: Transformer, steps: Iterator[Step]) -> dict[str, Tensor]:

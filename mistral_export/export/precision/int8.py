@@ -81,15 +81,13 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def quantize_weights_only(source: Path, target: Path) -> int:
+def quantize_weights_only(source: Path, target: Path) -> None:
     """SOURCE → TARGET with each MatMul weight stored int8 (per output channel) behind DequantizeLinear."""
     model = ir.load(str(source))
-    count = 0
     for node, weight in _matmul_weights(model):
         values = weight.const_value.numpy().astype(np.float32)  # [K, N]
         scale = np.abs(values).max(axis=0) / INT8_MAX
-        scale = np.where(scale > 0, scale, 1.0).astype(values.dtype if weight.dtype == ir.DataType.FLOAT
-                                                          else np.float16)
+        scale = np.where(scale > 0, scale, 1.0).astype(weight.dtype.numpy())  # the scale in the weight's dtype
         quantized = np.clip(np.rint(values / scale.astype(np.float32)), -INT8_MAX, INT8_MAX).astype(np.int8)
         name = weight.name
         q = add_initializer(model.graph, f"{name}_quantized", quantized)
@@ -102,9 +100,7 @@ def quantize_weights_only(source: Path, target: Path) -> int:
         node.replace_input_with(1, dq.outputs[0])
         if not weight.uses():
             model.graph.initializers.pop(name)
-        count += 1
     ir.save(model, str(target), external_data=target.name + ".data")
-    return count
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
