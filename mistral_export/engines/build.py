@@ -270,7 +270,8 @@ class _Pipeline:
         inputs = {"onnx": onnx_entry["key"], "onnxruntime": ort.__version__, "tool": stages.tool_fingerprint()}
 
         def make():
-            for stale in (ENGINE_FILE, ARTIFACT_FILE):
+            own_data = folder / (ARTIFACT_FILE + ".data")  # the INT8 artifacts' own weights (others share model.onnx.data)
+            for stale in (ENGINE_FILE, ARTIFACT_FILE, own_data.name):
                 (folder / stale).unlink(missing_ok=True)
             model_path = folder / MODEL_FILE
             artifact = write_onnxruntime_artifact(model_path)
@@ -288,7 +289,7 @@ class _Pipeline:
                 "build_seconds": round(time.perf_counter() - started, 2),
             }
             write_json_atomic(folder / ENGINE_FILE, engine)
-            return [artifact, folder / ENGINE_FILE], {}
+            return [artifact, *filter(Path.exists, [own_data]), folder / ENGINE_FILE], {}
 
         started = time.perf_counter()
         return self._stage(f"onnxruntime/{precision}", inputs, f"ONNX Runtime artifact {ARTIFACT_FILE}", make,

@@ -28,7 +28,7 @@ def _artifact_row(build_dir: Path, artifact: Artifact) -> tuple[str, str]:
     common = f"cache {cache['capacity']} slots ({window}, {cache['dtype']}); built in {engine['build_seconds']} s"
     if artifact.backend == "onnxruntime":
         ort = engine["onnxruntime"]
-        size = folder_bytes(artifact.folder, [ort["file"], "model.onnx", "model.onnx.data"])
+        size = folder_bytes(artifact.folder, [ort["file"], ort["file"] + ".data", "model.onnx", "model.onnx.data"])
         detail = (f"{where}/{ort['file']} ({human_size(size)} with the ONNX it shares weights with); ONNX Runtime "
                   f"{ort['version']}, providers {', '.join(p.removesuffix('ExecutionProvider') for p in ort['providers'])}")
     else:

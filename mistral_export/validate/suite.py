@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mistral_export.engines.artifacts import BUILD_FILE, ENGINE_FILE, Artifact, find_artifacts, open_runner, read_build
+from mistral_export.engines.describe import folder_bytes
 from mistral_export.engines.runner import EagerRunner
 from mistral_export.errors import MistralExportError
 from mistral_export.export.precision import check_precision
@@ -91,8 +92,10 @@ def cache_dtype_bytes(artifact: Artifact) -> int:
 
 def artifact_weight_bytes(artifact: Artifact) -> int:
     """Bytes of the files a runner loads its weights from (external data, or the TensorRT plan)."""
-    names = ("model.plan",) if artifact.backend == "tensorrt" else ("model.onnx.data",)
-    return sum((artifact.folder / name).stat().st_size for name in names if (artifact.folder / name).exists())
+    if artifact.backend == "tensorrt":
+        return folder_bytes(artifact.folder, ["model.plan"])
+    own = artifact.engine["onnxruntime"]["file"] + ".data"  # the INT8 artifacts' own weights; others share the ONNX's
+    return folder_bytes(artifact.folder, [own]) or folder_bytes(artifact.folder, ["model.onnx.data"])
 
 
 def validate_artifact(artifact: Artifact, eager: EagerRunner, scripts: list[cases.Script], plan: latency.Plan,
