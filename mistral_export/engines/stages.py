@@ -32,10 +32,10 @@ def tool_version() -> str:
 
 @functools.lru_cache(maxsize=1)
 def tool_fingerprint() -> str:
-    """The version plus a hash of the package's own sources: a development install that changed any code
-    rebuilds, where the version string alone would not say so."""
+    """The version plus a hash of the package's own sources and texts (the default calibration text shapes int8
+    artifacts): a development install that changed any of them rebuilds, where the version alone would not say so."""
     digest = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+    for path in sorted(p for p in PACKAGE_DIR.rglob("*") if p.suffix in (".py", ".txt")):
         digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes())
     return f"{tool_version()}+{digest.hexdigest()[:16]}"
 
