@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mistral_export.errors import MistralExportError
+from mistral_export.model.config import ModelConfig, from_hf_config
 
 BUILD_FILE = "build.json"
 ENGINE_FILE = "engine.json"
@@ -29,8 +30,13 @@ def onnx_dir(build_dir: Path, precision: str) -> Path:
     return Path(build_dir) / "onnx" / precision
 
 
+def tensorrt_folder_name(gpu_slug: str, capability: str) -> str:
+    """One GPU's engines folder: h200-sm90."""
+    return f"{gpu_slug}-sm{capability.replace('.', '')}"
+
+
 def tensorrt_dir(build_dir: Path, gpu_slug: str, capability: str, precision: str) -> Path:
-    return Path(build_dir) / "engines" / f"{gpu_slug}-sm{capability.replace('.', '')}" / precision
+    return Path(build_dir) / "engines" / tensorrt_folder_name(gpu_slug, capability) / precision
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,11 @@ class Artifact:
     @property
     def precision(self) -> str:
         return self.engine["precision"]
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model config the artifact was built from (engine.json's copy)."""
+        return from_hf_config(self.folder / ENGINE_FILE, json.dumps(self.engine["model"]["config"]))
 
     @property
     def label(self) -> str:

@@ -104,7 +104,9 @@ class GpuDescription:
 
     @property
     def folder_name(self) -> str:
-        return f"{self.slug}-sm{self.compute_capability.replace('.', '')}"
+        from mistral_export.engines.artifacts import tensorrt_folder_name
+
+        return tensorrt_folder_name(self.slug, self.compute_capability)
 
 
 def gpu_slug(name: str) -> str:
@@ -282,16 +284,13 @@ class TensorRTRunner(Runner):
     """
 
     def __init__(self, folder: str | Path, device: int = 0, cuda_graphs: bool = True):
-        from mistral_export.engines.artifacts import read_engine
-        from mistral_export.model.config import from_hf_config
+        from mistral_export.engines.artifacts import Artifact, read_engine
 
         self.folder = Path(folder)
         self.engine_doc = read_engine(self.folder)
         if self.engine_doc["backend"] != "tensorrt":
             raise MistralExportError(f"{self.folder}: an {self.engine_doc['backend']} artifact, not a TensorRT engine")
         require_tensorrt("running a TensorRT engine")
-        import json
-
         import tensorrt as trt
         import torch
         from polygraphy.backend.trt import EngineFromPath
@@ -300,8 +299,7 @@ class TensorRTRunner(Runner):
             log.warning(warning)
         import mistral_export.plugins.tensorrt  # noqa: F401  (JIT plugins run their Python implementation)
 
-        self.config = from_hf_config(self.folder / "engine.json", json.dumps(self.engine_doc["model"]["config"]))
-        self.config = self.config.replace(name=self.engine_doc["model"]["name"])
+        self.config = Artifact(self.folder, self.engine_doc).config.replace(name=self.engine_doc["model"]["name"])
         self.device = torch.device("cuda", device)
         self.engine = EngineFromPath(str(self.folder / PLAN_FILE))()
         self.context = self.engine.create_execution_context()

@@ -6,15 +6,13 @@ measured in one process, interleaved (validate/latency.py). Writes bench.json an
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from mistral_export.engines.artifacts import Artifact, find_artifacts, open_runner, read_build, write_json_atomic
+from mistral_export.engines.artifacts import find_artifacts, open_runner, read_build, write_json_atomic
 from mistral_export.engines.runner import EagerRunner
 from mistral_export.errors import MistralExportError
 from mistral_export.model.checkpoint import load_model
-from mistral_export.model.config import ModelConfig, from_hf_config
 from mistral_export.validate import latency
 from mistral_export.validate.cases import boundary
 from mistral_export.validate.console import Phases
@@ -24,10 +22,6 @@ from mistral_export.validate.suite import (busy_machine_warning, check_same_mode
                                            runnable_here, torch_threads)
 
 EAGER = "eager (torch, fp32)"
-
-
-def _config_of(artifact: Artifact) -> ModelConfig:
-    return from_hf_config(artifact.folder / "engine.json", json.dumps(artifact.engine["model"]["config"]))
 
 
 def bench_build(build_dir: str | Path, batches: list[int] = (1, 4, 16), prompt_lengths: list[int] | None = None,
@@ -43,7 +37,7 @@ def bench_build(build_dir: str | Path, batches: list[int] = (1, 4, 16), prompt_l
     runnable = [a for a in artifacts if runnable_here(a) is None]
     if not runnable:
         raise MistralExportError(f"{build_dir}: no artifact this machine can run ({runnable_here(artifacts[0])})")
-    config = _config_of(runnable[0])
+    config = runnable[0].config
     lengths = prompt_lengths or [boundary(config) // 4, boundary(config), 4 * boundary(config)]
     plan = latency.grid_plan(config, list(batches), lengths, samples)
     with torch_threads(threads):

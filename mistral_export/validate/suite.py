@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mistral_export.engines.artifacts import BUILD_FILE, ENGINE_FILE, Artifact, find_artifacts, open_runner, read_build
+from mistral_export.engines.artifacts import (BUILD_FILE, ENGINE_FILE, Artifact, find_artifacts, onnx_dir, open_runner,
+                                              read_build)
 from mistral_export.engines.describe import folder_bytes
 from mistral_export.engines.runner import EagerRunner
 from mistral_export.errors import MistralExportError
@@ -112,7 +113,7 @@ def validate_artifact(artifact: Artifact, eager: EagerRunner, scripts: list[case
     if artifact.backend == "tensorrt":
         from mistral_export.validate.tensorrt_compare import compare_with_onnx
 
-        compared = compare_with_onnx(artifact, artifact.folder.parents[2] / "onnx" / artifact.precision)
+        compared = compare_with_onnx(artifact, runner, onnx_dir(artifact.folder.parents[2], artifact.precision))
         case_reports += [compared] if compared else []
     peak_reset = latency.reset_peak_rss()
     with phases.phase(f"latency {artifact.label}", 2 * len(plan.measurements) * plan.rounds) as advance:

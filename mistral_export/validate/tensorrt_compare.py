@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mistral_export.engines.artifacts import Artifact
-from mistral_export.model.config import ModelConfig, from_hf_config
+from mistral_export.model.config import ModelConfig
 from mistral_export.validate.cases import CaseResult, boundary
 from mistral_export.validate.metrics import compare_rows
 from mistral_export.validate.thresholds import THRESHOLDS
@@ -39,24 +39,19 @@ def feeds(config: ModelConfig, cache_dtype: str, max_chunk: int) -> list[dict]:
     return [feed(min(w + w // 2, max_chunk), 0, False), feed(min(w, max_chunk), w - 3, True), feed(1, 3 * w, True)]
 
 
-def compare_with_onnx(artifact: Artifact, onnx_folder: Path) -> dict | None:
-    """A case report for the engine against onnx_folder/model.onnx, or None when that ONNX is not in the build."""
-    import json
+def compare_with_onnx(artifact: Artifact, runner, onnx_folder: Path) -> dict | None:
+    """A case report for the engine RUNNER has loaded (a TensorRTRunner) against onnx_folder/model.onnx, or None when
+    that ONNX is not in the build. The comparison runs the runner's own engine (no second copy on the GPU)."""
 
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+    from polygraphy.backend.trt import TrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
-
-    import mistral_export.plugins.tensorrt  # noqa: F401  (registers the plugins the engine's nodes bind to)
-    from mistral_export.engines.tensorrt_engine import PLAN_FILE
 
     onnx_path = Path(onnx_folder) / "model.onnx"
     if not onnx_path.exists():
         return None
-    config = from_hf_config(artifact.folder / "engine.json", json.dumps(artifact.engine["model"]["config"]))
-    max_chunk = artifact.engine["tensorrt"]["options"]["max_chunk"]
-    data = feeds(config, artifact.engine["cache"]["dtype"], max_chunk)
-    runners = [TrtRunner(EngineFromPath(str(artifact.folder / PLAN_FILE))),
+    data = feeds(runner.config, artifact.engine["cache"]["dtype"], runner.max_chunk)
+    runners = [TrtRunner(runner.engine),  # a context of its own on the loaded engine
                OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))]
     results = Comparator.run(runners, data_loader=data)
     case = CaseResult(NAME, "comparator")
