@@ -207,7 +207,7 @@ class Generation:
         """The next token from the last position's logits [V] (fp32)."""
         r = self.request
         logits = np.array(logits, dtype=np.float32)
-        context = r.prompt_ids + self.tokens
+        context = r.prompt_ids + self.tokens if r.bad_words_ids else []  # not copied per token when unused
         for ids in r.bad_words_ids:
             if len(ids) == 1 or context[len(context) - len(ids) + 1:] == ids[:-1]:
                 logits[ids[-1]] = -np.inf
@@ -231,8 +231,10 @@ class Generation:
         self.tokens.append(token)
         r = self.request
         delta = self._detokenizer.push(token)
-        text_so_far = "".join(self._text) + delta
-        stopped = bool(delta) and any(w in text_so_far[-(len(w) + len(delta)):] for w in r.stop_words)
+        stopped = False
+        if delta and r.stop_words:  # the text is joined only to look for a stop word
+            text_so_far = "".join(self._text) + delta
+            stopped = any(w in text_so_far[-(len(w) + len(delta)):] for w in r.stop_words)
         self.done = stopped or token == self.eos_id or len(self.tokens) >= r.max_tokens
         if self.done:
             delta += self._detokenizer.flush()

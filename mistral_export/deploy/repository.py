@@ -27,7 +27,8 @@ import tempfile
 from pathlib import Path
 
 from mistral_export.deploy.configs import engine_config, parse_config, text_interface_config
-from mistral_export.engines.artifacts import ENGINE_FILE, TOKENIZER_FILE, Artifact, find_artifacts, read_build
+from mistral_export.engines.artifacts import (ENGINE_FILE, TOKENIZER_FILE, Artifact, artifacts_of_one_precision,
+                                              find_artifacts, read_build)
 from mistral_export.errors import MistralExportError
 
 TEMPLATES = Path(__file__).parent / "triton_models"
@@ -76,11 +77,7 @@ def package(build_dir: Path, repository: Path, name: str | None = None, max_batc
     if backend is None:
         backend = "tensorrt" if any(a.backend == "tensorrt" for a in find_artifacts(build_dir, precision)) \
             else "onnxruntime"
-    artifacts = find_artifacts(build_dir, precision, backend)
-    precisions = sorted({a.precision for a in artifacts})
-    if len(precisions) > 1:
-        raise MistralExportError(f"{build_dir}: {backend} artifacts of several precisions ({', '.join(precisions)}); "
-                                 f"choose one with --precision")
+    artifacts = artifacts_of_one_precision(build_dir, backend, precision)
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", build["model"]["name"])
     repository.mkdir(parents=True, exist_ok=True)
     try:

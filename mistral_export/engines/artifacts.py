@@ -118,14 +118,20 @@ def is_build_folder(path: str | Path) -> bool:
     return (Path(path) / BUILD_FILE).is_file()
 
 
-def select_artifact(build_dir: Path, backend: str, precision: str | None = None) -> Artifact:
-    """The one artifact of BACKEND (and PRECISION) to run: an error lists the choices when several precisions fit;
-    among TensorRT engines of one precision, the one built for this GPU comes first."""
+def artifacts_of_one_precision(build_dir: Path, backend: str, precision: str | None = None) -> list[Artifact]:
+    """BACKEND's artifacts of PRECISION, or of the one precision built; several precisions are an error naming them."""
     found = find_artifacts(build_dir, precision, backend)
     precisions = sorted({a.precision for a in found})
     if len(precisions) > 1:
         raise MistralExportError(f"{build_dir}: {backend} artifacts of several precisions ({', '.join(precisions)}); "
                                  "pick one with --precision")
+    return found
+
+
+def select_artifact(build_dir: Path, backend: str, precision: str | None = None) -> Artifact:
+    """The one artifact of BACKEND (and PRECISION) to run: an error lists the choices when several precisions fit;
+    among TensorRT engines of one precision, the one built for this GPU comes first."""
+    found = artifacts_of_one_precision(build_dir, backend, precision)
     if backend == "tensorrt" and len(found) > 1:
         from mistral_export.engines import tensorrt_engine
 
