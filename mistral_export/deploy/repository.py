@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mistral_export.deploy.configs import engine_config, parse_config, text_interface_config
 from mistral_export.engines.artifacts import (ENGINE_FILE, TOKENIZER_FILE, Artifact, artifacts_of_one_precision,
-                                              find_artifacts, read_build)
+                                              find_artifacts, read_build, write_text_atomic)
 from mistral_export.errors import MistralExportError
 
 TEMPLATES = Path(__file__).parent / "triton_models"
@@ -175,6 +175,4 @@ exclude_input_in_output, min_length, temperature, top_k, top_p, seed, stop_words
 
 gRPC streaming (`stream_infer`) works too; greedy unless `temperature` > 0.
 """
-    tmp = repository / ".README.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(repository / "README.md")
+    write_text_atomic(repository / "README.md", text)

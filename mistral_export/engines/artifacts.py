@@ -63,11 +63,15 @@ class Artifact:
             f"@{self.engine['tensorrt']['gpu_slug']}" if self.backend == "tensorrt" else "")
 
 
-def write_json_atomic(path: Path, document: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write under a temporary name, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, document: dict) -> None:
+    write_text_atomic(path, json.dumps(document, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path, what: str) -> dict:

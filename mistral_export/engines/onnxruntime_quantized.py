@@ -23,8 +23,6 @@ The artifact then carries its own weights file, model.ort.onnx.data.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -144,12 +142,7 @@ def to_matmul_nbits(model: ir.Model) -> int:
 
 def save_with_own_data(model: ir.Model, artifact: Path) -> None:
     """ARTIFACT and ARTIFACT.data (every weight), written in a staging folder and moved in, the model last."""
-    staging = Path(tempfile.mkdtemp(prefix=".artifact-", dir=artifact.parent))
-    try:
-        data = artifact.name + ".data"
-        ir.save(model, str(staging / artifact.name), external_data=data)
-        artifact.unlink(missing_ok=True)
-        (staging / data).replace(artifact.parent / data)
-        (staging / artifact.name).replace(artifact)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    from mistral_export.export.onnx_export import staged_model
+
+    with staged_model(artifact.parent, artifact.name) as staging:
+        ir.save(model, str(staging / artifact.name), external_data=artifact.name + ".data")

@@ -236,8 +236,9 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
 
 
 @contextlib.contextmanager
-def staged_model(out: Path):
-    """A staging folder inside OUT (created if needed) whose model.onnx and model.onnx.data move into OUT when the block completes.
+def staged_model(out: Path, model_file: str = MODEL_FILE):
+    """A staging folder inside OUT (created if needed) whose MODEL_FILE (model.onnx) and MODEL_FILE.data move into OUT
+    when the block completes.
 
     Everything is written there and moved into place only when complete and checked, so an interrupted
     export never leaves a model.onnx that looks valid beside half-written weights.
@@ -251,8 +252,8 @@ def staged_model(out: Path):
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
         yield staging
-        (out / MODEL_FILE).unlink(missing_ok=True)
-        for name in (DATA_FILE, MODEL_FILE):  # model.onnx last: its presence means complete
+        (out / model_file).unlink(missing_ok=True)
+        for name in (model_file + ".data", model_file):  # the model last: its presence means complete
             (staging / name).replace(out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mistral_export
+from mistral_export.engines.artifacts import write_text_atomic
 from mistral_export.engines.stages import tool_version
 
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "tensorrt", "polygraphy", "matplotlib")
@@ -79,12 +80,6 @@ def finite(document):
     if isinstance(document, list):
         return [finite(v) for v in document]
     return document
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_report(report: dict, report_dir: Path) -> None:
