@@ -24,7 +24,7 @@ run: $(STAMP)
 	$(CLI) build tiny -o $(OUTDIR) --backend $(BACKEND)
 	$(CLI) inspect $(OUTDIR)
 	$(CLI) validate $(OUTDIR) --quick
-	$(CLI) generate --backend $(BACKEND) --engine $(OUTDIR) --prompt '$(PROMPT)' --max-new-tokens 80
+	$(CLI) generate --backend $(BACKEND) --build $(OUTDIR) --prompt '$(PROMPT)' --max-new-tokens 80
 
 # Test files spread over the cores (a file's module fixtures stay in one process); JOBS=0 runs serially.
 test: $(STAMP)

@@ -39,11 +39,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mistral_export.engines.onnxruntime_artifact import onnxruntime_artifact_for  # noqa: E402
-from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact  # noqa: E402
-from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner, session_options  # noqa: E402
-from mistral_export.engines.progress import BuildProgress  # noqa: E402
-from mistral_export.engines.runner import EagerRunner  # noqa: E402
+from mistral_export.engines.onnxruntime.artifact import onnxruntime_artifact_for  # noqa: E402
+from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact  # noqa: E402
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner, session_options  # noqa: E402
+from mistral_export.pipeline.progress import BuildProgress  # noqa: E402
+from mistral_export.runners.base import EagerRunner  # noqa: E402
 from mistral_export.errors import MistralExportError  # noqa: E402
 from mistral_export.export.onnx_export import export_onnx  # noqa: E402
 from mistral_export.export.precision import PRECISIONS, CalibrationOptions, export_precision  # noqa: E402

@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact
+from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
 from mistral_export.export.onnx_export import export_onnx
 from mistral_export.model.checkpoint import random_model
 from mistral_export.model.config import ModelConfig

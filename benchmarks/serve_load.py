@@ -38,7 +38,7 @@ from benchmarks.decode_cpu import SYNTHETIC_170M  # noqa: E402
 from benchmarks.provenance import markdown as provenance_markdown, provenance  # noqa: E402
 from mistral_export.deploy.repository import package  # noqa: E402
 from mistral_export.deploy.server import Ports, free_port, running_server  # noqa: E402
-from mistral_export.engines.build import build  # noqa: E402
+from mistral_export.pipeline.build import build  # noqa: E402
 from mistral_export.model.checkpoint import random_model, save_hf_checkpoint  # noqa: E402
 from mistral_export.model.config import TINY_DIR, load_config  # noqa: E402
 

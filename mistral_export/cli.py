@@ -12,7 +12,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from mistral_export.artifacts.description import BACKENDS
 from mistral_export.errors import MistralExportError
+from mistral_export.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from mistral_export.export.precision import DEFAULT_SMOOTHQUANT_ALPHA, PRECISIONS
+from mistral_export.export.precision.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL, PLUGIN_IMPLS
+from mistral_export.pipeline.build import BUILD_BACKENDS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a Mistral checkpoint into ONNX / TensorRT engines and a Triton model repository.")
@@ -21,31 +27,22 @@ ModelArg = Annotated[str, typer.Argument(help="A checkpoint folder (HF config.js
                                               "or a preset: tiny, mistral-7b-v0.1, mistral-7b-v0.3.")]
 
 
-class Backend(str, Enum):
-    eager = "eager"
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
+def _choices(name: str, values) -> type[Enum]:
+    """A typer choice list from the constants that own the values (one spelling everywhere)."""
+    return Enum(name, [(v.replace("-", "_"), v) for v in values], type=str)
 
 
-class PluginImpl(str, Enum):
-    aot = "aot"
-    jit = "jit"
+Precision = _choices("Precision", PRECISIONS)
+BuildBackend = _choices("BuildBackend", BUILD_BACKENDS)
+RunBackend = _choices("RunBackend", ("eager", *BACKENDS))
+DeployBackend = _choices("DeployBackend", BACKENDS)
+PluginImpl = _choices("PluginImpl", PLUGIN_IMPLS)
+Attention = _choices("Attention", ("reference", "triton"))
+Device = _choices("Device", ("cpu", "cuda"))
 
-
-class Attention(str, Enum):
-    reference = "reference"
-    triton = "triton"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-    int8_wo = "int8-wo"
-
-
-# Options `export` and `build` share (the precision stage's options).
+# Options `export` and `build` share (the export and precision stage's options), with the defaults their owners set.
 PrecisionOpt = Annotated[Precision, typer.Option(help="fp32, fp16, int8 (W8A8, SmoothQuant) or int8-wo (W8A16).")]
+OpsetOpt = Annotated[int, typer.Option(min=MIN_OPSET, max=MAX_OPSET, help="ONNX opset of the standard ops.")]
 LastTokenLogitsOpt = Annotated[bool, typer.Option(help="Keep only the last position's logits ([B,1,V]).")]
 PluginImplOpt = Annotated[PluginImpl, typer.Option(help="TensorRT plugin implementation the mistral nodes ask for "
                                                         "(node attribute aot=1 or 0); ONNX Runtime ignores it.")]
@@ -53,8 +50,8 @@ SmoothQuantAlphaOpt = Annotated[float, typer.Option(help="int8: SmoothQuant migr
 NoSmoothQuantOpt = Annotated[bool, typer.Option("--no-smoothquant", help="int8: plain W8A8, no smoothing.")]
 CalibDataOpt = Annotated[Optional[Path], typer.Option(help="int8: calibration text (plain text, or JSONL with a `text` "
                                                            "field); default: the packaged calibration text.")]
-CalibSamplesOpt = Annotated[Optional[int], typer.Option(min=1, help="int8: calibration samples (default 32).")]
-CalibSeqLenOpt = Annotated[Optional[int], typer.Option(min=1, help="int8: tokens per calibration sample (default 256).")]
+CalibSamplesOpt = Annotated[int, typer.Option(min=1, help="int8: calibration samples.")]
+CalibSeqLenOpt = Annotated[int, typer.Option(min=2, help="int8: tokens per calibration sample.")]
 
 
 @contextlib.contextmanager
@@ -73,8 +70,8 @@ def inspect(model: Annotated[str, typer.Argument(help="A build folder (from `bui
             context: Annotated[int, typer.Option(help="Context length for the KV-cache estimate.")] = 32768) -> None:
     """A build folder: what was built (precisions, backends, GPU, sizes, options). A model: config, parameter count,
     weight bytes per dtype and KV-cache bytes per sequence."""
-    from mistral_export.engines.artifacts import is_build_folder
-    from mistral_export.engines.describe import describe_build
+    from mistral_export.artifacts.folder import is_build_folder
+    from mistral_export.artifacts.describe import describe_build
     from mistral_export.model.config import load_config
     from mistral_export.model.summary import describe
 
@@ -107,24 +104,25 @@ def export(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for model.onnx, model.onnx.data and model.ort.onnx.")],
     precision: PrecisionOpt = Precision.fp32,
-    opset: Annotated[int, typer.Option(help="ONNX opset of the standard ops (18..23).")] = 20,
+    opset: OpsetOpt = DEFAULT_OPSET,
     last_token_logits: LastTokenLogitsOpt = False,
-    plugin_impl: PluginImplOpt = PluginImpl.aot,
-    smoothquant_alpha: SmoothQuantAlphaOpt = 0.5,
+    plugin_impl: PluginImplOpt = PluginImpl[DEFAULT_PLUGIN_IMPL],
+    smoothquant_alpha: SmoothQuantAlphaOpt = DEFAULT_SMOOTHQUANT_ALPHA,
     no_smoothquant: NoSmoothQuantOpt = False,
     calib_data: CalibDataOpt = None,
-    calib_samples: CalibSamplesOpt = None,
-    calib_seq_len: CalibSeqLenOpt = None,
+    calib_samples: CalibSamplesOpt = DEFAULT_SAMPLES,
+    calib_seq_len: CalibSeqLenOpt = DEFAULT_SEQ_LEN,
 ) -> None:
     """Trace MODEL to one ONNX graph (prefill chunks and decode) with the mistral:: custom ops in PRECISION, and its ONNX Runtime artifact."""
-    from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact
-    from mistral_export.export.precision import calibration_options, export_precision
+    from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
+    from mistral_export.pipeline.build import export_with_options
+    from mistral_export.pipeline.progress import BuildProgress
 
     started = time.perf_counter()
+    options = _precision_options(smoothquant_alpha, no_smoothquant, calib_data, calib_samples, calib_seq_len)
     with user_errors(), _log_to_stderr("[export] %(message)s") as logger:
-        path = export_precision(model, output, precision.value, opset=opset, last_token_logits=last_token_logits,
-                                plugin_impl=plugin_impl.value, smoothquant_alpha=None if no_smoothquant else smoothquant_alpha,
-                                calibration=calibration_options(calib_data, calib_samples, calib_seq_len))
+        path = export_with_options(model, output, precision.value, opset, last_token_logits, plugin_impl.value, options,
+                                   BuildProgress(quiet=True))
         logger.info("writing the ONNX Runtime artifact model.ort.onnx (GroupQueryAttention, cache updated in place)")
         write_onnxruntime_artifact(path)
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model."))
@@ -132,10 +130,12 @@ def export(
                f"in {time.perf_counter() - started:.1f} s")
 
 
-class BuildBackend(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    onnxruntime = "onnxruntime"
+def _precision_options(smoothquant_alpha: float, no_smoothquant: bool, calib_data: Path | None, calib_samples: int,
+                       calib_seq_len: int):
+    from mistral_export.pipeline.build import PrecisionOptions
+
+    return PrecisionOptions(smoothquant_alpha=None if no_smoothquant else smoothquant_alpha, calib_data=calib_data,
+                            calib_samples=calib_samples, calib_seq_len=calib_seq_len)
 
 
 @app.command()
@@ -146,14 +146,14 @@ def build(
     precision: PrecisionOpt = Precision.fp32,
     backend: Annotated[BuildBackend, typer.Option(help="tensorrt: an engine for this GPU; onnxruntime: the ONNX Runtime "
                                                        "artifact; auto: TensorRT where TensorRT and a GPU are present.")] = BuildBackend.auto,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset of the standard ops (18..23; default 20).")] = None,
+    opset: OpsetOpt = DEFAULT_OPSET,
     last_token_logits: LastTokenLogitsOpt = False,
-    plugin_impl: PluginImplOpt = PluginImpl.aot,
-    smoothquant_alpha: SmoothQuantAlphaOpt = 0.5,
+    plugin_impl: PluginImplOpt = PluginImpl[DEFAULT_PLUGIN_IMPL],
+    smoothquant_alpha: SmoothQuantAlphaOpt = DEFAULT_SMOOTHQUANT_ALPHA,
     no_smoothquant: NoSmoothQuantOpt = False,
     calib_data: CalibDataOpt = None,
-    calib_samples: CalibSamplesOpt = None,
-    calib_seq_len: CalibSeqLenOpt = None,
+    calib_samples: CalibSamplesOpt = DEFAULT_SAMPLES,
+    calib_seq_len: CalibSeqLenOpt = DEFAULT_SEQ_LEN,
     max_batch: Annotated[int, typer.Option(min=1, help="TensorRT: largest batch the engine runs.")] = 8,
     opt_batch: Annotated[int, typer.Option(min=1, help="TensorRT: batch the engine is tuned for.")] = 1,
     max_chunk: Annotated[int, typer.Option(min=1, help="TensorRT: longest prefill chunk one step runs.")] = 512,
@@ -164,12 +164,11 @@ def build(
 ) -> None:
     """Checkpoint to serving artifacts in one folder: tokenizer, ONNX of the precision, then a TensorRT engine for
     this GPU or the ONNX Runtime artifact. Stages whose inputs did not change are skipped."""
-    from mistral_export.engines.build import PrecisionOptions, build as run_build
-    from mistral_export.engines.progress import BuildProgress
-    from mistral_export.engines.tensorrt_engine import DEFAULT_TIMING_CACHE, EngineOptions
+    from mistral_export.engines.tensorrt.builder import DEFAULT_TIMING_CACHE, EngineOptions
+    from mistral_export.pipeline.build import build as run_build
+    from mistral_export.pipeline.progress import BuildProgress
 
-    precision_options = PrecisionOptions(smoothquant_alpha=None if no_smoothquant else smoothquant_alpha,
-                                         calib_data=calib_data, calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+    precision_options = _precision_options(smoothquant_alpha, no_smoothquant, calib_data, calib_samples, calib_seq_len)
     engine_options = EngineOptions(max_batch=max_batch, opt_batch=opt_batch, max_chunk=max_chunk,
                                    builder_optimization_level=builder_opt_level,
                                    timing_cache=timing_cache or DEFAULT_TIMING_CACHE)
@@ -185,7 +184,7 @@ def _print_build_summary(out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mistral_export.engines.describe import last_run_rows
+    from mistral_export.artifacts.describe import last_run_rows
 
     table = Table(title=f"{out}", title_justify="left", box=None, pad_edge=False)
     for column in ("stage", "this run", "files", "size"):
@@ -195,21 +194,17 @@ def _print_build_summary(out: Path) -> None:
     Console().print(table)
 
 
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 @app.command()
 def generate(
     model: Annotated[Optional[str], typer.Argument(help="A checkpoint folder or `tiny` (eager and --onnx runs; "
-                                                        "not needed with --engine).")] = None,
+                                                        "not needed with --build).")] = None,
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 64,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Prefill the prompt in chunks of this many tokens.")] = None,
-    backend: Annotated[Backend, typer.Option(help="eager: the PyTorch reference model; onnxruntime: an ONNX Runtime "
-                                                  "artifact (--engine) or export (--onnx); tensorrt: an engine (--engine).")] = Backend.eager,
-    engine: Annotated[Optional[Path], typer.Option(help="A build folder (from `build`) for --backend onnxruntime|tensorrt.")] = None,
+    backend: Annotated[RunBackend, typer.Option(help="eager: the PyTorch reference model; onnxruntime: an ONNX Runtime "
+                                                  "artifact (--build) or export (--onnx); tensorrt: an engine (--build).")] = RunBackend.eager,
+    build_dir: Annotated[Optional[Path], typer.Option("--build", help="A build folder (from `build`) for --backend "
+                                                                      "onnxruntime|tensorrt.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Which precision of the build folder to run.")] = None,
     onnx: Annotated[Optional[Path], typer.Option(help="A plain export folder (model.onnx) for --backend onnxruntime.")] = None,
     device: Annotated[Device, typer.Option(help="onnxruntime: CPU or CUDA execution provider (onnxruntime-gpu).")] = Device.cpu,
@@ -220,35 +215,36 @@ def generate(
     from mistral_export.model.tokenizer import find_tokenizer_source, load_tokenizer
 
     with user_errors():
-        runner = _make_runner(model, backend, engine, precision, onnx, device, attention)
+        runner = _make_runner(model, backend, build_dir, precision, onnx, device, attention)
         folder = resolve_model_dir(model) if model else None
-        if engine is not None and find_tokenizer_source(engine):
-            folder = engine  # the build folder carries the tokenizer.json converted at build
+        if build_dir is not None and find_tokenizer_source(build_dir):
+            folder = build_dir  # the build folder carries the tokenizer.json converted at build
         if folder is None:
-            raise MistralExportError(f"no tokenizer: pass a checkpoint folder or 'tiny' as MODEL" +
+            raise MistralExportError("no tokenizer: pass a checkpoint folder or 'tiny' as MODEL" +
                                      (f" ('{model}' has shapes only)" if model else ""))
         tokenizer = load_tokenizer(folder)
         _stream(runner, tokenizer, prompt, max_new_tokens, chunk_size)
 
 
-def _make_runner(model: str | None, backend: Backend, engine: Path | None, precision: str | None, onnx: Path | None,
+def _make_runner(model: str | None, backend: RunBackend, build_dir: Path | None, precision: str | None, onnx: Path | None,
                  device: Device, attention: Attention):
-    from mistral_export.engines.runner import EagerRunner
+    from mistral_export.runners.base import EagerRunner
     from mistral_export.model.checkpoint import load_model
 
-    if backend is not Backend.eager and engine is not None:
-        from mistral_export.engines.artifacts import open_runner, select_artifact
+    if backend is not RunBackend.eager and build_dir is not None:
+        from mistral_export.artifacts.folder import select_artifact
+        from mistral_export.runners import open_runner
 
-        artifact = select_artifact(engine, backend.value, precision)
-        return open_runner(artifact, providers=_providers(device) if backend is Backend.onnxruntime else None)
-    if backend is Backend.tensorrt:
-        raise MistralExportError("--backend tensorrt needs --engine DIR (from `mistral-export build MODEL -o DIR "
+        artifact = select_artifact(build_dir, backend.value, precision)
+        return open_runner(artifact, providers=_providers(device) if backend is RunBackend.onnxruntime else None)
+    if backend is RunBackend.tensorrt:
+        raise MistralExportError("--backend tensorrt needs --build DIR (from `mistral-export build MODEL -o DIR "
                                  "--backend tensorrt`)")
-    if backend is Backend.onnxruntime:
-        from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
+    if backend is RunBackend.onnxruntime:
+        from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
 
         if onnx is None:
-            raise MistralExportError("--backend onnxruntime needs --engine DIR (from `mistral-export build`) or "
+            raise MistralExportError("--backend onnxruntime needs --build DIR (from `mistral-export build`) or "
                                      "--onnx DIR (from `mistral-export export`)")
         return OnnxRuntimeRunner(onnx, providers=_providers(device))
     if model is None:
@@ -278,7 +274,7 @@ def _providers(device: Device) -> list[str]:
 
 
 def _stream(runner, tokenizer, prompt: str, max_new_tokens: int, chunk_size: int | None) -> None:
-    from mistral_export.engines.runner import greedy_tokens
+    from mistral_export.runners.base import greedy_tokens
 
     prompt_ids = tokenizer.encode(prompt)
     typer.echo(prompt, nl=False)
@@ -358,11 +354,6 @@ def bench(
                              prompt_lengths=_int_list(prompt_lengths, "--prompt-lengths") if prompt_lengths else None,
                              samples=samples, model=model, report_dir=report_dir, threads=threads)
     print_bench(report, report_dir or build_dir / "report")
-
-
-class DeployBackend(str, Enum):
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
 
 
 @app.command()

@@ -33,6 +33,22 @@ DEFAULT_PLUGIN_IMPL = "aot"
 # lower limit.) Every runner refuses a step that would go past it.
 MAX_POSITION = 2**24 - 1
 
+# Graph I/O of the cache (DESIGN.md, "Graph I/O"; names as Optimum and onnxruntime-genai spell them).
+CACHE_KINDS = ("key", "value")
+
+
+def cache_input(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def cache_output(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+def cache_names(num_layers: int) -> list[tuple[str, str]]:
+    """(input, output) name of every layer's key and value cache, in graph order."""
+    return [(cache_input(i, kind), cache_output(i, kind)) for i in range(num_layers) for kind in CACHE_KINDS]
+
 
 def check_positions(past_len: list[int], seq: int, capacity: int, wraps: bool) -> None:
     """The contract's limits on a step of `seq` tokens at positions past_len[b] + i, for every consumer.

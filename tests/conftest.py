@@ -15,6 +15,16 @@ needs_tiny = pytest.mark.skipif(not TINY_AVAILABLE, reason="the tiny fixture has
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_runtest_setup(item):
+    """The one place the `tensorrt` and `gpu` markers become skips, each saying why (`-ra` lists them)."""
+    from mistral_export.tensorrt_lib import unavailable_reason
+
+    if item.get_closest_marker("tensorrt") and unavailable_reason():
+        pytest.skip(f"tensorrt: {unavailable_reason()}")
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("gpu: no CUDA GPU visible to torch")
+
+
 def small_config(head_dim=32, heads=4, kv_heads=4, window=16, layers=2, hidden=64, vocab=97, max_context=512,
                  intermediate=96):
     return ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
@@ -29,7 +39,7 @@ def tmp_model_dir(tmp_path: Path) -> Path:
 
 def export_for_onnxruntime(model, out_dir, **options):
     """model.onnx and its ONNX Runtime artifact (what `mistral-export export` writes); returns model.onnx's path."""
-    from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact
+    from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
     from mistral_export.export.onnx_export import export_onnx
 
     path = export_onnx(model, out_dir, **options)
@@ -65,9 +75,9 @@ def train_sentencepiece(path: Path, model_type: str = "bpe", vocab_size: int = 8
 
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory) -> Path:
-    """An fp32 ONNX Runtime build folder of the tiny fixture (engines/build.py), shared by the session."""
+    """An fp32 ONNX Runtime build folder of the tiny fixture (pipeline/build.py), shared by the session."""
     if not TINY_AVAILABLE:
         pytest.skip("the tiny fixture has not been trained (tools/train_tiny.py)")
-    from mistral_export.engines.build import build
+    from mistral_export.pipeline.build import build
 
     return build("tiny", tmp_path_factory.mktemp("tiny-build"))

@@ -13,15 +13,16 @@ from typer.testing import CliRunner
 
 from conftest import needs_tiny, small_config, train_sentencepiece
 from mistral_export.cli import app
-from mistral_export.engines import onnxruntime_artifact
-from mistral_export.engines.artifacts import find_artifacts, open_runner, read_build, select_artifact
-from mistral_export.engines.build import build
-from mistral_export.engines.runner import EagerRunner, greedy_tokens
-from mistral_export.engines.tensorrt_engine import unavailable_reason
+from mistral_export.artifacts.folder import find_artifacts, read_build, select_artifact
+from mistral_export.engines.onnxruntime import artifact as onnxruntime_artifact
 from mistral_export.errors import MistralExportError
 from mistral_export.model.checkpoint import load_model, random_model, save_hf_checkpoint
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
+from mistral_export.pipeline.build import build
+from mistral_export.runners import open_runner
+from mistral_export.runners.base import EagerRunner, greedy_tokens
+from mistral_export.tensorrt_lib import unavailable_reason
 
 
 def last_run(out: Path) -> dict[str, str]:
@@ -34,7 +35,8 @@ def mtimes(out: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory):
+def cli_build(tmp_path_factory):
+    """`mistral-export build tiny` through the command line, with what it printed."""
     out = tmp_path_factory.mktemp("tiny-build")
     result = CliRunner().invoke(app, ["build", "tiny", "-o", str(out), "--precision", "fp32", "--backend", "onnxruntime"])
     assert result.exit_code == 0, result.output
@@ -51,15 +53,16 @@ def small_checkpoint(tmp_path) -> Path:
 
 
 @needs_tiny
-def test_build_writes_the_layout_and_a_summary(tiny_build):
-    out, result = tiny_build
-    assert {"tokenizer.json", "build.json", "onnx/fp32/model.onnx", "onnx/fp32/model.onnx.data",
-            "onnx/fp32/model.ort.onnx", "onnx/fp32/engine.json"} <= set(mtimes(out)) | {"build.json"}
+def test_build_writes_the_layout_and_a_summary(cli_build):
+    out, result = cli_build
+    assert set(mtimes(out)) == {"tokenizer.json", "onnx/fp32/model.onnx", "onnx/fp32/model.onnx.data",
+                                "onnx/fp32/model.ort.onnx", "onnx/fp32/artifact.json"}  # and nothing half-written
+    assert (out / "build.json").is_file()
     record = read_build(out)
     assert record["model"]["source"] == "tiny" and record["artifacts"] == ["onnx/fp32"]
     assert record["precisions"] == {"fp32": {"onnx": ["onnx/fp32"], "onnxruntime": ["onnx/fp32"]}}
     assert last_run(out) == {"tokenizer": "built", "onnx/fp32": "built", "onnxruntime/fp32": "built"}
-    engine = json.loads((out / "onnx/fp32/engine.json").read_text())
+    engine = json.loads((out / "onnx/fp32/artifact.json").read_text())
     assert engine["backend"] == "onnxruntime" and engine["cache"] == {"capacity": 64, "window": 64, "wraps": True,
                                                                       "dtype": "float32"}
     # progress per stage on stderr, the summary table on stdout
@@ -67,8 +70,8 @@ def test_build_writes_the_layout_and_a_summary(tiny_build):
 
 
 @needs_tiny
-def test_build_then_generate_matches_eager_for_4w_tokens(tiny_build):
-    out, _ = tiny_build
+def test_build_then_generate_matches_eager_for_4w_tokens(cli_build):
+    out, _ = cli_build
     eager = EagerRunner(load_model("tiny"))
     window = eager.config.sliding_window
     prompt_text = "def read_config(path):"
@@ -79,15 +82,15 @@ def test_build_then_generate_matches_eager_for_4w_tokens(tiny_build):
     assert list(greedy_tokens(built, prompt, 4 * window)) == expected and len(expected) == 4 * window
     if tokenizer.eos_id in expected:  # the command stops at the end-of-sequence token
         expected = expected[:expected.index(tokenizer.eos_id) + 1]
-    from_build = CliRunner().invoke(app, ["generate", "--backend", "onnxruntime", "--engine", str(out),
+    from_build = CliRunner().invoke(app, ["generate", "--backend", "onnxruntime", "--build", str(out),
                                           "--prompt", prompt_text, "--max-new-tokens", str(4 * window)])
     assert from_build.exit_code == 0, from_build.output
     assert from_build.stdout == prompt_text + tokenizer.decode(expected) + "\n"
 
 
 @needs_tiny
-def test_rebuild_with_nothing_changed_does_no_work(tiny_build):
-    out, _ = tiny_build
+def test_rebuild_with_nothing_changed_does_no_work(cli_build):
+    out, _ = cli_build
     before = mtimes(out)
     build("tiny", out, "fp32", "onnxruntime")
     assert set(last_run(out).values()) == {"skipped"}
@@ -95,8 +98,8 @@ def test_rebuild_with_nothing_changed_does_no_work(tiny_build):
 
 
 @needs_tiny
-def test_inspect_build_folder(tiny_build):
-    out, _ = tiny_build
+def test_inspect_build_folder(cli_build):
+    out, _ = cli_build
     result = CliRunner().invoke(app, ["inspect", str(out)])
     assert result.exit_code == 0, result.output
     lines = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
@@ -116,7 +119,7 @@ def test_precision_and_checkpoint_changes_rebuild_only_what_depends(small_checkp
     assert last_run(out) == {"tokenizer": "skipped", "onnx/fp16": "built", "onnxruntime/fp16": "built"}
     assert {k: v for k, v in mtimes(out).items() if k.startswith("onnx/fp32")} == fp32_files
     assert sorted(a.precision for a in find_artifacts(out)) == ["fp16", "fp32"]
-    generate = ["generate", "--backend", "onnxruntime", "--engine", str(out), "--prompt", "x", "--max-new-tokens", "2"]
+    generate = ["generate", "--backend", "onnxruntime", "--build", str(out), "--prompt", "x", "--max-new-tokens", "2"]
     several = CliRunner().invoke(app, generate)
     assert several.exit_code == 2 and "several precisions (fp16, fp32); pick one with --precision" in several.stderr
     picked = CliRunner().invoke(app, [*generate, "--precision", "fp16"])
@@ -130,7 +133,7 @@ def test_precision_and_checkpoint_changes_rebuild_only_what_depends(small_checkp
     build(small_checkpoint, out, "fp16")
     assert last_run(out) == {"tokenizer": "skipped", "onnx/fp16": "built", "onnxruntime/fp16": "built"}
     # fp32 was made from the old weights: removed, not left looking valid
-    assert [a.precision for a in find_artifacts(out)] == ["fp16"] and not (out / "onnx/fp32/engine.json").exists()
+    assert [a.precision for a in find_artifacts(out)] == ["fp16"] and not (out / "onnx/fp32/artifact.json").exists()
     runner = open_runner(select_artifact(out, "onnxruntime"))
     eager = EagerRunner(load_model(small_checkpoint))
     ids = torch.tensor([[1, 5, 9, 200, 7]])
@@ -157,7 +160,7 @@ def test_interrupted_engine_stage_leaves_nothing_and_next_build_completes(small_
     with pytest.raises(Interrupted):
         build(small_checkpoint, out, "fp32")
     folder = out / "onnx" / "fp32"
-    assert not (folder / "model.ort.onnx").exists() and not (folder / "engine.json").exists()
+    assert not (folder / "model.ort.onnx").exists() and not (folder / "artifact.json").exists()
     with pytest.raises(MistralExportError, match="artifact in this build folder"):
         find_artifacts(out)
     assert set(read_build(out)["stages"]) == {"tokenizer", "onnx/fp32"}  # what finished is recorded
@@ -190,13 +193,13 @@ def test_backend_tensorrt_without_tensorrt_is_one_error_line_and_keeps_the_onnx(
 
 def test_generate_needs_engine_for_tensorrt():
     missing = CliRunner().invoke(app, ["generate", "--backend", "tensorrt", "--prompt", "x"])
-    assert missing.exit_code == 2 and "--backend tensorrt needs --engine DIR" in missing.stderr
+    assert missing.exit_code == 2 and "--backend tensorrt needs --build DIR" in missing.stderr
 
 
 def test_native_checkpoint_with_a_sentencepiece_tokenizer_end_to_end(tmp_path):
     """Mistral's native layout (params.json, consolidated.safetensors, tokenizer.model): generate from it, build it
     (the build folder carries the converted tokenizer.json), generate from the build: the same text."""
-    from test_checkpoint import write_native
+    from helpers import write_native
 
     save_hf_checkpoint(random_model(small_config(vocab=800), seed=2), tmp_path / "hf")
     native = tmp_path / "native"
@@ -211,6 +214,6 @@ def test_native_checkpoint_with_a_sentencepiece_tokenizer_end_to_end(tmp_path):
     assert built.exit_code == 0, built.output
     assert read_build(out)["stages"]["tokenizer"]["inputs"]["source"] == "tokenizer.model"
     assert (out / "tokenizer.json").exists()
-    from_build = cli.invoke(app, ["generate", "--backend", "onnxruntime", "--engine", str(out), *args])
+    from_build = cli.invoke(app, ["generate", "--backend", "onnxruntime", "--build", str(out), *args])
     assert from_build.exit_code == 0, from_build.output
     assert from_build.stdout == eager.stdout and len(eager.stdout) > len("def f(x):")

@@ -13,13 +13,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import small_config
 from mistral_export.cli import app
 from mistral_export.errors import MistralExportError
 from mistral_export.model.checkpoint import (
-    internal_to_hf, load_model, random_model, rotate_half_to_interleaved, save_hf_checkpoint,
+    internal_to_hf,
+    load_model,
+    random_model,
+    save_hf_checkpoint,
 )
 from mistral_export.model.transformer import allocate_cache
+
+from conftest import small_config
+from helpers import write_native
 
 CONFIG = small_config(head_dim=32, heads=8, kv_heads=2, window=16)
 
@@ -29,39 +34,6 @@ def hf_dir(tmp_path) -> Path:
     folder = tmp_path / "hf"
     save_hf_checkpoint(random_model(CONFIG, seed=5), folder)
     return folder
-
-
-def write_native(hf_folder: Path, out: Path) -> None:
-    """Convert an HF-layout checkpoint to mistral-inference's native layout (params.json + consolidated)."""
-    config = json.loads((hf_folder / "config.json").read_text())
-    tensors = {}
-    with safe_open(str(hf_folder / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            name = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-                    "lm_head.weight": "output.weight"}.get(key)
-            tensor = f.get_tensor(key)
-            if name is None:
-                layer = key.split(".")[2]
-                part = key.split(".", 3)[3].removesuffix(".weight")
-                name = f"layers.{layer}." + {
-                    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-                    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-                    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-                    "post_attention_layernorm": "ffn_norm"}[part] + ".weight"
-                if part == "self_attn.q_proj":
-                    tensor = rotate_half_to_interleaved(tensor, config["num_attention_heads"])
-                if part == "self_attn.k_proj":
-                    tensor = rotate_half_to_interleaved(tensor, config["num_key_value_heads"])
-            tensors[name] = tensor.contiguous()
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "consolidated.safetensors"))
-    params = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"], "head_dim": config["head_dim"],
-              "hidden_dim": config["intermediate_size"], "n_heads": config["num_attention_heads"],
-              "n_kv_heads": config["num_key_value_heads"], "norm_eps": config["rms_norm_eps"],
-              "sliding_window": config["sliding_window"], "vocab_size": config["vocab_size"],
-              "rope_theta": config["rope_theta"]}
-    (out / "params.json").write_text(json.dumps(params))
 
 
 def logits_of(model, ids):

@@ -11,23 +11,30 @@ import numpy as np
 import pytest
 import torch
 
+from mistral_export.artifacts.folder import find_artifacts, tensorrt_dir
+from mistral_export.artifacts.gpu import GpuDescription
 from mistral_export.deploy.configs import parse_config
-from mistral_export.deploy.generation import (Generation, IncrementalDetokenizer, Limits, RequestError, Sink,
-                                              parse_request)
+from mistral_export.deploy.generation import (
+    Generation,
+    IncrementalDetokenizer,
+    Limits,
+    RequestError,
+    Sink,
+    parse_request,
+)
 from mistral_export.deploy.repository import ENGINE_SUFFIX, package
 from mistral_export.deploy.scheduler import InFlightBatcher
-from mistral_export.engines.artifacts import ENGINE_FILE, find_artifacts, open_runner, tensorrt_dir, write_json_atomic
-from mistral_export.engines.runner import EagerRunner, greedy_tokens
+from mistral_export.engines.tensorrt.builder import EngineOptions, tensorrt_description
 from mistral_export.errors import MistralExportError
-from mistral_export.model.checkpoint import load_model
+from mistral_export.files import write_json_atomic
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
+from mistral_export.runners import open_runner
+
+from helpers import PROMPTS, eager_text
 
 pytest.importorskip("tritonclient.grpc", reason="the deploy extra (tritonclient) is not installed")
 from tritonclient.grpc import model_config_pb2  # noqa: E402
-
-PROMPTS = ["def read_config(path):", "import os\n", "class Parser:\n    def __init__(self", "for i in range(",
-           "return self.", "    if not os.path.exists(", "# Copyright", "def __repr__(self):\n        return"]
 
 
 class Collector(Sink):
@@ -55,21 +62,6 @@ class Collector(Sink):
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer(TINY_DIR)
-
-
-@functools.cache
-def eager_text(prompt: str, max_tokens: int) -> str:
-    """The eager model's greedy continuation (the reference), on one thread: the tiny model gains nothing
-    from two, and two threads slow to a crawl when other jobs share the cores."""
-    tokenizer = load_tokenizer(TINY_DIR)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runner = EagerRunner(load_model("tiny"))
-        return tokenizer.decode(list(greedy_tokens(runner, tokenizer.encode(prompt), max_tokens,
-                                                   stop_id=tokenizer.eos_id)))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def request(tokenizer, prompt, max_tokens, limits=Limits(4096, True), **inputs):
@@ -210,10 +202,10 @@ def test_stop_words_end_the_generation(tokenizer):
     ("min_length", {"text_input": [[b"x"]], "max_tokens": [[4]], "min_length": [[5]]}, {}, "min_length"),
 ])
 def test_bad_requests_are_refused(tokenizer, case, inputs, parameters, message):
-    no_window = {"cache": {"capacity": 64, "wraps": False}, "model": {"config": {"max_position_embeddings": 64}}}
+    no_window = Limits(max_total_tokens=64, cache_wraps=False)
     with pytest.raises(RequestError, match=message):
         parse_request({k: np.array(v, dtype=object if isinstance(v[0][0], bytes) else None) for k, v in inputs.items()},
-                      parameters, tokenizer, Limits.from_engine(no_window))
+                      parameters, tokenizer, no_window)
 
 
 def test_onnxruntime_repository(tiny_build, tmp_path):
@@ -224,50 +216,39 @@ def test_onnxruntime_repository(tiny_build, tmp_path):
     assert config.instance_group[0].count == 2
     assert [i.name for i in config.input if not i.optional] == ["text_input", "max_tokens"]
     for file in ("1/model.py", "1/tokenizer.json", "1/onnxruntime/model.ort.onnx", "1/onnxruntime/model.onnx.data",
-                 "1/onnxruntime/engine.json"):
+                 "1/onnxruntime/artifact.json"):
         assert (written / file).is_file(), file
     assert "mistral-export serve" in (repository / "README.md").read_text()
     assert not [p for p in repository.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
 def tensorrt_build(tiny_build, out, gpus):
-    """A build folder as the TensorRT build writes it: engine.json per GPU, I/O as the ONNX graph has it.
+    """A build folder as the TensorRT build writes it: artifact.json per GPU, I/O as the ONNX graph has it.
     (No TensorRT here: model.plan is a placeholder that is only copied, never loaded.)"""
-    import onnx
-
     out.mkdir()
     (out / "build.json").write_text((tiny_build / "build.json").read_text())
     (out / "tokenizer.json").write_text((tiny_build / "tokenizer.json").read_text())
-    onnx_engine = json.loads((tiny_build / "onnx/fp32/engine.json").read_text())
-    graph = onnx.load(tiny_build / "onnx/fp32/model.onnx", load_external_data=False).graph
-    dtype = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
-
-    def tensors(values):
-        return [{"name": v.name, "dtype": dtype[v.type.tensor_type.elem_type],
-                 "shape": [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]}
-                for v in values]
-
-    for gpu, slug, capability in gpus:
-        folder = tensorrt_dir(out, slug, capability, "fp32")
+    for gpu in gpus:
+        folder = tensorrt_dir(out, gpu.folder_name, "fp32")
         folder.mkdir(parents=True)
         (folder / "model.plan").write_bytes(b"placeholder: not an engine")
-        write_json_atomic(folder / ENGINE_FILE, {
-            "format": 1, "backend": "tensorrt", "precision": "fp32", "model": onnx_engine["model"],
-            "cache": onnx_engine["cache"], "io": {"inputs": tensors(graph.input), "outputs": tensors(graph.output)},
-            "tensorrt": {"gpu": gpu, "gpu_slug": slug, "compute_capability": capability, "tensorrt_version": "10.13",
-                         "file": "model.plan"}})
+        tensorrt_description(tiny_build / "onnx/fp32/model.onnx", gpu, precision="fp32", options=EngineOptions(),
+                           plugin_impl="aot", build_seconds=1.0).write(folder)
     return out
 
 
+H200 = GpuDescription("NVIDIA H200", "9.0", "11.4.0")
+A100 = GpuDescription("NVIDIA A100-SXM4-80GB", "8.0", "11.4.0")
+
+
 def test_tensorrt_repository(tiny_build, tmp_path):
-    gpus = [("NVIDIA H200", "h200", "9.0"), ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb", "8.0")]
-    build = tensorrt_build(tiny_build, tmp_path / "build", gpus)
+    build = tensorrt_build(tiny_build, tmp_path / "build", [H200, A100])
     written = package(build, tmp_path / "repo", name="tiny", max_batch=8)
     bls, core = (parse_config((f / "config.pbtxt").read_text(), str(f)) for f in written)
     assert core.name == "tiny" + ENGINE_SUFFIX and core.platform == "tensorrt_plan"
     assert dict(core.cc_model_filenames) == {"9.0": "h200-sm90.plan", "8.0": "a100-sxm4-80gb-sm80.plan"}
     assert all((written[1] / "1" / f).is_file() for f in core.cc_model_filenames.values())
-    engine = json.loads((build / "engines/h200-sm90/fp32/engine.json").read_text())
+    engine = json.loads((build / "engines/h200-sm90/fp32/artifact.json").read_text())
     inputs = {t["name"]: t for t in engine["io"]["inputs"]}
     outputs = {t["name"]: t for t in engine["io"]["outputs"]}
     cfg = engine["model"]["config"]
@@ -291,8 +272,8 @@ def test_tensorrt_repository(tiny_build, tmp_path):
 
 
 def test_tensorrt_engine_io_mismatch_is_refused(tiny_build, tmp_path):
-    build = tensorrt_build(tiny_build, tmp_path / "build", [("NVIDIA H200", "h200", "9.0")])
-    path = build / "engines/h200-sm90/fp32/engine.json"
+    build = tensorrt_build(tiny_build, tmp_path / "build", [H200])
+    path = build / "engines/h200-sm90/fp32/artifact.json"
     engine = json.loads(path.read_text())
     engine["io"]["inputs"] = [t for t in engine["io"]["inputs"] if t["name"] != "past_key_values.1.value"]
     write_json_atomic(path, engine)

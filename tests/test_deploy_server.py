@@ -15,7 +15,7 @@ from mistral_export.deploy.repository import package
 from mistral_export.deploy.server import Ports, free_port, running_server
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
-from test_deploy import PROMPTS, eager_text
+from helpers import PROMPTS, eager_text
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the deploy extra (tritonclient) is not installed")
 pytest.importorskip("pytriton", reason="the deploy extra (nvidia-pytriton: the server) is not installed")

@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from mistral_export.engines.onnxruntime_attention import CACHE_IN_PLACE_KEY
-from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
-from mistral_export.engines.runner import EagerRunner, greedy_tokens, prefill
+from mistral_export.engines.onnxruntime.attention import CACHE_IN_PLACE_KEY
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
+from mistral_export.runners.base import EagerRunner, greedy_tokens, prefill
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import check_model, export_onnx, input_names, output_names
 from mistral_export.model.checkpoint import random_model, save_hf_checkpoint
@@ -154,7 +154,7 @@ def test_runtime_artifact_is_lean(exported):
     assert ops["RotaryEmbedding"] == (0 if window else 2 * layers)
     # Once per step: positions, cos and sin, GQA's lengths; no per-layer shape arithmetic.
     assert ops["Cos"] == ops["Sin"] == ops["ReduceMax"] == ops["Min"] == 1 and ops["Shape"] <= 3
-    # Fusions (engines/onnxruntime_fusions.py): every norm but the first follows a residual Add and takes it in.
+    # Fusions (engines/onnxruntime/fusions.py): every norm but the first follows a residual Add and takes it in.
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers and ops["SimplifiedLayerNormalization"] == 1
     assert "Pow" not in ops and "Sqrt" not in ops
     # Per layer: 2 norms, 4 projections, the attention, SwiGLU's Split, Sigmoid and 2 Muls (+ Split and 2 RoPE).
@@ -280,7 +280,7 @@ def test_user_errors_are_clear(tmp_path):
         export_onnx(random_model(export_config(16, layers=1)), tmp_path, opset=9)
     with pytest.raises(MistralExportError, match="shapes only"):
         export_onnx("mistral-7b-v0.1", tmp_path)
-    with pytest.raises(MistralExportError, match="no such ONNX model"):
+    with pytest.raises(MistralExportError, match="no ONNX Runtime artifact here"):
         OnnxRuntimeRunner(tmp_path / "missing.onnx")
 
 
@@ -335,7 +335,12 @@ def test_runner_only_reads_the_artifact(tmp_path):
         OnnxRuntimeRunner(path)
     assert not (tmp_path / "model.ort.onnx").exists()
     export_for_onnxruntime(model, tmp_path)
+    described = (tmp_path / "artifact.json").read_text()
     export_onnx(random_model(export_config(16, layers=1), seed=5), tmp_path, last_token_logits=True)
+    with pytest.raises(MistralExportError, match="no ONNX Runtime artifact.*mistral-export export"):
+        OnnxRuntimeRunner(path)  # a new model.onnx took its artifact's description with it
+    export_for_onnxruntime(model, tmp_path, last_token_logits=True)
+    (tmp_path / "artifact.json").write_text(described)  # a description of another model.onnx than the artifact's
     with pytest.raises(MistralExportError, match="stale.*mistral-export export"):
         OnnxRuntimeRunner(path)
 

@@ -237,8 +237,6 @@ def test_interpreter_matches_reference(interpreter_results, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ATTENTION_CASES + CACHE_CASES, ids=lambda c: c["id"])
 def test_cuda_matches_reference(case):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     run = run_attention_case if "Hq" in case else run_cache_case
     _check(case, run(case, "cuda"))
 

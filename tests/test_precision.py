@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from conftest import needs_tiny, small_config
 from mistral_export.cli import app
-from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact
-from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
-from mistral_export.engines.runner import EagerRunner, greedy_tokens, prefill
+from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
+from mistral_export.runners.base import EagerRunner, greedy_tokens, prefill
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import export_onnx
 from mistral_export.export.precision import CalibrationOptions, export_precision
@@ -213,6 +213,7 @@ def test_smoothquant_matters_on_activation_outliers(tiny, held_out, tmp_path):
     for name, alpha in (("plain", None), ("smoothquant", 0.5)):
         # The portable Q/DQ graph, whose static activation scales are what SmoothQuant changes (TensorRT's input).
         path = export_precision(model, tmp_path / name, "int8", calibration=calibration, smoothquant_alpha=alpha)
+        write_onnxruntime_artifact(path)  # its artifact.json describes the folder (the runner runs model.onnx itself)
         measured[name] = score(OnnxRuntimeRunner(path, portable=True), reference, ids)
     plain, smoothed = measured["plain"], measured["smoothquant"]
     assert smoothed["top1_agreement"] >= plain["top1_agreement"] + 0.05, measured

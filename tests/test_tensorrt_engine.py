@@ -1,6 +1,6 @@
 """The TensorRT engine stage.
 
-Here (no TensorRT): profile shapes from the options, engine.json as the build folder reads it, the compatibility check
+Here (no TensorRT): profile shapes from the options, artifact.json as the build folder reads it, the compatibility check
 fed recorded descriptions of "this GPU", and the exported graph's shape that in-place cache aliasing relies on.
 Where TensorRT and a GPU are present (markers `tensorrt`, `gpu`; run by benchmarks/gpu_check.sh): fp16 and int8
 engines of a 2-layer model through `build`, their `mistral` nodes as plugin layers, TensorRT against ONNX Runtime
@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from conftest import small_config
-from mistral_export.engines.artifacts import find_artifacts, write_json_atomic
-from mistral_export.engines.tensorrt_engine import (EngineOptions, GpuDescription, check_compatible, engine_document,
-                                                    gpu_slug, profile_shapes, unavailable_reason)
+from mistral_export.artifacts.description import ArtifactDescription
+from mistral_export.artifacts.folder import find_artifacts
+from mistral_export.artifacts.gpu import GpuDescription, check_compatible, gpu_slug
+from mistral_export.engines.tensorrt.builder import EngineOptions, tensorrt_description, profile_shapes
 from mistral_export.errors import MistralExportError
+from mistral_export.files import write_json_atomic
 
 H200 = GpuDescription("NVIDIA H200", "9.0", "11.4.0.106", "12.8")
 CONFIG = small_config(heads=8, kv_heads=2, window=16, layers=2)
@@ -56,50 +58,71 @@ def test_gpu_slug():
     assert H200.folder_name == "h200-sm90"
 
 
-def write_engine(tmp_path, gpu=H200, precision="fp16"):
+@pytest.fixture(scope="module")
+def fp16_onnx(tmp_path_factory):
+    from mistral_export.export.onnx_export import export_onnx
+    from mistral_export.model.checkpoint import random_model
+
+    return export_onnx(random_model(CONFIG), tmp_path_factory.mktemp("fp16-onnx"), dtype=torch.float16)
+
+
+def write_engine(tmp_path, onnx_path, gpu=H200, precision="fp16"):
+    """An engine folder as the TensorRT stage leaves it, its artifact.json from the stage's own writer (the plan
+    itself needs TensorRT)."""
     build_dir = tmp_path / "build"
     build_dir.mkdir()
     write_json_atomic(build_dir / "build.json", {"format": 1, "model": {"source": None}})
     folder = build_dir / "engines" / gpu.folder_name / precision
     folder.mkdir(parents=True)
-    document = engine_document(precision=precision, config=CONFIG, cache={"capacity": 16, "window": 16, "wraps": True,
-                                                                          "dtype": "float16"},
-                               onnx_sha256="ab" * 32, gpu=gpu, options=EngineOptions(max_batch=4), plugin_impl="aot",
-                               tool_version="0.1.0", build_seconds=12.345)
-    write_json_atomic(folder / "engine.json", document)
+    tensorrt_description(onnx_path, gpu, precision=precision, options=EngineOptions(max_batch=4), plugin_impl="aot",
+                       build_seconds=12.345).write(folder)
     return build_dir, folder
 
 
-def test_engine_json_is_found_where_the_layout_says(tmp_path):
-    build_dir, folder = write_engine(tmp_path)
+def test_engine_json_is_found_where_the_layout_says(tmp_path, fp16_onnx):
+    build_dir, folder = write_engine(tmp_path, fp16_onnx)
     [artifact] = find_artifacts(build_dir, backend="tensorrt")
     assert artifact.folder == folder and artifact.label == "tensorrt/fp16@h200"
-    trt = json.loads((folder / "engine.json").read_text())["tensorrt"]
+    trt = json.loads((folder / "artifact.json").read_text())["tensorrt"]
     assert trt["gpu"] == "NVIDIA H200" and trt["compute_capability"] == "9.0" and trt["version"] == "11.4.0.106"
     assert trt["profiles"][0]["input_ids"]["max"] == [4, 512] and trt["options"]["max_batch"] == 4
-    assert artifact.engine["build_seconds"] == 12.35 and artifact.engine["cache"]["capacity"] == 16
+    description = artifact.description
+    assert description.build_seconds == 12.35 and description.cache.capacity == 16
+    assert description.cache.dtype == "float16" and description.config.to_hf_dict() == CONFIG.to_hf_dict()
+    # the I/O is the ONNX graph's, read at build: names, element types, symbolic dims by name
+    graph = onnx.load(str(fp16_onnx), load_external_data=False).graph
+    assert [t.name for t in description.io.inputs] == [v.name for v in graph.input]
+    assert [t.name for t in description.io.outputs] == [v.name for v in graph.output]
+    assert description.io.input("past_key_values.1.value").shape[1:] == (2, 16, 32)
+    assert description.io.output("logits").dtype == "float16" and description.io.input("input_ids").dtype == "int64"
+    assert ArtifactDescription.from_json(description.to_json(), "again") == description
 
 
-def test_compatibility_check_against_recorded_gpus(tmp_path):
-    _, folder = write_engine(tmp_path)
-    engine = json.loads((folder / "engine.json").read_text())
-    assert check_compatible(engine, H200, folder) == []
+def test_engine_json_with_a_missing_field_is_refused_by_name(tmp_path, fp16_onnx):
+    build_dir, folder = write_engine(tmp_path, fp16_onnx)
+    document = json.loads((folder / "artifact.json").read_text())
+    del document["tensorrt"]["compute_capability"]
+    (folder / "artifact.json").write_text(json.dumps(document))
+    with pytest.raises(MistralExportError, match=r"artifact.json: no 'tensorrt.compute_capability' field"):
+        find_artifacts(build_dir)
+
+
+def test_compatibility_check_against_recorded_gpus(tmp_path, fp16_onnx):
+    _, folder = write_engine(tmp_path, fp16_onnx)
+    built = ArtifactDescription.read(folder).tensorrt.gpu_description
+    assert check_compatible(built, H200, folder) == []
     with pytest.raises(MistralExportError, match=r"built for NVIDIA H200 \(sm 9.0\); this machine has NVIDIA A100-SXM4-80GB "
                                                  r"\(sm 8.0\)"):
-        check_compatible(engine, GpuDescription("NVIDIA A100-SXM4-80GB", "8.0", "11.4.0.106"), folder)
+        check_compatible(built, GpuDescription("NVIDIA A100-SXM4-80GB", "8.0", "11.4.0.106"), folder)
     with pytest.raises(MistralExportError, match="built with TensorRT 11.4.0.106; this machine has TensorRT 11.5.0.1"):
-        check_compatible(engine, GpuDescription("NVIDIA H200", "9.0", "11.5.0.1"), folder)
-    [warning] = check_compatible(engine, GpuDescription("NVIDIA H100 80GB HBM3", "9.0", "11.4.0.106"), folder)
+        check_compatible(built, GpuDescription("NVIDIA H200", "9.0", "11.5.0.1"), folder)
+    [warning] = check_compatible(built, GpuDescription("NVIDIA H100 80GB HBM3", "9.0", "11.4.0.106"), folder)
     assert "built on NVIDIA H200, running on NVIDIA H100 80GB HBM3" in warning
 
 
-def test_exported_cache_outputs_can_alias_their_inputs(tmp_path):
+def test_exported_cache_outputs_can_alias_their_inputs(fp16_onnx):
     """TensorRT aliases present.* to past_key_values.* only if each is RollingCacheUpdate's output on that very input."""
-    from mistral_export.export.onnx_export import export_onnx
-    from mistral_export.model.checkpoint import random_model
-
-    path = export_onnx(random_model(CONFIG), tmp_path, dtype=torch.float16)
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = onnx.load(str(fp16_onnx), load_external_data=False).graph
     producer = {out: node for node in graph.node for out in node.output}
     for i in range(CONFIG.num_layers):
         for kind in ("key", "value"):
@@ -114,20 +137,13 @@ def test_exported_cache_outputs_can_alias_their_inputs(tmp_path):
 
 
 
-def needs_tensorrt(test):
-    for mark in (pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
-                 pytest.mark.gpu, pytest.mark.tensorrt):
-        test = mark(test)
-    return test
-
-
 GPU_CONFIG = small_config(head_dim=64, heads=8, kv_heads=2, window=32, layers=2, hidden=128, vocab=97,
                           intermediate=192)
 
 
 @pytest.fixture(scope="module", params=["fp16", "int8"])
 def engine_build(request, tmp_path_factory):
-    from mistral_export.engines.build import build
+    from mistral_export.pipeline.build import build
     from mistral_export.model.checkpoint import random_model
 
     out = tmp_path_factory.mktemp(f"trt-{request.param}")
@@ -148,7 +164,8 @@ def _engine_artifact(out):
     return artifact
 
 
-@needs_tensorrt
+@pytest.mark.tensorrt
+@pytest.mark.gpu
 def test_mistral_nodes_become_plugin_layers(engine_build):
     import tensorrt as trt
     from polygraphy.backend.trt import EngineFromPath
@@ -166,7 +183,8 @@ def test_mistral_nodes_become_plugin_layers(engine_build):
             assert engine.get_aliased_input_tensor(f"present.{i}.{kind}") in (None, f"past_key_values.{i}.{kind}")
 
 
-@needs_tensorrt
+@pytest.mark.tensorrt
+@pytest.mark.gpu
 def test_engine_matches_onnxruntime_through_polygraphy_comparator(engine_build):
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromPath, TrtRunner
@@ -192,10 +210,12 @@ def test_engine_matches_onnxruntime_through_polygraphy_comparator(engine_build):
     assert bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tolerance, rtol=tolerance)))
 
 
-@needs_tensorrt
+@pytest.mark.tensorrt
+@pytest.mark.gpu
 def test_tensorrt_runner_matches_onnxruntime_runner_past_the_window(engine_build):
-    from mistral_export.engines.artifacts import open_runner, select_artifact
-    from mistral_export.engines.runner import prefill
+    from mistral_export.artifacts.folder import select_artifact
+    from mistral_export.runners import open_runner
+    from mistral_export.runners.base import prefill
 
     out, precision, _ = engine_build
     trt_runner = open_runner(select_artifact(out, "tensorrt", precision))
@@ -215,17 +235,18 @@ def test_tensorrt_runner_matches_onnxruntime_runner_past_the_window(engine_build
         position += 1
 
 
-@needs_tensorrt
+@pytest.mark.tensorrt
+@pytest.mark.gpu
 def test_engine_recorded_for_another_gpu_is_refused_before_running(engine_build, tmp_path):
     import shutil
 
-    from mistral_export.engines.tensorrt_engine import TensorRTRunner
+    from mistral_export.runners.tensorrt import TensorRTRunner
 
     out, _, _ = engine_build
     copy = tmp_path / "engine"
     shutil.copytree(_engine_artifact(out).folder, copy)
-    document = json.loads((copy / "engine.json").read_text())
+    document = json.loads((copy / "artifact.json").read_text())
     document["tensorrt"].update(gpu="NVIDIA Other GPU", compute_capability="1.0")
-    (copy / "engine.json").write_text(json.dumps(document))
+    (copy / "artifact.json").write_text(json.dumps(document))
     with pytest.raises(MistralExportError, match=r"built for NVIDIA Other GPU \(sm 1.0\); this machine has"):
         TensorRTRunner(copy)

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from conftest import needs_tiny, small_config
 from mistral_export.cli import app
-from mistral_export.engines.artifacts import BUILD_FILE
-from mistral_export.engines.build import build
-from mistral_export.engines.runner import EagerRunner
+from mistral_export.artifacts.folder import BUILD_FILE
+from mistral_export.pipeline.build import build
+from mistral_export.runners.base import EagerRunner
 from mistral_export.model.checkpoint import load_model, random_model, save_hf_checkpoint
 from mistral_export.errors import MistralExportError
 from mistral_export.validate import cases
@@ -88,7 +88,8 @@ def validate(*args: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory) -> Path:
+def two_precision_build(tmp_path_factory) -> Path:
+    """The fixture in fp32 and fp16 (conftest's tiny_build has fp32 alone)."""
     out = tmp_path_factory.mktemp("build")
     build("tiny", out, "fp32")
     build("tiny", out, "fp16")
@@ -96,9 +97,9 @@ def tiny_build(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def quick_run(tiny_build, tmp_path_factory):
+def quick_run(two_precision_build, tmp_path_factory):
     report_dir = tmp_path_factory.mktemp("report")
-    result = validate(tiny_build, "--report-dir", report_dir)
+    result = validate(two_precision_build, "--report-dir", report_dir)
     return result, report_dir
 
 
@@ -183,8 +184,8 @@ def test_report_markdown_and_plots(quick_run):
     assert report["plots"][0]["width"] == 900 and report["plots"][1]["height"] == 600
 
 
-def test_negated_weight_fails_with_the_cases_named(tiny_build, tmp_path):
-    folder = copy_build(tiny_build, tmp_path / "build")
+def test_negated_weight_fails_with_the_cases_named(two_precision_build, tmp_path):
+    folder = copy_build(two_precision_build, tmp_path / "build")
     edit_weight(folder, "layers.1.feed_forward.w2.weight.T", lambda w: -w)
     result = validate(tmp_path / "build")
     assert result.exit_code == 1, result.output
@@ -201,7 +202,7 @@ def test_negated_weight_fails_with_the_cases_named(tiny_build, tmp_path):
 
 def break_slot_arithmetic(model_path: Path) -> None:
     """The ONNX Runtime artifact tells GroupQueryAttention min(past_len, C - 1) tokens are cached instead of
-    min(past_len, C): right until the cache is full, wrong from position W on (engines/onnxruntime_attention.py)."""
+    min(past_len, C): right until the cache is full, wrong from position W on (engines/onnxruntime/attention.py)."""
     artifact = model_path.parent / "model.ort.onnx"
     model = onnx.load(str(artifact), load_external_data=False)
     clamp = next(n for n in model.graph.node if n.op_type == "Min" and "past_len" in n.input)
@@ -210,8 +211,8 @@ def break_slot_arithmetic(model_path: Path) -> None:
     onnx.save(model, str(artifact))
 
 
-def test_broken_slot_arithmetic_fails_exactly_past_the_window(tiny_build, tmp_path):
-    folder = copy_build(tiny_build, tmp_path / "build")
+def test_broken_slot_arithmetic_fails_exactly_past_the_window(two_precision_build, tmp_path):
+    folder = copy_build(two_precision_build, tmp_path / "build")
     break_slot_arithmetic(folder / "model.onnx")
     result = validate(tmp_path / "build")
     assert result.exit_code == 1, result.output
@@ -227,8 +228,8 @@ def test_broken_slot_arithmetic_fails_exactly_past_the_window(tiny_build, tmp_pa
     assert {"decode at W-2 (62)", "decode at W-1 (63)"}.isdisjoint(bad)
 
 
-def test_nan_in_one_layer_is_reported(tiny_build, tmp_path):
-    folder = copy_build(tiny_build, tmp_path / "build")
+def test_nan_in_one_layer_is_reported(two_precision_build, tmp_path):
+    folder = copy_build(two_precision_build, tmp_path / "build")
     edit_weight(folder, "layers.2.feed_forward.w2.weight.T", lambda w: np.full_like(w, np.nan))
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["def area(width, height):\n    return", "class Stack:\n"]))
@@ -243,15 +244,15 @@ def test_nan_in_one_layer_is_reported(tiny_build, tmp_path):
     assert len(prefills) == 2 and prefills[0].startswith("prefill prompt 1 (")
 
 
-def test_user_mistakes_exit_2(tiny_build, tmp_path):
+def test_user_mistakes_exit_2(two_precision_build, tmp_path):
     missing = validate(tmp_path / "nothing")
     assert missing.exit_code == 2 and "no such build folder" in missing.output
-    no_int8 = validate(tiny_build, "--precision", "int8")
+    no_int8 = validate(two_precision_build, "--precision", "int8")
     assert no_int8.exit_code == 2 and "no int8 artifact" in no_int8.output
 
     other = tmp_path / "other-checkpoint"
     save_hf_checkpoint(random_model(small_config()), other)
-    mismatched = validate(tiny_build, "--model", other, "--precision", "fp32")
+    mismatched = validate(two_precision_build, "--model", other, "--precision", "fp32")
     assert mismatched.exit_code == 2, mismatched.output
     assert "num_hidden_layers: 4 in the artifact, 2 in the checkpoint" in " ".join(mismatched.output.split())
 
@@ -300,8 +301,8 @@ def check_batched_rows(eager):
             torch.testing.assert_close(decoded[i][b], alone[target + i], atol=1e-4, rtol=0)
 
 
-def test_bench_writes_json_and_a_plot(tiny_build, tmp_path):
-    result = CliRunner().invoke(app, ["bench", str(tiny_build), "--batches", "1,2", "--prompt-lengths", "8,64",
+def test_bench_writes_json_and_a_plot(two_precision_build, tmp_path):
+    result = CliRunner().invoke(app, ["bench", str(two_precision_build), "--batches", "1,2", "--prompt-lengths", "8,64",
                                       "--samples", "2", "--threads", "1", "--report-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     report = strict_json(tmp_path / "bench.json")
@@ -319,9 +320,6 @@ def test_bench_writes_json_and_a_plot(tiny_build, tmp_path):
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_tensorrt_engine_is_compared_with_its_onnx_by_polygraphy(tmp_path):
-    pytest.importorskip("tensorrt")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     from mistral_export.validate.tensorrt_compare import NAME
 
     build("tiny", tmp_path, "fp32")

@@ -7,8 +7,10 @@ field, bad enum, bad number) is never written. It checks syntax, not meaning; te
 
 from __future__ import annotations
 
+from mistral_export.artifacts.description import ArtifactDescription
 from mistral_export.deploy.generation import INPUTS, LIST_INPUTS, OUTPUT
 from mistral_export.errors import MistralExportError
+from mistral_export.op_contract import cache_names
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32"}
@@ -57,38 +59,27 @@ instance_group [ {{ count: {instances} kind: {kind} }} ]
 '''
 
 
-def _io(engine: dict, folder: str) -> tuple[dict, dict]:
-    try:
-        io = engine["io"]
-        return ({t["name"]: t for t in io["inputs"]}, {t["name"]: t for t in io["outputs"]})
-    except (KeyError, TypeError):
-        raise MistralExportError(f"{folder}/engine.json: no io {{inputs, outputs}} list of {{name, dtype, shape}} "
-                                 f"(the TensorRT build writes it)") from None
-
-
-def cache_states(engine: dict, folder: str) -> list[dict]:
+def cache_states(description: ArtifactDescription, folder: str) -> list[dict]:
     """One implicit state per layer and key/value: engine input past_key_values.{i}.key|value fed by
     output present.{i}.key|value, dims [Hkv, C, D] (the engine's, batch dimension left out)."""
-    inputs, outputs = _io(engine, folder)
-    config = engine["model"]["config"]
+    inputs = {t.name: t for t in description.io.inputs}
+    outputs = {t.name: t for t in description.io.outputs}
+    config, cache = description.config, description.cache
+    dims = [config.num_kv_heads, cache.capacity, config.head_dim]
     states = []
-    for i in range(config["num_hidden_layers"]):
-        for part in ("key", "value"):
-            past, present = f"past_key_values.{i}.{part}", f"present.{i}.{part}"
-            if past not in inputs or present not in outputs:
-                raise MistralExportError(f"{folder}/engine.json: the engine has no {past} input / {present} output")
-            dims = [config["num_key_value_heads"], engine["cache"]["capacity"], config["head_dim"]]
-            for tensor in (inputs[past], outputs[present]):
-                if list(tensor["shape"][1:]) != dims or tensor["dtype"] != engine["cache"]["dtype"]:
-                    raise MistralExportError(
-                        f"{folder}/engine.json: {tensor['name']} is {tensor['dtype']} {tensor['shape']}, expected "
-                        f"{engine['cache']['dtype']} [batch, {', '.join(map(str, dims))}] (cache of engine.json)")
-            states.append({"input": past, "output": present, "dims": dims,
-                           "dtype": TRITON_DTYPES[engine["cache"]["dtype"]]})
+    for past, present in cache_names(config.num_layers):
+        if past not in inputs or present not in outputs:
+            raise MistralExportError(f"{folder}/artifact.json: the engine has no {past} input / {present} output")
+        for tensor in (inputs[past], outputs[present]):
+            if list(tensor.shape[1:]) != dims or tensor.dtype != cache.dtype:
+                raise MistralExportError(
+                    f"{folder}/artifact.json: {tensor.name} is {tensor.dtype} {list(tensor.shape)}, expected "
+                    f"{cache.dtype} [batch, {', '.join(map(str, dims))}] (cache of artifact.json)")
+        states.append({"input": past, "output": present, "dims": dims, "dtype": TRITON_DTYPES[cache.dtype]})
     return states
 
 
-def engine_config(name: str, engine: dict, folder: str, max_batch: int, instances: int,
+def engine_config(name: str, description: ArtifactDescription, folder: str, max_batch: int, instances: int,
                   plan_files: dict[str, str]) -> str:
     """The tensorrt_plan core model: sequence batching (oldest), the rolling cache as implicit state.
 
@@ -97,12 +88,13 @@ def engine_config(name: str, engine: dict, folder: str, max_batch: int, instance
     inputs: the engine has none; Triton tracks sequence start and end from the request flags and the
     correlation ID. The position (past_len) is an ordinary input: the engine has no output carrying it.
     """
-    inputs, outputs = _io(engine, folder)
+    inputs = {t.name: t for t in description.io.inputs}
+    outputs = {t.name: t for t in description.io.outputs}
     for needed, where in (("input_ids", inputs), ("past_len", inputs), ("logits", outputs)):
         if needed not in where:
-            raise MistralExportError(f"{folder}/engine.json: the engine has no {needed} tensor")
-    vocab = engine["model"]["config"]["vocab_size"]
-    logits_dims = [-1, vocab] if outputs["logits"]["shape"][1] != 1 else [1, vocab]
+            raise MistralExportError(f"{folder}/artifact.json: the engine has no {needed} tensor")
+    vocab = description.config.vocab_size
+    logits_dims = [-1, vocab] if outputs["logits"].shape[1] != 1 else [1, vocab]
     states = ",\n".join(
         f'''    {{
       input_name: "{s["input"]}"
@@ -111,7 +103,7 @@ def engine_config(name: str, engine: dict, folder: str, max_batch: int, instance
       dims: {_dims(s["dims"])}
       initial_state {{ data_type: {s["dtype"]} dims: {_dims(s["dims"])} zero_data: true name: "{STATE_NAME}" }}
       use_same_buffer_for_input_output: true
-    }}''' for s in cache_states(engine, folder))
+    }}''' for s in cache_states(description, folder))
     if len(plan_files) == 1:
         files = f'default_model_filename: "{next(iter(plan_files.values()))}"'
     else:
@@ -126,7 +118,7 @@ input [
   {{ name: "past_len" data_type: TYPE_INT64 dims: [ 1 ] reshape {{ shape: [ ] }} }}
 ]
 output [
-  {{ name: "logits" data_type: {TRITON_DTYPES[outputs["logits"]["dtype"]]} dims: {_dims(logits_dims)} }}
+  {{ name: "logits" data_type: {TRITON_DTYPES[outputs["logits"].dtype]} dims: {_dims(logits_dims)} }}
 ]
 sequence_batching {{
   max_sequence_idle_microseconds: 60000000

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mistral_export.artifacts.description import ArtifactDescription
 from mistral_export.model.tokenizer import TextTokenizer
 
 # name -> (Triton datatype, required); the order is the config's.
@@ -51,17 +52,16 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What a request may ask of this model (read from engine.json when the model loads)."""
+    """What a request may ask of this model (read from artifact.json when the model loads)."""
 
     max_total_tokens: int  # prompt + max_tokens
     cache_wraps: bool  # False: the cache is linear and max_total_tokens is its capacity
 
     @classmethod
-    def from_engine(cls, engine: dict) -> Limits:
-        cache = engine["cache"]
-        if cache["wraps"]:  # a rolling cache: the model's own context length is the limit
-            return cls(int(engine["model"]["config"]["max_position_embeddings"]), True)
-        return cls(int(cache["capacity"]), False)
+    def of(cls, description: ArtifactDescription) -> Limits:
+        if description.cache.wraps:  # a rolling cache: the model's own context length is the limit
+            return cls(description.config.max_context, True)
+        return cls(description.cache.capacity, False)
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
         why = "" if self.cache_wraps else " (a model without sliding window: its cache capacity)"

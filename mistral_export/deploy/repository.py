@@ -5,14 +5,14 @@ ONNX Runtime layout (runs on the Python-backend-only server of the nvidia-pytrit
     REPO/NAME/config.pbtxt              Python backend, decoupled, tensorrtllm_backend's text interface
     REPO/NAME/1/model.py                deploy/triton_models/onnxruntime_generate.py
     REPO/NAME/1/tokenizer.json
-    REPO/NAME/1/onnxruntime/            the artifact: model.onnx (+ .data), model.ort.onnx, engine.json
+    REPO/NAME/1/onnxruntime/            the artifact: model.onnx (+ .data), model.ort.onnx, artifact.json
 
 TensorRT layout (needs Triton's full server image: the TensorRT backend):
 
     REPO/NAME_engine/config.pbtxt       tensorrt_plan, sequence batching, the rolling cache as implicit state
     REPO/NAME_engine/1/<gpu>.plan       one engine per GPU (cc_model_filenames picks by compute capability)
     REPO/NAME/config.pbtxt, 1/model.py  the same text interface as a BLS model driving NAME_engine
-    REPO/NAME/1/tokenizer.json, engine.json
+    REPO/NAME/1/tokenizer.json, artifact.json
 
 Each model folder is assembled under a temporary name and renamed into place when complete; large
 files are hard-linked when the repository is on the build folder's file system, copied otherwise.
@@ -26,10 +26,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mistral_export.artifacts.description import DESCRIPTION_FILE
+from mistral_export.artifacts.folder import TOKENIZER_FILE, Artifact, artifacts_of_one_precision, find_artifacts, read_build
 from mistral_export.deploy.configs import engine_config, parse_config, text_interface_config
-from mistral_export.engines.artifacts import (ENGINE_FILE, TOKENIZER_FILE, Artifact, artifacts_of_one_precision,
-                                              find_artifacts, read_build, write_text_atomic)
 from mistral_export.errors import MistralExportError
+from mistral_export.files import write_text_atomic
 
 TEMPLATES = Path(__file__).parent / "triton_models"
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per prefill step: bounds how long one prefill stalls the decoding batch
@@ -121,12 +122,12 @@ def _package_tensorrt(build_dir: Path, artifacts: list[Artifact], repository: Pa
                       instances: int) -> list[Path]:
     plans: dict[str, Path] = {}
     for artifact in artifacts:
-        capability = str(artifact.engine["tensorrt"]["compute_capability"])
+        capability = artifact.description.tensorrt.compute_capability
         if capability in plans:
             raise MistralExportError(f"{build_dir}: two engines for compute capability {capability} "
                                      f"({plans[capability].parent.parent.name}, {artifact.folder.parent.name}); "
                                      f"Triton picks an engine by capability: keep one")
-        plans[capability] = artifact.folder / artifact.engine["tensorrt"].get("file", "model.plan")
+        plans[capability] = artifact.folder / artifact.description.file
     core = name + ENGINE_SUFFIX
     first = artifacts[0]
     staging = _stage(repository, core)
@@ -134,13 +135,13 @@ def _package_tensorrt(build_dir: Path, artifacts: list[Artifact], repository: Pa
     files = {}
     for capability, plan in plans.items():
         if not plan.exists():
-            raise MistralExportError(f"{plan}: the engine file engine.json names is missing")
+            raise MistralExportError(f"{plan}: the engine file artifact.json names is missing")
         files[capability] = "model.plan" if len(plans) == 1 else f"{plan.parent.parent.name}.plan"
         _link_or_copy(plan, staging / "1" / files[capability])
-    _write_config(staging, repository / core, engine_config(core, first.engine, str(first.folder), max_batch, instances, files))
+    _write_config(staging, repository / core, engine_config(core, first.description, str(first.folder), max_batch, instances, files))
     bls = _text_model(build_dir, repository, name, "tensorrt_generate.py", max_batch, instances, "KIND_CPU",
                       {"engine_model": core, "prefill_chunk": DEFAULT_PREFILL_CHUNK})
-    shutil.copyfile(first.folder / ENGINE_FILE, bls / "1" / ENGINE_FILE)
+    shutil.copyfile(first.folder / DESCRIPTION_FILE, bls / "1" / DESCRIPTION_FILE)
     _install(staging, repository / core)
     _install(bls, repository / name)
     return [repository / name, repository / core]

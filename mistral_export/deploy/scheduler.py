@@ -1,4 +1,4 @@
-"""In-flight batching over the ONNX Runtime runner's slots (engines/onnxruntime_runner.py).
+"""In-flight batching over the ONNX Runtime runner's slots (runners/onnxruntime.py).
 
 One loop thread owns the runner. Each turn it prefills waiting requests, up to `prefill_chunk` prompt
 tokens in all (each in the free slot right after the decoding ones; a longer prompt continues over the

@@ -27,6 +27,7 @@ import onnx_ir.passes.common as common_passes
 import torch
 from torch import Tensor, nn
 
+from mistral_export.artifacts.description import DESCRIPTION_FILE
 from mistral_export.errors import MistralExportError
 from mistral_export.export import weight_streaming
 from mistral_export.export.functions import function_protos
@@ -204,7 +205,7 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
     `last_token_logits`) and present.{i}.key|value. The `mistral` nodes carry `aot` 1 or 0 for
     `plugin_impl` "aot" or "jit" (which TensorRT plugin implementation binds). `metadata` adds
     metadata_props (the precision stage's keys). Returns the path of model.onnx.
-    The ONNX Runtime artifact is another stage (engines/onnxruntime_artifact.py).
+    The ONNX Runtime artifact is another stage (engines/onnxruntime/artifact.py).
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise MistralExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
@@ -253,6 +254,8 @@ def staged_model(out: Path, model_file: str = MODEL_FILE):
     try:
         yield staging
         (out / model_file).unlink(missing_ok=True)
+        if model_file == MODEL_FILE:  # the ONNX Runtime artifact beside it (if any) described the model it replaces
+            (out / DESCRIPTION_FILE).unlink(missing_ok=True)
         for name in (model_file + ".data", model_file):  # the model last: its presence means complete
             (staging / name).replace(out / name)
     finally:

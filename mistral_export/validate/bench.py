@@ -9,8 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mistral_export.engines.artifacts import find_artifacts, open_runner, read_build, write_json_atomic
-from mistral_export.engines.runner import EagerRunner
+from mistral_export.artifacts.folder import find_artifacts, read_build
+from mistral_export.files import write_json_atomic
+from mistral_export.runners import open_runner
+from mistral_export.runners.base import EagerRunner
 from mistral_export.errors import MistralExportError
 from mistral_export.model.checkpoint import load_model
 from mistral_export.validate import latency
@@ -37,7 +39,7 @@ def bench_build(build_dir: str | Path, batches: list[int] = (1, 4, 16), prompt_l
     runnable = [a for a in artifacts if runnable_here(a) is None]
     if not runnable:
         raise MistralExportError(f"{build_dir}: no artifact this machine can run ({runnable_here(artifacts[0])})")
-    config = runnable[0].config
+    config = runnable[0].description.config
     lengths = prompt_lengths or [boundary(config) // 4, boundary(config), 4 * boundary(config)]
     plan = latency.grid_plan(config, list(batches), lengths, samples)
     with torch_threads(threads):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mistral_export.engines.runner import Runner
+from mistral_export.runners.base import Runner
 from mistral_export.model.config import ModelConfig
 from mistral_export.validate.metrics import PositionRows, aggregate, checks, compare_rows, greedy_match
 from mistral_export.validate.thresholds import THRESHOLDS

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mistral_export.engines.runner import Runner
+from mistral_export.runners.base import Runner
 from mistral_export.model.config import ModelConfig
 from mistral_export.validate.cases import boundary, split_step
 

@@ -16,8 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mistral_export
-from mistral_export.engines.artifacts import write_text_atomic
-from mistral_export.engines.stages import tool_version
+from mistral_export.files import write_text_atomic
+from mistral_export.pipeline.stages import tool_version
 
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "tensorrt", "polygraphy", "matplotlib")
 MIB = 2**20

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
-from mistral_export.engines.artifacts import (BUILD_FILE, ENGINE_FILE, Artifact, find_artifacts, onnx_dir, open_runner,
-                                              read_build)
-from mistral_export.engines.describe import folder_bytes
-from mistral_export.engines.runner import EagerRunner
+from mistral_export.artifacts.describe import folder_bytes
+from mistral_export.artifacts.description import DESCRIPTION_FILE
+from mistral_export.artifacts.folder import BUILD_FILE, Artifact, find_artifacts, onnx_dir, read_build
 from mistral_export.errors import MistralExportError
 from mistral_export.export.precision import check_precision
 from mistral_export.model.checkpoint import load_model
 from mistral_export.model.config import ModelConfig
+from mistral_export.runners import open_runner
+from mistral_export.runners.base import EagerRunner
 from mistral_export.validate import cases, latency
 from mistral_export.validate.console import Phases
 from mistral_export.validate.report import environment, write_report
@@ -70,13 +71,13 @@ def eager_source(build_dir: Path, build: dict, model: str | None) -> str:
 
 def check_same_model(artifact: Artifact, config: ModelConfig, source: str) -> None:
     """The eager reference must be the artifact's model: same config, or every parity number is meaningless."""
-    recorded = artifact.engine.get("model", {}).get("config", {})
+    recorded = artifact.description.config.to_hf_dict()
     loaded = config.to_hf_dict()
     differing = sorted(k for k in set(recorded) | set(loaded) if recorded.get(k) != loaded.get(k))
     if differing:
         details = ", ".join(f"{k}: {recorded.get(k)!r} in the artifact, {loaded.get(k)!r} in the checkpoint"
                             for k in differing)
-        raise MistralExportError(f"checkpoint '{source}' is not the model of {artifact.folder / ENGINE_FILE} "
+        raise MistralExportError(f"checkpoint '{source}' is not the model of {artifact.folder / DESCRIPTION_FILE} "
                                  f"({details}); pass the checkpoint it was built from with --model")
 
 
@@ -88,15 +89,15 @@ def runnable_here(artifact: Artifact) -> str | None:
 
 
 def cache_dtype_bytes(artifact: Artifact) -> int:
-    return _DTYPE_BYTES.get(artifact.engine.get("cache", {}).get("dtype", "float32"), 4)
+    return _DTYPE_BYTES.get(artifact.description.cache.dtype, 4)
 
 
 def artifact_weight_bytes(artifact: Artifact) -> int:
     """Bytes of the files a runner loads its weights from (external data, or the TensorRT plan)."""
     if artifact.backend == "tensorrt":
-        return folder_bytes(artifact.folder, ["model.plan"])
-    own = artifact.engine["onnxruntime"]["file"] + ".data"  # the INT8 artifacts' own weights; others share the ONNX's
-    return folder_bytes(artifact.folder, [own]) or folder_bytes(artifact.folder, ["model.onnx.data"])
+        return folder_bytes(artifact.folder, [artifact.description.file])
+    own = artifact.description.onnxruntime.own_data  # the INT8 artifacts' own weights; others share the ONNX's
+    return folder_bytes(artifact.folder, [own or "model.onnx.data"])
 
 
 def validate_artifact(artifact: Artifact, eager: EagerRunner, scripts: list[cases.Script], plan: latency.Plan,
@@ -127,13 +128,17 @@ def validate_artifact(artifact: Artifact, eager: EagerRunner, scripts: list[case
         "eager": eager_memory,
     }
     memory["ratios"] = {k: memory["artifact"][k] / memory["eager"][k] for k in memory["eager"]}
+    return artifact_report(artifact, cases=case_reports, memory=memory,
+                           latency={"artifact": timings["artifact"], "eager": timings["eager"],
+                                    "ratios": latency.ratios(timings["artifact"], timings["eager"])})
+
+
+def artifact_report(artifact: Artifact, *, skipped: str | None = None, cases: list[dict] = (),
+                    latency: dict | None = None, memory: dict | None = None) -> dict:
+    """One artifact's entry in report.json: validated (its cases, latency, memory) or skipped, with why."""
     return {"label": artifact.label, "backend": artifact.backend, "precision": artifact.precision,
-            "folder": str(artifact.folder), "skipped": None,
-            "passed": all(c["passed"] for c in case_reports),
-            "thresholds": THRESHOLDS.get(artifact.precision, {}),
-            "cases": case_reports,
-            "latency": {"artifact": timings["artifact"], "eager": timings["eager"],
-                        "ratios": latency.ratios(timings["artifact"], timings["eager"])},
+            "folder": str(artifact.folder), "skipped": skipped, "passed": all(c["passed"] for c in cases),
+            "thresholds": THRESHOLDS.get(artifact.precision, {}), "cases": list(cases), "latency": latency,
             "memory": memory}
 
 
@@ -165,13 +170,8 @@ def validate_build(build_dir: str | Path, model: str | None = None, precision: s
         with Phases(progress) as phases:
             for artifact in artifacts:
                 reason = runnable_here(artifact)
-                if reason:
-                    reports.append({"label": artifact.label, "backend": artifact.backend,
-                                    "precision": artifact.precision, "folder": str(artifact.folder),
-                                    "skipped": reason, "passed": True, "thresholds": THRESHOLDS.get(artifact.precision, {}),
-                                    "cases": [], "latency": None, "memory": None})
-                    continue
-                reports.append(validate_artifact(artifact, eager, scripts, plan, threads, phases, eager_memory))
+                reports.append(artifact_report(artifact, skipped=reason) if reason else
+                               validate_artifact(artifact, eager, scripts, plan, threads, phases, eager_memory))
     warnings = busy_machine_warning(context["machine"], threads)
     if all(r["skipped"] for r in reports):
         raise MistralExportError(f"{build_dir}: no artifact this machine can run ({reports[0]['skipped']})")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mistral_export.engines.artifacts import Artifact
+from mistral_export.artifacts.folder import Artifact
 from mistral_export.model.config import ModelConfig
 from mistral_export.validate.cases import CaseResult, boundary
 from mistral_export.validate.metrics import compare_rows
@@ -50,7 +50,7 @@ def compare_with_onnx(artifact: Artifact, runner, onnx_folder: Path) -> dict | N
     onnx_path = Path(onnx_folder) / "model.onnx"
     if not onnx_path.exists():
         return None
-    data = feeds(runner.config, artifact.engine["cache"]["dtype"], runner.max_chunk)
+    data = feeds(runner.config, artifact.description.cache.dtype, runner.max_chunk)
     runners = [TrtRunner(runner.engine),  # a context of its own on the loaded engine
                OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))]
     results = Comparator.run(runners, data_loader=data)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mistral_export.engines.artifacts import TOKENIZER_FILE
+from mistral_export.artifacts.folder import TOKENIZER_FILE
 from mistral_export.errors import MistralExportError
 from mistral_export.model.config import ModelConfig, resolve_model_dir
 from mistral_export.model.tokenizer import load_tokenizer

@@ -12,8 +12,8 @@ from pathlib import Path
 from mistral_export.deploy.generation import Generation, Limits, RequestError
 from mistral_export.deploy.scheduler import InFlightBatcher
 from mistral_export.deploy.triton_python import TritonSink, parse_triton_request, string_parameters
-from mistral_export.engines.artifacts import read_engine
-from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
+from mistral_export.artifacts.description import ArtifactDescription
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
 from mistral_export.model.tokenizer import load_tokenizer
 
 
@@ -23,11 +23,11 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"]
         artifact = folder / parameters["artifact"]
         self.tokenizer = load_tokenizer(folder)
-        self.limits = Limits.from_engine(read_engine(artifact))
+        self.limits = Limits.of(ArtifactDescription.read(artifact))
         # ONNX Runtime's threads sleep between steps: spinning would take the cores from the server's
         # own threads that send each step's tokens (and, on a shared machine, from other jobs: batch-16
         # steps of the 168M benchmark config took 370 ms instead of 620 ms without spinning, 2 busy cores).
-        runner = OnnxRuntimeRunner(artifact / "model.onnx", threads=int(parameters["threads"]) or None, spinning=False)
+        runner = OnnxRuntimeRunner(artifact, threads=int(parameters["threads"]) or None, spinning=False)
         self.batcher = InFlightBatcher(runner, max_batch=int(json.loads(args["model_config"])["max_batch_size"]),
                                        prefill_chunk=int(parameters["prefill_chunk"]))
 

@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from mistral_export.deploy.generation import Generation, Limits, RequestError
 from mistral_export.deploy.triton_python import TritonSink, parse_triton_request, string_parameters
-from mistral_export.engines.artifacts import read_engine
+from mistral_export.artifacts.description import ArtifactDescription
 from mistral_export.model.tokenizer import load_tokenizer
 
 START = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
@@ -32,7 +32,7 @@ class TritonPythonModel:
         self.engine_model = parameters["engine_model"]
         self.prefill_chunk = int(parameters["prefill_chunk"])
         self.tokenizer = load_tokenizer(folder)
-        self.limits = Limits.from_engine(read_engine(folder))
+        self.limits = Limits.of(ArtifactDescription.read(folder))
         # Correlation IDs unique across this model's instances (each its own process).
         self._ids = itertools.count((os.getpid() << 32) + 1)
         self._lock = threading.Lock()

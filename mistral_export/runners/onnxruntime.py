@@ -2,7 +2,7 @@
 
 The cache is one numpy array the runner owns, [2 * layers, B, Hkv, C, D] (key, value per layer), bound to
 the session by pointer: a step copies no cache through Python. The ONNX Runtime artifact updates it in
-place (engines/onnxruntime_attention.py: GroupQueryAttention, whose `present.*` are bound to the very
+place (engines/onnxruntime/attention.py: GroupQueryAttention, whose `present.*` are bound to the very
 memory of `past_key_values.*`), in the layout that kernel keeps. The portable model.onnx
 (`portable=True`) returns the whole updated ring as new `present.*` tensors, written to a second buffer
 and copied back.
@@ -18,10 +18,11 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
-from mistral_export.engines.onnxruntime_attention import CACHE_IN_PLACE_KEY
-from mistral_export.engines.runner import Runner
+from mistral_export.artifacts.description import DESCRIPTION_FILE, SOURCE_ONNX_KEY, ArtifactDescription
 from mistral_export.errors import MistralExportError
 from mistral_export.model.config import ModelConfig
+from mistral_export.op_contract import cache_names
+from mistral_export.runners.base import Runner
 
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -54,43 +55,49 @@ MAX_BINDINGS = 16  # kept per runner (decode shapes and recent prefill chunk len
 
 
 class OnnxRuntimeRunner(Runner):
-    """Runner over an exported model on ONNX Runtime's CPU (or another) provider.
+    """Runner over an ONNX Runtime artifact folder (artifact.json, model.ort.onnx, model.onnx) on ONNX Runtime's CPU
+    (or another) provider.
 
-    By default the session runs model.ort.onnx, the ONNX Runtime artifact written beside model.onnx by
-    `export` / `build` (GroupQueryAttention per layer, the cache updated in place; see
-    engines/onnxruntime_artifact.py); a missing or stale artifact is an error naming the command that
-    writes it. `portable=True` runs model.onnx exactly as exported (its `mistral` nodes from their bodies).
-    The cache is host memory whatever the provider (another provider copies it in at each step).
+    Everything it needs comes from the artifact's artifact.json (config, cache, logits shape) and the file it names:
+    the ONNX Runtime artifact written beside model.onnx by `export` / `build` (GroupQueryAttention per layer, the
+    cache updated in place; see engines/onnxruntime/). `portable=True` runs model.onnx exactly as exported (its
+    `mistral` nodes from their bodies). The cache is host memory whatever the provider (another provider copies
+    it in at each step).
     """
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None,
+    def __init__(self, folder: str | Path, threads: int | None = None,
                  providers: list[str] | None = None, portable: bool = False, spinning: bool = True):
-        from mistral_export.engines.onnxruntime_artifact import onnxruntime_artifact_for
-        from mistral_export.export.onnx_export import read_export_config
-
-        path = Path(onnx_path)
-        if path.is_dir():
-            path = path / "model.onnx"
-        if not path.exists():
-            raise MistralExportError(f"{path}: no such ONNX model (run `mistral-export export` first)")
-        self.path = path
-        self.session_path = path if portable else onnxruntime_artifact_for(path)
-        self.config: ModelConfig
-        self.config, meta = read_export_config(self.path)
-        self.last_token_logits = meta.get("mistral_export.last_token_logits") == "1"
+        folder = Path(folder)
+        if folder.suffix == ".onnx":  # a model.onnx path names its folder
+            folder = folder.parent
+        hint = f"`mistral-export export MODEL -o {folder}` (or `build`) writes one"
+        if not (folder / DESCRIPTION_FILE).exists():
+            raise MistralExportError(f"{folder}: no ONNX Runtime artifact here (no {DESCRIPTION_FILE}); {hint}")
+        self.description = ArtifactDescription.read(folder)
+        if self.description.onnxruntime is None:
+            raise MistralExportError(f"{folder / DESCRIPTION_FILE}: a {self.description.backend} artifact, not an ONNX "
+                                     "Runtime one")
+        self.folder = folder
+        self.session_path = folder / ("model.onnx" if portable else self.description.onnxruntime.file)
+        self.config: ModelConfig = self.description.config
+        self.last_token_logits = self.description.last_token_logits
         try:
             self.session = ort.InferenceSession(
                 str(self.session_path), sess_options=session_options(threads, spinning),
                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise MistralExportError(f"{self.session_path}: ONNX Runtime cannot load the model: {exc}") from None
+        source = self.session.get_modelmeta().custom_metadata_map.get(SOURCE_ONNX_KEY)
+        if not portable and source != self.description.onnx_sha256:  # both recorded at build: nothing re-hashed
+            raise MistralExportError(f"{self.session_path}: made from another model.onnx than {DESCRIPTION_FILE} records "
+                                     f"(stale); {hint} again")
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.cache_dtype = _NUMPY_DTYPES[inputs["past_key_values.0.key"].type]
         self.logits_dtype = _NUMPY_DTYPES[next(o.type for o in self.session.get_outputs() if o.name == "logits")]
         self.layers = self.config.num_layers
-        self._in_place = self.session.get_modelmeta().custom_metadata_map.get(CACHE_IN_PLACE_KEY) == "1"
-        self._inputs = [f"past_key_values.{i}.{part}" for i in range(self.layers) for part in ("key", "value")]
-        self._outputs = [f"present.{i}.{part}" for i in range(self.layers) for part in ("key", "value")]
+        self._in_place = not portable and self.description.onnxruntime.cache_in_place
+        self._inputs = [past for past, _ in cache_names(self.layers)]
+        self._outputs = [present for _, present in cache_names(self.layers)]
         self._cache = np.zeros((0,), dtype=self.cache_dtype)
         self._bound: dict[tuple[int, int, int], _Bound] = {}
         self.batch_size = 0

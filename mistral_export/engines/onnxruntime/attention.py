@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from mistral_export.engines.onnxruntime_fusions import MS_DOMAIN, last_axis_slice
+from mistral_export.engines.onnxruntime.fusions import MS_DOMAIN, last_axis_slice
 from mistral_export.export.precision.int8 import add_initializer
 from mistral_export.op_contract import ATTENTION_OP, CACHE_UPDATE_OP, DOMAIN, NO_WINDOW
 

@@ -7,14 +7,15 @@ Stages (recorded in DIR/build.json with the key of their inputs and the signatur
 
     tokenizer                      DIR/tokenizer.json            checkpoint's tokenizer (sentencepiece converted once)
     onnx/<precision>               DIR/onnx/<p>/model.onnx(.data) checkpoint, config, precision options, tool versions
-    onnxruntime/<precision>        DIR/onnx/<p>/model.ort.onnx, engine.json       the ONNX above, ONNX Runtime version
-    tensorrt/<gpu>-sm<cc>/<p>      DIR/engines/<gpu>-sm<cc>/<p>/model.plan, engine.json   the ONNX above, engine
+    onnxruntime/<precision>        DIR/onnx/<p>/model.ort.onnx, artifact.json       the ONNX above, ONNX Runtime version
+    tensorrt/<gpu>-sm<cc>/<p>      DIR/engines/<gpu>-sm<cc>/<p>/model.plan, artifact.json   the ONNX above, engine
                                    options, GPU, TensorRT version
 
 A stage whose key and outputs are unchanged is skipped; a stage writes under temporary names and renames when
-complete, its engine.json last; build.json is rewritten (atomically) after every stage, so an interrupted build
+complete, its artifact.json last; build.json is rewritten (atomically) after every stage, so an interrupted build
 keeps what it finished. One build folder holds one checkpoint and any number of precisions and engines: artifacts
-made from another checkpoint are removed when the checkpoint changes. Layout and engine.json: engines/artifacts.py.
+made from another checkpoint are removed when the checkpoint changes. Layout: artifacts/folder.py; artifact.json:
+artifacts/description.py.
 """
 
 from __future__ import annotations
@@ -23,32 +24,32 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 import torch
 
-from mistral_export.engines import stages
-from mistral_export.engines.artifacts import (BUILD_FILE, ENGINE_FILE, ENGINE_FORMAT, TOKENIZER_FILE, onnx_dir,
-                                              read_json, tensorrt_dir, write_json_atomic)
-from mistral_export.engines.onnxruntime_artifact import ARTIFACT_FILE, file_sha256, write_onnxruntime_artifact
-from mistral_export.engines.progress import BuildProgress
-from mistral_export.engines.tensorrt_engine import INSTALL_HINT, PLAN_FILE, EngineOptions
+from mistral_export import tensorrt_lib
+from mistral_export.artifacts.description import BACKENDS, DESCRIPTION_FILE
+from mistral_export.artifacts.folder import BUILD_FILE, TOKENIZER_FILE, onnx_dir, tensorrt_dir
+from mistral_export.engines.onnxruntime.artifact import ORT_MODEL_FILE, ORT_DATA_FILE, write_onnxruntime_artifact
+from mistral_export.engines.tensorrt.builder import PLAN_FILE, EngineOptions
 from mistral_export.errors import MistralExportError
-from mistral_export.export.onnx_export import DATA_FILE, MODEL_FILE, read_export_config
+from mistral_export.export.onnx_export import DATA_FILE, DEFAULT_OPSET, MODEL_FILE
 from mistral_export.export.precision import (DEFAULT_SMOOTHQUANT_ALPHA, calibration_options, check_precision,
                                              export_precision)
 from mistral_export.model.checkpoint import find_weight_files
-from mistral_export.model.config import ModelConfig, load_config, resolve_model_dir
+from mistral_export.model.config import load_config, resolve_model_dir
 from mistral_export.model.tokenizer import find_tokenizer_source, write_tokenizer_json
 from mistral_export.model.transformer import Transformer
+from mistral_export.files import file_sha256, package_version, read_json, tool_version, write_json_atomic
 from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL
+from mistral_export.pipeline import stages
+from mistral_export.pipeline.progress import BuildProgress
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
+BUILD_BACKENDS = ("auto", *BACKENDS)  # auto: TensorRT where it and a GPU are present
 BUILD_FORMAT = 1
-ORT_PROVIDERS = ["CPUExecutionProvider", "CUDAExecutionProvider"]
 
 
 @dataclass(frozen=True)
@@ -70,30 +71,23 @@ class PrecisionOptions:
                 "calib_seq_len": self.calib_seq_len, "calib_data_sha256": file_sha256(data) if data else None}
 
 
-def cache_description(config: ModelConfig, dtype: str) -> dict:
-    return {"capacity": config.cache_capacity, "window": config.sliding_window,
-            "wraps": config.sliding_window is not None, "dtype": dtype}
-
-
 def choose_backend(requested: str) -> tuple[str, str | None, str]:
     """(backend, why TensorRT is unavailable or None, the reason to print) for --backend REQUESTED."""
-    from mistral_export.engines import tensorrt_engine
-
-    if requested not in BACKENDS:
-        raise MistralExportError(f"--backend must be one of {', '.join(BACKENDS)}, got '{requested}'")
+    if requested not in BUILD_BACKENDS:
+        raise MistralExportError(f"--backend must be one of {', '.join(BUILD_BACKENDS)}, got '{requested}'")
     if requested == "onnxruntime":
         return "onnxruntime", None, "requested"
-    problem = tensorrt_engine.unavailable_reason()
+    problem = tensorrt_lib.unavailable_reason()
     if requested == "tensorrt":
         return "tensorrt", problem, "requested"
     if problem is None:
-        gpu = tensorrt_engine.this_gpu()
+        gpu = tensorrt_lib.this_gpu()
         return "tensorrt", None, f"TensorRT {gpu.tensorrt_version} and {gpu.name} found"
     return "onnxruntime", None, f"{problem}; the ONNX Runtime artifact runs anywhere"
 
 
 def build(model: Transformer | str | Path, out_dir: str | Path, precision: str = "fp32", backend: str = "onnxruntime",
-          *, opset: int | None = None, last_token_logits: bool = False, plugin_impl: str = DEFAULT_PLUGIN_IMPL,
+          *, opset: int = DEFAULT_OPSET, last_token_logits: bool = False, plugin_impl: str = DEFAULT_PLUGIN_IMPL,
           precision_options: PrecisionOptions | None = None, engine_options: EngineOptions | None = None,
           progress: BuildProgress | None = None) -> Path:
     """Build MODEL (a checkpoint folder, `tiny`, or an in-memory Transformer) into OUT_DIR; returns OUT_DIR.
@@ -121,19 +115,12 @@ def build(model: Transformer | str | Path, out_dir: str | Path, precision: str =
         elif problem is not None:
             pipeline.save()
             raise MistralExportError(
-                f"--backend tensorrt: {problem}; install it with {INSTALL_HINT} (the ONNX stage's output "
+                f"--backend tensorrt: {problem}; install it with {tensorrt_lib.INSTALL_HINT} (the ONNX stage's output "
                 f"{onnx_dir(out, precision)} is kept)")
         else:
             pipeline.tensorrt(precision, onnx_entry, engine_options, plugin_impl)
         pipeline.save()
     return out
-
-
-def _package_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 class _Pipeline:
@@ -176,11 +163,11 @@ class _Pipeline:
         self.checkpoint = checkpoint
 
     def _drop(self, which: Callable[[str, dict], bool], why: str) -> None:
-        """Remove the recorded stages WHICH selects, and their outputs (engine.json first: the completeness marker)."""
+        """Remove the recorded stages WHICH selects, and their outputs (artifact.json first: the completeness marker)."""
         for name, entry in list(self.record["stages"].items()):
             if not which(name, entry):
                 continue
-            for output in sorted(entry.get("outputs", {}), key=lambda o: not o.endswith(ENGINE_FILE)):
+            for output in sorted(entry.get("outputs", {}), key=lambda o: not o.endswith(DESCRIPTION_FILE)):
                 (self.out / output).unlink(missing_ok=True)
             del self.record["stages"][name]
             self.progress.note(f"[yellow]removed {name}[/yellow] ({why})")
@@ -188,7 +175,7 @@ class _Pipeline:
     def save(self) -> None:
         stages_done = self.record["stages"]
         artifacts = sorted({str(Path(o).parent) for e in stages_done.values() for o in e["outputs"]
-                            if o.endswith(ENGINE_FILE)})
+                            if o.endswith(DESCRIPTION_FILE)})
         precisions: dict[str, dict] = {}
         for name, entry in stages_done.items():
             if "precision" in entry:
@@ -197,7 +184,7 @@ class _Pipeline:
                 slot.setdefault(entry["kind"], []).append(folder)
         write_json_atomic(self.out / BUILD_FILE, {
             "format": BUILD_FORMAT,
-            "tool_version": stages.tool_version(),
+            "tool_version": tool_version(),
             "model": self.record["model"],
             "artifacts": artifacts,
             "precisions": precisions,
@@ -234,7 +221,7 @@ class _Pipeline:
         if source is None:
             return
         inputs = {"source": source.name, "sha256": file_sha256(source), "tool": stages.tool_fingerprint(),
-                  "tokenizers": _package_version("tokenizers"), "sentencepiece": _package_version("sentencepiece")}
+                  "tokenizers": package_version("tokenizers"), "sentencepiece": package_version("sentencepiece")}
 
         def make():
             target = self.out / TOKENIZER_FILE
@@ -243,19 +230,19 @@ class _Pipeline:
 
         self._stage("tokenizer", inputs, f"{TOKENIZER_FILE} from {source.name}", make)
 
-    def onnx(self, precision: str, opset: int | None, last_token_logits: bool, plugin_impl: str,
+    def onnx(self, precision: str, opset: int, last_token_logits: bool, plugin_impl: str,
              precision_options: PrecisionOptions) -> dict:
         folder = onnx_dir(self.out, precision)
         inputs = {"checkpoint": self.checkpoint, "config": self.config.to_hf_dict(), "precision": precision,
                   "opset": opset, "last_token_logits": last_token_logits, "plugin_impl": plugin_impl,
                   "precision_options": precision_options.key(precision), "tool": stages.tool_fingerprint(),
-                  "torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": _package_version("onnxscript")}
+                  "torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": package_version("onnxscript")}
 
         def make():
-            for dependent in (ENGINE_FILE, ARTIFACT_FILE):  # they describe the ONNX being replaced
+            for dependent in (DESCRIPTION_FILE, ORT_MODEL_FILE, ORT_DATA_FILE):  # they describe the ONNX being replaced
                 (folder / dependent).unlink(missing_ok=True)
-            model_path = _export_precision(self.model, folder, precision, opset, last_token_logits, plugin_impl,
-                                           precision_options, self.progress)
+            model_path = export_with_options(self.model, folder, precision, opset, last_token_logits, plugin_impl,
+                                             precision_options, self.progress)
             return [model_path, folder / DATA_FILE], {"onnx_sha256": file_sha256(model_path)}
 
         entry = self._stage(f"onnx/{precision}", inputs, f"export and {precision}", make,
@@ -270,55 +257,33 @@ class _Pipeline:
         inputs = {"onnx": onnx_entry["key"], "onnxruntime": ort.__version__, "tool": stages.tool_fingerprint()}
 
         def make():
-            own_data = folder / (ARTIFACT_FILE + ".data")  # the INT8 artifacts' own weights (others share model.onnx.data)
-            for stale in (ENGINE_FILE, ARTIFACT_FILE, own_data.name):
-                (folder / stale).unlink(missing_ok=True)
-            model_path = folder / MODEL_FILE
-            artifact = write_onnxruntime_artifact(model_path)
-            config, _ = read_export_config(model_path)
-            engine = {
-                "format": ENGINE_FORMAT,
-                "backend": "onnxruntime",
-                "precision": precision,
-                "tool_version": stages.tool_version(),
-                "model": {"name": config.name, "config": config.to_hf_dict()},
-                # The artifact's own cache type: the int8 ORT artifacts run fp32 activations and caches.
-                "cache": cache_description(config, onnx_cache_dtype(artifact)),
-                "onnx_sha256": onnx_entry["onnx_sha256"],
-                "onnxruntime": {"file": ARTIFACT_FILE, "version": ort.__version__, "providers": ORT_PROVIDERS},
-                "build_seconds": round(time.perf_counter() - started, 2),
-            }
-            write_json_atomic(folder / ENGINE_FILE, engine)
-            return [artifact, *filter(Path.exists, [own_data]), folder / ENGINE_FILE], {}
+            description = write_onnxruntime_artifact(folder / MODEL_FILE)
+            own_data = description.onnxruntime.own_data
+            return [folder / ORT_MODEL_FILE, *([folder / own_data] if own_data else []), folder / DESCRIPTION_FILE], {}
 
-        started = time.perf_counter()
-        return self._stage(f"onnxruntime/{precision}", inputs, f"ONNX Runtime artifact {ARTIFACT_FILE}", make,
+        return self._stage(f"onnxruntime/{precision}", inputs, f"ONNX Runtime artifact {ORT_MODEL_FILE}", make,
                            kind="onnxruntime", precision=precision, upstream=f"onnx/{precision}")
 
     def tensorrt(self, precision: str, onnx_entry: dict, options: EngineOptions, plugin_impl: str) -> dict:
-        from mistral_export.engines import tensorrt_engine
+        from mistral_export.engines.tensorrt import builder
 
-        gpu = tensorrt_engine.this_gpu()
-        folder = tensorrt_dir(self.out, gpu.slug, gpu.compute_capability, precision)
+        gpu = tensorrt_lib.this_gpu()
+        folder = tensorrt_dir(self.out, gpu.folder_name, precision)
         model_path = onnx_dir(self.out, precision) / MODEL_FILE
         inputs = {"onnx": onnx_entry["key"], "engine": options.key(), "gpu": gpu.name,
                   "compute_capability": gpu.compute_capability, "tensorrt": gpu.tensorrt_version,
                   "tool": stages.tool_fingerprint()}
 
         def make():
-            for stale in (ENGINE_FILE, PLAN_FILE):
+            for stale in (DESCRIPTION_FILE, PLAN_FILE):
                 (folder / stale).unlink(missing_ok=True)
-            config, _ = read_export_config(model_path)
             with stages.staging_folder(self.out / "engines", gpu.folder_name) as staging:
-                plan, engine = tensorrt_engine.build_engine(
-                    model_path, staging, precision=precision, config=config,
-                    cache=cache_description(config, onnx_cache_dtype(model_path)),
-                    onnx_sha256=onnx_entry["onnx_sha256"], options=options, plugin_impl=plugin_impl,
-                    tool_version=stages.tool_version(), progress=self.progress.bars)
+                plan, description = builder.build_engine(model_path, staging, precision=precision, options=options,
+                                                         plugin_impl=plugin_impl, progress=self.progress.bars)
                 folder.mkdir(parents=True, exist_ok=True)
                 os.replace(plan, folder / PLAN_FILE)
-            write_json_atomic(folder / ENGINE_FILE, engine)
-            return [folder / PLAN_FILE, folder / ENGINE_FILE], {}
+            description.write(folder)
+            return [folder / PLAN_FILE, folder / DESCRIPTION_FILE], {}
 
         return self._stage(f"tensorrt/{gpu.folder_name}/{precision}", inputs,
                            f"TensorRT engine for {gpu.name} ({precision})", make,
@@ -332,15 +297,9 @@ def file_bytes_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(str((tuple(tensor.shape), str(tensor.dtype))).encode() + data).hexdigest()
 
 
-def onnx_cache_dtype(model_path: Path) -> str:
-    """The element type of the cache inputs as the graph declares it ('float16', 'float32')."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    elem = next(i.type.tensor_type.elem_type for i in graph.input if i.name == "past_key_values.0.key")
-    return onnx.helper.tensor_dtype_to_np_dtype(elem).name
-
-
-def _export_precision(model, folder: Path, precision: str, opset: int | None, last_token_logits: bool,
-                      plugin_impl: str, options: PrecisionOptions, progress: BuildProgress) -> Path:
+def export_with_options(model, folder: Path, precision: str, opset: int, last_token_logits: bool, plugin_impl: str,
+                        options: PrecisionOptions, progress: BuildProgress) -> Path:
+    """The export + precision stage as `export` and `build` both run it."""
     return export_precision(model, folder, precision, opset=opset, last_token_logits=last_token_logits,
                             plugin_impl=plugin_impl, progress=progress.bars,
                             smoothquant_alpha=options.smoothquant_alpha,

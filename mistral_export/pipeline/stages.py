@@ -15,19 +15,11 @@ import os
 import shutil
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from mistral_export.engines.onnxruntime_artifact import file_sha256
+from mistral_export.files import file_sha256, tool_version
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-
-
-def tool_version() -> str:
-    try:
-        return version("mistral-export")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 @functools.lru_cache(maxsize=1)

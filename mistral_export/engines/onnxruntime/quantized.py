@@ -3,13 +3,12 @@
 The portable model.onnx of int8 / int8-wo is fp16 with standard Q/DQ (what TensorRT reads). ONNX Runtime's
 CPU provider has no fp16 GEMM on x86 (it wraps fp16 nodes in casts) and its fastest 8-bit GEMM is the
 contrib op `com.microsoft.MatMulNBits` (bits 8, accuracy_level 4: int8 weights, activations quantized to
-int8 per block on the fly, int8 dot products). Measured on the ~175M config (benchmarks/decode_cpu.py):
-MatMulNBits beats both the Q/DQ graph ORT fuses itself and fp32 by far; at its default accuracy level it
-is ten times slower than fp32, so the level is always set. Larger blocks are a little faster at decode
-(one activation scale per block; our weights have one scale per output channel whatever the block):
-MatMulNBits' time per step was 10.75 ms with blocks of 32, 8.84 with 128, 8.60 with 512 and 8.59 with
-1024 (ORT profiler, int8-wo, ~175M config, the four interleaved on a busy machine), so a block is the
-largest power of two dividing K, at most 512.
+int8 per block on the fly, int8 dot products). It beats both the Q/DQ graph ORT fuses itself and fp32 by
+far (DESIGN.md, "Quantization facts"; step times in benchmarks/results/decode_cpu.md); at its default
+accuracy level it is ten times slower than fp32, so the level is always set. Larger blocks were a little
+faster at decode in an ORT profiler run (one activation scale per block; our weights have one scale per
+output channel whatever the block), with no gain past 512, so a block is the largest power of two
+dividing K, at most 512.
 
 So the artifact is made in two steps around `optimize_for_runtime`:
 - before: activations, caches and logits become fp32 (fp16 initializers converted, casts retargeted);
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from mistral_export.engines.onnxruntime_fusions import MS_DOMAIN
+from mistral_export.engines.onnxruntime.fusions import MS_DOMAIN
 from mistral_export.export.precision import PRECISION_KEY
 from mistral_export.export.precision.int8 import add_initializer
 

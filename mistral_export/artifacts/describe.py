@@ -1,10 +1,10 @@
-"""What `inspect DIR` prints for a build folder, read from build.json and each artifact's engine.json."""
+"""What `inspect DIR` prints for a build folder, read from build.json and each artifact's artifact.json."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mistral_export.engines.artifacts import TOKENIZER_FILE, Artifact, find_artifacts, read_build
+from mistral_export.artifacts.folder import TOKENIZER_FILE, Artifact, find_artifacts, read_build
 from mistral_export.errors import MistralExportError
 
 
@@ -21,25 +21,24 @@ def folder_bytes(folder: Path, names: list[str] | None = None) -> int:
 
 
 def _artifact_row(build_dir: Path, artifact: Artifact) -> tuple[str, str]:
-    engine = artifact.engine
+    description = artifact.description
     where = str(artifact.folder.relative_to(build_dir))
-    cache = engine["cache"]
-    window = f"window {cache['window']}" if cache.get("window") else "no window"
-    common = f"cache {cache['capacity']} slots ({window}, {cache['dtype']}); built in {engine['build_seconds']} s"
-    if artifact.backend == "onnxruntime":
-        ort = engine["onnxruntime"]
-        size = folder_bytes(artifact.folder, [ort["file"], ort["file"] + ".data", "model.onnx", "model.onnx.data"])
-        detail = (f"{where}/{ort['file']} ({human_size(size)} with the ONNX it shares weights with); ONNX Runtime "
-                  f"{ort['version']}, providers {', '.join(p.removesuffix('ExecutionProvider') for p in ort['providers'])}")
+    cache = description.cache
+    window = f"window {cache.window}" if cache.window else "no window"
+    common = f"cache {cache.capacity} slots ({window}, {cache.dtype}); built in {description.build_seconds} s"
+    if description.onnxruntime:
+        ort = description.onnxruntime
+        size = folder_bytes(artifact.folder, [ort.file, ort.own_data, "model.onnx", "model.onnx.data"])
+        detail = (f"{where}/{ort.file} ({human_size(size)} with the ONNX it shares weights with); ONNX Runtime "
+                  f"{ort.version}, providers {', '.join(p.removesuffix('ExecutionProvider') for p in ort.providers)}")
     else:
-        trt = engine["tensorrt"]
-        profile = trt["profiles"][0]["input_ids"]
-        options = trt.get("options", {})
-        level = options.get("builder_optimization_level")
-        detail = (f"{where}/{trt['file']} ({human_size(folder_bytes(artifact.folder, [trt['file']]))}); {trt['gpu']} sm "
-                  f"{trt['compute_capability']}, TensorRT {trt['version']}, CUDA {trt.get('cuda_version')}; batch "
+        trt = description.tensorrt
+        profile = trt.profiles[0]["input_ids"]
+        level = trt.options.get("builder_optimization_level")
+        detail = (f"{where}/{trt.file} ({human_size(folder_bytes(artifact.folder, [trt.file]))}); {trt.gpu} sm "
+                  f"{trt.compute_capability}, TensorRT {trt.version}, CUDA {trt.cuda_version}; batch "
                   f"{profile['min'][0]}..{profile['max'][0]} (opt {profile['opt'][0]}), chunk 1..{profile['max'][1]}, "
-                  f"builder level {level if level is not None else 'default'}, plugins {trt['plugins']}")
+                  f"builder level {level if level is not None else 'default'}, plugins {trt.plugins}")
     return f"{artifact.backend} {artifact.precision}", f"{detail}; {common}"
 
 
