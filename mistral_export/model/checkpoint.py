@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mistral_export.errors import MistralExportError
+from mistral_export.files import written_atomically
 from mistral_export.model.config import ModelConfig, load_config, resolve_model_dir
 from mistral_export.model.transformer import Transformer, rotary_inv_freq
 
@@ -203,7 +204,6 @@ def save_hf_checkpoint(model: Transformer, folder: Path, dtype: torch.dtype | No
                for name, p in model.named_parameters()}
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
-    tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(folder / "model.safetensors")
+    with written_atomically(folder / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
 from mistral_export.errors import MistralExportError
+from mistral_export.files import written_atomically
 
 BOS, EOS = "<s>", "</s>"
 TOKENIZER_JSON = "tokenizer.json"
@@ -73,9 +74,8 @@ def load_tokenizer(folder: Path) -> TextTokenizer:
 def write_tokenizer_json(source: Path, target: Path) -> None:
     """TARGET (a tokenizer.json) from SOURCE, written under a temporary name and renamed when complete."""
     tokenizer = read_tokenizer(source)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tokenizer.save(str(tmp))
-    tmp.replace(target)
+    with written_atomically(target) as tmp:
+        tokenizer.save(str(tmp))
 
 
 def tokenizer_from_sentencepiece(path: Path) -> Tokenizer:

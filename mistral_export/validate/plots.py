@@ -6,13 +6,14 @@ Each figure has a fixed size in pixels (figure inches x DPI, no tight bounding b
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from mistral_export.files import written_atomically
 
 DPI = 100
 DECODE_SIZE = (9.0, 4.5)  # inches: 900 x 450 px
@@ -21,10 +22,9 @@ BENCH_SIZE = (12.0, 4.5)  # 1200 x 450 px
 
 
 def _save(figure, path: Path, title: str) -> dict:
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, dpi=DPI, format="png")
+    with written_atomically(path) as tmp:
+        figure.savefig(tmp, dpi=DPI, format="png")
     plt.close(figure)
-    os.replace(tmp, path)
     width, height = figure.get_size_inches() * DPI
     return {"file": path.name, "title": title, "width": round(width), "height": round(height)}
 
