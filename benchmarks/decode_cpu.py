@@ -289,13 +289,13 @@ def bench_model(name: str, model, seed: int, args) -> dict:
         for r in range(args.rounds):
             position = context + r * (per_round + args.warmup)
 
-            def eager_steps():
+            def eager_steps(cache=cache, position=position):
                 for i, (k, v) in enumerate(cache):
                     eager.cache[i][0].copy_(torch.from_numpy(k))
                     eager.cache[i][1].copy_(torch.from_numpy(v))
                 return time_steps(eager, position, per_round, args.warmup)
 
-            def our_steps(runner):
+            def our_steps(runner, cache=cache, position=position):
                 runner.reset(1)
                 runner.fill_cache(cache)
                 return time_steps(runner, position, per_round, args.warmup)

@@ -75,7 +75,7 @@ def write_checkpoint(folder: Path, config, dtype: torch.dtype) -> int:
     with open(folder / "model.safetensors", "wb") as handle:
         handle.write(struct.pack("<Q", len(blob)))
         handle.write(blob)
-        for name, shape in shapes.items():
+        for shape in shapes.values():
             tensor = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
             handle.write(memoryview(tensor.view(torch.uint8).numpy()))
             total += tensor.numel()

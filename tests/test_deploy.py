@@ -64,7 +64,10 @@ def tokenizer():
     return load_tokenizer(TINY_DIR)
 
 
-def request(tokenizer, prompt, max_tokens, limits=Limits(4096, True), **inputs):
+NO_LIMIT = Limits(4096, True)
+
+
+def request(tokenizer, prompt, max_tokens, limits=NO_LIMIT, **inputs):
     tensors = {"text_input": np.array([[prompt.encode()]], dtype=object), "max_tokens": np.array([[max_tokens]], np.int32)}
     tensors.update({k: np.asarray(v) for k, v in inputs.items()})
     return parse_request(tensors, {}, tokenizer, limits)

@@ -201,7 +201,7 @@ def _worker() -> None:
         run = run_attention_case if "Hq" in case else run_cache_case
         try:
             results[case["id"]] = run(case, "cpu")
-        except Exception as exc:  # reported per case by the test that owns it
+        except Exception as exc:  # noqa: BLE001 - reported per case by the test that owns it
             results[case["id"]] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(results))
 

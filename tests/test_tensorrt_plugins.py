@@ -105,7 +105,7 @@ def test_one_layer_engine_matches_reference(tmp_path, dtype, aot):
     path = tmp_path / "one_layer.onnx"
     one_layer_graph(path, dtype, aot)
     profile = Profile()
-    for name, heads, seq_dim in (("q", HQ, True), ("k", HKV, True), ("v", HKV, True)):
+    for name, heads in (("q", HQ), ("k", HKV), ("v", HKV)):
         profile.add(name, min=(1, heads, 1, D), opt=(B, heads, 8, D), max=(4, heads, 64, D))
     for name in ("past_key", "past_value"):
         profile.add(name, min=(1, HKV, C, D), opt=(B, HKV, C, D), max=(4, HKV, C, D))

@@ -217,8 +217,7 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
         source = model_or_folder
 
         def tensors():
-            for name, param in source.named_parameters():
-                yield name, param
+            yield from source.named_parameters()
     else:
         config = load_config(model_or_folder)
         folder = resolve_model_dir(model_or_folder)

@@ -59,7 +59,7 @@ def read_tokenizer(path: Path) -> Tokenizer:
     if path.name == TOKENIZER_JSON:
         try:
             return Tokenizer.from_file(str(path))
-        except Exception as exc:  # the tokenizers library raises plain Exception subclasses
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception subclasses
             raise MistralExportError(f"{path}: not a valid {TOKENIZER_JSON} ({exc})") from None
     return tokenizer_from_sentencepiece(path)
 

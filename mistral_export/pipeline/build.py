@@ -177,7 +177,7 @@ class _Pipeline:
         artifacts = sorted({str(Path(o).parent) for e in stages_done.values() for o in e["outputs"]
                             if o.endswith(DESCRIPTION_FILE)})
         precisions: dict[str, dict] = {}
-        for name, entry in stages_done.items():
+        for entry in stages_done.values():
             if "precision" in entry:
                 slot = precisions.setdefault(entry["precision"], {})
                 folder = str(Path(next(iter(entry["outputs"]))).parent)

@@ -181,12 +181,12 @@ def decode_merge_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_s < num_splits
     m = tl.load(part_max_ptr + row * num_splits + offs_s, mask=ok, other=float("-inf"))
-    l = tl.load(part_sum_ptr + row * num_splits + offs_s, mask=ok, other=0.0)
+    sums = tl.load(part_sum_ptr + row * num_splits + offs_s, mask=ok, other=0.0)
     o = tl.load(part_out_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=ok[:, None], other=0.0)
     m_max = tl.max(m, 0)  # finite: the split holding the query's own key is never empty
     w = tl.math.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
-    total = tl.sum(l * w, 0)
+    total = tl.sum(sums * w, 0)
     out = tl.sum(o * w[:, None], 0) / total
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 

@@ -21,7 +21,7 @@ The AOT target is the GPU the engine is built on (engines are per GPU), or `MIST
 # (the register functions' TensorDesc inputs, the aot_impl return type), and string annotations fail its checks.
 # Annotations it does not require are left off.
 import os
-from typing import List, Tuple, Union
+from typing import List, Tuple, Union  # noqa: UP035 - tensorrt.plugin checks these typing forms
 
 import tensorrt as trt
 import tensorrt.plugin as trtp

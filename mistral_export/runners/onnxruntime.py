@@ -85,7 +85,7 @@ class OnnxRuntimeRunner(Runner):
             self.session = ort.InferenceSession(
                 str(self.session_path), sess_options=session_options(threads, spinning),
                 providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise MistralExportError(f"{self.session_path}: ONNX Runtime cannot load the model: {exc}") from None
         source = self.session.get_modelmeta().custom_metadata_map.get(SOURCE_ONNX_KEY)
         if not portable and source != self.description.onnx_sha256:  # both recorded at build: nothing re-hashed
