@@ -10,7 +10,7 @@ PROMPT ?= def read_config(path):
 BACKEND ?= onnxruntime
 JOBS   ?= auto
 
-.PHONY: run test clean
+.PHONY: run test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ run: $(STAMP)
 # Test files spread over the cores (a file's module fixtures stay in one process); JOBS=0 runs serially.
 test: $(STAMP)
 	$(PY) -m pytest -n $(JOBS) --dist loadfile
+
+# ruff (configured in pyproject.toml): lint rules and the formatter's check; CI runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
