@@ -10,8 +10,9 @@ without Python (trtexec, Triton Inference Server's TensorRT backend).
 * `mistral::SlidingWindowAttention` (q, k, v, k_cache, v_cache, past_len; window: int, scale: float) -> out.
   AOT: `chunk_attention_kernel` for every S (decode too: one kernel per plugin is all `aot_impl` can return, so
   the split decode path of the JIT implementation is not available there).
-* `mistral::RollingCacheUpdate` (cache, new, past_len, after) -> cache_out, aliased to `cache` (in place).
-  `after` (the same layer's attention output) is an input only so that TensorRT orders the update after the
+* `mistral::RollingCacheUpdate` (cache, new, past_len, after) -> cache_out, declared aliased to `cache` (in place,
+  no copy, with PreviewFeature.ALIASED_PLUGIN_IO_10_03). Where TensorRT gives cache_out its own buffer anyway
+  (the flag off, Polygraphy's TrtRunner, trtexec), the same kernel copies the old slots into it too. `after` (the same layer's attention output) is an input only so that TensorRT orders the update after the
   attention that reads the old cache; it is never read.
 
 The AOT target is the GPU the engine is built on (engines are per GPU), or `MISTRAL_EXPORT_CUDA_ARCH` (e.g. 89).
@@ -162,7 +163,7 @@ def _cache_update_aot(cache, new, past_len, after, outputs, tactic) -> _AotKerne
     head_dim = _static_dim(cache, 3, "cache head_dim")
     kernel = aot.compile_rolling_cache_update(_aot_dtype(cache, "cache"), head_dim, target_capability())
     batch, seq = new.shape_expr[0], new.shape_expr[2]
-    grid = aot.rolling_cache_update_grid(batch, kv_heads, seq)
+    grid = aot.rolling_cache_update_grid(batch, kv_heads, seq, capacity)
     scalars = aot.rolling_cache_update_scalars(kv_heads, seq, capacity, head_dim)
     return kernel.name, kernel.ptx, _launch_params(kernel, grid), _sym_int32s(scalars)
 
@@ -174,8 +175,10 @@ def _cache_update_impl(cache, new, past_len, after, outputs, stream: int) -> Non
     from . import kernels
 
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        cache_out = torch.as_tensor(outputs[0], device="cuda")  # aliased to `cache`: update in place
-        kernels.rolling_cache_update_(
-            cache_out, torch.as_tensor(new, device="cuda"), torch.as_tensor(past_len, device="cuda")
-        )
+        cache = torch.as_tensor(cache, device="cuda")
+        cache_out = torch.as_tensor(outputs[0], device="cuda")
+        # In place where TensorRT aliases the output to `cache`; else the kernel copies the old slots too.
+        kernels.rolling_cache_update(cache, torch.as_tensor(new, device="cuda"),
+                                     torch.as_tensor(past_len, device="cuda"),
+                                     out=None if cache_out.data_ptr() == cache.data_ptr() else cache_out)
 
