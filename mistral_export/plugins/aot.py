@@ -85,6 +85,19 @@ class AotKernel:
         return self.num_warps * 32
 
 
+def target_capability() -> int:
+    """Compute capability (as XY) that AOT kernels are compiled for."""
+    override = os.environ.get("MISTRAL_EXPORT_CUDA_ARCH")
+    if override:
+        return int(override.removeprefix("sm_"))
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device to compile the AOT kernels for; set MISTRAL_EXPORT_CUDA_ARCH (e.g. 90)")
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
 def driver_ptx_isa() -> int | None:
     """The newest PTX ISA the loaded CUDA driver accepts (XY), or None where there is no driver.
 

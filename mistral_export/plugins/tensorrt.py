@@ -21,7 +21,6 @@ The AOT target is the GPU the engine is built on (engines are per GPU), or `MIST
 # No `from __future__ import annotations` here: tensorrt.plugin validates these functions' annotations as objects
 # (the register functions' TensorDesc inputs, the aot_impl return type), and string annotations fail its checks.
 # Annotations it does not require are left off.
-import os
 from typing import List, Tuple, Union
 
 import tensorrt as trt
@@ -40,19 +39,6 @@ _IO_TYPES = "FP16|BF16|FP32"
 # parameters, and the kernel's scalar arguments.
 _AotKernelLaunch = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
 _TRT_TO_AOT_DTYPE = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}
-
-
-def target_capability() -> int:
-    """Compute capability (as XY) that AOT kernels are compiled for."""
-    override = os.environ.get("MISTRAL_EXPORT_CUDA_ARCH")
-    if override:
-        return int(override.removeprefix("sm_"))
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device to compile the AOT kernels for; set MISTRAL_EXPORT_CUDA_ARCH (e.g. 90)")
-    major, minor = torch.cuda.get_device_capability()
-    return major * 10 + minor
 
 
 def _static_dim(desc: trtp.TensorDesc, index: int, what: str) -> int:
@@ -115,7 +101,7 @@ def _attention_aot(q, k, v, k_cache, v_cache, past_len, window, scale, outputs, 
         raise ValueError(f"q heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
     group = q_heads // kv_heads
     dtype = _aot_dtype(q, "q")
-    kernel = aot.compile_chunk_attention(dtype, head_dim, group, float(scale), target_capability())
+    kernel = aot.compile_chunk_attention(dtype, head_dim, group, float(scale), aot.target_capability())
     tile = aot.chunk_attention_tile(dtype, head_dim)
     batch, seq = q.shape_expr[0], q.shape_expr[2]
     grid = aot.chunk_attention_grid(batch, kv_heads, seq, group, tile)
@@ -161,7 +147,7 @@ def _cache_update_aot(cache, new, past_len, after, outputs, tactic) -> _AotKerne
     kv_heads = _static_dim(cache, 1, "cache heads")
     capacity = _static_dim(cache, 2, "cache capacity")
     head_dim = _static_dim(cache, 3, "cache head_dim")
-    kernel = aot.compile_rolling_cache_update(_aot_dtype(cache, "cache"), head_dim, target_capability())
+    kernel = aot.compile_rolling_cache_update(_aot_dtype(cache, "cache"), head_dim, aot.target_capability())
     batch, seq = new.shape_expr[0], new.shape_expr[2]
     grid = aot.rolling_cache_update_grid(batch, kv_heads, seq, capacity)
     scalars = aot.rolling_cache_update_scalars(kv_heads, seq, capacity, head_dim)

@@ -1,0 +1,89 @@
+"""Which layers of a built engine copy a cache tensor (engines/tensorrt/inspection.py), and validate reporting it.
+
+The engine information below is written by hand in the format TensorRT documents for
+IEngineInspector.get_engine_information(LayerInformationFormat.JSON) on an engine built with
+ProfilingVerbosity.DETAILED (TensorRT developer guide, "Engine Inspector"): "Layers" holds one object per layer with
+its Name, LayerType, Inputs/Outputs (Name, Location, Dimensions, Format/Datatype), tactic and metadata; "Bindings" the
+I/O names. It is not output of a real engine (no machine of the project has TensorRT): the parse is checked here, the
+TensorRT call (`engine_cache_copies`) only where TensorRT is installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from mistral_export.engines.tensorrt.inspection import cache_copies
+
+
+def _tensor(name, dims, fmt="Row major linear FP16 format"):
+    return {"Name": name, "Location": "Device", "Dimensions": dims, "Format/Datatype": fmt}
+
+
+CACHE = [-1, 2, 16, 32]
+ENGINE_INFORMATION = {
+    "Layers": [
+        {"Name": "/embed/Gather", "LayerType": "Gather", "Inputs": [_tensor("input_ids", [-1, -1], "Int64")],
+         "Outputs": [_tensor("/embed/Gather_output_0", [-1, -1, 64])], "ParameterType": "Gather",
+         "TacticValue": "0x0000000000000000", "StreamId": 0, "Metadata": "[ONNX Layer: /embed/Gather]"},
+        {"Name": "{ForeignNode[/layers.0/attention_norm/Pow.../layers.0/attention/Reshape_2]}", "LayerType": "Myelin",
+         "Inputs": [_tensor("/embed/Gather_output_0", [-1, -1, 64]), _tensor("past_len", [-1], "Int64")],
+         "Outputs": [_tensor("/layers.0/attention/q", [-1, 8, -1, 32]), _tensor("/layers.0/attention/k", [-1, 2, -1, 32]),
+                     _tensor("/layers.0/attention/v", [-1, 2, -1, 32])],
+         "TacticValue": "0x0000000000000000", "StreamId": 0, "Metadata": ""},
+        {"Name": "/layers.0/attention/SlidingWindowAttention", "LayerType": "PluginV3",
+         "Inputs": [_tensor("/layers.0/attention/q", [-1, 8, -1, 32]), _tensor("/layers.0/attention/k", [-1, 2, -1, 32]),
+                    _tensor("/layers.0/attention/v", [-1, 2, -1, 32]), _tensor("past_key_values.0.key", CACHE),
+                    _tensor("past_key_values.0.value", CACHE), _tensor("past_len", [-1], "Int64")],
+         "Outputs": [_tensor("/layers.0/attention/out", [-1, 8, -1, 32])], "ParameterType": "PluginV3",
+         "TacticValue": "0x0000000000000000", "StreamId": 0,
+         "Metadata": "[ONNX Layer: /layers.0/attention/SlidingWindowAttention]"},
+        {"Name": "/layers.0/attention/RollingCacheUpdate", "LayerType": "PluginV3",
+         "Inputs": [_tensor("past_key_values.0.key", CACHE), _tensor("/layers.0/attention/k", [-1, 2, -1, 32]),
+                    _tensor("past_len", [-1], "Int64"), _tensor("/layers.0/attention/out", [-1, 8, -1, 32])],
+         "Outputs": [_tensor("present.0.key", CACHE)], "ParameterType": "PluginV3",
+         "TacticValue": "0x0000000000000000", "StreamId": 0, "Metadata": ""},
+        {"Name": "/layers.0/attention/RollingCacheUpdate_1", "LayerType": "PluginV3",
+         "Inputs": [_tensor("past_key_values.0.value", CACHE), _tensor("/layers.0/attention/v", [-1, 2, -1, 32]),
+                    _tensor("past_len", [-1], "Int64"), _tensor("/layers.0/attention/out", [-1, 8, -1, 32])],
+         "Outputs": [_tensor("present.0.value", CACHE)], "ParameterType": "PluginV3",
+         "TacticValue": "0x0000000000000000", "StreamId": 0, "Metadata": ""},
+        {"Name": "{ForeignNode[/layers.0/attention/wo/MatMul.../lm_head/MatMul]}", "LayerType": "Myelin",
+         "Inputs": [_tensor("/layers.0/attention/out", [-1, 8, -1, 32])], "Outputs": [_tensor("logits", [-1, -1, 97])],
+         "TacticValue": "0x0000000000000000", "StreamId": 0, "Metadata": ""},
+    ],
+    "Bindings": ["input_ids", "past_len", "past_key_values.0.key", "past_key_values.0.value", "logits",
+                 "present.0.key", "present.0.value"],
+}
+
+
+def test_an_engine_without_copies_of_the_cache():
+    assert cache_copies(json.dumps(ENGINE_INFORMATION), layers=1) == ()
+
+
+def test_inserted_copies_of_a_cache_tensor_are_named():
+    information = copy.deepcopy(ENGINE_INFORMATION)
+    layers = information["Layers"]
+    # TensorRT honouring the aliasing by copying: the value cache into a scratch tensor before its update, and the
+    # key update's result into the engine output.
+    layers[4]["Inputs"][0] = _tensor("past_key_values.0.value copy", CACHE)
+    layers.insert(4, {"Name": "Reformatting CopyNode for Input Tensor 0 to /layers.0/attention/RollingCacheUpdate_1",
+                      "LayerType": "Reformat", "Inputs": [_tensor("past_key_values.0.value", CACHE)],
+                      "Outputs": [_tensor("past_key_values.0.value copy", CACHE)], "ParameterType": "Reformat",
+                      "Origin": "REFORMAT", "TacticValue": "0x00000000000003ea", "StreamId": 0, "Metadata": ""})
+    layers[3]["Outputs"][0] = _tensor("/layers.0/attention/RollingCacheUpdate_output_0", CACHE)
+    layers.append({"Name": "/layers.0/attention/RollingCacheUpdate_output_0 copy", "LayerType": "Reformat",
+                   "Inputs": [_tensor("/layers.0/attention/RollingCacheUpdate_output_0", CACHE)],
+                   "Outputs": [_tensor("present.0.key", CACHE)], "ParameterType": "Reformat", "Origin": "REFORMAT",
+                   "TacticValue": "0x00000000000003e8", "StreamId": 0, "Metadata": ""})
+    assert cache_copies(information, layers=1) == (
+        "Reformatting CopyNode for Input Tensor 0 to /layers.0/attention/RollingCacheUpdate_1",
+        "/layers.0/attention/RollingCacheUpdate_output_0 copy")
+
+
+def test_layer_names_only_are_refused():
+    """An engine built without ProfilingVerbosity.DETAILED lists layer names only: no way to see the copies."""
+    with pytest.raises(ValueError, match="ProfilingVerbosity.DETAILED"):
+        cache_copies({"Layers": [layer["Name"] for layer in ENGINE_INFORMATION["Layers"]], "Bindings": []}, 1)
