@@ -87,3 +87,29 @@ def test_layer_names_only_are_refused():
     """An engine built without ProfilingVerbosity.DETAILED lists layer names only: no way to see the copies."""
     with pytest.raises(ValueError, match="ProfilingVerbosity.DETAILED"):
         cache_copies({"Layers": [layer["Name"] for layer in ENGINE_INFORMATION["Layers"]], "Bindings": []}, 1)
+
+
+def test_validate_reports_the_cache_copies_the_build_recorded(tiny_build, tmp_path):
+    """validate's report carries, per TensorRT engine, the PTX ISA and cache copies its artifact.json records (the
+    description written by the build's own writer), and warns where TensorRT copies the cache."""
+    from mistral_export.artifacts.folder import find_artifacts
+    from mistral_export.artifacts.gpu import GpuDescription
+    from mistral_export.engines.tensorrt.builder import EngineOptions, tensorrt_description
+    from mistral_export.validate.suite import artifact_report, cache_copy_warnings
+
+    gpu = GpuDescription("NVIDIA H200", "9.0", "11.4.0.106", "12.8")
+    onnx_path = tiny_build / "onnx" / "fp32" / "model.onnx"
+    for name, copies in (("clean", ()), ("copying", ("present.0.key copy",))):
+        build = tmp_path / name
+        folder = build / "engines" / gpu.folder_name / "fp32"
+        folder.mkdir(parents=True)
+        (build / "build.json").write_text((tiny_build / "build.json").read_text())
+        tensorrt_description(onnx_path, gpu, precision="fp32", options=EngineOptions(), plugin_impl="aot",
+                             build_seconds=1.0, ptx_isa=80, cache_copies=copies).write(folder)
+    [clean] = find_artifacts(tmp_path / "clean", backend="tensorrt")
+    [copying] = find_artifacts(tmp_path / "copying", backend="tensorrt")
+    assert artifact_report(clean, skipped="no TensorRT")["tensorrt"] == {"ptx_isa": "8.0", "cache_copies": []}
+    assert artifact_report(copying, skipped="no TensorRT")["tensorrt"]["cache_copies"] == ["present.0.key copy"]
+    assert cache_copy_warnings([clean]) == []
+    [warning] = cache_copy_warnings([clean, copying])
+    assert "tensorrt/fp32@h200: TensorRT inserted 1 copy of cache tensors" in warning and "present.0.key copy" in warning
