@@ -21,8 +21,10 @@ class TensorRTRunner(Runner):
 
     The cache is allocated once per `reset` on the GPU, one [B, Hkv, C, D] tensor per layer and kind, and bound both
     as `past_key_values.*` and as `present.*`: RollingCacheUpdate's output aliases its input, so each step updates the
-    cache in place (no copy of the cache per step). Decode steps ([B, 1]) are captured once per batch in a CUDA graph
-    and replayed (inputs copied into fixed buffers first); where capture fails, steps run with execute_async_v3.
+    cache in place (no copy of the cache per step). Decode steps ([n, 1] over slots first..first+n-1) are captured
+    once per (first, n) in a CUDA graph and replayed (inputs copied into fixed buffers first); where capture fails,
+    steps run with execute_async_v3. The slot API (step_slots, prefill_slot, move_slot) is the ONNX Runtime runner's,
+    so deploy/scheduler.py batches both in flight.
     """
 
     def __init__(self, folder: str | Path, device: int = 0, cuda_graphs: bool = True):
@@ -50,6 +52,7 @@ class TensorRTRunner(Runner):
         self.max_batch, self.max_chunk = tuple(self.engine.get_tensor_profile_shape("input_ids", 0)[2])
         self.cuda_graphs = cuda_graphs
         self._check_aliasing()
+        self._bound = None
         self.batch_size = 0
 
     def _cache_names(self):
@@ -72,12 +75,40 @@ class TensorRTRunner(Runner):
         shape = (batch_size, c.num_kv_heads, self.cache_capacity, c.head_dim)
         self.caches = {past: torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
                        for past, _ in self._cache_names()}
-        # Decode-step buffers at fixed addresses (what a captured graph reads and writes).
-        self._decode = self._io_buffers(batch_size, 1)
-        self._graph = None
-        self._graph_failed = not self.cuda_graphs
+        # Decode-step buffers at fixed addresses (what a captured graph reads and writes), per (first slot, count).
+        self._decode: dict[tuple[int, int], dict] = {}
+        self._graphs: dict[tuple[int, int], object] = {}  # a CUDA graph, or None where capture failed
         self._bound = None
         self.batch_size = batch_size
+
+    # Slots, for in-flight batching (deploy/scheduler.py), as runners/onnxruntime.py has them: each sequence owns one
+    # slot (batch row) of the caches `reset` allocated; a step over slots first..first+n-1 binds [n, Hkv, C, D] views
+    # of each cache by address (rows of one batch are contiguous), so no cache is copied per step.
+
+    def step_slots(self, input_ids, past_len):
+        """One step of the sequences in slots 0..n-1 (n = input_ids.shape[0]); logits [n,S,V] fp32 on the CPU."""
+        return self._run_slots(0, input_ids, past_len)
+
+    def prefill_slot(self, slot: int, input_ids, past_len):
+        """One step (a prefill chunk) of the one sequence in `slot`; logits [1,S,V]."""
+        return self._run_slots(slot, input_ids, past_len)
+
+    def move_slot(self, source: int, target: int) -> None:
+        """Copy the cache of `source` into `target` on the GPU (the scheduler then frees `source`)."""
+        import torch
+
+        self._check_slots(max(source, target), 1)
+        with torch.cuda.stream(self.stream):
+            for cache in self.caches.values():
+                cache[target].copy_(cache[source], non_blocking=True)
+
+    def _run_slots(self, first: int, input_ids, past_len):
+        self._check_slots(first, input_ids.shape[0])
+        self._check_step(input_ids, past_len, input_ids.shape[0], f"slots from {first}")
+        return self._run(first, input_ids, past_len)
+
+    def _step(self, input_ids, past_len):
+        return self._run(0, input_ids, past_len)
 
     def _io_buffers(self, batch: int, seq: int) -> dict:
         import torch
@@ -86,8 +117,9 @@ class TensorRTRunner(Runner):
         positions = torch.zeros((batch,), dtype=torch.int64, device=self.device)
         return {"input_ids": ids, "past_len": positions}
 
-    def _bind(self, io: dict) -> None:
-        """Shapes and addresses of one step: inputs, the shared cache buffers, and a logits buffer sized by TensorRT."""
+    def _bind(self, first: int, io: dict) -> None:
+        """Shapes and addresses of one step over slots first..first+B-1: inputs, those rows of the cache buffers (as
+        both past_key_values.* and present.*), and a logits buffer sized by TensorRT."""
         import torch
 
         batch, seq = io["input_ids"].shape
@@ -97,22 +129,23 @@ class TensorRTRunner(Runner):
         ctx.set_tensor_address("input_ids", io["input_ids"].data_ptr())
         ctx.set_tensor_address("past_len", io["past_len"].data_ptr())
         for past, present in self._cache_names():
-            ctx.set_input_shape(past, tuple(self.caches[past].shape))
-            ctx.set_tensor_address(past, self.caches[past].data_ptr())
-            ctx.set_tensor_address(present, self.caches[past].data_ptr())  # aliased: updated in place
+            rows = self.caches[past][first:first + batch]
+            ctx.set_input_shape(past, tuple(rows.shape))
+            ctx.set_tensor_address(past, rows.data_ptr())
+            ctx.set_tensor_address(present, rows.data_ptr())  # aliased: updated in place
         if "logits" not in io:
             dtype = self._torch_dtype[self.engine.get_tensor_dtype("logits")]
             io["logits"] = torch.empty(tuple(ctx.get_tensor_shape("logits")), dtype=dtype, device=self.device)
         ctx.set_tensor_address("logits", io["logits"].data_ptr())
-        self._bound = io
+        self._bound = (first, io)  # holds io: its buffers stay alive while bound
 
     def _enqueue(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"{self.plan}: TensorRT execute_async_v3 failed (see its log above)")
 
-    def _capture_decode_graph(self) -> None:
-        """Capture the decode step once its shapes and addresses are bound (TensorRT needs one plain enqueue after
-        shapes change before a capture)."""
+    def _capture_decode_graph(self):
+        """A CUDA graph of the decode step bound now, or None where capture fails. TensorRT needs one plain enqueue
+        after shapes change before a capture: that enqueue runs this step; the capture only records it."""
         import torch
 
         self._enqueue()
@@ -123,38 +156,36 @@ class TensorRTRunner(Runner):
                 self._enqueue()
         except Exception as exc:  # noqa: BLE001 - CUDA reports capture problems as several exception types
             log.warning("CUDA graph capture of the decode step failed (%s); running steps without a graph", exc)
-            self._graph_failed = True
-            return
-        self._graph = graph
+            return None
+        return graph
 
-    def _step(self, input_ids, past_len):
+    def _run(self, first: int, input_ids, past_len):
+        """Slots first..first+B-1 run tokens [B,S] at past_len [B]; their cache rows are updated in place; logits
+        [B,S,V] fp32 on the CPU. Per decode step the host sends the tokens and positions (B int64 each) and receives
+        the logits; the cache never leaves the GPU."""
         import torch
 
         batch, seq = input_ids.shape
+        if seq > self.max_chunk:
+            raise MistralExportError(f"{self.folder}: this engine runs steps of at most {self.max_chunk} tokens "
+                                     f"(--max-chunk at build), got {seq}; prefill in chunks")
         with torch.cuda.stream(self.stream):
+            key = (first, batch)
             if seq == 1:
-                io = self._decode
-                io["input_ids"].copy_(input_ids, non_blocking=True)
-                io["past_len"].copy_(past_len, non_blocking=True)
-                if self._bound is not io:
-                    self._bind(io)
-                if self._graph is None and not self._graph_failed:
-                    self._capture_decode_graph()
-                    # The warm-up enqueue ran this step already; the capture only recorded it.
-                    self.stream.synchronize()
-                    return io["logits"].float().cpu()
-                if self._graph is not None:
-                    self._graph.replay()
-                else:
-                    self._enqueue()
+                io = self._decode.setdefault(key, self._io_buffers(batch, 1))
             else:
-                if seq > self.max_chunk:
-                    raise MistralExportError(f"{self.folder}: this engine runs steps of at most {self.max_chunk} tokens "
-                                             f"(--max-chunk at build), got {seq}; prefill in chunks")
                 io = self._io_buffers(batch, seq)
-                io["input_ids"].copy_(input_ids)
-                io["past_len"].copy_(past_len)
-                self._bind(io)
+            io["input_ids"].copy_(input_ids, non_blocking=True)
+            io["past_len"].copy_(past_len, non_blocking=True)
+            if self._bound is None or self._bound[0] != first or self._bound[1] is not io:
+                self._bind(first, io)
+            if seq > 1:
+                self._enqueue()
+            elif key not in self._graphs and self.cuda_graphs:
+                self._graphs[key] = self._capture_decode_graph()  # ran this step (see there)
+            elif self._graphs.get(key) is not None:
+                self._graphs[key].replay()
+            else:
                 self._enqueue()
             logits = io["logits"].float().cpu()  # synchronizes with the stream
         return logits
