@@ -174,3 +174,24 @@ def test_decode_kernels_compile_for_sm90_with_pdl():
     merge = compile_ptx(kernels.decode_merge_kernel, types, dict(Q_HEADS=32, BLOCK_SPLITS=64, HEAD_DIM=128, PDL=True))
     for ptx in (partial, merge):
         assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+
+
+def test_launch_arguments_follow_the_tensorrt_order():
+    """What benchmarks/aot_driver_check.py hands cuLaunchKernel: the PTX entry's parameters in order, pointers as
+    void*, the aot_impl scalars as int32 (checked to fit), nothing missing."""
+    import ctypes
+
+    kernel = cache_kernel("fp16", 128, 90)
+    pointers = {name: 0x1000 * (i + 1) for i, name in enumerate(aot.CACHE_UPDATE_INPUTS + aot.CACHE_UPDATE_OUTPUTS)}
+    scalars = aot.rolling_cache_update_scalars(8, 7, 4096, 128)
+    values, types = aot.launch_arguments(kernel, pointers, scalars)
+    assert len(values) == len(types) == len(aot.ptx_entry_params(kernel.ptx, kernel.name))
+    expected = [pointers[n] for n in aot.CACHE_UPDATE_INPUTS] + scalars + [pointers["cache_out_ptr"]]
+    assert list(values) == expected
+    assert types == (ctypes.c_void_p,) * 4 + (ctypes.c_int32,) * len(scalars) + (ctypes.c_void_p,)
+    with pytest.raises(ValueError, match="is not an int32"):
+        aot.launch_arguments(kernel, pointers, [2**31] + scalars[1:])
+    with pytest.raises(ValueError, match="takes the pointers"):
+        aot.launch_arguments(kernel, {k: v for k, v in pointers.items() if k != "after_ptr"}, scalars)
+    with pytest.raises(ValueError, match="int32 scalars"):
+        aot.launch_arguments(kernel, pointers, scalars[:-1])

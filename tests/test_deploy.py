@@ -90,11 +90,19 @@ def test_in_flight_batching_matches_eager(tiny_build, tokenizer):
         assert "".join(sink.pieces) == eager_text(prompt, max_tokens), prompt
 
 
-def test_runner_slots_keep_each_sequence_apart(tiny_build):
-    """OnnxRuntimeRunner's slot steps against one-sequence steps: a prefill (in chunks) in the slot after the
-    decoding ones between decode steps, a sequence leaving (the last one moves into its slot, the prefilling
-    one moves down behind it): every logits row matches the same sequence run alone."""
-    artifact = find_artifacts(tiny_build)[0]
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("tensorrt", marks=[pytest.mark.tensorrt,
+                                                                                     pytest.mark.gpu])])
+def test_runner_slots_keep_each_sequence_apart(tiny_build, tmp_path, backend):
+    """A runner's slot steps (OnnxRuntimeRunner; TensorRTRunner where TensorRT runs) against one-sequence steps: a
+    prefill (in chunks) in the slot after the decoding ones between decode steps, a sequence leaving (the last one
+    moves into its slot, the prefilling one moves down behind it): every logits row matches the same sequence run
+    alone."""
+    if backend == "tensorrt":
+        from mistral_export.pipeline.build import build
+
+        artifact = find_artifacts(build("tiny", tmp_path / "build", backend="tensorrt"), backend="tensorrt")[0]
+    else:
+        artifact = find_artifacts(tiny_build)[0]
     runner, alone = open_runner(artifact, threads=2), open_runner(artifact, threads=2)
     g = torch.Generator().manual_seed(0)
     seqs = {name: torch.randint(3, 2048, (length,), generator=g) for name, length in (("a", 30), ("b", 30), ("c", 24))}

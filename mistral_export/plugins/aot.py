@@ -325,3 +325,28 @@ def rolling_cache_update_scalars(kv_heads: int, seq, capacity: int, head_dim: in
     cache_strides = [kv_heads * capacity * head_dim, capacity * head_dim, head_dim]
     new_strides = [seq * (kv_heads * head_dim), seq * head_dim, head_dim]  # seq may be an expression
     return [*cache_strides, *new_strides, seq, capacity]
+
+
+INT32_RANGE = (-(2**31), 2**31 - 1)
+
+
+def launch_arguments(kernel: AotKernel, pointers: dict[str, int], scalars: Sequence[int]) -> tuple[tuple, tuple]:
+    """The kernel's arguments as TensorRT passes them to an AOT plugin kernel, as cuda-python's cuLaunchKernel takes
+    them ((values), (ctypes types)): every input pointer, the extra int32 scalars, every output pointer, in the
+    kernel's parameter order. POINTERS maps the pointer parameters' names to device addresses; SCALARS are the values
+    the plugin's aot_impl returns (chunk_attention_scalars, rolling_cache_update_scalars), in order.
+
+    Used by benchmarks/aot_driver_check.py to launch the PTX through the CUDA driver API exactly as TensorRT would."""
+    pointer_names = [n for n in kernel.params if n.endswith("_ptr")]
+    scalar_names = [n for n in kernel.params if not n.endswith("_ptr")]
+    if sorted(pointers) != sorted(pointer_names):
+        raise ValueError(f"{kernel.name} takes the pointers {pointer_names}; got {sorted(pointers)}")
+    if len(scalars) != len(scalar_names):
+        raise ValueError(f"{kernel.name} takes {len(scalar_names)} int32 scalars {scalar_names}; got {len(scalars)}")
+    given = dict(zip(scalar_names, scalars, strict=True))
+    for name, value in given.items():
+        if not isinstance(value, int) or not INT32_RANGE[0] <= value <= INT32_RANGE[1]:
+            raise ValueError(f"{kernel.name}: scalar {name} = {value!r} is not an int32")
+    values = tuple(pointers[n] if n in pointers else given[n] for n in kernel.params)
+    types = tuple(ctypes.c_void_p if n in pointers else ctypes.c_int32 for n in kernel.params)
+    return values, types
