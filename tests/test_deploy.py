@@ -21,8 +21,8 @@ from mistral_export.deploy.generation import (
     parse_request,
 )
 from mistral_export.deploy.repository import TEMPLATES, package
-from mistral_export.deploy.served import ARTIFACTS_FOLDER, served_artifact
 from mistral_export.deploy.scheduler import InFlightBatcher
+from mistral_export.deploy.served import ARTIFACTS_FOLDER, served_artifact
 from mistral_export.engines.tensorrt.builder import EngineOptions, tensorrt_description
 from mistral_export.errors import MistralExportError
 from mistral_export.model.config import TINY_DIR

@@ -51,6 +51,22 @@ def test_bad_engine_options_name_the_option(options, message):
         profile_shapes(CONFIG, options)
 
 
+def test_version_floors_are_the_ones_checked_at_run_time():
+    """pyproject's floors (tensorrt 10.15: get_aliased_input_tensor; triton 3.3: ASTSource constexprs/attrs) are the
+    versions the run-time checks refuse below, with a message naming the version found."""
+    import re
+    from pathlib import Path
+
+    from mistral_export.plugins import aot
+    from mistral_export.tensorrt_lib import MIN_TENSORRT, too_old
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floors = {name: {tuple(map(int, v.split("."))) for v in re.findall(rf'"{name}>=([\d.]+)"', pyproject)}
+              for name in ("tensorrt", "triton")}
+    assert floors == {"tensorrt": {MIN_TENSORRT}, "triton": {aot.MIN_TRITON}}
+    assert "older than 10.15" in too_old("10.14.1.48") and too_old("10.15.0.1") is None and too_old("11.4.0") is None
+
+
 def test_gpu_slug():
     assert gpu_slug("NVIDIA H200") == "h200"
     assert gpu_slug("NVIDIA GeForce RTX 4090") == "geforce-rtx-4090"

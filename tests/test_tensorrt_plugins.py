@@ -113,11 +113,11 @@ def one_layer_graph(path: Path, dtype: str, aot: bool) -> None:
 @pytest.mark.parametrize("aot", [False, True], ids=["jit", "aot"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_one_layer_engine_matches_reference(tmp_path, dtype, aot):
-    import mistral_export.plugins.tensorrt  # noqa: F401  (registers the plugins)
-    from mistral_export.model.ops import rolling_cache_update_reference, sliding_window_attention_reference
     from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
 
+    import mistral_export.plugins.tensorrt  # noqa: F401  (registers the plugins)
     from mistral_export.engines.tensorrt.builder import builder_config
+    from mistral_export.model.ops import rolling_cache_update_reference, sliding_window_attention_reference
 
     path = tmp_path / "one_layer.onnx"
     one_layer_graph(path, dtype, aot)

@@ -26,7 +26,13 @@ import tempfile
 from pathlib import Path
 
 from mistral_export.artifacts.description import DESCRIPTION_FILE
-from mistral_export.artifacts.folder import TOKENIZER_FILE, Artifact, artifacts_of_one_precision, find_artifacts, read_build
+from mistral_export.artifacts.folder import (
+    TOKENIZER_FILE,
+    Artifact,
+    artifacts_of_one_precision,
+    find_artifacts,
+    read_build,
+)
 from mistral_export.deploy.configs import parse_config, text_interface_config
 from mistral_export.deploy.served import ARTIFACTS_FOLDER
 from mistral_export.errors import MistralExportError
@@ -132,7 +138,7 @@ def _package(build_dir: Path, artifacts: list[Artifact], repository: Path, name:
     parameters = {"prefill_chunk": prefill_chunk, "threads": 0}
     config = text_interface_config(name, max_batch, instances, "KIND_GPU" if tensorrt else "KIND_CPU", parameters)
     _write_config(staging, repository / name, config)
-    for artifact in artifacts:
+    for artifact in artifacts if tensorrt else artifacts[:1]:
         # A TensorRT engine keeps its GPU folder's name (<gpu>-sm<cc>): one per GPU, side by side.
         target = version / ARTIFACTS_FOLDER / (artifact.folder.parent.name if tensorrt else "")
         target.mkdir(parents=True, exist_ok=True)

@@ -312,7 +312,7 @@ def rolling_cache_update_kernel(
     elif cache_ptr.to(tl.int64) != cache_out_ptr.to(tl.int64):  # pointers compare as integers only
         in_base = cache_ptr + b * stride_cb + head * stride_ch
         start = (pid - update_programs) * COPY_ROWS
-        for r0 in tl.static_range(0, COPY_ROWS, BLOCK_R):
+        for r0 in range(0, COPY_ROWS, BLOCK_R):
             slots = start + r0 + tl.arange(0, BLOCK_R)
             # A slot the update writes holds offset (slot - past) mod C < min(S, C) from the sequence's position.
             written = ((slots - past % ring + ring) % ring) < kept

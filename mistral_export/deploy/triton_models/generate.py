@@ -12,7 +12,7 @@ thread and returns; responses stream from that thread.
 import json
 from pathlib import Path
 
-from mistral_export.deploy.generation import Generation, RequestError, Limits
+from mistral_export.deploy.generation import Generation, Limits, RequestError
 from mistral_export.deploy.scheduler import InFlightBatcher
 from mistral_export.deploy.served import ARTIFACTS_FOLDER, open_served_runner
 from mistral_export.deploy.triton_python import TritonSink, parse_triton_request, string_parameters

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mistral_export.artifacts.description import CacheSpec, ArtifactDescription, TensorRTSection
+from mistral_export.artifacts.description import ArtifactDescription, CacheSpec, TensorRTSection
 from mistral_export.artifacts.gpu import GpuDescription
 from mistral_export.engines.graph_io import graph_io
 from mistral_export.engines.tensorrt.inspection import engine_cache_copies
