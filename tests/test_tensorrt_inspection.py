@@ -113,3 +113,7 @@ def test_validate_reports_the_cache_copies_the_build_recorded(tiny_build, tmp_pa
     assert cache_copy_warnings([clean]) == []
     [warning] = cache_copy_warnings([clean, copying])
     assert "tensorrt/fp32@h200: TensorRT inserted 1 copy of cache tensors" in warning and "present.0.key copy" in warning
+    from mistral_export.artifacts.describe import describe_build
+
+    described = " ".join(value for _, value in describe_build(tmp_path / "copying"))
+    assert "plugins aot (PTX ISA 8.0), cache copies inserted by TensorRT: 1" in described
