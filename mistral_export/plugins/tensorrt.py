@@ -12,8 +12,9 @@ without Python (trtexec, Triton Inference Server's TensorRT backend).
   the split decode path of the JIT implementation is not available there).
 * `mistral::RollingCacheUpdate` (cache, new, past_len, after) -> cache_out, declared aliased to `cache` (in place,
   no copy, with PreviewFeature.ALIASED_PLUGIN_IO_10_03). Where TensorRT gives cache_out its own buffer anyway
-  (the flag off, Polygraphy's TrtRunner, trtexec), the same kernel copies the old slots into it too. `after` (the same layer's attention output) is an input only so that TensorRT orders the update after the
-  attention that reads the old cache; it is never read.
+  (the flag off, Polygraphy's TrtRunner, trtexec), the same kernel copies the old slots into it too. `after` (the
+  same layer's attention output) is an input only so that TensorRT orders the update after the attention that reads
+  the old cache; it is never read.
 
 The AOT target is the GPU the engine is built on (engines are per GPU), or `MISTRAL_EXPORT_CUDA_ARCH` (e.g. 89).
 """
