@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check of the Triton kernels, then the decode sweep, then the CUDA cases of the kernel tests
+# One prepared GPU check: first the AOT plugin kernels loaded and launched through the CUDA driver API as TensorRT
+# would (needs cuda-python), then the Triton kernels, the decode sweep, the CUDA cases of the kernel tests
 # (a few minutes; installs nothing; needs python3 with torch+triton).
 # Results go to $OUT if set (the device tool's output folder), else benchmarks/results/:
 #   gpu_check_<gpu>.json/.md and decode_sweep_<gpu>.json/.md (written by the two scripts, each with the git
@@ -17,6 +18,15 @@ log="$results/gpu_check_${tag}_log.txt"
   python3 benchmarks/provenance.py --header torch triton
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
 } | tee "$log"
+# The plugin path below TensorRT: each AOT kernel's PTX through cuModuleLoadData/cuLaunchKernel with the plugin's
+# grid, block, shared memory and argument order, against the torch reference (aot_driver_check_<gpu>.*).
+if python3 -c "import cuda.bindings.driver" 2>/dev/null || python3 -c "from cuda import cuda" 2>/dev/null; then
+  timeout 240 python3 benchmarks/aot_driver_check.py 2>&1 | tee -a "$log"
+  aot_status=${PIPESTATUS[0]}
+else
+  echo "cuda-python not importable: the AOT driver check did not run" | tee -a "$log"
+  aot_status=1
+fi
 # The kernel checks and timings bound their own time (GPU_CHECK_BUDGET_S); the outer timeout is a backstop.
 timeout 300 python3 benchmarks/gpu_check.py 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
@@ -36,4 +46,5 @@ else
   echo "TensorRT (or the export stack) not importable: tensorrt-marked tests not run" \
     | tee "$results/gpu_check_tensorrt_pytest.txt"
 fi
+[ "$status" -eq 0 ] && status=$aot_status
 exit "$status"

@@ -366,13 +366,16 @@ def package(
     backend: Annotated[Optional[DeployBackend], typer.Option(help="Which artifact to serve (default: TensorRT "
                                                                   "engines if the build has them, else ONNX Runtime).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Which precision, when the build has several.")] = None,
+    prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens per prefill step (a TensorRT engine's "
+                                                           "--max-chunk at most).")] = 256,
 ) -> None:
     """Write a Triton Inference Server model repository (text generation, streaming, in-flight batching)."""
     from mistral_export.deploy.repository import package as write_repository
 
     with user_errors():
         written = write_repository(build_dir, output, name=name, max_batch=max_batch, instances=instances,
-                                   backend=backend.value if backend else None, precision=precision)
+                                   backend=backend.value if backend else None, precision=precision,
+                                   prefill_chunk=prefill_chunk)
     for folder in written:
         typer.echo(f"wrote {folder}")
     typer.echo(f"start it with: mistral-export serve {output}")

@@ -2,7 +2,9 @@
 
 Checks what TensorRT's `aot_impl` relies on: the PTX entry is the reported kernel name, its parameters are
 exactly (inputs, int32 scalars, outputs) in that order, the block size is num_warps * 32 (the PTX's .reqntid),
-shared memory fits the 48 KB TensorRT can launch with, and the grid/scalars match the tensors' layout.
+shared memory fits the 48 KB TensorRT can launch with, the grid/scalars match the tensors' layout, and the PTX ISA
+(`.version`) is one a CUDA 13.0 driver (580.x) accepts: at most 9.0, and here, with no driver, DEFAULT_PTX_ISA (8.0,
+what every driver TensorRT 10.15+ runs on accepts) where Triton 3.9 alone would write 9.4.
 Every tile configuration `aot_impl` can pick is covered: tiles depend on the dtype and on head_dim >= 128, so
 head_dims 32 and 128 cover them all (16 and 64 are compiled too under the `slow` marker).
 """
@@ -26,6 +28,7 @@ CAPABILITIES = aot.SUPPORTED_CAPABILITIES
 DTYPES = aot.AOT_DTYPES
 # 32 and 128 reach every tile configuration; 16 and 64 are compiled too under the `slow` marker.
 HEAD_DIMS = [32, 128, *(pytest.param(d, marks=pytest.mark.slow) for d in (16, 64))]
+CUDA_13_0_DRIVER_ISA = 90  # the newest PTX ISA a CUDA 13.0 driver (580.x) loads
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,6 +53,13 @@ def check_launch_contract(kernel: aot.AotKernel, inputs, scalars, outputs, dtype
     kinds = ["ptr"] * len(inputs) + ["i32"] * len(scalars) + ["ptr"] * len(outputs)
     for decl, kind in zip(params, kinds):
         assert (".u64 .ptr" in decl) if kind == "ptr" else (".u32" in decl or ".b32" in decl), decl
+
+    versions = re.findall(r"^\.version (\d+)\.(\d+)$", ptx, flags=re.M)
+    assert len(versions) == 1, "one .version line"
+    isa = int(versions[0][0]) * 10 + int(versions[0][1])
+    assert isa == kernel.ptx_isa == aot.ptx_isa(kernel.capability) <= CUDA_13_0_DRIVER_ISA
+    if aot.driver_ptx_isa() is None and not os.environ.get("MISTRAL_EXPORT_PTX_ISA"):
+        assert isa == aot.DEFAULT_PTX_ISA
 
     reqntid = re.search(r"\.reqntid (\d+)", ptx)
     assert reqntid is not None and int(reqntid.group(1)) == kernel.block_threads == kernel.num_warps * 32
@@ -121,6 +131,23 @@ def test_rejects_unsupported_inputs():
         aot.compile_chunk_attention("fp16", 128, 4, 0.1, 75)
 
 
+def test_ptx_isa_follows_the_driver_and_never_exceeds_triton(monkeypatch):
+    """The driver's CUDA version maps to the ISA it loads (Triton's table); an override is honoured, and the cap never
+    asks Triton's ptxas for more than it writes."""
+    assert [aot.isa_of_cuda_version(v) for v in (12000, 12040, 12080, 13000)] == [80, 84, 87, 90]
+    monkeypatch.setenv("MISTRAL_EXPORT_PTX_ISA", "78")
+    kernel = aot.compile_rolling_cache_update("fp16", 32, 86)
+    assert kernel.ptx_isa == 78 and re.search(r"^\.version 7\.8$", kernel.ptx, flags=re.M)
+    monkeypatch.setenv("MISTRAL_EXPORT_PTX_ISA", "999")
+    assert aot.ptx_isa(90) == aot.triton_ptx_isa(90) < 999
+
+
+def test_old_triton_is_refused_by_name():
+    with pytest.raises(RuntimeError, match=r"triton >= 3.3 .*found 3.2.0"):
+        aot.check_triton("3.2.0")
+    aot.check_triton("3.3.1")
+
+
 def test_decode_kernels_compile_for_sm90_with_pdl():
     """The JIT decode path (split partials + merge, programmatic dependent launch) compiles for Hopper.
 
@@ -147,3 +174,24 @@ def test_decode_kernels_compile_for_sm90_with_pdl():
     merge = compile_ptx(kernels.decode_merge_kernel, types, dict(Q_HEADS=32, BLOCK_SPLITS=64, HEAD_DIM=128, PDL=True))
     for ptx in (partial, merge):
         assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+
+
+def test_launch_arguments_follow_the_tensorrt_order():
+    """What benchmarks/aot_driver_check.py hands cuLaunchKernel: the PTX entry's parameters in order, pointers as
+    void*, the aot_impl scalars as int32 (checked to fit), nothing missing."""
+    import ctypes
+
+    kernel = cache_kernel("fp16", 128, 90)
+    pointers = {name: 0x1000 * (i + 1) for i, name in enumerate(aot.CACHE_UPDATE_INPUTS + aot.CACHE_UPDATE_OUTPUTS)}
+    scalars = aot.rolling_cache_update_scalars(8, 7, 4096, 128)
+    values, types = aot.launch_arguments(kernel, pointers, scalars)
+    assert len(values) == len(types) == len(aot.ptx_entry_params(kernel.ptx, kernel.name))
+    expected = [pointers[n] for n in aot.CACHE_UPDATE_INPUTS] + scalars + [pointers["cache_out_ptr"]]
+    assert list(values) == expected
+    assert types == (ctypes.c_void_p,) * 4 + (ctypes.c_int32,) * len(scalars) + (ctypes.c_void_p,)
+    with pytest.raises(ValueError, match="is not an int32"):
+        aot.launch_arguments(kernel, pointers, [2**31] + scalars[1:])
+    with pytest.raises(ValueError, match="takes the pointers"):
+        aot.launch_arguments(kernel, {k: v for k, v in pointers.items() if k != "after_ptr"}, scalars)
+    with pytest.raises(ValueError, match="int32 scalars"):
+        aot.launch_arguments(kernel, pointers, scalars[:-1])

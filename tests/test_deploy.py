@@ -1,9 +1,7 @@
 """Deploy without a server: in-flight batching over runner slots, the text interface's rules, and the
-model repository layouts (config.pbtxt checked with Triton's proto; the TensorRT layout's states
-against the engine's I/O)."""
+model repository layout (config.pbtxt checked with Triton's proto; the artifact the generate model serves chosen
+from the packaged artifact.json; a TensorRT engine's profile limits checked against the repository's)."""
 
-import functools
-import json
 import threading
 import time
 
@@ -22,11 +20,11 @@ from mistral_export.deploy.generation import (
     Sink,
     parse_request,
 )
-from mistral_export.deploy.repository import ENGINE_SUFFIX, package
+from mistral_export.deploy.repository import TEMPLATES, package
 from mistral_export.deploy.scheduler import InFlightBatcher
+from mistral_export.deploy.served import ARTIFACTS_FOLDER, served_artifact
 from mistral_export.engines.tensorrt.builder import EngineOptions, tensorrt_description
 from mistral_export.errors import MistralExportError
-from mistral_export.files import write_json_atomic
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
 from mistral_export.runners import open_runner
@@ -95,11 +93,19 @@ def test_in_flight_batching_matches_eager(tiny_build, tokenizer):
         assert "".join(sink.pieces) == eager_text(prompt, max_tokens), prompt
 
 
-def test_runner_slots_keep_each_sequence_apart(tiny_build):
-    """OnnxRuntimeRunner's slot steps against one-sequence steps: a prefill (in chunks) in the slot after the
-    decoding ones between decode steps, a sequence leaving (the last one moves into its slot, the prefilling
-    one moves down behind it): every logits row matches the same sequence run alone."""
-    artifact = find_artifacts(tiny_build)[0]
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("tensorrt", marks=[pytest.mark.tensorrt,
+                                                                                     pytest.mark.gpu])])
+def test_runner_slots_keep_each_sequence_apart(tiny_build, tmp_path, backend):
+    """A runner's slot steps (OnnxRuntimeRunner; TensorRTRunner where TensorRT runs) against one-sequence steps: a
+    prefill (in chunks) in the slot after the decoding ones between decode steps, a sequence leaving (the last one
+    moves into its slot, the prefilling one moves down behind it): every logits row matches the same sequence run
+    alone."""
+    if backend == "tensorrt":
+        from mistral_export.pipeline.build import build
+
+        artifact = find_artifacts(build("tiny", tmp_path / "build", backend="tensorrt"), backend="tensorrt")[0]
+    else:
+        artifact = find_artifacts(tiny_build)[0]
     runner, alone = open_runner(artifact, threads=2), open_runner(artifact, threads=2)
     g = torch.Generator().manual_seed(0)
     seqs = {name: torch.randint(3, 2048, (length,), generator=g) for name, length in (("a", 30), ("b", 30), ("c", 24))}
@@ -218,25 +224,28 @@ def test_onnxruntime_repository(tiny_build, tmp_path):
     assert config.backend == "python" and config.max_batch_size == 4 and config.model_transaction_policy.decoupled
     assert config.instance_group[0].count == 2
     assert [i.name for i in config.input if not i.optional] == ["text_input", "max_tokens"]
-    for file in ("1/model.py", "1/tokenizer.json", "1/onnxruntime/model.ort.onnx", "1/onnxruntime/model.onnx.data",
-                 "1/onnxruntime/artifact.json"):
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    for file in ("1/model.py", "1/tokenizer.json", "1/artifacts/model.ort.onnx", "1/artifacts/model.onnx.data",
+                 "1/artifacts/artifact.json"):
         assert (written / file).is_file(), file
+    served = served_artifact(written / "1" / ARTIFACTS_FOLDER, None)  # what the generate model runs: from artifact.json
+    assert served.backend == "onnxruntime" and served.folder == written / "1" / ARTIFACTS_FOLDER
     assert "mistral-export serve" in (repository / "README.md").read_text()
     assert not [p for p in repository.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
-def tensorrt_build(tiny_build, out, gpus):
-    """A build folder as the TensorRT build writes it: artifact.json per GPU, I/O as the ONNX graph has it.
-    (No TensorRT here: model.plan is a placeholder that is only copied, never loaded.)"""
+def tensorrt_build(tiny_build, out, gpus, options=EngineOptions()):
+    """A build folder as the TensorRT build writes it: artifact.json per GPU from the build's own writer, I/O as the
+    ONNX graph has it. (No TensorRT here: model.plan is a placeholder that is only copied, never loaded.)"""
     out.mkdir()
     (out / "build.json").write_text((tiny_build / "build.json").read_text())
     (out / "tokenizer.json").write_text((tiny_build / "tokenizer.json").read_text())
     for gpu in gpus:
         folder = tensorrt_dir(out, gpu.folder_name, "fp32")
         folder.mkdir(parents=True)
-        (folder / "model.plan").write_bytes(b"placeholder: not an engine")
-        tensorrt_description(tiny_build / "onnx/fp32/model.onnx", gpu, precision="fp32", options=EngineOptions(),
-                           plugin_impl="aot", build_seconds=1.0).write(folder)
+        (folder / "model.plan").write_bytes(f"placeholder for {gpu.name}: not an engine".encode())
+        tensorrt_description(tiny_build / "onnx/fp32/model.onnx", gpu, precision="fp32", options=options,
+                             plugin_impl="aot", build_seconds=1.0, ptx_isa=80, cache_copies=()).write(folder)
     return out
 
 
@@ -245,44 +254,57 @@ A100 = GpuDescription("NVIDIA A100-SXM4-80GB", "8.0", "11.4.0")
 
 
 def test_tensorrt_repository(tiny_build, tmp_path):
+    """One Python-backend model on the GPU that runs the engine in the server's process (no tensorrt_plan model, no
+    implicit state): the engines of both GPUs packaged with their artifact.json, the one for the instance's GPU
+    chosen from them."""
     build = tensorrt_build(tiny_build, tmp_path / "build", [H200, A100])
-    written = package(build, tmp_path / "repo", name="tiny", max_batch=8)
-    bls, core = (parse_config((f / "config.pbtxt").read_text(), str(f)) for f in written)
-    assert core.name == "tiny" + ENGINE_SUFFIX and core.platform == "tensorrt_plan"
-    assert dict(core.cc_model_filenames) == {"9.0": "h200-sm90.plan", "8.0": "a100-sxm4-80gb-sm80.plan"}
-    assert all((written[1] / "1" / f).is_file() for f in core.cc_model_filenames.values())
-    engine = json.loads((build / "engines/h200-sm90/fp32/artifact.json").read_text())
-    inputs = {t["name"]: t for t in engine["io"]["inputs"]}
-    outputs = {t["name"]: t for t in engine["io"]["outputs"]}
-    cfg = engine["model"]["config"]
-    states = core.sequence_batching.state
-    assert len(states) == 2 * cfg["num_hidden_layers"]
-    assert {s.input_name for s in states} == {n for n in inputs if n.startswith("past_key_values.")}
-    assert {s.output_name for s in states} == {n for n in outputs if n.startswith("present.")}
-    for s in states:
-        assert s.output_name == s.input_name.replace("past_key_values.", "present.")
-        assert list(s.dims) == inputs[s.input_name]["shape"][1:] == outputs[s.output_name]["shape"][1:] == \
-            [cfg["num_key_value_heads"], engine["cache"]["capacity"], cfg["head_dim"]]
-        assert s.data_type == model_config_pb2.TYPE_FP32 and s.use_same_buffer_for_input_output
-        (initial,) = s.initial_state
-        assert initial.zero_data and list(initial.dims) == list(s.dims)
-    assert core.sequence_batching.WhichOneof("strategy_choice") == "oldest"
-    assert {i.name for i in core.input} | {s.input_name for s in states} == set(inputs)
-    assert [o.name for o in core.output] == ["logits"] and list(core.output[0].dims) == [-1, cfg["vocab_size"]]
-    assert bls.backend == "python" and bls.model_transaction_policy.decoupled
-    assert dict((k, v.string_value) for k, v in bls.parameters.items())["engine_model"] == core.name
-    assert (written[0] / "1" / "model.py").read_text().count("correlation_id") >= 1
+    (written,) = package(build, tmp_path / "repo", name="tiny", max_batch=8)
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["README.md", "tiny"]
+    config = parse_config((written / "config.pbtxt").read_text(), str(written))
+    assert config.backend == "python" and config.model_transaction_policy.decoupled and config.max_batch_size == 8
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert not config.HasField("sequence_batching") and config.platform == ""
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    assert parameters["prefill_chunk"] == "256"
+    assert (written / "1/model.py").read_text() == (TEMPLATES / "generate.py").read_text()
+    assert (written / "1/tokenizer.json").is_file()
+    artifacts = written / "1" / ARTIFACTS_FOLDER
+    for gpu in (H200, A100):
+        assert (artifacts / gpu.folder_name / "model.plan").read_bytes() == f"placeholder for {gpu.name}: not an engine".encode()
+    chosen = served_artifact(artifacts, "9.0")
+    assert chosen.backend == "tensorrt" and chosen.folder == artifacts / H200.folder_name
+    assert served_artifact(artifacts, "8.0").description.tensorrt.gpu == A100.name
+    with pytest.raises(MistralExportError, match=r"no engine for this GPU's compute capability 8.9 \(engines for 8.0, 9.0\)"):
+        served_artifact(artifacts, "8.9")
+    with pytest.raises(MistralExportError, match="need a GPU"):
+        served_artifact(artifacts, None)
 
 
-def test_tensorrt_engine_io_mismatch_is_refused(tiny_build, tmp_path):
-    build = tensorrt_build(tiny_build, tmp_path / "build", [H200])
-    path = build / "engines/h200-sm90/fp32/artifact.json"
-    engine = json.loads(path.read_text())
-    engine["io"]["inputs"] = [t for t in engine["io"]["inputs"] if t["name"] != "past_key_values.1.value"]
-    write_json_atomic(path, engine)
-    with pytest.raises(MistralExportError, match="no past_key_values.1.value input"):
-        package(build, tmp_path / "repo")
+@pytest.mark.parametrize("max_batch, prefill_chunk, message", [
+    (8, 64, r"--max-batch 8 \(Triton's max_batch_size\) is larger than the engine's batch limit 4 .*--max-batch 4"),
+    (4, 256, r"--prefill-chunk 256 is longer than the engine's longest step 128 .*--max-chunk 128"),
+])
+def test_package_refuses_limits_outside_the_engine_profile(tiny_build, tmp_path, max_batch, prefill_chunk, message):
+    build = tensorrt_build(tiny_build, tmp_path / "build", [H200], EngineOptions(max_batch=4, max_chunk=128))
+    with pytest.raises(MistralExportError, match=message):
+        package(build, tmp_path / "repo", max_batch=max_batch, prefill_chunk=prefill_chunk)
     assert not (tmp_path / "repo" / "tiny").exists()
+    (written,) = package(build, tmp_path / "repo", max_batch=4, prefill_chunk=128)  # within the profile
+    assert parse_config((written / "config.pbtxt").read_text(), "x").max_batch_size == 4
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_served_runner_of_a_tensorrt_repository_is_the_tensorrt_runner(tiny_build, tmp_path):
+    """Where TensorRT runs: the generate model's runner for a packaged engine built here is a TensorRTRunner."""
+    from mistral_export.deploy.served import open_served_runner
+    from mistral_export.pipeline.build import build
+    from mistral_export.runners.tensorrt import TensorRTRunner
+
+    out = build("tiny", tmp_path / "build", backend="tensorrt")
+    (written,) = package(out, tmp_path / "repo", max_batch=2)
+    runner, description = open_served_runner(written / "1" / ARTIFACTS_FOLDER, 0)
+    assert isinstance(runner, TensorRTRunner) and description.backend == "tensorrt"
 
 
 def test_config_the_proto_rejects_is_an_error():
@@ -306,10 +328,8 @@ def test_cli_package_and_serve(tiny_build, tmp_path):
     assert result.exit_code == 2 and "not a model repository" in result.output
 
 
-def test_model_templates_compile():
-    """The Python-backend models run only inside Triton's stub; here at least each one compiles."""
-    from mistral_export.deploy.repository import TEMPLATES
-
+def test_model_template_compiles():
+    """The one generate model runs only inside Triton's stub; here at least it compiles."""
     for template in sorted(TEMPLATES.glob("*.py")):
         compile(template.read_text(), str(template), "exec")
-    assert {t.name for t in TEMPLATES.glob("*.py")} == {"onnxruntime_generate.py", "tensorrt_generate.py"}
+    assert {t.name for t in TEMPLATES.glob("*.py")} == {"generate.py"}

@@ -9,7 +9,8 @@ with different past_len, no window, the last position a runner allows (2^31 - 1)
 only fit fp32 (the softmax must accumulate in fp32), a non-contiguous q, several decode splits and tiles, and an
 output buffer pre-filled with NaN so that every element must be written. Under the
 interpreter the cache update's stores are recorded: every kept element is written exactly once per launch (on a GPU,
-two writes to one slot race), which is what the "last min(S, C) rows" rule guarantees.
+two writes to one slot race), which is what the "last min(S, C) rows" rule guarantees; into an output buffer of
+its own (TensorRT without aliasing) the whole cache arrives, each element written once.
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ CACHE_CASES = [
     dict(id="cache-chunk-at-max-position", B=2, H=1, S=21, D=16, C=8, past=[MAX_POSITION - 20, 2**40],
          dtype="float32"),
 ]
+# The same updates into an output buffer of its own (TensorRT without aliasing): the whole cache must arrive there,
+# old slots copied and new rows written, each element exactly once; one case spans several copy programs.
+CACHE_CASES += [{**case, "id": case["id"] + "-separate-output", "separate": True} for case in CACHE_CASES]
+CACHE_CASES.append(dict(id="cache-separate-output-several-copy-programs", B=2, H=2, S=3, D=16, C=600, past=[598, 5],
+                        dtype="float16", separate=True))
 
 
 INTERPRETER_CASES = [c for c in ATTENTION_CASES + CACHE_CASES if not c.get("gpu_only")]
@@ -169,8 +175,10 @@ def recorded_stores():
 def run_cache_case(case: dict, device: str) -> float | str:
     """Max |kernel − reference| over the whole cache (exact copy expected: 0).
 
-    Under the interpreter also: each of the B·H·min(S, C)·D kept elements is stored exactly once (a row that the
-    chunk itself overwrites must not be written at all: on a GPU the two writes would race).
+    In place (the output is the cache) or, with `separate`, into an output buffer pre-filled with NaN (the input
+    cache must stay untouched). Under the interpreter also: each element of the output is stored exactly once per
+    launch (on a GPU, two writes to one slot race): in place the B·H·min(S, C)·D kept new elements (a row the chunk
+    itself overwrites is never written), into a separate output all B·H·C·D.
     """
     from mistral_export.model.ops import rolling_cache_update_reference
     from mistral_export.plugins import kernels
@@ -181,17 +189,19 @@ def run_cache_case(case: dict, device: str) -> float | str:
     new = torch.randn(case["B"], case["H"], case["S"], case["D"], generator=gen).to(dtype).to(device)
     past = torch.tensor(case["past"], dtype=torch.int64, device=device)
     expected = rolling_cache_update_reference(cache, new, past)
-    if device != "cpu":
-        kernels.rolling_cache_update_(cache, new, past)
-        return (cache.float() - expected.float()).abs().max().item()
-    with recorded_stores() as stores:
-        kernels.rolling_cache_update_(cache, new, past)
-    written = np.concatenate(stores) if stores else np.empty(0, dtype=np.uint64)
-    kept = case["B"] * case["H"] * min(case["S"], case["C"]) * case["D"]
-    if written.size != kept or np.unique(written).size != kept:
-        return (f"stores: {written.size} element writes to {np.unique(written).size} addresses; "
-                f"expected {kept} writes, each to its own address")
-    return (cache.float() - expected.float()).abs().max().item()
+    original = cache.clone()
+    out = torch.full_like(cache, float("nan")) if case.get("separate") else None
+    with recorded_stores() if device == "cpu" else contextlib.nullcontext() as stores:
+        result = kernels.rolling_cache_update(cache, new, past, out=out)
+    if out is not None and not torch.equal(cache, original):
+        return "the input cache was modified although the output has its own buffer"
+    if device == "cpu":
+        written = np.concatenate(stores) if stores else np.empty(0, dtype=np.uint64)
+        kept = case["B"] * case["H"] * (case["C"] if out is not None else min(case["S"], case["C"])) * case["D"]
+        if written.size != kept or np.unique(written).size != kept:
+            return (f"stores: {written.size} element writes to {np.unique(written).size} addresses; "
+                    f"expected {kept} writes, each to its own address")
+    return (result.float() - expected.float()).abs().max().item()
 
 
 def _worker() -> None:

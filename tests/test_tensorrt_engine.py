@@ -51,6 +51,22 @@ def test_bad_engine_options_name_the_option(options, message):
         profile_shapes(CONFIG, options)
 
 
+def test_version_floors_are_the_ones_checked_at_run_time():
+    """pyproject's floors (tensorrt 10.15: get_aliased_input_tensor; triton 3.3: ASTSource constexprs/attrs) are the
+    versions the run-time checks refuse below, with a message naming the version found."""
+    import re
+    from pathlib import Path
+
+    from mistral_export.plugins import aot
+    from mistral_export.tensorrt_lib import MIN_TENSORRT, too_old
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floors = {name: {tuple(map(int, v.split("."))) for v in re.findall(rf'"{name}>=([\d.]+)"', pyproject)}
+              for name in ("tensorrt", "triton")}
+    assert floors == {"tensorrt": {MIN_TENSORRT}, "triton": {aot.MIN_TRITON}}
+    assert "older than 10.15" in too_old("10.14.1.48") and too_old("10.15.0.1") is None and too_old("11.4.0") is None
+
+
 def test_gpu_slug():
     assert gpu_slug("NVIDIA H200") == "h200"
     assert gpu_slug("NVIDIA GeForce RTX 4090") == "geforce-rtx-4090"
@@ -75,7 +91,7 @@ def write_engine(tmp_path, onnx_path, gpu=H200, precision="fp16"):
     folder = build_dir / "engines" / gpu.folder_name / precision
     folder.mkdir(parents=True)
     tensorrt_description(onnx_path, gpu, precision=precision, options=EngineOptions(max_batch=4), plugin_impl="aot",
-                       build_seconds=12.345).write(folder)
+                         build_seconds=12.345, ptx_isa=80, cache_copies=()).write(folder)
     return build_dir, folder
 
 
@@ -86,6 +102,7 @@ def test_engine_json_is_found_where_the_layout_says(tmp_path, fp16_onnx):
     trt = json.loads((folder / "artifact.json").read_text())["tensorrt"]
     assert trt["gpu"] == "NVIDIA H200" and trt["compute_capability"] == "9.0" and trt["version"] == "11.4.0.106"
     assert trt["profiles"][0]["input_ids"]["max"] == [4, 512] and trt["options"]["max_batch"] == 4
+    assert trt["ptx_isa"] == "8.0" and trt["cache_copies"] == []  # the AOT kernels' ISA; no copy of the cache
     description = artifact.description
     assert description.build_seconds == 12.35 and description.cache.capacity == 16
     assert description.cache.dtype == "float16" and description.config.to_hf_dict() == CONFIG.to_hf_dict()
@@ -96,6 +113,7 @@ def test_engine_json_is_found_where_the_layout_says(tmp_path, fp16_onnx):
     assert description.io.input("past_key_values.1.value").shape[1:] == (2, 16, 32)
     assert description.io.output("logits").dtype == "float16" and description.io.input("input_ids").dtype == "int64"
     assert ArtifactDescription.from_json(description.to_json(), "again") == description
+    assert (description.tensorrt.max_batch, description.tensorrt.max_chunk) == (4, 512)
 
 
 def test_engine_json_with_a_missing_field_is_refused_by_name(tmp_path, fp16_onnx):
@@ -181,6 +199,9 @@ def test_mistral_nodes_become_plugin_layers(engine_build):
     for i in range(GPU_CONFIG.num_layers):
         for kind in ("key", "value"):
             assert engine.get_aliased_input_tensor(f"present.{i}.{kind}") in (None, f"past_key_values.{i}.{kind}")
+    # What the build recorded from the same inspector: the copies of a cache tensor (none expected) and the PTX ISA.
+    section = artifact.description.tensorrt
+    assert section.cache_copies == () and section.ptx_isa is not None
 
 
 @pytest.mark.tensorrt

@@ -18,6 +18,21 @@ import torch
 PACKAGE = Path(__file__).resolve().parents[1] / "mistral_export"
 
 
+def test_gpu_tests_build_with_the_products_builder_configuration():
+    """Every engine this file builds goes through engines/tensorrt/builder.builder_config, as build_engine does (the
+    aliasing preview feature included): no CreateConfig of its own."""
+    def engine_configs(path: Path) -> list[str]:
+        """The function making the config of each EngineFromNetwork(network, config) call in PATH."""
+        calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)]
+        return [ast.unparse(c.args[1].func) if len(c.args) > 1 and isinstance(c.args[1], ast.Call) else ast.unparse(c)
+                for c in calls if ast.unparse(c.func) == "EngineFromNetwork"]
+
+    assert engine_configs(Path(__file__)) == ["builder_config"] * 2
+    builder = PACKAGE / "engines" / "tensorrt" / "builder.py"
+    assert engine_configs(builder) == ["EngineFromNetwork(network, create_config, save_timing_cache=timing_cache)"]
+    assert "create_config = builder_config(" in builder.read_text()
+
+
 def test_only_the_plugin_module_imports_tensorrt():
     """...and tensorrt_lib, which imports it lazily for every other module (inside the functions that need it)."""
     allowed = {PACKAGE / "plugins" / "tensorrt.py", PACKAGE / "tensorrt_lib.py"}
@@ -98,9 +113,11 @@ def one_layer_graph(path: Path, dtype: str, aot: bool) -> None:
 @pytest.mark.parametrize("aot", [False, True], ids=["jit", "aot"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_one_layer_engine_matches_reference(tmp_path, dtype, aot):
+    from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
+
     import mistral_export.plugins.tensorrt  # noqa: F401  (registers the plugins)
+    from mistral_export.engines.tensorrt.builder import builder_config
     from mistral_export.model.ops import rolling_cache_update_reference, sliding_window_attention_reference
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
 
     path = tmp_path / "one_layer.onnx"
     one_layer_graph(path, dtype, aot)
@@ -110,7 +127,9 @@ def test_one_layer_engine_matches_reference(tmp_path, dtype, aot):
     for name in ("past_key", "past_value"):
         profile.add(name, min=(1, HKV, C, D), opt=(B, HKV, C, D), max=(4, HKV, C, D))
     profile.add("past_len", min=(1,), opt=(B,), max=(4,))
-    build = EngineFromNetwork(NetworkFromOnnxPath(str(path), strongly_typed=True), CreateConfig(profiles=[profile]))
+    # The product's builder configuration (aliasing preview feature on); Polygraphy's TrtRunner still gives each
+    # output its own buffer, so present_* checks the cache update's copy of the untouched slots too.
+    build = EngineFromNetwork(NetworkFromOnnxPath(str(path), strongly_typed=True), builder_config([profile]))
 
     torch_dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
@@ -130,11 +149,13 @@ def test_one_layer_engine_matches_reference(tmp_path, dtype, aot):
                 feed["q"], feed["k"], feed["v"], feed["past_key"], feed["past_value"], feed["past_len"],
                 WINDOW, D**-0.5).float()
             expected_key = rolling_cache_update_reference(feed["past_key"], feed["k"], feed["past_len"])
+            expected_value = rolling_cache_update_reference(feed["past_value"], feed["v"], feed["past_len"])
             outputs = runner.infer({n: t.numpy() for n, t in feed.items()})
             attn = torch.from_numpy(np.asarray(outputs["attn"])).float()
             rel = ((attn - expected_attn).abs().max() / expected_attn.abs().max()).item()
             assert rel <= tolerance, f"S={seq}: attention relative error {rel:.3g}"
             assert torch.equal(torch.from_numpy(np.asarray(outputs["present_key"])), expected_key)
+            assert torch.equal(torch.from_numpy(np.asarray(outputs["present_value"])), expected_value)
 
 
 @pytest.mark.tensorrt
@@ -145,10 +166,11 @@ def test_engine_from_exported_onnx_matches_onnxruntime(tmp_path, aot):
     (function bodies) by Polygraphy on a decode step and chunks shorter and longer than the window."""
     import onnx
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
+    from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
     from polygraphy.comparator import Comparator, SimpleCompareFunc
 
     import mistral_export.plugins.tensorrt  # noqa: F401  (registers the plugins)
+    from mistral_export.engines.tensorrt.builder import builder_config
     from mistral_export.export.onnx_export import export_onnx
     from mistral_export.model.checkpoint import random_model
     from mistral_export.model.config import ModelConfig
@@ -167,8 +189,7 @@ def test_engine_from_exported_onnx_matches_onnxruntime(tmp_path, aot):
     profile.add("past_len", min=(1,), opt=(2,), max=(2,))
     for name in ("past_key_values.0.key", "past_key_values.0.value"):
         profile.add(name, min=(1, *cache), opt=(2, *cache), max=(2, *cache))
-    build = EngineFromNetwork(NetworkFromOnnxPath(str(trt_path), strongly_typed=True),
-                              CreateConfig(profiles=[profile], tf32=False))
+    build = EngineFromNetwork(NetworkFromOnnxPath(str(trt_path), strongly_typed=True), builder_config([profile]))
 
     gen = torch.Generator().manual_seed(1)
     feeds = []

@@ -38,7 +38,10 @@ def _artifact_row(build_dir: Path, artifact: Artifact) -> tuple[str, str]:
         detail = (f"{where}/{trt.file} ({human_size(folder_bytes(artifact.folder, [trt.file]))}); {trt.gpu} sm "
                   f"{trt.compute_capability}, TensorRT {trt.version}, CUDA {trt.cuda_version}; batch "
                   f"{profile['min'][0]}..{profile['max'][0]} (opt {profile['opt'][0]}), chunk 1..{profile['max'][1]}, "
-                  f"builder level {level if level is not None else 'default'}, plugins {trt.plugins}")
+                  f"builder level {level if level is not None else 'default'}, plugins {trt.plugins}"
+                  + (f" (PTX ISA {trt.ptx_isa})" if trt.ptx_isa else "")
+                  + ("" if trt.cache_copies is None else
+                     f", cache copies inserted by TensorRT: {len(trt.cache_copies) or 'none'}"))
     return f"{artifact.backend} {artifact.precision}", f"{detail}; {common}"
 
 

@@ -79,6 +79,10 @@ class TensorRTSection:
     profiles: tuple[dict, ...]  # input name -> {min, opt, max}
     options: dict  # the engine options that shape it (EngineOptions.key())
     strongly_typed: bool = True
+    ptx_isa: str | None = None  # the AOT kernels' PTX ISA ("8.0"): the driver must accept it; None for JIT plugins
+    # Layers TensorRT inserted that copy a cache tensor (engine inspector, engines/tensorrt/inspection.py): () when
+    # none, so the cache is updated in place; None when the build did not inspect the engine.
+    cache_copies: tuple[str, ...] | None = None
 
     @property
     def gpu_description(self) -> GpuDescription:
@@ -130,7 +134,9 @@ class ArtifactDescription:
         if self.onnxruntime:
             document["onnxruntime"] = {**asdict(self.onnxruntime), "providers": list(self.onnxruntime.providers)}
         if self.tensorrt:
-            document["tensorrt"] = {**asdict(self.tensorrt), "profiles": list(self.tensorrt.profiles)}
+            copies = self.tensorrt.cache_copies
+            document["tensorrt"] = {**asdict(self.tensorrt), "profiles": list(self.tensorrt.profiles),
+                                    "cache_copies": None if copies is None else list(copies)}
         return document
 
     @classmethod
@@ -156,7 +162,9 @@ class ArtifactDescription:
                                                "providers": tuple(section["providers"])})
                          if backend == "onnxruntime" else None),
             tensorrt=(TensorRTSection(**{**_fields(section, TensorRTSection, where, "tensorrt."),
-                                         "profiles": tuple(section["profiles"])})
+                                         "profiles": tuple(section["profiles"]),
+                                         "cache_copies": (None if section.get("cache_copies") is None
+                                                          else tuple(section["cache_copies"]))})
                       if backend == "tensorrt" else None),
         )
 

@@ -1,20 +1,13 @@
 """The config.pbtxt of each model the repository holds, checked against Triton's own proto before writing.
 
 `tritonclient.grpc.model_config_pb2` is the schema the server parses: a config it rejects (unknown
-field, bad enum, bad number) is never written. It checks syntax, not meaning; tests check the meaning
-(state names and dims against the engine's I/O).
+field, bad enum, bad number) is never written. It checks syntax, not meaning; tests check the meaning.
 """
 
 from __future__ import annotations
 
-from mistral_export.artifacts.description import ArtifactDescription
 from mistral_export.deploy.generation import INPUTS, LIST_INPUTS, OUTPUT
 from mistral_export.errors import MistralExportError
-from mistral_export.op_contract import cache_names
-
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
-                 "int32": "TYPE_INT32"}
-STATE_NAME = "zero"  # the initial state every sequence starts from (an empty cache)
 
 
 def parse_config(text: str, where: str):
@@ -56,76 +49,4 @@ output [
 ]
 instance_group [ {{ count: {instances} kind: {kind} }} ]
 {_parameters(parameters)}
-'''
-
-
-def cache_states(description: ArtifactDescription, folder: str) -> list[dict]:
-    """One implicit state per layer and key/value: engine input past_key_values.{i}.key|value fed by
-    output present.{i}.key|value, dims [Hkv, C, D] (the engine's, batch dimension left out)."""
-    inputs = {t.name: t for t in description.io.inputs}
-    outputs = {t.name: t for t in description.io.outputs}
-    config, cache = description.config, description.cache
-    dims = [config.num_kv_heads, cache.capacity, config.head_dim]
-    states = []
-    for past, present in cache_names(config.num_layers):
-        if past not in inputs or present not in outputs:
-            raise MistralExportError(f"{folder}/artifact.json: the engine has no {past} input / {present} output")
-        for tensor in (inputs[past], outputs[present]):
-            if list(tensor.shape[1:]) != dims or tensor.dtype != cache.dtype:
-                raise MistralExportError(
-                    f"{folder}/artifact.json: {tensor.name} is {tensor.dtype} {list(tensor.shape)}, expected "
-                    f"{cache.dtype} [batch, {', '.join(map(str, dims))}] (cache of artifact.json)")
-        states.append({"input": past, "output": present, "dims": dims, "dtype": TRITON_DTYPES[cache.dtype]})
-    return states
-
-
-def engine_config(name: str, description: ArtifactDescription, folder: str, max_batch: int, instances: int,
-                  plan_files: dict[str, str]) -> str:
-    """The tensorrt_plan core model: sequence batching (oldest), the rolling cache as implicit state.
-
-    Each sequence's cache lives in Triton between its requests (zeroed when one starts), bound to the
-    engine's cache input and output as one buffer (the engine updates it in place). Without control
-    inputs: the engine has none; Triton tracks sequence start and end from the request flags and the
-    correlation ID. The position (past_len) is an ordinary input: the engine has no output carrying it.
-    """
-    inputs = {t.name: t for t in description.io.inputs}
-    outputs = {t.name: t for t in description.io.outputs}
-    for needed, where in (("input_ids", inputs), ("past_len", inputs), ("logits", outputs)):
-        if needed not in where:
-            raise MistralExportError(f"{folder}/artifact.json: the engine has no {needed} tensor")
-    vocab = description.config.vocab_size
-    logits_dims = [-1, vocab] if outputs["logits"].shape[1] != 1 else [1, vocab]
-    states = ",\n".join(
-        f'''    {{
-      input_name: "{s["input"]}"
-      output_name: "{s["output"]}"
-      data_type: {s["dtype"]}
-      dims: {_dims(s["dims"])}
-      initial_state {{ data_type: {s["dtype"]} dims: {_dims(s["dims"])} zero_data: true name: "{STATE_NAME}" }}
-      use_same_buffer_for_input_output: true
-    }}''' for s in cache_states(description, folder))
-    if len(plan_files) == 1:
-        files = f'default_model_filename: "{next(iter(plan_files.values()))}"'
-    else:
-        files = "\n".join(f'cc_model_filenames {{ key: "{cc}" value: "{f}" }}' for cc, f in sorted(plan_files.items()))
-    return f'''# The TensorRT engine; one step of a batch of sequences, each sequence's rolling cache held by Triton.
-name: "{name}"
-platform: "tensorrt_plan"
-max_batch_size: {max_batch}
-{files}
-input [
-  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
-  {{ name: "past_len" data_type: TYPE_INT64 dims: [ 1 ] reshape {{ shape: [ ] }} }}
-]
-output [
-  {{ name: "logits" data_type: {TRITON_DTYPES[outputs["logits"].dtype]} dims: {_dims(logits_dims)} }}
-]
-sequence_batching {{
-  max_sequence_idle_microseconds: 60000000
-  oldest {{ max_candidate_sequences: {max_batch} preferred_batch_size: [ {max_batch} ] max_queue_delay_microseconds: 200 }}
-  state [
-{states}
-  ]
-}}
-instance_group [ {{ count: {instances} kind: KIND_GPU }} ]
 '''

@@ -1,18 +1,17 @@
 """`mistral-export package`: a Triton model repository from a build folder.
 
-ONNX Runtime layout (runs on the Python-backend-only server of the nvidia-pytriton wheel, or any Triton):
+One model, one layout for both backends: a decoupled Python-backend model with tensorrtllm_backend's text interface
+that runs the artifact in the server's process, in-flight batched over the runner's cache slots
+(deploy/triton_models/generate.py, deploy/scheduler.py); the runner is chosen from the packaged artifact.json.
 
-    REPO/NAME/config.pbtxt              Python backend, decoupled, tensorrtllm_backend's text interface
-    REPO/NAME/1/model.py                deploy/triton_models/onnxruntime_generate.py
+    REPO/NAME/config.pbtxt              Python backend, decoupled; instances KIND_CPU (ONNX Runtime) or KIND_GPU
+    REPO/NAME/1/model.py                deploy/triton_models/generate.py
     REPO/NAME/1/tokenizer.json
-    REPO/NAME/1/onnxruntime/            the artifact: model.onnx (+ .data), model.ort.onnx, artifact.json
+    REPO/NAME/1/artifacts/              ONNX Runtime: the artifact (model.onnx (+ .data), model.ort.onnx, artifact.json)
+    REPO/NAME/1/artifacts/<gpu>-sm<cc>/ TensorRT: model.plan + artifact.json per GPU (the instance's GPU picks one)
 
-TensorRT layout (needs Triton's full server image: the TensorRT backend):
-
-    REPO/NAME_engine/config.pbtxt       tensorrt_plan, sequence batching, the rolling cache as implicit state
-    REPO/NAME_engine/1/<gpu>.plan       one engine per GPU (cc_model_filenames picks by compute capability)
-    REPO/NAME/config.pbtxt, 1/model.py  the same text interface as a BLS model driving NAME_engine
-    REPO/NAME/1/tokenizer.json, artifact.json
+The ONNX Runtime layout runs on the Python-backend-only server of the nvidia-pytriton wheel; the TensorRT one needs
+TensorRT in the Python environment the server's Python backend runs (the runner loads the plan itself).
 
 Each model folder is assembled under a temporary name and renamed into place when complete; large
 files are hard-linked when the repository is on the build folder's file system, copied otherwise.
@@ -27,14 +26,20 @@ import tempfile
 from pathlib import Path
 
 from mistral_export.artifacts.description import DESCRIPTION_FILE
-from mistral_export.artifacts.folder import TOKENIZER_FILE, Artifact, artifacts_of_one_precision, find_artifacts, read_build
-from mistral_export.deploy.configs import engine_config, parse_config, text_interface_config
+from mistral_export.artifacts.folder import (
+    TOKENIZER_FILE,
+    Artifact,
+    artifacts_of_one_precision,
+    find_artifacts,
+    read_build,
+)
+from mistral_export.deploy.configs import parse_config, text_interface_config
+from mistral_export.deploy.served import ARTIFACTS_FOLDER
 from mistral_export.errors import MistralExportError
 from mistral_export.files import write_text_atomic
 
 TEMPLATES = Path(__file__).parent / "triton_models"
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per prefill step: bounds how long one prefill stalls the decoding batch
-ENGINE_SUFFIX = "_engine"
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -66,12 +71,14 @@ def _stage(repository: Path, name: str) -> Path:
 
 
 def package(build_dir: Path, repository: Path, name: str | None = None, max_batch: int = 8, instances: int = 1,
-            backend: str | None = None, precision: str | None = None) -> list[Path]:
-    """Write the model(s) of BUILD_DIR's artifact into REPOSITORY; returns the model folders written."""
+            backend: str | None = None, precision: str | None = None,
+            prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[Path]:
+    """Write the model of BUILD_DIR's artifact into REPOSITORY; returns the model folders written."""
     build_dir, repository = Path(build_dir), Path(repository)
     build = read_build(build_dir)
-    if max_batch < 1 or instances < 1:
-        raise MistralExportError(f"--max-batch and --instances must be at least 1, got {max_batch} and {instances}")
+    if max_batch < 1 or instances < 1 or prefill_chunk < 1:
+        raise MistralExportError(f"--max-batch, --instances and --prefill-chunk must be at least 1, got {max_batch}, "
+                                 f"{instances} and {prefill_chunk}")
     if not (build_dir / TOKENIZER_FILE).exists():
         raise MistralExportError(f"{build_dir / TOKENIZER_FILE}: missing; the served model needs the tokenizer "
                                  f"(build from a checkpoint folder that has a tokenizer.json)")
@@ -81,11 +88,10 @@ def package(build_dir: Path, repository: Path, name: str | None = None, max_batc
     artifacts = artifacts_of_one_precision(build_dir, backend, precision)
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", build["model"]["name"])
     repository.mkdir(parents=True, exist_ok=True)
+    if backend == "tensorrt":
+        check_engine_limits(artifacts, max_batch, prefill_chunk)
     try:
-        if backend == "onnxruntime":
-            written = [_package_onnxruntime(build_dir, artifacts[0], repository, name, max_batch, instances)]
-        else:
-            written = _package_tensorrt(build_dir, artifacts, repository, name, max_batch, instances)
+        written = [_package(build_dir, artifacts, repository, name, max_batch, instances, prefill_chunk)]
     finally:  # an interrupted or refused packaging leaves no half-written model folder
         for staging in repository.glob(f".{name}*.staging-*"):
             shutil.rmtree(staging, ignore_errors=True)
@@ -93,58 +99,54 @@ def package(build_dir: Path, repository: Path, name: str | None = None, max_batc
     return written
 
 
-def _text_model(build_dir: Path, repository: Path, name: str, template: str, max_batch: int, instances: int,
-                kind: str, parameters: dict) -> Path:
+def check_engine_limits(artifacts: list[Artifact], max_batch: int, prefill_chunk: int) -> None:
+    """Triton's max_batch_size and the prefill chunk must fit every engine's optimization profile (--max-batch and
+    --max-chunk at build): a step outside it would fail in the server, request by request."""
+    for artifact in artifacts:
+        section = artifact.description.tensorrt
+        where = f"{artifact.folder}/{DESCRIPTION_FILE}"
+        if max_batch > section.max_batch:
+            raise MistralExportError(f"--max-batch {max_batch} (Triton's max_batch_size) is larger than the engine's "
+                                     f"batch limit {section.max_batch} ({where}: built with --max-batch "
+                                     f"{section.max_batch}); package with --max-batch {section.max_batch} or rebuild")
+        if prefill_chunk > section.max_chunk:
+            raise MistralExportError(f"--prefill-chunk {prefill_chunk} is longer than the engine's longest step "
+                                     f"{section.max_chunk} ({where}: built with --max-chunk {section.max_chunk}); "
+                                     f"package with --prefill-chunk {section.max_chunk} or rebuild")
+
+
+def _package(build_dir: Path, artifacts: list[Artifact], repository: Path, name: str, max_batch: int,
+             instances: int, prefill_chunk: int) -> Path:
+    tensorrt = artifacts[0].backend == "tensorrt"
+    if tensorrt:
+        seen: dict[str, Artifact] = {}
+        for artifact in artifacts:
+            capability = artifact.description.tensorrt.compute_capability
+            if capability in seen:
+                raise MistralExportError(f"{build_dir}: two engines for compute capability {capability} "
+                                         f"({seen[capability].folder.parent.name}, {artifact.folder.parent.name}); "
+                                         f"the server picks an engine by capability: keep one")
+            seen[capability] = artifact
+            plan = artifact.folder / artifact.description.file
+            if not plan.exists():
+                raise MistralExportError(f"{plan}: the engine file artifact.json names is missing")
     staging = _stage(repository, name)
     version = staging / "1"
     version.mkdir()
-    shutil.copyfile(TEMPLATES / template, version / "model.py")
+    shutil.copyfile(TEMPLATES / "generate.py", version / "model.py")
     shutil.copyfile(build_dir / TOKENIZER_FILE, version / TOKENIZER_FILE)
-    _write_config(staging, repository / name, text_interface_config(name, max_batch, instances, kind, parameters))
-    return staging
-
-
-def _package_onnxruntime(build_dir: Path, artifact: Artifact, repository: Path, name: str, max_batch: int,
-                         instances: int) -> Path:
-    parameters = {"artifact": "onnxruntime", "prefill_chunk": DEFAULT_PREFILL_CHUNK, "threads": 0}
-    staging = _text_model(build_dir, repository, name, "onnxruntime_generate.py", max_batch, instances,
-                          "KIND_CPU", parameters)
-    target = staging / "1" / "onnxruntime"
-    target.mkdir()
-    for file in sorted(artifact.folder.iterdir()):
-        if file.is_file() and not file.name.startswith("."):
-            _link_or_copy(file, target / file.name)
+    parameters = {"prefill_chunk": prefill_chunk, "threads": 0}
+    config = text_interface_config(name, max_batch, instances, "KIND_GPU" if tensorrt else "KIND_CPU", parameters)
+    _write_config(staging, repository / name, config)
+    for artifact in artifacts if tensorrt else artifacts[:1]:
+        # A TensorRT engine keeps its GPU folder's name (<gpu>-sm<cc>): one per GPU, side by side.
+        target = version / ARTIFACTS_FOLDER / (artifact.folder.parent.name if tensorrt else "")
+        target.mkdir(parents=True, exist_ok=True)
+        for file in sorted(artifact.folder.iterdir()):
+            if file.is_file() and not file.name.startswith("."):
+                _link_or_copy(file, target / file.name)
     _install(staging, repository / name)
     return repository / name
-
-
-def _package_tensorrt(build_dir: Path, artifacts: list[Artifact], repository: Path, name: str, max_batch: int,
-                      instances: int) -> list[Path]:
-    plans: dict[str, Path] = {}
-    for artifact in artifacts:
-        capability = artifact.description.tensorrt.compute_capability
-        if capability in plans:
-            raise MistralExportError(f"{build_dir}: two engines for compute capability {capability} "
-                                     f"({plans[capability].parent.parent.name}, {artifact.folder.parent.name}); "
-                                     f"Triton picks an engine by capability: keep one")
-        plans[capability] = artifact.folder / artifact.description.file
-    core = name + ENGINE_SUFFIX
-    first = artifacts[0]
-    staging = _stage(repository, core)
-    (staging / "1").mkdir()
-    files = {}
-    for capability, plan in plans.items():
-        if not plan.exists():
-            raise MistralExportError(f"{plan}: the engine file artifact.json names is missing")
-        files[capability] = "model.plan" if len(plans) == 1 else f"{plan.parent.parent.name}.plan"
-        _link_or_copy(plan, staging / "1" / files[capability])
-    _write_config(staging, repository / core, engine_config(core, first.description, str(first.folder), max_batch, instances, files))
-    bls = _text_model(build_dir, repository, name, "tensorrt_generate.py", max_batch, instances, "KIND_CPU",
-                      {"engine_model": core, "prefill_chunk": DEFAULT_PREFILL_CHUNK})
-    shutil.copyfile(first.folder / DESCRIPTION_FILE, bls / "1" / DESCRIPTION_FILE)
-    _install(staging, repository / core)
-    _install(bls, repository / name)
-    return [repository / name, repository / core]
 
 
 def _write_readme(repository: Path, name: str, backend: str) -> None:
@@ -152,9 +154,9 @@ def _write_readme(repository: Path, name: str, backend: str) -> None:
         server = ("This layout needs only Triton's Python backend: `mistral-export serve` runs the `tritonserver`\n"
                   "of the nvidia-pytriton wheel (`pip install 'mistral-export[deploy]'`), or any full server image.")
     else:
-        server = (f"`{name}{ENGINE_SUFFIX}` needs Triton's TensorRT backend (the full server image, e.g.\n"
-                  f"nvcr.io/nvidia/tritonserver:<yy.mm>-py3, with the TensorRT version the engines were built with)\n"
-                  f"and the mistral plugins compiled into the engines (AOT). `{name}` is a Python-backend model.")
+        server = (f"`{name}` runs the TensorRT engine built for its instance's GPU inside Triton's Python backend:\n"
+                  f"the Python environment first on PATH needs `mistral-export[tensorrt]` (the TensorRT version the\n"
+                  f"engines were built with) and a CUDA torch. Its rolling cache stays on the GPU, updated in place.")
     text = f"""# Triton model repository for `{name}`
 
 Written by `mistral-export package`. Start the server:

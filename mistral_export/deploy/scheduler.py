@@ -1,4 +1,5 @@
-"""In-flight batching over the ONNX Runtime runner's slots (runners/onnxruntime.py).
+"""In-flight batching over a runner's cache slots (runners/onnxruntime.py, runners/tensorrt.py: step_slots,
+prefill_slot, move_slot).
 
 One loop thread owns the runner. Each turn it prefills waiting requests, up to `prefill_chunk` prompt
 tokens in all (each in the free slot right after the decoding ones; a longer prompt continues over the

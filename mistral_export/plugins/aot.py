@@ -9,6 +9,10 @@ Two things Triton adds that TensorRT does not expect are dealt with here:
 * Triton ≥ 3.3 appends `global_scratch` / `profile_scratch` pointer parameters to every kernel. These kernels
   use neither (sizes checked to be 0), so the unreferenced trailing parameters are removed from the PTX entry,
   leaving exactly the parameters TensorRT passes.
+* The PTX ISA (`.version`) Triton writes is its bundled ptxas's (9.4 for Triton 3.9 on sm_90), and TensorRT hands the
+  PTX to the driver, which refuses an ISA newer than its CUDA version knows (CUDA_ERROR_UNSUPPORTED_PTX_VERSION, a
+  plugin failure at enqueue). `ptx_isa()` caps it: at the driver's maximum where a driver is loaded, else at
+  DEFAULT_PTX_ISA; Triton is then asked for that ISA (its `ptx_version` option; torch_tensorrt caps the same way).
 * Only int32 scalars can be passed; the float `scale` is baked into the PTX as a constant instead. The
   `window` scalar is the node's attribute as-is (0: no window, handled in the kernel).
 
@@ -18,6 +22,9 @@ Grids and scalar arguments are written with + - * // only, so the same functions
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -25,6 +32,11 @@ from typing import Any, Sequence
 # Targets a release build compiles for: Ampere (A100, A10/RTX 30), Ada (L4/L40/RTX 40), Hopper (H100/H200).
 SUPPORTED_CAPABILITIES = (80, 86, 89, 90)
 AOT_DTYPES = ("fp16", "bf16", "fp32")
+# The PTX ISA written when no driver is here to ask: 8.0, what CUDA 12.0 drivers (r525) accept, the oldest that
+# TensorRT 10.15+ and 11 run on (CUDA 12.x minor-version compatibility; a CUDA 13.0 driver accepts up to 9.0), and
+# the first ISA with sm_90a. `MISTRAL_EXPORT_PTX_ISA` (e.g. 86) overrides it and the driver's.
+DEFAULT_PTX_ISA = 80
+MIN_TRITON = (3, 3)  # ASTSource(constexprs=..., attrs=...)
 # TensorRT's AOT launch sets no dynamic shared-memory attribute, so stay within the default 48 KB limit.
 MAX_STATIC_SHARED_MEM = 48 * 1024
 
@@ -62,6 +74,7 @@ class AotKernel:
     name: str
     ptx: str
     num_warps: int
+    ptx_isa: int  # the PTX's .version as XY (80: 8.0)
     shared_mem: int
     params: tuple[str, ...]  # runtime parameters, in PTX order
     constants: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +83,77 @@ class AotKernel:
     @property
     def block_threads(self) -> int:
         return self.num_warps * 32
+
+
+def target_capability() -> int:
+    """Compute capability (as XY) that AOT kernels are compiled for."""
+    override = os.environ.get("MISTRAL_EXPORT_CUDA_ARCH")
+    if override:
+        return int(override.removeprefix("sm_"))
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device to compile the AOT kernels for; set MISTRAL_EXPORT_CUDA_ARCH (e.g. 90)")
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def driver_ptx_isa() -> int | None:
+    """The newest PTX ISA the loaded CUDA driver accepts (XY), or None where there is no driver.
+
+    Read from the driver's CUDA version (cuDriverGetVersion through ctypes: no CUDA context, no toolkit) and mapped
+    with Triton's own CUDA-version-to-ISA table (triton.backends.nvidia.compiler.ptx_get_version)."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return isa_of_cuda_version(version.value)
+
+
+def isa_of_cuda_version(version: int) -> int:
+    """The newest PTX ISA a CUDA version (the driver API's integer: 13000 for 13.0) accepts, as Triton maps it."""
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    return ptx_get_version(f"{version // 1000}.{version % 1000 // 10}")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_ptx_isa(capability: int) -> int | None:
+    """The ISA Triton writes by default for this target (its bundled ptxas's), or None where that is unknown."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+        return ptx_get_version(get_ptxas(capability).version)
+    except Exception:  # noqa: BLE001 - Triton internals moved: the cap below then stands alone
+        return None
+
+
+def ptx_isa(capability: int) -> int:
+    """The PTX ISA the AOT kernels for `capability` are written in: the driver's maximum (DEFAULT_PTX_ISA where no
+    driver is loaded, MISTRAL_EXPORT_PTX_ISA where set), never above what Triton's ptxas writes."""
+    override = os.environ.get("MISTRAL_EXPORT_PTX_ISA")
+    limit = int(override) if override else (driver_ptx_isa() or DEFAULT_PTX_ISA)
+    written = triton_ptx_isa(capability)
+    return limit if written is None else min(limit, written)
+
+
+def ptx_version_of(ptx: str) -> int:
+    """`.version 8.0` of a PTX text as 80."""
+    match = re.search(r"^\s*\.version\s+(\d+)\.(\d+)", ptx, flags=re.M)
+    if match is None:
+        raise RuntimeError("no .version line in the PTX")
+    return int(match.group(1)) * 10 + int(match.group(2))
+
+
+def check_triton(version: str) -> None:
+    """A clear error where Triton is older than the AOT compilation needs."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < MIN_TRITON:
+        raise RuntimeError(f"compiling the AOT plugin kernels needs triton >= {'.'.join(map(str, MIN_TRITON))} "
+                           f"(ASTSource constexprs/attrs); found {version}: pip install 'triton>=3.3'")
 
 
 def _check_dtype(dtype: str) -> None:
@@ -147,21 +231,23 @@ def _compile(fn, signature: dict[str, str], constants: dict[str, Any], aligned: 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    check_triton(triton.__version__)
     names = list(fn.arg_names)
     full_sig = {n: ("constexpr" if n in constants else signature[n]) for n in names}
     # 16-byte alignment of pointers and strides lets Triton vectorise loads; TensorRT buffers are 256-aligned
     # and every stride is a multiple of head_dim >= 16.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=full_sig, constexprs=constants, attrs=attrs)
+    isa = ptx_isa(capability)
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+                              options={"num_warps": num_warps, "num_stages": num_stages, "ptx_version": isa})
     md = compiled.metadata
     for scratch in ("global_scratch_size", "profile_scratch_size"):
         if getattr(md, scratch, 0):
             raise RuntimeError(f"{md.name} needs {scratch}={getattr(md, scratch)}; TensorRT cannot provide it")
     ptx = _strip_unused_trailing_params(compiled.asm["ptx"], md.name, n_runtime)
     runtime = tuple(n for n in names if n not in constants)
-    return AotKernel(name=md.name, ptx=ptx, num_warps=md.num_warps, shared_mem=md.shared, params=runtime,
+    return AotKernel(name=md.name, ptx=ptx, num_warps=md.num_warps, ptx_isa=ptx_version_of(ptx), shared_mem=md.shared, params=runtime,
                      constants=dict(constants), capability=capability)
 
 
@@ -210,7 +296,7 @@ def chunk_attention_scalars(q_heads: int, kv_heads: int, seq, capacity: int, hea
 
 def compile_rolling_cache_update(dtype: str, head_dim: int, capability: int) -> AotKernel:
     """PTX of `rolling_cache_update_kernel` (cache and new share `dtype`)."""
-    from .kernels import CACHE_UPDATE_BLOCK_ROWS, rolling_cache_update_kernel
+    from .kernels import CACHE_COPY_ROWS, CACHE_UPDATE_BLOCK_ROWS, rolling_cache_update_kernel
 
     _check_dtype(dtype)
     _check_head_dim(head_dim)
@@ -219,17 +305,19 @@ def compile_rolling_cache_update(dtype: str, head_dim: int, capability: int) -> 
     signature = {n: ptr for n in CACHE_UPDATE_INPUTS + CACHE_UPDATE_OUTPUTS}
     signature["past_len_ptr"] = "*i64"
     signature.update({n: "i32" for n in CACHE_UPDATE_SCALARS})
-    constants = {"BLOCK_R": CACHE_UPDATE_BLOCK_ROWS, "HEAD_DIM": head_dim}
+    constants = {"BLOCK_R": CACHE_UPDATE_BLOCK_ROWS, "HEAD_DIM": head_dim, "COPY_ROWS": CACHE_COPY_ROWS}
     aligned = ["cache_ptr", "new_ptr", "cache_out_ptr"] + [n for n in CACHE_UPDATE_SCALARS if n.startswith("stride_")]
     n_runtime = len(CACHE_UPDATE_INPUTS) + len(CACHE_UPDATE_SCALARS) + len(CACHE_UPDATE_OUTPUTS)
     return _compile(rolling_cache_update_kernel, signature, constants, aligned, capability,
                     4 if head_dim >= 64 else 1, 1, n_runtime)
 
 
-def rolling_cache_update_grid(batch, kv_heads: int, seq):
-    from .kernels import CACHE_UPDATE_BLOCK_ROWS
+def rolling_cache_update_grid(batch, kv_heads: int, seq, capacity: int):
+    """The torch launcher's grid (kernels.cache_update_grid): the new rows, then the copy of the other slots, which
+    returns at once where TensorRT aliases the output to the input."""
+    from .kernels import cache_update_grid
 
-    return (cdiv(seq, CACHE_UPDATE_BLOCK_ROWS), kv_heads, batch)
+    return cache_update_grid(batch, kv_heads, seq, capacity)
 
 
 def rolling_cache_update_scalars(kv_heads: int, seq, capacity: int, head_dim: int) -> list:
@@ -237,3 +325,28 @@ def rolling_cache_update_scalars(kv_heads: int, seq, capacity: int, head_dim: in
     cache_strides = [kv_heads * capacity * head_dim, capacity * head_dim, head_dim]
     new_strides = [seq * (kv_heads * head_dim), seq * head_dim, head_dim]  # seq may be an expression
     return [*cache_strides, *new_strides, seq, capacity]
+
+
+INT32_RANGE = (-(2**31), 2**31 - 1)
+
+
+def launch_arguments(kernel: AotKernel, pointers: dict[str, int], scalars: Sequence[int]) -> tuple[tuple, tuple]:
+    """The kernel's arguments as TensorRT passes them to an AOT plugin kernel, as cuda-python's cuLaunchKernel takes
+    them ((values), (ctypes types)): every input pointer, the extra int32 scalars, every output pointer, in the
+    kernel's parameter order. POINTERS maps the pointer parameters' names to device addresses; SCALARS are the values
+    the plugin's aot_impl returns (chunk_attention_scalars, rolling_cache_update_scalars), in order.
+
+    Used by benchmarks/aot_driver_check.py to launch the PTX through the CUDA driver API exactly as TensorRT would."""
+    pointer_names = [n for n in kernel.params if n.endswith("_ptr")]
+    scalar_names = [n for n in kernel.params if not n.endswith("_ptr")]
+    if sorted(pointers) != sorted(pointer_names):
+        raise ValueError(f"{kernel.name} takes the pointers {pointer_names}; got {sorted(pointers)}")
+    if len(scalars) != len(scalar_names):
+        raise ValueError(f"{kernel.name} takes {len(scalar_names)} int32 scalars {scalar_names}; got {len(scalars)}")
+    given = dict(zip(scalar_names, scalars, strict=True))
+    for name, value in given.items():
+        if not isinstance(value, int) or not INT32_RANGE[0] <= value <= INT32_RANGE[1]:
+            raise ValueError(f"{kernel.name}: scalar {name} = {value!r} is not an int32")
+    values = tuple(pointers[n] if n in pointers else given[n] for n in kernel.params)
+    types = tuple(ctypes.c_void_p if n in pointers else ctypes.c_int32 for n in kernel.params)
+    return values, types

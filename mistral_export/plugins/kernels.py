@@ -9,7 +9,8 @@ Three kernels (plus a merge step) implement the contract:
 * `chunk_attention_kernel`: any S (prefill chunks; also the single-kernel form TensorRT's AOT path uses for
   decode). Tiled online softmax over [pre-update cache ∪ new keys]; each query tile visits only the keys
   inside its window band, so the cost grows as S·W rather than S².
-* `rolling_cache_update_kernel`: writes the last min(S, C) new rows into slots (past_len + i) mod C, in place.
+* `rolling_cache_update_kernel`: writes the last min(S, C) new rows into slots (past_len + i) mod C, in place;
+  into an output buffer of its own, it also copies every other slot of the cache (TensorRT without aliasing).
 
 `window` is the node attribute as-is: 0 (`op_contract.NO_WINDOW`) means no window, in the kernels too.
 Positions are int64 in `past_len`; each program moves its sequence's position down by a multiple of C (same
@@ -52,6 +53,9 @@ DECODE_WAVES = 2.0
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
 CACHE_UPDATE_BLOCK_ROWS = 16
+# Slots one copy program of the cache update moves when the output has its own buffer (16 programs per head and
+# sequence at C = 4096; they return at once when the output aliases the input).
+CACHE_COPY_ROWS = 256
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,26 +279,54 @@ def rolling_cache_update_kernel(
     stride_nb, stride_nh, stride_ns,
     seq_len, capacity,
     cache_out_ptr,
-    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, COPY_ROWS: tl.constexpr,
 ):
-    """cache_out[b, h, (past + i) mod C] = new[b, h, i] for the last min(S, C) rows i.
+    """cache_out[b, h, (past + i) mod C] = new[b, h, i] for the last min(S, C) rows i; every other slot of
+    cache_out is cache's when the two are different buffers.
 
-    `cache_out_ptr` is the cache itself (torch: in place; TensorRT: output aliased to input), `cache_ptr` is
-    only there for the plugin's signature, and `after_ptr` is the ordering-only input: neither is read.
+    The grid is (cdiv(S, BLOCK_R) + cdiv(C, COPY_ROWS), Hkv, B) (`cache_update_grid`). The first programs write
+    the new rows. The others copy the untouched slots from `cache` into `cache_out`, each COPY_ROWS slots, and do
+    nothing when `cache_out` is `cache` (torch in place, TensorRT with the aliased output): TensorRT may give the
+    output its own buffer (no aliasing preview flag, Polygraphy's runner, trtexec), and then every slot must be
+    written, the new rows by exactly one program and the rest by exactly one copy. `after_ptr` only orders the
+    update after the attention that reads the old cache; it is never read.
     """
     pid = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     past = _ring_past(past_len_ptr, b, capacity)
-    first = seq_len - tl.minimum(seq_len, capacity)  # earlier rows would be overwritten in the same chunk
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = (rows >= first) & (rows < seq_len)
+    ring = tl.maximum(capacity, 1)
+    kept = tl.minimum(seq_len, capacity)
+    first = seq_len - kept  # earlier rows would be overwritten in the same chunk
     offs_d = tl.arange(0, HEAD_DIM)
-    x = tl.load(new_ptr + b * stride_nb + head * stride_nh + rows[:, None] * stride_ns + offs_d[None, :],
-                mask=ok[:, None], other=0.0)
-    slots = (past + rows) % tl.maximum(capacity, 1)
-    tl.store(cache_out_ptr + b * stride_cb + head * stride_ch + slots[:, None] * stride_cc + offs_d[None, :],
-             x.to(cache_out_ptr.dtype.element_ty), mask=ok[:, None])
+    out_base = cache_out_ptr + b * stride_cb + head * stride_ch
+    update_programs = tl.cdiv(seq_len, BLOCK_R)
+    if pid < update_programs:
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = (rows >= first) & (rows < seq_len)
+        x = tl.load(new_ptr + b * stride_nb + head * stride_nh + rows[:, None] * stride_ns + offs_d[None, :],
+                    mask=ok[:, None], other=0.0)
+        slots = (past + rows) % ring
+        tl.store(out_base + slots[:, None] * stride_cc + offs_d[None, :],
+                 x.to(cache_out_ptr.dtype.element_ty), mask=ok[:, None])
+    elif cache_ptr.to(tl.int64) != cache_out_ptr.to(tl.int64):  # pointers compare as integers only
+        in_base = cache_ptr + b * stride_cb + head * stride_ch
+        start = (pid - update_programs) * COPY_ROWS
+        for r0 in range(0, COPY_ROWS, BLOCK_R):
+            slots = start + r0 + tl.arange(0, BLOCK_R)
+            # A slot the update writes holds offset (slot - past) mod C < min(S, C) from the sequence's position.
+            written = ((slots - past % ring + ring) % ring) < kept
+            ok = (slots < capacity) & ~written
+            offs = slots[:, None] * stride_cc + offs_d[None, :]
+            tl.store(out_base + offs, tl.load(in_base + offs, mask=ok[:, None], other=0.0), mask=ok[:, None])
+
+
+def cache_update_grid(batch, kv_heads: int, seq, capacity: int) -> tuple:
+    """The grid of `rolling_cache_update_kernel` (torch and TensorRT's AOT launch alike): programs writing the new
+    rows, then programs copying the rest of the cache when the output is not the input. `seq` and `batch` may be
+    TensorRT shape expressions (only + and // on them)."""
+    return ((seq + (CACHE_UPDATE_BLOCK_ROWS - 1)) // CACHE_UPDATE_BLOCK_ROWS + -(-capacity // CACHE_COPY_ROWS),
+            kv_heads, batch)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -549,25 +581,44 @@ def _chunk(q, k, v, k_cache, v_cache, past_len, window, scale_log2, out, cfg: Ch
     )
 
 
-def rolling_cache_update_(cache: torch.Tensor, new: torch.Tensor, past_len: torch.Tensor) -> None:
-    """The RollingCacheUpdate contract on Triton, in place on `cache` (its last dim must be contiguous)."""
+def rolling_cache_update(cache: torch.Tensor, new: torch.Tensor, past_len: torch.Tensor,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """The RollingCacheUpdate contract on Triton into `out` (default: `cache` itself, in place; zero-copy). An `out`
+    of its own gets the whole updated cache: the old slots copied from `cache`, then the new rows."""
     _check_cache_update_inputs(cache, new, past_len)
+    if out is None:
+        out = cache
+    elif out.shape != cache.shape or out.dtype != cache.dtype or out.stride() != cache.stride():
+        raise ValueError(f"out must be {tuple(cache.shape)} {cache.dtype} with the strides of cache {cache.stride()}; "
+                         f"got {tuple(out.shape)} {out.dtype} {out.stride()}")
     new = _last_dim_contiguous(new)
     batch, heads, capacity, head_dim = cache.shape
     seq = new.shape[2]
-    if batch == 0 or seq == 0 or capacity == 0:
-        return
-    rolling_cache_update_kernel[(triton.cdiv(seq, CACHE_UPDATE_BLOCK_ROWS), heads, batch)](
+    if batch == 0 or capacity == 0:
+        return out
+    if seq == 0:
+        if out is not cache:
+            out.copy_(cache)
+        return out
+    rolling_cache_update_kernel[cache_update_grid(batch, heads, seq, capacity)](
         cache, new, past_len, cache,
         cache.stride(0), cache.stride(1), cache.stride(2),
         new.stride(0), new.stride(1), new.stride(2),
         seq, capacity,
-        cache,
-        BLOCK_R=CACHE_UPDATE_BLOCK_ROWS, HEAD_DIM=head_dim, num_warps=4 if head_dim >= 64 else 1,
+        out,
+        BLOCK_R=CACHE_UPDATE_BLOCK_ROWS, HEAD_DIM=head_dim, COPY_ROWS=CACHE_COPY_ROWS,
+        num_warps=4 if head_dim >= 64 else 1,
     )
+    return out
+
+
+def rolling_cache_update_(cache: torch.Tensor, new: torch.Tensor, past_len: torch.Tensor) -> None:
+    """The RollingCacheUpdate contract on Triton, in place on `cache` (its last dim must be contiguous)."""
+    rolling_cache_update(cache, new, past_len)
 
 
 __all__ = [
+    "CACHE_COPY_ROWS",
     "CACHE_UPDATE_BLOCK_ROWS",
     "ChunkConfig",
     "DECODE_BLOCK_N",
@@ -579,6 +630,8 @@ __all__ = [
     "decode_merge_kernel",
     "decode_partial_kernel",
     "dot_precision",
+    "cache_update_grid",
+    "rolling_cache_update",
     "rolling_cache_update_",
     "rolling_cache_update_kernel",
     "sliding_window_attention",

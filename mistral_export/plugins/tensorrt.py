@@ -10,9 +10,11 @@ without Python (trtexec, Triton Inference Server's TensorRT backend).
 * `mistral::SlidingWindowAttention` (q, k, v, k_cache, v_cache, past_len; window: int, scale: float) -> out.
   AOT: `chunk_attention_kernel` for every S (decode too: one kernel per plugin is all `aot_impl` can return, so
   the split decode path of the JIT implementation is not available there).
-* `mistral::RollingCacheUpdate` (cache, new, past_len, after) -> cache_out, aliased to `cache` (in place).
-  `after` (the same layer's attention output) is an input only so that TensorRT orders the update after the
-  attention that reads the old cache; it is never read.
+* `mistral::RollingCacheUpdate` (cache, new, past_len, after) -> cache_out, declared aliased to `cache` (in place,
+  no copy, with PreviewFeature.ALIASED_PLUGIN_IO_10_03). Where TensorRT gives cache_out its own buffer anyway
+  (the flag off, Polygraphy's TrtRunner, trtexec), the same kernel copies the old slots into it too. `after` (the
+  same layer's attention output) is an input only so that TensorRT orders the update after the attention that reads
+  the old cache; it is never read.
 
 The AOT target is the GPU the engine is built on (engines are per GPU), or `MISTRAL_EXPORT_CUDA_ARCH` (e.g. 89).
 """
@@ -20,7 +22,6 @@ The AOT target is the GPU the engine is built on (engines are per GPU), or `MIST
 # No `from __future__ import annotations` here: tensorrt.plugin validates these functions' annotations as objects
 # (the register functions' TensorDesc inputs, the aot_impl return type), and string annotations fail its checks.
 # Annotations it does not require are left off.
-import os
 from typing import List, Tuple, Union  # noqa: UP035 - tensorrt.plugin checks these typing forms
 
 import tensorrt as trt
@@ -39,19 +40,6 @@ _IO_TYPES = "FP16|BF16|FP32"
 # parameters, and the kernel's scalar arguments.
 _AotKernelLaunch = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
 _TRT_TO_AOT_DTYPE = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}
-
-
-def target_capability() -> int:
-    """Compute capability (as XY) that AOT kernels are compiled for."""
-    override = os.environ.get("MISTRAL_EXPORT_CUDA_ARCH")
-    if override:
-        return int(override.removeprefix("sm_"))
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device to compile the AOT kernels for; set MISTRAL_EXPORT_CUDA_ARCH (e.g. 90)")
-    major, minor = torch.cuda.get_device_capability()
-    return major * 10 + minor
 
 
 def _static_dim(desc: trtp.TensorDesc, index: int, what: str) -> int:
@@ -114,7 +102,7 @@ def _attention_aot(q, k, v, k_cache, v_cache, past_len, window, scale, outputs, 
         raise ValueError(f"q heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
     group = q_heads // kv_heads
     dtype = _aot_dtype(q, "q")
-    kernel = aot.compile_chunk_attention(dtype, head_dim, group, float(scale), target_capability())
+    kernel = aot.compile_chunk_attention(dtype, head_dim, group, float(scale), aot.target_capability())
     tile = aot.chunk_attention_tile(dtype, head_dim)
     batch, seq = q.shape_expr[0], q.shape_expr[2]
     grid = aot.chunk_attention_grid(batch, kv_heads, seq, group, tile)
@@ -160,9 +148,9 @@ def _cache_update_aot(cache, new, past_len, after, outputs, tactic) -> _AotKerne
     kv_heads = _static_dim(cache, 1, "cache heads")
     capacity = _static_dim(cache, 2, "cache capacity")
     head_dim = _static_dim(cache, 3, "cache head_dim")
-    kernel = aot.compile_rolling_cache_update(_aot_dtype(cache, "cache"), head_dim, target_capability())
+    kernel = aot.compile_rolling_cache_update(_aot_dtype(cache, "cache"), head_dim, aot.target_capability())
     batch, seq = new.shape_expr[0], new.shape_expr[2]
-    grid = aot.rolling_cache_update_grid(batch, kv_heads, seq)
+    grid = aot.rolling_cache_update_grid(batch, kv_heads, seq, capacity)
     scalars = aot.rolling_cache_update_scalars(kv_heads, seq, capacity, head_dim)
     return kernel.name, kernel.ptx, _launch_params(kernel, grid), _sym_int32s(scalars)
 
@@ -174,8 +162,10 @@ def _cache_update_impl(cache, new, past_len, after, outputs, stream: int) -> Non
     from . import kernels
 
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        cache_out = torch.as_tensor(outputs[0], device="cuda")  # aliased to `cache`: update in place
-        kernels.rolling_cache_update_(
-            cache_out, torch.as_tensor(new, device="cuda"), torch.as_tensor(past_len, device="cuda")
-        )
+        cache = torch.as_tensor(cache, device="cuda")
+        cache_out = torch.as_tensor(outputs[0], device="cuda")
+        # In place where TensorRT aliases the output to `cache`; else the kernel copies the old slots too.
+        kernels.rolling_cache_update(cache, torch.as_tensor(new, device="cuda"),
+                                     torch.as_tensor(past_len, device="cuda"),
+                                     out=None if cache_out.data_ptr() == cache.data_ptr() else cache_out)
 

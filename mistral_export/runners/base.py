@@ -60,6 +60,15 @@ class Runner(ABC):
     def _step(self, input_ids: Tensor, past_len: Tensor) -> Tensor:
         """The backend's step, on inputs `step` has checked."""
 
+    def _check_slots(self, first: int, count: int) -> None:
+        """Slots first..first+count-1 lie in the batch `reset` allocated (runners with the slot API of in-flight
+        batching: step_slots, prefill_slot, move_slot)."""
+        if not self.batch_size:
+            raise MistralExportError(f"{type(self).__name__}: slot step before reset(batch_size)")
+        if first < 0 or count < 1 or first + count > self.batch_size:
+            raise MistralExportError(f"slots {first}..{first + count - 1} are outside the batch of {self.batch_size} "
+                                     f"that reset allocated")
+
 
 class EagerRunner(Runner):
     def __init__(self, model: Transformer, device: str = "cpu"):

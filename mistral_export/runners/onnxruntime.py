@@ -143,13 +143,6 @@ class OnnxRuntimeRunner(Runner):
         self._check_slots(max(source, target), 1)
         self._cache[:, target] = self._cache[:, source]
 
-    def _check_slots(self, first: int, count: int) -> None:
-        if not self.batch_size:
-            raise MistralExportError(f"{type(self).__name__}: slot step before reset(batch_size)")
-        if first < 0 or count < 1 or first + count > self.batch_size:
-            raise MistralExportError(f"slots {first}..{first + count - 1} are outside the batch of {self.batch_size} "
-                                     f"that reset allocated")
-
     def _run_slots(self, first: int, input_ids: Tensor, past_len: Tensor) -> Tensor:
         self._check_slots(first, input_ids.shape[0])
         self._check_step(input_ids, past_len, input_ids.shape[0], f"slots from {first}")

@@ -135,11 +135,32 @@ def validate_artifact(artifact: Artifact, eager: EagerRunner, scripts: list[case
 
 def artifact_report(artifact: Artifact, *, skipped: str | None = None, cases: list[dict] = (),
                     latency: dict | None = None, memory: dict | None = None) -> dict:
-    """One artifact's entry in report.json: validated (its cases, latency, memory) or skipped, with why."""
+    """One artifact's entry in report.json: validated (its cases, latency, memory) or skipped, with why; for a
+    TensorRT engine also what its build found (the AOT kernels' PTX ISA, the cache copies TensorRT inserted)."""
+    section = artifact.description.tensorrt
+    engine = None if section is None else {
+        "ptx_isa": section.ptx_isa, "cache_copies": None if section.cache_copies is None else list(section.cache_copies)}
     return {"label": artifact.label, "backend": artifact.backend, "precision": artifact.precision,
             "folder": str(artifact.folder), "skipped": skipped, "passed": all(c["passed"] for c in cases),
             "thresholds": THRESHOLDS.get(artifact.precision, {}), "cases": list(cases), "latency": latency,
-            "memory": memory}
+            "memory": memory, "tensorrt": engine}
+
+
+def cache_copy_warnings(artifacts: list[Artifact]) -> list[str]:
+    """A warning per TensorRT engine in which TensorRT copies a cache tensor (every step then moves the cache), or
+    whose build did not look."""
+    warnings = []
+    for artifact in artifacts:
+        section = artifact.description.tensorrt
+        if section is None:
+            continue
+        if section.cache_copies is None:
+            warnings.append(f"{artifact.label}: its build did not record whether TensorRT copies the cache (rebuild)")
+        elif section.cache_copies:
+            warnings.append(f"{artifact.label}: TensorRT inserted {len(section.cache_copies)} cop"
+                            f"{'y' if len(section.cache_copies) == 1 else 'ies'} of cache tensors, so each step copies "
+                            f"the cache instead of updating it in place ({', '.join(section.cache_copies)})")
+    return warnings
 
 
 def validate_build(build_dir: str | Path, model: str | None = None, precision: str | None = None,
@@ -172,7 +193,7 @@ def validate_build(build_dir: str | Path, model: str | None = None, precision: s
                 reason = runnable_here(artifact)
                 reports.append(artifact_report(artifact, skipped=reason) if reason else
                                validate_artifact(artifact, eager, scripts, plan, threads, phases, eager_memory))
-    warnings = busy_machine_warning(context["machine"], threads)
+    warnings = busy_machine_warning(context["machine"], threads) + cache_copy_warnings(artifacts)
     if all(r["skipped"] for r in reports):
         raise MistralExportError(f"{build_dir}: no artifact this machine can run ({reports[0]['skipped']})")
     report = {

@@ -18,14 +18,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mistral_export.artifacts.description import CacheSpec, ArtifactDescription, TensorRTSection
+from mistral_export.artifacts.description import ArtifactDescription, CacheSpec, TensorRTSection
 from mistral_export.artifacts.gpu import GpuDescription
 from mistral_export.engines.graph_io import graph_io
+from mistral_export.engines.tensorrt.inspection import engine_cache_copies
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import read_export_config
 from mistral_export.files import file_sha256, tool_version
 from mistral_export.model.config import ModelConfig
 from mistral_export.op_contract import cache_input, cache_names
+from mistral_export.plugins import aot
 from mistral_export.tensorrt_lib import require_tensorrt, this_gpu
 
 PLAN_FILE = "model.plan"
@@ -116,8 +118,10 @@ class _BuildMonitor:
 
 
 def tensorrt_description(onnx_path: Path, gpu: GpuDescription, *, precision: str, options: EngineOptions,
-                       plugin_impl: str, build_seconds: float) -> ArtifactDescription:
-    """The artifact.json of an engine built from ONNX_PATH for GPU: model, cache and I/O read from that ONNX."""
+                         plugin_impl: str, build_seconds: float, ptx_isa: int | None = None,
+                         cache_copies: tuple[str, ...] | None = None) -> ArtifactDescription:
+    """The artifact.json of an engine built from ONNX_PATH for GPU: model, cache and I/O read from that ONNX; the AOT
+    kernels' PTX ISA (XY) and the cache copies TensorRT inserted, as the build found them."""
     config, metadata = read_export_config(onnx_path)
     io = graph_io(onnx_path)
     return ArtifactDescription(
@@ -129,15 +133,36 @@ def tensorrt_description(onnx_path: Path, gpu: GpuDescription, *, precision: str
         tensorrt=TensorRTSection(file=PLAN_FILE, version=gpu.tensorrt_version, gpu=gpu.name, gpu_slug=gpu.slug,
                                  compute_capability=gpu.compute_capability, cuda_version=gpu.cuda_version,
                                  plugins=plugin_impl, profiles=(profile_shapes(config, options),),
-                                 options=options.key()))
+                                 options=options.key(),
+                                 ptx_isa=None if ptx_isa is None else f"{ptx_isa // 10}.{ptx_isa % 10}",
+                                 cache_copies=cache_copies))
+
+
+def builder_config(profiles: list, *, timing_cache: str | None = None, builder_optimization_level: int | None = None,
+                   progress_monitor=None):
+    """Polygraphy's CreateConfig for every engine of the project: the product's builds and the GPU tests' networks
+    (tests/test_tensorrt_plugins.py), so a test never passes or fails for a configuration the product does not use.
+
+    RollingCacheUpdate's output aliases its cache input (in place): TensorRT keeps that behind a preview feature.
+    TF32 is off: an fp32 engine must compute in fp32 (validate's fp32 bar is 1e-4 on the logits); fp16 and int8
+    engines are strongly typed in their own precision and never use it. Detailed profiling verbosity keeps each
+    layer's inputs and outputs in the engine, which the build reads back (inspection.py) to see whether TensorRT
+    inserted a copy of a cache tensor."""
+    trt = require_tensorrt("configuring a TensorRT build")
+    from polygraphy.backend.trt import CreateConfig
+
+    return CreateConfig(profiles=profiles, tf32=False, load_timing_cache=timing_cache,
+                        builder_optimization_level=builder_optimization_level,
+                        preview_features=[trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03],
+                        profiling_verbosity=trt.ProfilingVerbosity.DETAILED, progress_monitor=progress_monitor)
 
 
 def build_engine(onnx_path: Path, out_dir: Path, *, precision: str, options: EngineOptions, plugin_impl: str,
                  progress=None) -> tuple[Path, ArtifactDescription]:
     """Build ONNX_PATH into OUT_DIR/model.plan for this GPU; returns the plan's path and its engine description
     (written by the caller after the plan is in place)."""
-    trt = require_tensorrt("building a TensorRT engine")
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+    require_tensorrt("building a TensorRT engine")
+    from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
 
     import mistral_export.plugins.tensorrt  # noqa: F401  (registers the mistral plugins the parser binds nodes to)
 
@@ -148,18 +173,17 @@ def build_engine(onnx_path: Path, out_dir: Path, *, precision: str, options: Eng
     timing_cache = str(options.timing_cache) if options.timing_cache else None
     if timing_cache:
         Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
-    create_config = CreateConfig(
-        profiles=[profile],
-        load_timing_cache=timing_cache if timing_cache and Path(timing_cache).exists() else None,
+    create_config = builder_config(
+        [profile], timing_cache=timing_cache if timing_cache and Path(timing_cache).exists() else None,
         builder_optimization_level=options.builder_optimization_level,
-        # RollingCacheUpdate's output aliases its cache input (in place); TensorRT keeps that behind a preview flag.
-        preview_features=[trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03],
-        progress_monitor=_BuildMonitor(progress) if progress is not None else None,
-    )
+        progress_monitor=_BuildMonitor(progress) if progress is not None else None)
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = out_dir / PLAN_FILE
     started = time.perf_counter()
-    SaveEngine(EngineFromNetwork(network, create_config, save_timing_cache=timing_cache), str(plan))()
+    engine = SaveEngine(EngineFromNetwork(network, create_config, save_timing_cache=timing_cache), str(plan))()
+    seconds = time.perf_counter() - started
+    isa = aot.ptx_isa(aot.target_capability()) if plugin_impl == "aot" else None
     return plan, tensorrt_description(onnx_path, this_gpu(), precision=precision, options=options,
-                                    plugin_impl=plugin_impl, build_seconds=time.perf_counter() - started)
+                                      plugin_impl=plugin_impl, build_seconds=seconds, ptx_isa=isa,
+                                      cache_copies=engine_cache_copies(engine, config.num_layers))

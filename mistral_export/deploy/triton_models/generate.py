@@ -1,9 +1,12 @@
-"""Triton Python-backend model: text generation on the ONNX Runtime artifact, in-flight batched.
+"""Triton Python-backend model: text generation on the packaged artifact, in-flight batched.
 
-Written into the model repository as NAME/1/model.py by `mistral-export package`. It runs inside
-Triton's Python stub, which imports `mistral_export` from the Python environment the server was
-started with (`mistral-export serve` puts it first on PATH). The model is decoupled: `execute` hands
-each request to the batcher's loop thread and returns; responses stream from that thread.
+Written into the model repository as NAME/1/model.py by `mistral-export package`, for both layouts. It runs inside
+Triton's Python stub, which imports `mistral_export` from the Python environment the server was started with
+(`mistral-export serve` puts it first on PATH). The runner is chosen from the packaged artifact.json
+(deploy/served.py): the ONNX Runtime artifact on the CPU, or the TensorRT engine built for this instance's GPU, run
+in this process with its cache on the GPU. Either way one scheduler (deploy/scheduler.py) batches the requests in
+flight over the runner's cache slots. The model is decoupled: `execute` hands each request to the batcher's loop
+thread and returns; responses stream from that thread.
 """
 
 import json
@@ -11,9 +14,8 @@ from pathlib import Path
 
 from mistral_export.deploy.generation import Generation, Limits, RequestError
 from mistral_export.deploy.scheduler import InFlightBatcher
+from mistral_export.deploy.served import ARTIFACTS_FOLDER, open_served_runner
 from mistral_export.deploy.triton_python import TritonSink, parse_triton_request, string_parameters
-from mistral_export.artifacts.description import ArtifactDescription
-from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
 from mistral_export.model.tokenizer import load_tokenizer
 
 
@@ -21,13 +23,11 @@ class TritonPythonModel:
     def initialize(self, args):
         parameters = string_parameters(args["model_config"])
         folder = Path(args["model_repository"]) / args["model_version"]
-        artifact = folder / parameters["artifact"]
         self.tokenizer = load_tokenizer(folder)
-        self.limits = Limits.of(ArtifactDescription.read(artifact))
-        # ONNX Runtime's threads sleep between steps: spinning would take the cores from the server's
-        # own threads that send each step's tokens (and, on a shared machine, from other jobs: batch-16
-        # steps of the 168M benchmark config took 370 ms instead of 620 ms without spinning, 2 busy cores).
-        runner = OnnxRuntimeRunner(artifact, threads=int(parameters["threads"]) or None, spinning=False)
+        device = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
+        runner, description = open_served_runner(folder / ARTIFACTS_FOLDER, device,
+                                                 threads=int(parameters["threads"]) or None)
+        self.limits = Limits.of(description)
         self.batcher = InFlightBatcher(runner, max_batch=int(json.loads(args["model_config"])["max_batch_size"]),
                                        prefill_chunk=int(parameters["prefill_chunk"]))
 
