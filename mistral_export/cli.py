@@ -394,21 +394,36 @@ def serve(
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 to accept other machines).")] = "127.0.0.1",
+    openai_port: Annotated[int, typer.Option(help="OpenAI-compatible API port (/v1/completions, /v1/chat/completions, "
+                                                  "/v1/models); 0: none.")] = 9000,
 ) -> None:
-    """Start Triton Inference Server on REPOSITORY; Ctrl-C shuts it down cleanly."""
+    """Start Triton Inference Server on REPOSITORY, and the OpenAI-compatible API in front of it; Ctrl-C shuts
+    both down cleanly."""
     import signal
+    from contextlib import nullcontext
 
     from mistral_export.deploy.server import Ports, running_server
 
     ports = Ports(http_port, grpc_port, metrics_port)
-    with user_errors(), running_server(repository, ports, host) as process:
-        typer.echo(f"ready: HTTP http://{host}:{ports.http}  gRPC {host}:{ports.grpc}  "
-                   f"metrics http://{host}:{ports.metrics}/metrics  (Ctrl-C stops)", err=True)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
-        try:
-            process.wait()
-        except KeyboardInterrupt:
-            typer.echo("stopping tritonserver", err=True)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # where the frontend reaches Triton's gRPC
+    # From the start: `kill` while the server loads stops it as cleanly as Ctrl-C (nothing left running).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with user_errors(), running_server(repository, ports, host) as process:
+            if openai_port:
+                from mistral_export.deploy.openai_api import running_frontend
+
+                frontend = running_frontend(repository, f"{local}:{ports.grpc}", host, openai_port)
+            else:
+                frontend = nullcontext()
+            with frontend:
+                openai = f"  OpenAI http://{host}:{openai_port}/v1" if openai_port else ""
+                typer.echo(f"ready: HTTP http://{host}:{ports.http}  gRPC {host}:{ports.grpc}  "
+                           f"metrics http://{host}:{ports.metrics}/metrics{openai}  (Ctrl-C stops)", err=True)
+                process.wait()
+    except KeyboardInterrupt:
+        typer.echo("stopped", err=True)
+        return
     if process.returncode not in (0, -signal.SIGTERM):
         raise typer.Exit(1)
 

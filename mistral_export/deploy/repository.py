@@ -5,6 +5,7 @@ ONNX Runtime layout (runs on the Python-backend-only server of the nvidia-pytrit
     REPO/NAME/config.pbtxt              Python backend, decoupled, tensorrtllm_backend's text interface
     REPO/NAME/1/model.py                deploy/triton_models/onnxruntime_generate.py
     REPO/NAME/1/tokenizer.json
+    REPO/NAME/1/tokenizer_config.json   the checkpoint's, when it has one (its chat template, for the OpenAI frontend)
     REPO/NAME/1/onnxruntime/            the artifact: model.onnx (+ .data), model.ort.onnx, engine.json
 
 TensorRT layout (needs Triton's full server image: the TensorRT backend):
@@ -26,6 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mistral_export.deploy.chat_template import TOKENIZER_CONFIG
 from mistral_export.deploy.configs import engine_config, parse_config, text_interface_config
 from mistral_export.engines.artifacts import (ENGINE_FILE, TOKENIZER_FILE, Artifact, artifacts_of_one_precision,
                                               find_artifacts, read_build, write_text_atomic)
@@ -78,13 +80,14 @@ def package(build_dir: Path, repository: Path, name: str | None = None, max_batc
         backend = "tensorrt" if any(a.backend == "tensorrt" for a in find_artifacts(build_dir, precision)) \
             else "onnxruntime"
     artifacts = artifacts_of_one_precision(build_dir, backend, precision)
+    chat_config = _tokenizer_config(build_dir, build)
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", build["model"]["name"])
     repository.mkdir(parents=True, exist_ok=True)
     try:
         if backend == "onnxruntime":
-            written = [_package_onnxruntime(build_dir, artifacts[0], repository, name, max_batch, instances)]
+            written = [_package_onnxruntime(build_dir, artifacts[0], repository, name, max_batch, instances, chat_config)]
         else:
-            written = _package_tensorrt(build_dir, artifacts, repository, name, max_batch, instances)
+            written = _package_tensorrt(build_dir, artifacts, repository, name, max_batch, instances, chat_config)
     finally:  # an interrupted or refused packaging leaves no half-written model folder
         for staging in repository.glob(f".{name}*.staging-*"):
             shutil.rmtree(staging, ignore_errors=True)
@@ -92,22 +95,34 @@ def package(build_dir: Path, repository: Path, name: str | None = None, max_batc
     return written
 
 
+def _tokenizer_config(build_dir: Path, build: dict) -> Path | None:
+    """The checkpoint's tokenizer_config.json (its chat template): in the build folder, or else in the checkpoint
+    folder the build records, if it is still there."""
+    source = build.get("model", {}).get("source")
+    for folder in (build_dir, Path(source) if source and source != "tiny" else None):
+        if folder is not None and (folder / TOKENIZER_CONFIG).is_file():
+            return folder / TOKENIZER_CONFIG
+    return None
+
+
 def _text_model(build_dir: Path, repository: Path, name: str, template: str, max_batch: int, instances: int,
-                kind: str, parameters: dict) -> Path:
+                kind: str, parameters: dict, chat_config: Path | None) -> Path:
     staging = _stage(repository, name)
     version = staging / "1"
     version.mkdir()
     shutil.copyfile(TEMPLATES / template, version / "model.py")
     shutil.copyfile(build_dir / TOKENIZER_FILE, version / TOKENIZER_FILE)
+    if chat_config is not None:
+        shutil.copyfile(chat_config, version / TOKENIZER_CONFIG)
     _write_config(staging, repository / name, text_interface_config(name, max_batch, instances, kind, parameters))
     return staging
 
 
 def _package_onnxruntime(build_dir: Path, artifact: Artifact, repository: Path, name: str, max_batch: int,
-                         instances: int) -> Path:
+                         instances: int, chat_config: Path | None) -> Path:
     parameters = {"artifact": "onnxruntime", "prefill_chunk": DEFAULT_PREFILL_CHUNK, "threads": 0}
     staging = _text_model(build_dir, repository, name, "onnxruntime_generate.py", max_batch, instances,
-                          "KIND_CPU", parameters)
+                          "KIND_CPU", parameters, chat_config)
     target = staging / "1" / "onnxruntime"
     target.mkdir()
     for file in sorted(artifact.folder.iterdir()):
@@ -118,7 +133,7 @@ def _package_onnxruntime(build_dir: Path, artifact: Artifact, repository: Path, 
 
 
 def _package_tensorrt(build_dir: Path, artifacts: list[Artifact], repository: Path, name: str, max_batch: int,
-                      instances: int) -> list[Path]:
+                      instances: int, chat_config: Path | None) -> list[Path]:
     plans: dict[str, Path] = {}
     for artifact in artifacts:
         capability = str(artifact.engine["tensorrt"]["compute_capability"])
@@ -139,7 +154,7 @@ def _package_tensorrt(build_dir: Path, artifacts: list[Artifact], repository: Pa
         _link_or_copy(plan, staging / "1" / files[capability])
     _write_config(staging, repository / core, engine_config(core, first.engine, str(first.folder), max_batch, instances, files))
     bls = _text_model(build_dir, repository, name, "tensorrt_generate.py", max_batch, instances, "KIND_CPU",
-                      {"engine_model": core, "prefill_chunk": DEFAULT_PREFILL_CHUNK})
+                      {"engine_model": core, "prefill_chunk": DEFAULT_PREFILL_CHUNK}, chat_config)
     shutil.copyfile(first.folder / ENGINE_FILE, bls / "1" / ENGINE_FILE)
     _install(staging, repository / core)
     _install(bls, repository / name)

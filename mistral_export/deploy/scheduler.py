@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -23,8 +24,11 @@ log = logging.getLogger(__name__)
 
 
 class InFlightBatcher:
-    def __init__(self, runner, max_batch: int, prefill_chunk: int):
+    def __init__(self, runner, max_batch: int, prefill_chunk: int,
+                 report: Callable[[int, int], None] = lambda running, waiting: None):
+        """`report(running, waiting)` is told the sequence counts after every turn (the served model's metrics)."""
         self.runner = runner
+        self.report = report
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         runner.reset(max_batch)
@@ -41,6 +45,8 @@ class InFlightBatcher:
         with self._wake:
             self._waiting.append(generation)
             self._wake.notify()
+            waiting = len(self._waiting)
+        self.report(self.active, waiting)
 
     def close(self) -> None:
         with self._wake:
@@ -69,6 +75,7 @@ class InFlightBatcher:
                 for generation in [*self._decoding, *filter(None, [self._prefilling])]:
                     generation.fail(f"inference failed: {exc}")
                 self._decoding, self._prefilling = [], None
+            self.report(self.active, len(self._waiting))
 
     def _drop_cancelled(self) -> None:
         with self._wake:

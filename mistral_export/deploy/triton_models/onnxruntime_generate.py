@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mistral_export.deploy.generation import Generation, Limits, RequestError
 from mistral_export.deploy.scheduler import InFlightBatcher
-from mistral_export.deploy.triton_python import TritonSink, parse_triton_request, string_parameters
+from mistral_export.deploy.triton_python import LlmMetrics, TritonSink, parse_triton_request, string_parameters
 from mistral_export.engines.artifacts import read_engine
 from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
 from mistral_export.model.tokenizer import load_tokenizer
@@ -28,8 +28,11 @@ class TritonPythonModel:
         # own threads that send each step's tokens (and, on a shared machine, from other jobs: batch-16
         # steps of the 168M benchmark config took 370 ms instead of 620 ms without spinning, 2 busy cores).
         runner = OnnxRuntimeRunner(artifact / "model.onnx", threads=int(parameters["threads"]) or None, spinning=False)
-        self.batcher = InFlightBatcher(runner, max_batch=int(json.loads(args["model_config"])["max_batch_size"]),
-                                       prefill_chunk=int(parameters["prefill_chunk"]))
+        self.metrics = LlmMetrics(args)
+        slots = int(json.loads(args["model_config"])["max_batch_size"])  # the runner's cache holds one sequence per slot
+        self.metrics.sequences(0, 0, slots)
+        self.batcher = InFlightBatcher(runner, max_batch=slots, prefill_chunk=int(parameters["prefill_chunk"]),
+                                       report=lambda running, waiting: self.metrics.sequences(running, waiting, slots))
 
     def execute(self, requests):
         for request in requests:
@@ -39,7 +42,7 @@ class TritonPythonModel:
             except RequestError as exc:
                 sink.fail(str(exc))
                 continue
-            self.batcher.submit(Generation(generate, self.tokenizer, sink))
+            self.batcher.submit(Generation(generate, self.tokenizer, sink, self.metrics))
         return None
 
     def finalize(self):

@@ -9,6 +9,7 @@ in its own thread and streams its tokens.
 """
 
 import itertools
+import json
 import os
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mistral_export.deploy.generation import Generation, Limits, RequestError
-from mistral_export.deploy.triton_python import TritonSink, parse_triton_request, string_parameters
+from mistral_export.deploy.triton_python import LlmMetrics, TritonSink, parse_triton_request, string_parameters
 from mistral_export.engines.artifacts import read_engine
 from mistral_export.model.tokenizer import load_tokenizer
 
@@ -36,17 +37,31 @@ class TritonPythonModel:
         # Correlation IDs unique across this model's instances (each its own process).
         self._ids = itertools.count((os.getpid() << 32) + 1)
         self._lock = threading.Lock()
+        self.metrics = LlmMetrics(args)
+        # The engine model (packaged with this model's max_batch and instances) holds max_batch sequences per
+        # instance (their implicit-state cache slots); the others wait in its sequence batcher's queue, out of
+        # this model's sight: counted here as the excess.
+        config = json.loads(args["model_config"])
+        self.slots = int(config["max_batch_size"]) * sum(int(g.get("count", 1)) for g in config.get("instance_group", [{}]))
+        self._in_flight = 0
+        self._report(0)
 
     def execute(self, requests):
         for request in requests:
             sink = TritonSink(request.get_response_sender())
             try:
-                generation = Generation(parse_triton_request(request, self.tokenizer, self.limits), self.tokenizer, sink)
+                generation = Generation(parse_triton_request(request, self.tokenizer, self.limits), self.tokenizer, sink,
+                                        self.metrics)
             except RequestError as exc:
                 sink.fail(str(exc))
                 continue
             threading.Thread(target=self._generate, args=(generation,), daemon=True).start()
         return None
+
+    def _report(self, change: int) -> None:
+        with self._lock:
+            self._in_flight += change
+            self.metrics.sequences(min(self._in_flight, self.slots), max(0, self._in_flight - self.slots), self.slots)
 
     def _step(self, sequence: int, ids: list[int], past_len: int, flags: int) -> np.ndarray:
         request = pb_utils.InferenceRequest(
@@ -63,6 +78,7 @@ class TritonPythonModel:
     def _generate(self, generation: Generation) -> None:
         with self._lock:
             sequence = next(self._ids)
+        self._report(+1)
         prompt = generation.request.prompt_ids
         try:
             for start in range(0, len(prompt), self.prefill_chunk):
@@ -80,3 +96,4 @@ class TritonPythonModel:
                            generation.position - 1 if generation.tokens else len(prompt) - 1, END)
             except Exception:
                 pass
+            self._report(-1)
