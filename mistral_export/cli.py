@@ -375,13 +375,24 @@ def package(
     backend: Annotated[Optional[DeployBackend], typer.Option(help="Which artifact to serve (default: TensorRT "
                                                                   "engines if the build has them, else ONNX Runtime).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Which precision, when the build has several.")] = None,
+    kubernetes: Annotated[bool, typer.Option(help="Also write OUTPUT/kubernetes/: Deployment, Service, "
+                                                  "HorizontalPodAutoscaler and the image's Dockerfile.")] = False,
+    image: Annotated[Optional[str], typer.Option(help="--kubernetes: the image the pods run (default: mistral-export-"
+                                                      "NAME:latest, built from kubernetes/Dockerfile).")] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="--kubernetes: replicas at start, the autoscaler's minimum.")] = 1,
+    max_replicas: Annotated[int, typer.Option(min=1, help="--kubernetes: the autoscaler's maximum.")] = 4,
 ) -> None:
     """Write a Triton Inference Server model repository (text generation, streaming, in-flight batching)."""
-    from mistral_export.deploy.repository import package as write_repository
+    from mistral_export.deploy.kubernetes import write_manifests
+    from mistral_export.deploy.repository import ENGINE_SUFFIX, package as write_repository
 
     with user_errors():
         written = write_repository(build_dir, output, name=name, max_batch=max_batch, instances=instances,
                                    backend=backend.value if backend else None, precision=precision)
+        if kubernetes:  # the first model written is the one clients call
+            gpu = any(f.name.endswith(ENGINE_SUFFIX) for f in written)
+            written += write_manifests(output, written[0].name, gpu=gpu, image=image, replicas=replicas,
+                                       max_replicas=max_replicas)
     for folder in written:
         typer.echo(f"wrote {folder}")
     typer.echo(f"start it with: mistral-export serve {output}")

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_deploy import PROMPTS
 
 from mistral_export.deploy.chat_template import ChatTemplateError, load_chat_template
+from mistral_export.deploy.kubernetes import WAITING_METRIC
 from mistral_export.deploy.repository import package
 from mistral_export.deploy.server import free_port
 from mistral_export.engines.runner import EagerRunner, greedy_tokens
 from mistral_export.model.checkpoint import load_model
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
-from test_deploy import PROMPTS
 
 openai = pytest.importorskip("openai", reason="the dev extra (openai client) is not installed")
 pytest.importorskip("fastapi", reason="the deploy extra (fastapi) is not installed")
@@ -188,7 +189,7 @@ def test_eight_concurrent_streamed_chats_each_get_their_own_text(client):
         t.start()
     for t in threads:
         t.join(300)
-    for (user, max_tokens), text in zip(cases, results):
+    for (user, max_tokens), text in zip(cases, results, strict=True):
         assert text == eager_text(mistral_chat(user), max_tokens), user
 
 
@@ -215,7 +216,7 @@ def test_metrics_endpoint_counts_the_generate_models_tokens(client, served):
     assert metric_values(metrics, "mistral_export_time_to_first_token_seconds_sum") > 0
     assert metric_values(metrics, "mistral_export_cache_slots") == 8  # --max-batch 8: one slot per sequence
     assert metric_values(metrics, "mistral_export_running_sequences") == 0  # all answered
-    assert metric_values(metrics, "mistral_export_waiting_sequences") == 0
+    assert metric_values(metrics, WAITING_METRIC) == 0  # what the Kubernetes autoscaler reads
 
 
 # --- chat templates (no server) ----------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def _token_text(value, default: str) -> str:
 
 
 class ChatTemplate:
-    def __init__(self, source: str, bos_token: str = BOS, eos_token: str = EOS, origin: str = "Mistral's instruct format"):
+    def __init__(self, source: str, bos_token: str = BOS, eos_token: str = EOS,
+                 origin: str = "Mistral's instruct format"):
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         environment.globals["raise_exception"] = _raise_exception
         try:

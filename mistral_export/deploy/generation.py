@@ -264,7 +264,8 @@ class Generation:
         finish = None
         if self.done:
             delta += self._detokenizer.flush()
-            finish = Finish("stop" if stopped or token == self.eos_id else "length", len(r.prompt_ids), len(self.tokens))
+            reason = "stop" if stopped or token == self.eos_id else "length"
+            finish = Finish(reason, len(r.prompt_ids), len(self.tokens))
         self._text.append(delta)
         if r.stream and (delta or self.done):
             self.sink.send(delta, finish)

@@ -54,7 +54,7 @@ class ServedModel:
 
 
 def _engine_json(version: Path) -> Path:
-    """engine.json of a generate model's version folder (1/engine.json for TensorRT, 1/onnxruntime/ for ONNX Runtime)."""
+    """engine.json of a generate model's version folder (1/ for TensorRT, 1/onnxruntime/ for ONNX Runtime)."""
     found = sorted(version.glob(f"**/{ENGINE_FILE}"), key=lambda p: len(p.parts))
     if not found:
         raise MistralExportError(f"{version}: no {ENGINE_FILE} (a model repository from `mistral-export package`?)")
@@ -161,8 +161,8 @@ class ModelRefused(Exception):
 def _input(name: str, value, datatype: str):
     from tritonclient.grpc import InferInput
 
-    array = np.array(value, dtype=object if datatype == "BYTES" else {"INT32": np.int32, "FP32": np.float32,
-                                                                        "BOOL": np.bool_, "UINT64": np.uint64}[datatype])
+    dtypes = {"BYTES": object, "INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}
+    array = np.array(value, dtype=dtypes[datatype])
     tensor = InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
     return tensor
@@ -202,8 +202,9 @@ class TritonGenerate:
                 piece = text.reshape(-1)[0].decode("utf-8") if text is not None else ""
                 reason = result.as_numpy("finish_reason")
                 if reason is not None:
-                    yield piece, Finish(reason.reshape(-1)[0].decode(), int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-                                        int(result.as_numpy("completion_tokens").reshape(-1)[0]))
+                    prompt_tokens, completion_tokens = (int(result.as_numpy(n).reshape(-1)[0])
+                                                        for n in ("prompt_tokens", "completion_tokens"))
+                    yield piece, Finish(reason.reshape(-1)[0].decode(), prompt_tokens, completion_tokens)
                     return
                 yield piece, None
                 if result.get_response().parameters["triton_final_response"].bool_param:
@@ -279,7 +280,8 @@ def create_app(repository: Path, triton_grpc: str):
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg", "invalid request"))
+        message = str(first.get("msg", "invalid request"))
+        message = f"{where}: {message}" if where else message
         return JSONResponse(error_body(message, 400, where or None), status_code=400)
 
     def model_of(name: str) -> ServedModel:
@@ -342,8 +344,9 @@ def create_app(repository: Path, triton_grpc: str):
         try:
             piece, finish = first
             text.append(cutter.push(piece))
-            async for piece, finish in pieces:
+            async for piece, last in pieces:
                 text.append(cutter.push(piece))
+                finish = last
         except ModelRefused as exc:
             raise BadRequest(str(exc)) from None
         text.append("" if cutter.stopped else cutter.flush())
@@ -379,8 +382,8 @@ def create_app(repository: Path, triton_grpc: str):
                     break
                 piece, finish = await anext(pieces)
             if cutter.stopped and finish is None:  # the model ends at the stop word's token: take its counts
-                async for _, finish in pieces:
-                    pass
+                async for _, last in pieces:
+                    finish = last
             tail = cutter.flush() if not cutter.stopped else ""
             if tail:
                 yield event(tail)
@@ -419,7 +422,7 @@ def running_frontend(repository: Path, triton_grpc: str, host: str, port: int):
     def run():
         try:
             server.run()
-        except BaseException as exc:  # uvicorn exits (SystemExit) when it cannot bind
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 (uvicorn exits with SystemExit when it cannot bind)
             failure.append(exc)
 
     thread = threading.Thread(target=run, name="openai-frontend", daemon=True)

@@ -85,7 +85,8 @@ def package(build_dir: Path, repository: Path, name: str | None = None, max_batc
     repository.mkdir(parents=True, exist_ok=True)
     try:
         if backend == "onnxruntime":
-            written = [_package_onnxruntime(build_dir, artifacts[0], repository, name, max_batch, instances, chat_config)]
+            written = [_package_onnxruntime(build_dir, artifacts[0], repository, name, max_batch, instances,
+                                            chat_config)]
         else:
             written = _package_tensorrt(build_dir, artifacts, repository, name, max_batch, instances, chat_config)
     finally:  # an interrupted or refused packaging leaves no half-written model folder

@@ -25,7 +25,7 @@ class TritonSink(Sink):
         if final is not None:
             values = {"finish_reason": final.reason.encode(), "prompt_tokens": final.prompt_tokens,
                       "completion_tokens": final.completion_tokens}
-            tensors += [pb_utils.Tensor(n, np.array([[values[n]]], dtype=np.object_ if t == "TYPE_STRING" else np.int32))
+            tensors += [pb_utils.Tensor(n, np.array([[values[n]]], np.object_ if t == "TYPE_STRING" else np.int32))
                         for n, t in FINISH_OUTPUTS.items()]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final is not None else 0
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)

@@ -29,7 +29,7 @@ class TritonPythonModel:
         # steps of the 168M benchmark config took 370 ms instead of 620 ms without spinning, 2 busy cores).
         runner = OnnxRuntimeRunner(artifact / "model.onnx", threads=int(parameters["threads"]) or None, spinning=False)
         self.metrics = LlmMetrics(args)
-        slots = int(json.loads(args["model_config"])["max_batch_size"])  # the runner's cache holds one sequence per slot
+        slots = int(json.loads(args["model_config"])["max_batch_size"])  # the runner's cache: a sequence per slot
         self.metrics.sequences(0, 0, slots)
         self.batcher = InFlightBatcher(runner, max_batch=slots, prefill_chunk=int(parameters["prefill_chunk"]),
                                        report=lambda running, waiting: self.metrics.sequences(running, waiting, slots))

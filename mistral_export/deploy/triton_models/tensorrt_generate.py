@@ -42,7 +42,8 @@ class TritonPythonModel:
         # instance (their implicit-state cache slots); the others wait in its sequence batcher's queue, out of
         # this model's sight: counted here as the excess.
         config = json.loads(args["model_config"])
-        self.slots = int(config["max_batch_size"]) * sum(int(g.get("count", 1)) for g in config.get("instance_group", [{}]))
+        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [{}]))
+        self.slots = int(config["max_batch_size"]) * instances
         self._in_flight = 0
         self._report(0)
 
@@ -50,8 +51,8 @@ class TritonPythonModel:
         for request in requests:
             sink = TritonSink(request.get_response_sender())
             try:
-                generation = Generation(parse_triton_request(request, self.tokenizer, self.limits), self.tokenizer, sink,
-                                        self.metrics)
+                generate = parse_triton_request(request, self.tokenizer, self.limits)
+                generation = Generation(generate, self.tokenizer, sink, self.metrics)
             except RequestError as exc:
                 sink.fail(str(exc))
                 continue
