@@ -194,6 +194,7 @@ class TritonGenerate:
             yield {"model_name": model, "inputs": inputs, "enable_empty_final_response": True}
 
         responses = self.client.stream_infer(one_request())
+        finished = False
         try:
             async for result, error in responses:
                 if error is not None:
@@ -204,13 +205,18 @@ class TritonGenerate:
                 if reason is not None:
                     prompt_tokens, completion_tokens = (int(result.as_numpy(n).reshape(-1)[0])
                                                         for n in ("prompt_tokens", "completion_tokens"))
+                    finished = True
                     yield piece, Finish(reason.reshape(-1)[0].decode(), prompt_tokens, completion_tokens)
                     return
                 yield piece, None
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     raise ModelRefused("the model ended the response without a finish reason")
-        finally:  # a client gone mid-stream cancels the request in Triton (the model frees its slot)
-            responses.cancel()
+        finally:
+            # A client gone mid-stream cancels the request in Triton (the model frees its slot). Not after the final
+            # response: cancelling a finished call then left the Python-backend model unable to unload (tritonserver
+            # waited out its 30 s exit timeout on SIGTERM).
+            if not finished:
+                responses.cancel()
 
 
 class StopCutter:
