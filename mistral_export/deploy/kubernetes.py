@@ -105,12 +105,11 @@ def dockerfile(repository_name: str) -> str:
 # it; the OpenAI frontend is part of `mistral-export serve`) and this model repository at {MODELS_PATH}.
 # Build from the repository folder:  docker build -t IMAGE -f kubernetes/Dockerfile .
 FROM {TRITON_IMAGE}
-# A pip requirement for mistral-export: a wheel (`pip wheel --no-deps .` in its source tree, copied next to the
-# repository) or a package index name.
-ARG MISTRAL_EXPORT="mistral-export[deploy]"
-RUN pip install --no-cache-dir "$MISTRAL_EXPORT"
 COPY . {MODELS_PATH}
-RUN rm -rf {MODELS_PATH}/{FOLDER}
+# A pip requirement for mistral-export: a package name, or a wheel (`pip wheel --no-deps .` in its source tree)
+# copied into the repository folder: --build-arg MISTRAL_EXPORT="/models/mistral_export-...whl[deploy]"
+ARG MISTRAL_EXPORT="mistral-export[deploy]"
+RUN pip install --no-cache-dir "$MISTRAL_EXPORT" && rm -rf {MODELS_PATH}/{FOLDER} {MODELS_PATH}/*.whl
 """
 
 
