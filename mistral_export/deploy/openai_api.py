@@ -97,6 +97,7 @@ class SamplingRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
+    min_tokens: int | None = None  # vLLM's extension (load generators ask for exact lengths): no EOS before this
 
 
 class CompletionRequest(SamplingRequest):
@@ -180,13 +181,16 @@ class TritonGenerate:
         await self.client.close()
 
     async def generate(self, model: str, prompt: str, max_tokens: int, temperature: float, top_p: float,
-                       seed: int | None, stops: list[str]) -> AsyncIterator[tuple[str, Finish | None]]:
+                       seed: int | None, stops: list[str], min_tokens: int = 0,
+                       ) -> AsyncIterator[tuple[str, Finish | None]]:
         """(text, None) per streamed piece, then (text, Finish) for the last."""
         inputs = [_input("text_input", [[prompt.encode("utf-8")]], "BYTES"),
                   _input("max_tokens", [[max_tokens]], "INT32"), _input("stream", [[True]], "BOOL"),
                   _input("temperature", [[temperature]], "FP32"), _input("top_p", [[top_p]], "FP32")]
         if seed is not None:
             inputs.append(_input("seed", [[seed]], "UINT64"))
+        if min_tokens:
+            inputs.append(_input("min_length", [[min_tokens]], "INT32"))
         if stops:
             inputs.append(_input("stop_words", [[s.encode("utf-8") for s in stops]], "BYTES"))
 
@@ -259,6 +263,7 @@ class Job:
     stops: list[str]
     stream: bool
     include_usage: bool
+    min_tokens: int = 0
     echo: str = ""  # the prompt, when a completion request asks for it back
 
 
@@ -332,11 +337,12 @@ def create_app(repository: Path, triton_grpc: str):
     def _job(model: ServedModel, request: SamplingRequest, prompt: str, max_tokens: int) -> Job:
         return Job(model, prompt, max_tokens, 1.0 if request.temperature is None else request.temperature,
                    1.0 if request.top_p is None else request.top_p, request.seed, _stops(request),
-                   bool(request.stream), bool(request.stream_options and request.stream_options.include_usage))
+                   bool(request.stream), bool(request.stream_options and request.stream_options.include_usage),
+                   request.min_tokens or 0)
 
     async def respond(job: Job, kind: str, id_prefix: str):
         pieces = state["triton"].generate(job.model.name, job.prompt, job.max_tokens, job.temperature, job.top_p,
-                                          job.seed, job.stops)
+                                          job.seed, job.stops, job.min_tokens)
         try:  # the model checks the request before its first response: a refusal is still an HTTP error
             first = await anext(pieces)
         except ModelRefused as exc:
