@@ -169,6 +169,7 @@ def test_stop_ends_the_text_before_the_stop_string(client):
     ("prompt over the context", dict(prompt="x = 1\n" * 1500), openai.BadRequestError, "longer than this model allows"),
     ("n 2", dict(n=2), openai.BadRequestError, "n must be 1"),
     ("wrong type", dict(extra_body={"temperature": "hot"}), openai.BadRequestError, "temperature"),
+    ("min_tokens over max_tokens", dict(extra_body={"min_tokens": 20}), openai.BadRequestError, "min_tokens must be"),
     ("unknown model", dict(model="gpt-4"), openai.NotFoundError, "does not exist"),
 ])
 def test_bad_request_gets_an_openai_error_and_the_server_serves_on(client, case, call, error, message):

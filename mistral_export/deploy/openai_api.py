@@ -335,6 +335,9 @@ def create_app(repository: Path, triton_grpc: str):
         return await respond(_job(model, request, prompt, max_tokens), "chat.completion", "chatcmpl")
 
     def _job(model: ServedModel, request: SamplingRequest, prompt: str, max_tokens: int) -> Job:
+        if request.min_tokens is not None and not 0 <= request.min_tokens <= max_tokens:
+            raise BadRequest(f"min_tokens must be between 0 and max_tokens ({max_tokens}), got {request.min_tokens}",
+                             param="min_tokens")
         return Job(model, prompt, max_tokens, 1.0 if request.temperature is None else request.temperature,
                    1.0 if request.top_p is None else request.top_p, request.seed, _stops(request),
                    bool(request.stream), bool(request.stream_options and request.stream_options.include_usage),
