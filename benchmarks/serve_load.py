@@ -96,7 +96,7 @@ def profile(executable: Path, env: dict, model: str, ports: Ports, openai_port: 
         target = ["--endpoint-type", "kserve", "--backend", "tensorrtllm", "-u", f"127.0.0.1:{ports.grpc}",
                   "--output-tokens-mean-deterministic"]  # min_length = max_tokens
     else:  # exact lengths through min_tokens (vLLM's extension, which the frontend maps to min_length); greedy as gRPC
-        target = ["--service-kind", "openai", "--endpoint-type", "completions", "-u", f"127.0.0.1:{openai_port}",
+        target = ["--endpoint-type", "completions", "-u", f"127.0.0.1:{openai_port}",
                   "--extra-inputs", f"min_tokens:{args.output_tokens}", "--extra-inputs", "temperature:0"]
     command = [str(executable), "profile", "-m", model, *target, "--streaming", "--tokenizer", str(TINY_DIR),
                "--synthetic-input-tokens-mean", str(args.input_tokens), "--synthetic-input-tokens-stddev", "0",

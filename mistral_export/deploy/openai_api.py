@@ -382,17 +382,23 @@ def create_app(repository: Path, triton_grpc: str):
                 choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
             return f"data: {json.dumps({**identity, 'object': kind, 'choices': [choice]})}\n\n"
 
+        # The per-token event is the same document but for its text: serialized once, the text spliced in.
+        before, after = event("\0").split(json.dumps("\0"))
+
+        def text_event(text: str) -> str:
+            return before + json.dumps(text) + after
+
         cutter = StopCutter(job.stops)
         try:
             if chat:
                 yield event(None, role=True)
             if job.echo:
-                yield event(job.echo)
+                yield text_event(job.echo)
             piece, finish = first
             while True:
                 released = cutter.push(piece)
                 if released:
-                    yield event(released)
+                    yield text_event(released)
                 if finish is not None or cutter.stopped:
                     break
                 piece, finish = await anext(pieces)
@@ -401,7 +407,7 @@ def create_app(repository: Path, triton_grpc: str):
                     finish = last
             tail = cutter.flush() if not cutter.stopped else ""
             if tail:
-                yield event(tail)
+                yield text_event(tail)
             yield event(None if chat else "", "stop" if cutter.stopped else finish.reason)
             if job.include_usage:
                 yield f"data: {json.dumps({**identity, 'object': kind, 'choices': [], 'usage': _usage(finish)})}\n\n"
