@@ -201,7 +201,8 @@ class TritonGenerate:
         finished = False
         try:
             async for result, error in responses:
-                if error is not None:
+                if error is not None:  # the request's last response
+                    finished = True
                     raise ModelRefused(error.message() if hasattr(error, "message") else str(error))
                 text = result.as_numpy(OUTPUT)
                 piece = text.reshape(-1)[0].decode("utf-8") if text is not None else ""
@@ -216,9 +217,9 @@ class TritonGenerate:
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     raise ModelRefused("the model ended the response without a finish reason")
         finally:
-            # A client gone mid-stream cancels the request in Triton (the model frees its slot). Not after the final
-            # response: cancelling a finished call then left the Python-backend model unable to unload (tritonserver
-            # waited out its 30 s exit timeout on SIGTERM).
+            # A client gone mid-stream cancels the request in Triton (the model frees its slot). Not after the last
+            # response: cancelling a finished call could leave the Python-backend model unable to unload
+            # (tritonserver then waited out its 30 s exit timeout on SIGTERM).
             if not finished:
                 responses.cancel()
 
