@@ -200,6 +200,19 @@ def test_eight_concurrent_streamed_chats_each_get_their_own_text(client):
         assert text == eager_text(mistral_chat(user), max_tokens), user
 
 
+def test_client_leaving_mid_stream_frees_its_sequence(client, served):
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=3000, temperature=0, stream=True)
+    pieces = [next(iter(stream)).choices[0].text for _ in range(3)]
+    assert len(pieces) == 3 and metric_values(served[1], "mistral_export_running_sequences") == 1
+    stream.close()  # the connection closes: the frontend cancels the request in Triton
+    deadline = time.monotonic() + 30
+    while metric_values(served[1], "mistral_export_running_sequences") != 0:
+        assert time.monotonic() < deadline, "the cancelled sequence still holds its slot"
+        time.sleep(0.1)
+    completion = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=20, temperature=0)
+    assert completion.choices[0].text == eager_text(PROMPTS[4], 20)
+
+
 def metric_values(url: str, name: str) -> float:
     """The sum over label sets of a metric's samples named NAME."""
     with urllib.request.urlopen(url, timeout=10) as response:
