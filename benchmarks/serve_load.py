@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -153,20 +154,31 @@ def markdown(result: dict) -> str:
         rows = model["rows"]
         endpoints = list(dict.fromkeys(r["endpoint"] for r in rows))
         lines += [f"## {model['name']} ({model['parameters'] / 1e6:.0f}M parameters, window {model['window']})", "",
-                  "| endpoint | concurrency | TTFT ms p50 / p99 | inter-token ms p50 / p99 | generated tokens/s | "
-                  "tokens per request | genai-perf output tokens/s | vs concurrency 1 | vs gRPC |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        by = {(r["endpoint"], r["concurrency"]): r for r in rows}
+                  "| endpoint | concurrency | round | load (1 min) | TTFT ms p50 / p99 | inter-token ms p50 / p99 | "
+                  "generated tokens/s | tokens per request | genai-perf output tokens/s | vs concurrency 1 | "
+                  "vs gRPC (same round) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        by = {(r["endpoint"], r["concurrency"], r.get("round", 1)): r for r in rows}
         for endpoint in endpoints:
             mine = [r for r in rows if r["endpoint"] == endpoint]
             base = mine[0]["generated_tokens_per_s"]
             for r in mine:
-                grpc = by.get(("grpc", r["concurrency"]))
+                grpc = by.get(("grpc", r["concurrency"], r.get("round", 1)))
                 versus = f"{r['generated_tokens_per_s'] / grpc['generated_tokens_per_s']:.2f}x" if grpc else "-"
-                lines.append(f"| {endpoint} | {r['concurrency']} | {r['ttft_ms']['p50']:.1f} / {r['ttft_ms']['p99']:.1f} | "
+                lines.append(f"| {endpoint} | {r['concurrency']} | {r.get('round', 1)} | "
+                             f"{r.get('load_average_1min', '-')} | "
+                             f"{r['ttft_ms']['p50']:.1f} / {r['ttft_ms']['p99']:.1f} | "
                              f"{r['itl_ms']['p50']:.1f} / {r['itl_ms']['p99']:.1f} | {r['generated_tokens_per_s']:.1f} | "
                              f"{r['generated_tokens_per_request']:.1f} | {r['output_tokens_per_s']:.1f} | "
                              f"{r['generated_tokens_per_s'] / base:.2f}x | {versus} |")
+        ratios = {}
+        for r in rows:
+            grpc = by.get(("grpc", r["concurrency"], r.get("round", 1)))
+            if r["endpoint"] == "openai" and grpc:
+                ratios.setdefault(r["concurrency"], []).append(r["generated_tokens_per_s"] / grpc["generated_tokens_per_s"])
+        if ratios:
+            lines += ["", "OpenAI / gRPC generated tokens/s, median over rounds: " + ", ".join(
+                f"concurrency {c}: {statistics.median(v):.2f}x ({len(v)} rounds)" for c, v in ratios.items())]
         lines.append("")
     return "\n".join(lines)
 
@@ -176,6 +188,7 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,synthetic-168m")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--endpoints", default="grpc,openai")
+    parser.add_argument("--rounds", type=int, default=1, help="measurements of each endpoint per concurrency")
     parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--input-tokens", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, default=64)
@@ -198,11 +211,16 @@ def main() -> None:
                 result["server_version"] = server_version(ports)
                 rows = []
                 for concurrency in map(int, args.concurrency.split(",")):
-                    for endpoint in args.endpoints.split(","):
-                        print(f"[serve_load] {name}: {endpoint}, concurrency {concurrency}", file=sys.stderr)
-                        rows.append(profile(executable, env, name.replace("-", "_"), ports, openai_port, endpoint,
-                                            concurrency, args, work / f"{name}-{endpoint}-c{concurrency}" / "artifacts"))
-                        print(f"[serve_load]   {json.dumps(rows[-1])}", file=sys.stderr)
+                    for round_ in range(args.rounds):  # the endpoints alternate first and second: load drifts
+                        endpoints = args.endpoints.split(",")[::-1 if round_ % 2 else 1]
+                        for endpoint in endpoints:
+                            print(f"[serve_load] {name}: {endpoint}, concurrency {concurrency}, round {round_ + 1}",
+                                  file=sys.stderr)
+                            folder = work / f"{name}-{endpoint}-c{concurrency}-r{round_}" / "artifacts"
+                            rows.append({"round": round_ + 1, "load_average_1min": round(os.getloadavg()[0], 2),
+                                         **profile(executable, env, name.replace("-", "_"), ports, openai_port,
+                                                   endpoint, concurrency, args, folder)})
+                            print(f"[serve_load]   {json.dumps(rows[-1])}", file=sys.stderr)
             result["models"].append({"name": name, "parameters": config.parameter_count(), "window": config.sliding_window,
                                      "rows": rows})
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
