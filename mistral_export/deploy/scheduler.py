@@ -26,9 +26,12 @@ log = logging.getLogger(__name__)
 class InFlightBatcher:
     def __init__(self, runner, max_batch: int, prefill_chunk: int,
                  report: Callable[[int, int], None] = lambda running, waiting: None):
-        """`report(running, waiting)` is told the sequence counts after every turn (the served model's metrics)."""
+        """`report(running, waiting)` is told the sequence counts when they change (the served model's metrics;
+        each report crosses to Triton's process, so not every step)."""
         self.runner = runner
-        self.report = report
+        self._report = report
+        self._reported = (0, 0)
+        self._report_lock = threading.Lock()  # submit (Triton's thread) and the loop both report
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         runner.reset(max_batch)
@@ -47,6 +50,12 @@ class InFlightBatcher:
             self._wake.notify()
             waiting = len(self._waiting)
         self.report(self.active, waiting)
+
+    def report(self, running: int, waiting: int) -> None:
+        with self._report_lock:
+            if (running, waiting) != self._reported:
+                self._reported = (running, waiting)
+                self._report(running, waiting)
 
     def close(self) -> None:
         with self._wake:

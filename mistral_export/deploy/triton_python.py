@@ -82,7 +82,8 @@ class LlmMetrics(TokenObserver):
         self.running.set(running)
         self.waiting.set(waiting)
         self.slots_used.set(min(running, slots))
-        self.slots.set(slots)
+        if self.slots.value() != slots:
+            self.slots.set(slots)
 
 
 def parse_triton_request(request, tokenizer, limits: Limits) -> GenerateRequest:
