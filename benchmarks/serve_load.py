@@ -1,9 +1,12 @@
 """Load benchmark of the served model: genai-perf against `mistral-export serve`, at several concurrencies.
 
 For each model (the tiny fixture, and a synthetic ~168M-parameter config with random weights) the script
-builds the fp32 ONNX Runtime artifact, packages it (`--max-batch 16`), starts the server on 127.0.0.1,
-and runs genai-perf over gRPC streaming at each concurrency: time to first token, inter-token latency
-(p50/p99), output tokens/s. In-flight batching shows as output tokens/s growing with concurrency.
+builds the fp32 ONNX Runtime artifact, packages it (`--max-batch 16`), starts the server on 127.0.0.1 with
+the OpenAI-compatible frontend, and at each concurrency runs genai-perf over each endpoint in turn, on the
+same server: Triton's gRPC streaming (the text interface) and the OpenAI frontend's streamed
+/v1/completions. Time to first token, inter-token latency (p50/p99), generated tokens/s; in-flight batching
+shows as tokens/s growing with concurrency, and the frontend's cost as the OpenAI/gRPC ratio. The tokens
+each request generated are read from the model's own counter (mistral_export_generated_tokens_total).
 
 The synthetic config is decode_cpu.py's SYNTHETIC_170M with the fixture's vocabulary (2048) and 12
 layers instead of 8 (168M parameters; the ~175M of SYNTHETIC_170M is mostly its 32000-row embedding
@@ -14,7 +17,7 @@ which still ships perf_analyzer) needs protobuf < 6, the project's onnx >= 6.31.
 needs libb64.so.0d and libcudart.so.12, which the nvidia-pytriton wheel carries under hashed names:
 they are linked under those names into a folder on LD_LIBRARY_PATH.
 
-    python benchmarks/serve_load.py [--models tiny,synthetic-168m] [--concurrency 1,4,16]
+    python benchmarks/serve_load.py [--models tiny,synthetic-168m] [--concurrency 1,4,16] [--endpoints grpc,openai]
                                     [--requests-per-client 3] [--input-tokens 32] [--output-tokens 64]
 """
 
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_cpu import SYNTHETIC_170M  # noqa: E402
 from benchmarks.provenance import markdown as provenance_markdown, provenance  # noqa: E402
+from mistral_export.deploy.openai_api import running_frontend  # noqa: E402
 from mistral_export.deploy.repository import package  # noqa: E402
 from mistral_export.deploy.server import Ports, free_port, running_server  # noqa: E402
 from mistral_export.pipeline.build import build  # noqa: E402
@@ -78,25 +83,42 @@ def build_model(name: str, work: Path) -> Path:
     return build(checkpoint, work / f"{name}-build")
 
 
-def profile(executable: Path, env: dict, model: str, ports: Ports, concurrency: int, args, artifacts: Path) -> dict:
-    command = [str(executable), "profile", "-m", model, "--endpoint-type", "kserve", "--backend", "tensorrtllm",
-               "--streaming", "-u", f"127.0.0.1:{ports.grpc}", "--tokenizer", str(TINY_DIR),
+def generated_tokens(ports: Ports) -> float:
+    """The generate model's own count of the tokens it generated (all instances)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports.metrics}/metrics", timeout=10) as response:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in response.read().decode().splitlines()
+                   if line.startswith("mistral_export_generated_tokens_total{"))
+
+
+def profile(executable: Path, env: dict, model: str, ports: Ports, openai_port: int, endpoint: str, concurrency: int,
+            args, artifacts: Path) -> dict:
+    requests = max(4, concurrency * args.requests_per_client)
+    if endpoint == "grpc":
+        target = ["--endpoint-type", "kserve", "--backend", "tensorrtllm", "-u", f"127.0.0.1:{ports.grpc}",
+                  "--output-tokens-mean-deterministic"]  # min_length = max_tokens
+    else:  # exact lengths through min_tokens (vLLM's extension, which the frontend maps to min_length); greedy as gRPC
+        target = ["--endpoint-type", "completions", "-u", f"127.0.0.1:{openai_port}",
+                  "--extra-inputs", f"min_tokens:{args.output_tokens}", "--extra-inputs", "temperature:0"]
+    command = [str(executable), "profile", "-m", model, *target, "--streaming", "--tokenizer", str(TINY_DIR),
                "--synthetic-input-tokens-mean", str(args.input_tokens), "--synthetic-input-tokens-stddev", "0",
-               "--output-tokens-mean", str(args.output_tokens), "--output-tokens-mean-deterministic",
-               "--concurrency", str(concurrency), "--request-count", str(max(4, concurrency * args.requests_per_client)),
+               "--output-tokens-mean", str(args.output_tokens),
+               "--concurrency", str(concurrency), "--request-count", str(requests),
                "--warmup-request-count", str(concurrency), "--artifact-dir", str(artifacts)]
     artifacts.mkdir(parents=True)
+    tokens_before = generated_tokens(ports)
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, cwd=artifacts.parent)
+    tokens_per_request = (generated_tokens(ports) - tokens_before) / (requests + concurrency)
     (export,) = artifacts.rglob("*genai_perf.json")
     metrics = json.loads(export.read_text())
     pick = {"time_to_first_token": "ttft_ms", "inter_token_latency": "itl_ms", "request_latency": "request_latency_ms"}
-    row = {"concurrency": concurrency, "wall_s": round(time.perf_counter() - started, 1)}
+    row = {"endpoint": endpoint, "concurrency": concurrency, "wall_s": round(time.perf_counter() - started, 1),
+           "generated_tokens_per_request": round(tokens_per_request, 2)}
     for key, label in pick.items():
         row[label] = {stat: round(metrics[key][stat], 3) for stat in ("avg", "p50", "p99")}
     row["output_tokens_per_s"] = round(metrics["output_token_throughput"]["avg"], 2)
     row["requests_per_s"] = round(metrics["request_throughput"]["avg"], 3)
-    row["generated_tokens_per_s"] = round(row["requests_per_s"] * args.output_tokens, 2)
+    row["generated_tokens_per_s"] = round(row["requests_per_s"] * tokens_per_request, 2)
     row["output_tokens_per_request"] = round(metrics["output_sequence_length"]["avg"], 1)
     return row
 
@@ -116,27 +138,47 @@ def machine() -> dict:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "# Served generation under load (genai-perf, gRPC streaming)", "",
+        "# Served generation under load (genai-perf: Triton's gRPC streaming and the OpenAI frontend)", "",
         provenance_markdown(m).rstrip("\n"),
         f"Load average {result['load_average_before']} before, {result['load_average_after']} after "
         f"({m['machine']['cores']} cores). tritonserver {result['server_version']} (the nvidia-pytriton wheel's); "
         f"ONNX Runtime fp32 on the CPU with its default threads.", "",
-        f"Each request: {result['input_tokens']} prompt tokens, exactly {result['output_tokens']} output tokens "
-        f"(min_length = max_tokens); model packaged with --max-batch {MAX_BATCH} (one instance). genai-perf counts "
-        f"output tokens by tokenizing the returned text again, which for random weights' text gives more tokens than "
-        f"were generated; 'generated tokens/s' is requests/s x {result['output_tokens']}, the tokens the model "
-        f"produced. The ratio to concurrency 1 uses generated tokens/s.", ""]
+        f"Each request: {result['input_tokens']} prompt tokens, {result['output_tokens']} output tokens asked for "
+        f"exactly (gRPC: min_length = max_tokens; OpenAI: min_tokens, greedy); model packaged with --max-batch "
+        f"{MAX_BATCH} (one instance); `mistral-export serve` with its OpenAI frontend (a thread of the serve "
+        f"process) on the same 2 cores as the server and genai-perf. At each concurrency the endpoints run one "
+        f"after the other on the same server. 'generated tokens/s' is requests/s x the tokens per request that the "
+        f"model's own counter (mistral_export_generated_tokens_total) saw; genai-perf's output tokens/s re-tokenizes "
+        f"the returned text, which for random weights' text gives other counts.", ""]
     for model in result["models"]:
         rows = model["rows"]
+        endpoints = list(dict.fromkeys(r["endpoint"] for r in rows))
         lines += [f"## {model['name']} ({model['parameters'] / 1e6:.0f}M parameters, window {model['window']})", "",
-                  "| concurrency | TTFT ms p50 / p99 | inter-token ms p50 / p99 | generated tokens/s | "
-                  "genai-perf output tokens/s | vs concurrency 1 |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        base = rows[0]["generated_tokens_per_s"]
+                  "| endpoint | concurrency | round | load (1 min) | TTFT ms p50 / p99 | inter-token ms p50 / p99 | "
+                  "generated tokens/s | tokens per request | genai-perf output tokens/s | vs concurrency 1 | "
+                  "vs gRPC (same round) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        by = {(r["endpoint"], r["concurrency"], r.get("round", 1)): r for r in rows}
+        for endpoint in endpoints:
+            mine = [r for r in rows if r["endpoint"] == endpoint]
+            base = mine[0]["generated_tokens_per_s"]
+            for r in mine:
+                grpc = by.get(("grpc", r["concurrency"], r.get("round", 1)))
+                versus = f"{r['generated_tokens_per_s'] / grpc['generated_tokens_per_s']:.2f}x" if grpc else "-"
+                lines.append(f"| {endpoint} | {r['concurrency']} | {r.get('round', 1)} | "
+                             f"{r.get('load_average_1min', '-')} | "
+                             f"{r['ttft_ms']['p50']:.1f} / {r['ttft_ms']['p99']:.1f} | "
+                             f"{r['itl_ms']['p50']:.1f} / {r['itl_ms']['p99']:.1f} | {r['generated_tokens_per_s']:.1f} | "
+                             f"{r['generated_tokens_per_request']:.1f} | {r['output_tokens_per_s']:.1f} | "
+                             f"{r['generated_tokens_per_s'] / base:.2f}x | {versus} |")
+        ratios = {}
         for r in rows:
-            lines.append(f"| {r['concurrency']} | {r['ttft_ms']['p50']:.1f} / {r['ttft_ms']['p99']:.1f} | "
-                         f"{r['itl_ms']['p50']:.1f} / {r['itl_ms']['p99']:.1f} | {r['generated_tokens_per_s']:.1f} | "
-                         f"{r['output_tokens_per_s']:.1f} | {r['generated_tokens_per_s'] / base:.2f}x |")
+            grpc = by.get(("grpc", r["concurrency"], r.get("round", 1)))
+            if r["endpoint"] == "openai" and grpc:
+                ratios.setdefault(r["concurrency"], []).append(r["generated_tokens_per_s"] / grpc["generated_tokens_per_s"])
+        if ratios:
+            lines += ["", "OpenAI / gRPC generated tokens/s, median over rounds: " + ", ".join(
+                f"concurrency {c}: {statistics.median(v):.2f}x ({len(v)} rounds)" for c, v in ratios.items())]
         lines.append("")
     return "\n".join(lines)
 
@@ -145,6 +187,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny,synthetic-168m")
     parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--endpoints", default="grpc,openai")
+    parser.add_argument("--rounds", type=int, default=1, help="measurements of each endpoint per concurrency")
     parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--input-tokens", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, default=64)
@@ -161,15 +205,22 @@ def main() -> None:
             repository = work / f"{name}-repository"
             package(build_dir, repository, name=name.replace("-", "_"), max_batch=MAX_BATCH)
             config = load_config("tiny") if name == "tiny" else SYNTHETIC
-            ports = Ports(free_port(), free_port(), free_port())
-            with open(work / f"{name}-server.log", "w") as log, running_server(repository, ports, log=log):
+            ports, openai_port = Ports(free_port(), free_port(), free_port()), free_port()
+            with open(work / f"{name}-server.log", "w") as log, running_server(repository, ports, log=log), \
+                    running_frontend(repository, f"127.0.0.1:{ports.grpc}", "127.0.0.1", openai_port):
                 result["server_version"] = server_version(ports)
                 rows = []
                 for concurrency in map(int, args.concurrency.split(",")):
-                    print(f"[serve_load] {name}: concurrency {concurrency}", file=sys.stderr)
-                    rows.append(profile(executable, env, name.replace("-", "_"), ports, concurrency, args,
-                                        work / f"{name}-c{concurrency}" / "artifacts"))
-                    print(f"[serve_load]   {json.dumps(rows[-1])}", file=sys.stderr)
+                    for round_ in range(args.rounds):  # the endpoints alternate first and second: load drifts
+                        endpoints = args.endpoints.split(",")[::-1 if round_ % 2 else 1]
+                        for endpoint in endpoints:
+                            print(f"[serve_load] {name}: {endpoint}, concurrency {concurrency}, round {round_ + 1}",
+                                  file=sys.stderr)
+                            folder = work / f"{name}-{endpoint}-c{concurrency}-r{round_}" / "artifacts"
+                            rows.append({"round": round_ + 1, "load_average_1min": round(os.getloadavg()[0], 2),
+                                         **profile(executable, env, name.replace("-", "_"), ports, openai_port,
+                                                   endpoint, concurrency, args, folder)})
+                            print(f"[serve_load]   {json.dumps(rows[-1])}", file=sys.stderr)
             result["models"].append({"name": name, "parameters": config.parameter_count(), "window": config.sliding_window,
                                      "rows": rows})
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

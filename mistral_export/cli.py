@@ -368,14 +368,25 @@ def package(
     precision: Annotated[Optional[str], typer.Option(help="Which precision, when the build has several.")] = None,
     prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens per prefill step (a TensorRT engine's "
                                                            "--max-chunk at most).")] = 256,
+    kubernetes: Annotated[bool, typer.Option(help="Also write OUTPUT/kubernetes/: Deployment, Service, "
+                                                  "HorizontalPodAutoscaler and the image's Dockerfile.")] = False,
+    image: Annotated[Optional[str], typer.Option(help="--kubernetes: the image the pods run (default: mistral-export-"
+                                                      "NAME:latest, built from kubernetes/Dockerfile).")] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="--kubernetes: replicas at start, the autoscaler's minimum.")] = 1,
+    max_replicas: Annotated[int, typer.Option(min=1, help="--kubernetes: the autoscaler's maximum.")] = 4,
 ) -> None:
     """Write a Triton Inference Server model repository (text generation, streaming, in-flight batching)."""
+    from mistral_export.deploy.kubernetes import write_manifests
     from mistral_export.deploy.repository import package as write_repository
+    from mistral_export.deploy.repository import serves_on_gpu
 
     with user_errors():
         written = write_repository(build_dir, output, name=name, max_batch=max_batch, instances=instances,
                                    backend=backend.value if backend else None, precision=precision,
                                    prefill_chunk=prefill_chunk)
+        if kubernetes:  # the first model written is the one clients call
+            written += write_manifests(output, written[0].name, gpu=serves_on_gpu(written[0]), image=image,
+                                       replicas=replicas, max_replicas=max_replicas)
     for folder in written:
         typer.echo(f"wrote {folder}")
     typer.echo(f"start it with: mistral-export serve {output}")
@@ -388,21 +399,36 @@ def serve(
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 to accept other machines).")] = "127.0.0.1",
+    openai_port: Annotated[int, typer.Option(help="OpenAI-compatible API port (/v1/completions, /v1/chat/completions, "
+                                                  "/v1/models); 0: none.")] = 9000,
 ) -> None:
-    """Start Triton Inference Server on REPOSITORY; Ctrl-C shuts it down cleanly."""
+    """Start Triton Inference Server on REPOSITORY, and the OpenAI-compatible API in front of it; Ctrl-C shuts
+    both down cleanly."""
     import signal
+    from contextlib import nullcontext
 
     from mistral_export.deploy.server import Ports, running_server
 
     ports = Ports(http_port, grpc_port, metrics_port)
-    with user_errors(), running_server(repository, ports, host) as process:
-        typer.echo(f"ready: HTTP http://{host}:{ports.http}  gRPC {host}:{ports.grpc}  "
-                   f"metrics http://{host}:{ports.metrics}/metrics  (Ctrl-C stops)", err=True)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
-        try:
-            process.wait()
-        except KeyboardInterrupt:
-            typer.echo("stopping tritonserver", err=True)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # where the frontend reaches Triton's gRPC
+    # From the start: `kill` while the server loads stops it as cleanly as Ctrl-C (nothing left running).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with user_errors(), running_server(repository, ports, host) as process:
+            if openai_port:
+                from mistral_export.deploy.openai_api import running_frontend
+
+                frontend = running_frontend(repository, f"{local}:{ports.grpc}", host, openai_port)
+            else:
+                frontend = nullcontext()
+            with frontend:
+                openai = f"  OpenAI http://{host}:{openai_port}/v1" if openai_port else ""
+                typer.echo(f"ready: HTTP http://{host}:{ports.http}  gRPC {host}:{ports.grpc}  "
+                           f"metrics http://{host}:{ports.metrics}/metrics{openai}  (Ctrl-C stops)", err=True)
+                process.wait()
+    except KeyboardInterrupt:
+        typer.echo("stopped", err=True)
+        return
     if process.returncode not in (0, -signal.SIGTERM):
         raise typer.Exit(1)
 

@@ -6,7 +6,7 @@ field, bad enum, bad number) is never written. It checks syntax, not meaning; te
 
 from __future__ import annotations
 
-from mistral_export.deploy.generation import INPUTS, LIST_INPUTS, OUTPUT
+from mistral_export.deploy.generation import FINISH_OUTPUTS, INPUTS, LIST_INPUTS, OUTPUT
 from mistral_export.errors import MistralExportError
 
 
@@ -36,6 +36,7 @@ def text_interface_config(name: str, max_batch: int, instances: int, kind: str, 
     inputs = ",\n".join(
         f'  {{ name: "{n}" data_type: {t} dims: {_dims([-1] if n in LIST_INPUTS else [1])}'
         f'{"" if required else " optional: true"} }}' for n, (t, required) in INPUTS.items())
+    finish = "".join(f',\n  {{ name: "{n}" data_type: {t} dims: [ 1 ] }}' for n, t in FINISH_OUTPUTS.items())
     return f'''# Text generation with tensorrtllm_backend's text interface; decoupled: tokens stream as responses.
 name: "{name}"
 backend: "python"
@@ -45,7 +46,7 @@ input [
 {inputs}
 ]
 output [
-  {{ name: "{OUTPUT}" data_type: TYPE_STRING dims: [ -1 ] }}
+  {{ name: "{OUTPUT}" data_type: TYPE_STRING dims: [ -1 ] }}{finish}
 ]
 instance_group [ {{ count: {instances} kind: {kind} }} ]
 {_parameters(parameters)}

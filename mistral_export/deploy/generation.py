@@ -15,6 +15,7 @@ TensorRT-LLM); `bad_words` are token sequences never completed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -39,6 +40,9 @@ INPUTS = {
 }
 LIST_INPUTS = ("stop_words", "bad_words")  # variable-length lists of strings; the others hold one value
 OUTPUT = "text_output"
+# Sent with the final response only: why the generation ended ("stop": EOS or a stop word, "length":
+# max_tokens) and its token counts, so that a client (the OpenAI frontend's usage) needs no tokenizer.
+FINISH_OUTPUTS = {"finish_reason": "TYPE_STRING", "prompt_tokens": "TYPE_INT32", "completion_tokens": "TYPE_INT32"}
 # Request parameters Triton itself attaches (gRPC streaming's empty final response); any other is refused.
 TRITON_PARAMETER_PREFIX = "triton_"
 # Tokens of prompt context decoded with the new tokens, so that spaces a tokenizer attaches to a
@@ -172,10 +176,18 @@ class IncrementalDetokenizer:
         return text[len(context):]
 
 
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # "stop" (EOS or a stop word) or "length" (max_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class Sink:
     """Where a generation's output goes (a Triton response sender, or a test's collector)."""
 
-    def send(self, text: str, final: bool) -> None:
+    def send(self, text: str, final: Finish | None) -> None:
+        """One response; `final` (how it ended) with the last one, None before."""
         raise NotImplementedError
 
     def fail(self, message: str) -> None:
@@ -185,12 +197,22 @@ class Sink:
         return False
 
 
+class TokenObserver:
+    """Told of every generated token (the served model's LLM metrics); this one ignores them."""
+
+    def token(self, first: bool, seconds: float) -> None:
+        """`seconds`: since the request arrived for the first token, since the previous token otherwise."""
+
+
 class Generation:
     """One request's tokens, sampling and output, whatever runs the model."""
 
-    def __init__(self, request: GenerateRequest, tokenizer: TextTokenizer, sink: Sink):
+    def __init__(self, request: GenerateRequest, tokenizer: TextTokenizer, sink: Sink,
+                 observer: TokenObserver = TokenObserver()):
         self.request = request
         self.sink = sink
+        self.observer = observer
+        self._last_token_at = time.monotonic()  # the request's arrival until the first token
         self.eos_id = tokenizer.eos_id
         self.tokens: list[int] = []
         self.done = False
@@ -229,6 +251,9 @@ class Generation:
     def push(self, token: int) -> bool:
         """Take the chosen token, send what text it completes; True when the generation has ended."""
         self.tokens.append(token)
+        now = time.monotonic()
+        self.observer.token(len(self.tokens) == 1, now - self._last_token_at)
+        self._last_token_at = now
         r = self.request
         delta = self._detokenizer.push(token)
         stopped = False
@@ -236,14 +261,17 @@ class Generation:
             text_so_far = "".join(self._text) + delta
             stopped = any(w in text_so_far[-(len(w) + len(delta)):] for w in r.stop_words)
         self.done = stopped or token == self.eos_id or len(self.tokens) >= r.max_tokens
+        finish = None
         if self.done:
             delta += self._detokenizer.flush()
+            reason = "stop" if stopped or token == self.eos_id else "length"
+            finish = Finish(reason, len(r.prompt_ids), len(self.tokens))
         self._text.append(delta)
         if r.stream and (delta or self.done):
-            self.sink.send(delta, final=self.done)
+            self.sink.send(delta, finish)
         elif self.done:
             text = "".join(self._text)
-            self.sink.send(text if r.exclude_input else r.prompt + text, final=True)
+            self.sink.send(text if r.exclude_input else r.prompt + text, finish)
         return self.done
 
     def fail(self, message: str) -> None:

@@ -9,6 +9,7 @@ that runs the artifact in the server's process, in-flight batched over the runne
     REPO/NAME/1/tokenizer.json
     REPO/NAME/1/artifacts/              ONNX Runtime: the artifact (model.onnx (+ .data), model.ort.onnx, artifact.json)
     REPO/NAME/1/artifacts/<gpu>-sm<cc>/ TensorRT: model.plan + artifact.json per GPU (the instance's GPU picks one)
+    REPO/NAME/1/tokenizer_config.json   the checkpoint's, when it has one (its chat template, for the OpenAI frontend)
 
 The ONNX Runtime layout runs on the Python-backend-only server of the nvidia-pytriton wheel; the TensorRT one needs
 TensorRT in the Python environment the server's Python backend runs (the runner loads the plan itself).
@@ -35,6 +36,7 @@ from mistral_export.artifacts.folder import (
 )
 from mistral_export.deploy.configs import parse_config, text_interface_config
 from mistral_export.deploy.served import ARTIFACTS_FOLDER
+from mistral_export.deploy.chat_template import TOKENIZER_CONFIG
 from mistral_export.errors import MistralExportError
 from mistral_export.files import write_text_atomic
 
@@ -86,12 +88,14 @@ def package(build_dir: Path, repository: Path, name: str | None = None, max_batc
         backend = "tensorrt" if any(a.backend == "tensorrt" for a in find_artifacts(build_dir, precision)) \
             else "onnxruntime"
     artifacts = artifacts_of_one_precision(build_dir, backend, precision)
+    chat_config = _tokenizer_config(build_dir, build)
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", build["model"]["name"])
     repository.mkdir(parents=True, exist_ok=True)
     if backend == "tensorrt":
         check_engine_limits(artifacts, max_batch, prefill_chunk)
     try:
-        written = [_package(build_dir, artifacts, repository, name, max_batch, instances, prefill_chunk)]
+        written = [_package(build_dir, artifacts, repository, name, max_batch, instances, prefill_chunk,
+                             chat_config)]
     finally:  # an interrupted or refused packaging leaves no half-written model folder
         for staging in repository.glob(f".{name}*.staging-*"):
             shutil.rmtree(staging, ignore_errors=True)
@@ -115,8 +119,24 @@ def check_engine_limits(artifacts: list[Artifact], max_batch: int, prefill_chunk
                                      f"package with --prefill-chunk {section.max_chunk} or rebuild")
 
 
+def _tokenizer_config(build_dir: Path, build: dict) -> Path | None:
+    """The checkpoint's tokenizer_config.json (its chat template): in the build folder, or else in the checkpoint
+    folder the build records, if it is still there."""
+    source = build.get("model", {}).get("source")
+    for folder in (build_dir, Path(source) if source and source != "tiny" else None):
+        if folder is not None and (folder / TOKENIZER_CONFIG).is_file():
+            return folder / TOKENIZER_CONFIG
+    return None
+
+
+def serves_on_gpu(model_folder: Path) -> bool:
+    """Whether a packaged generate model runs on GPU instances (the TensorRT layout)."""
+    config = parse_config((model_folder / "config.pbtxt").read_text(), str(model_folder / "config.pbtxt"))
+    return any(group.kind == group.KIND_GPU for group in config.instance_group)
+
+
 def _package(build_dir: Path, artifacts: list[Artifact], repository: Path, name: str, max_batch: int,
-             instances: int, prefill_chunk: int) -> Path:
+             instances: int, prefill_chunk: int, chat_config: Path | None) -> Path:
     tensorrt = artifacts[0].backend == "tensorrt"
     if tensorrt:
         seen: dict[str, Artifact] = {}
@@ -135,6 +155,8 @@ def _package(build_dir: Path, artifacts: list[Artifact], repository: Path, name:
     version.mkdir()
     shutil.copyfile(TEMPLATES / "generate.py", version / "model.py")
     shutil.copyfile(build_dir / TOKENIZER_FILE, version / TOKENIZER_FILE)
+    if chat_config is not None:
+        shutil.copyfile(chat_config, version / TOKENIZER_CONFIG)
     parameters = {"prefill_chunk": prefill_chunk, "threads": 0}
     config = text_interface_config(name, max_batch, instances, "KIND_GPU" if tensorrt else "KIND_CPU", parameters)
     _write_config(staging, repository / name, config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -24,8 +25,14 @@ log = logging.getLogger(__name__)
 
 
 class InFlightBatcher:
-    def __init__(self, runner, max_batch: int, prefill_chunk: int):
+    def __init__(self, runner, max_batch: int, prefill_chunk: int,
+                 report: Callable[[int, int], None] = lambda running, waiting: None):
+        """`report(running, waiting)` is told the sequence counts when they change (the served model's metrics;
+        each report crosses to Triton's process, so not every step)."""
         self.runner = runner
+        self._report = report
+        self._reported = (0, 0)
+        self._report_lock = threading.Lock()  # submit (Triton's thread) and the loop both report
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         runner.reset(max_batch)
@@ -42,6 +49,14 @@ class InFlightBatcher:
         with self._wake:
             self._waiting.append(generation)
             self._wake.notify()
+            waiting = len(self._waiting)
+        self.report(self.active, waiting)
+
+    def report(self, running: int, waiting: int) -> None:
+        with self._report_lock:
+            if (running, waiting) != self._reported:
+                self._reported = (running, waiting)
+                self._report(running, waiting)
 
     def close(self) -> None:
         with self._wake:
@@ -70,6 +85,7 @@ class InFlightBatcher:
                 for generation in [*self._decoding, *filter(None, [self._prefilling])]:
                     generation.fail(f"inference failed: {exc}")
                 self._decoding, self._prefilling = [], None
+            self.report(self.active, len(self._waiting))
 
     def _drop_cancelled(self) -> None:
         with self._wake:

@@ -15,7 +15,7 @@ from pathlib import Path
 from mistral_export.deploy.generation import Generation, Limits, RequestError
 from mistral_export.deploy.scheduler import InFlightBatcher
 from mistral_export.deploy.served import ARTIFACTS_FOLDER, open_served_runner
-from mistral_export.deploy.triton_python import TritonSink, parse_triton_request, string_parameters
+from mistral_export.deploy.triton_python import LlmMetrics, TritonSink, parse_triton_request, string_parameters
 from mistral_export.model.tokenizer import load_tokenizer
 
 
@@ -28,8 +28,11 @@ class TritonPythonModel:
         runner, description = open_served_runner(folder / ARTIFACTS_FOLDER, device,
                                                  threads=int(parameters["threads"]) or None)
         self.limits = Limits.of(description)
-        self.batcher = InFlightBatcher(runner, max_batch=int(json.loads(args["model_config"])["max_batch_size"]),
-                                       prefill_chunk=int(parameters["prefill_chunk"]))
+        self.metrics = LlmMetrics(args)
+        slots = int(json.loads(args["model_config"])["max_batch_size"])  # the runner's cache: a sequence per slot
+        self.metrics.sequences(0, 0, slots)
+        self.batcher = InFlightBatcher(runner, max_batch=slots, prefill_chunk=int(parameters["prefill_chunk"]),
+                                       report=lambda running, waiting: self.metrics.sequences(running, waiting, slots))
 
     def execute(self, requests):
         for request in requests:
@@ -39,7 +42,7 @@ class TritonPythonModel:
             except RequestError as exc:
                 sink.fail(str(exc))
                 continue
-            self.batcher.submit(Generation(generate, self.tokenizer, sink))
+            self.batcher.submit(Generation(generate, self.tokenizer, sink, self.metrics))
         return None
 
     def finalize(self):
