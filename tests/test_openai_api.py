@@ -22,7 +22,7 @@ from mistral_export.deploy.chat_template import ChatTemplateError, load_chat_tem
 from mistral_export.deploy.kubernetes import WAITING_METRIC
 from mistral_export.deploy.repository import package
 from mistral_export.deploy.server import free_port
-from mistral_export.engines.runner import EagerRunner, greedy_tokens
+from mistral_export.runners.base import EagerRunner, greedy_tokens
 from mistral_export.model.checkpoint import load_model
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
