@@ -42,19 +42,24 @@ class Precision(str, Enum):
     fp16 = "fp16"
     int8 = "int8"
     int8_wo = "int8-wo"
+    int4_awq = "int4-awq"
+    fp8 = "fp8"
 
 
 # Options `export` and `build` share (the precision stage's options).
-PrecisionOpt = Annotated[Precision, typer.Option(help="fp32, fp16, int8 (W8A8, SmoothQuant) or int8-wo (W8A16).")]
+PrecisionOpt = Annotated[Precision, typer.Option(help="fp32, fp16, int8 (W8A8, SmoothQuant), int8-wo (W8A16), "
+                                                      "int4-awq (W4A16, AWQ) or fp8 (E4M3 weights and activations).")]
 LastTokenLogitsOpt = Annotated[bool, typer.Option(help="Keep only the last position's logits ([B,1,V]).")]
 PluginImplOpt = Annotated[PluginImpl, typer.Option(help="TensorRT plugin implementation the mistral nodes ask for "
                                                         "(node attribute aot=1 or 0); ONNX Runtime ignores it.")]
 SmoothQuantAlphaOpt = Annotated[float, typer.Option(help="int8: SmoothQuant migration strength alpha.")]
 NoSmoothQuantOpt = Annotated[bool, typer.Option("--no-smoothquant", help="int8: plain W8A8, no smoothing.")]
-CalibDataOpt = Annotated[Optional[Path], typer.Option(help="int8: calibration text (plain text, or JSONL with a `text` "
+NoAwqOpt = Annotated[bool, typer.Option("--no-awq", help="int4-awq: plain round-to-nearest, no AWQ scales.")]
+Int4BlockSizeOpt = Annotated[int, typer.Option(help="int4-awq: weights per fp16 scale along K (32, 64 or 128).")]
+CalibDataOpt = Annotated[Optional[Path], typer.Option(help="int8, int4-awq, fp8: calibration text (plain text, or JSONL with a `text` "
                                                            "field); default: the packaged calibration text.")]
-CalibSamplesOpt = Annotated[Optional[int], typer.Option(min=1, help="int8: calibration samples (default 32).")]
-CalibSeqLenOpt = Annotated[Optional[int], typer.Option(min=1, help="int8: tokens per calibration sample (default 256).")]
+CalibSamplesOpt = Annotated[Optional[int], typer.Option(min=1, help="int8, int4-awq, fp8: calibration samples (default 32).")]
+CalibSeqLenOpt = Annotated[Optional[int], typer.Option(min=1, help="int8, int4-awq, fp8: tokens per calibration sample (default 256).")]
 
 
 @contextlib.contextmanager
@@ -107,11 +112,14 @@ def export(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for model.onnx, model.onnx.data and model.ort.onnx.")],
     precision: PrecisionOpt = Precision.fp32,
-    opset: Annotated[int, typer.Option(help="ONNX opset of the standard ops (18..23).")] = 20,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset of the standard ops (18..23; default 20, int4-awq "
+                                                     "21).")] = None,
     last_token_logits: LastTokenLogitsOpt = False,
     plugin_impl: PluginImplOpt = PluginImpl.aot,
     smoothquant_alpha: SmoothQuantAlphaOpt = 0.5,
     no_smoothquant: NoSmoothQuantOpt = False,
+    no_awq: NoAwqOpt = False,
+    int4_block_size: Int4BlockSizeOpt = 128,
     calib_data: CalibDataOpt = None,
     calib_samples: CalibSamplesOpt = None,
     calib_seq_len: CalibSeqLenOpt = None,
@@ -124,6 +132,7 @@ def export(
     with user_errors(), _log_to_stderr("[export] %(message)s") as logger:
         path = export_precision(model, output, precision.value, opset=opset, last_token_logits=last_token_logits,
                                 plugin_impl=plugin_impl.value, smoothquant_alpha=None if no_smoothquant else smoothquant_alpha,
+                                awq=not no_awq, int4_block_size=int4_block_size,
                                 calibration=calibration_options(calib_data, calib_samples, calib_seq_len))
         logger.info("writing the ONNX Runtime artifact model.ort.onnx (GroupQueryAttention, cache updated in place)")
         write_onnxruntime_artifact(path)
@@ -146,11 +155,14 @@ def build(
     precision: PrecisionOpt = Precision.fp32,
     backend: Annotated[BuildBackend, typer.Option(help="tensorrt: an engine for this GPU; onnxruntime: the ONNX Runtime "
                                                        "artifact; auto: TensorRT where TensorRT and a GPU are present.")] = BuildBackend.auto,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset of the standard ops (18..23; default 20).")] = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset of the standard ops (18..23; default 20, "
+                                                              "int4-awq 21).")] = None,
     last_token_logits: LastTokenLogitsOpt = False,
     plugin_impl: PluginImplOpt = PluginImpl.aot,
     smoothquant_alpha: SmoothQuantAlphaOpt = 0.5,
     no_smoothquant: NoSmoothQuantOpt = False,
+    no_awq: NoAwqOpt = False,
+    int4_block_size: Int4BlockSizeOpt = 128,
     calib_data: CalibDataOpt = None,
     calib_samples: CalibSamplesOpt = None,
     calib_seq_len: CalibSeqLenOpt = None,
@@ -169,6 +181,7 @@ def build(
     from mistral_export.engines.tensorrt_engine import DEFAULT_TIMING_CACHE, EngineOptions
 
     precision_options = PrecisionOptions(smoothquant_alpha=None if no_smoothquant else smoothquant_alpha,
+                                         awq=not no_awq, int4_block_size=int4_block_size,
                                          calib_data=calib_data, calib_samples=calib_samples, calib_seq_len=calib_seq_len)
     engine_options = EngineOptions(max_batch=max_batch, opt_batch=opt_batch, max_chunk=max_chunk,
                                    builder_optimization_level=builder_opt_level,

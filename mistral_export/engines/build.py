@@ -38,8 +38,9 @@ from mistral_export.engines.progress import BuildProgress
 from mistral_export.engines.tensorrt_engine import INSTALL_HINT, PLAN_FILE, EngineOptions
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import DATA_FILE, MODEL_FILE, read_export_config
-from mistral_export.export.precision import (DEFAULT_SMOOTHQUANT_ALPHA, calibration_options, check_precision,
-                                             export_precision)
+from mistral_export.export.precision import (CALIBRATED, DEFAULT_SMOOTHQUANT_ALPHA, calibration_options,
+                                             check_precision, export_precision)
+from mistral_export.export.precision.int4 import DEFAULT_BLOCK_SIZE
 from mistral_export.model.checkpoint import find_weight_files
 from mistral_export.model.config import ModelConfig, load_config, resolve_model_dir
 from mistral_export.model.tokenizer import find_tokenizer_source, write_tokenizer_json
@@ -53,21 +54,28 @@ ORT_PROVIDERS = ["CPUExecutionProvider", "CUDAExecutionProvider"]
 
 @dataclass(frozen=True)
 class PrecisionOptions:
-    """The int8 calibration options (`export` and `build` share their names)."""
+    """The quantized precisions' options (`export` and `build` share their names)."""
 
     smoothquant_alpha: float | None = DEFAULT_SMOOTHQUANT_ALPHA  # None: plain W8A8 (--no-smoothquant)
+    awq: bool = True  # int4-awq; False: plain round-to-nearest (--no-awq)
+    int4_block_size: int = DEFAULT_BLOCK_SIZE
     calib_data: Path | None = None  # plain text or JSONL with a `text` field; None: the packaged calibration text
     calib_samples: int | None = None
     calib_seq_len: int | None = None
 
     def key(self, precision: str) -> dict:
-        if precision != "int8":
+        if precision not in CALIBRATED:
             return {}
         data = Path(self.calib_data) if self.calib_data else None
         if data is not None and not data.is_file():
             raise MistralExportError(f"--calib-data {data}: no such file")
-        return {"smoothquant_alpha": self.smoothquant_alpha, "calib_samples": self.calib_samples,
-                "calib_seq_len": self.calib_seq_len, "calib_data_sha256": file_sha256(data) if data else None}
+        key = {"calib_samples": self.calib_samples, "calib_seq_len": self.calib_seq_len,
+               "calib_data_sha256": file_sha256(data) if data else None}
+        if precision == "int8":
+            key["smoothquant_alpha"] = self.smoothquant_alpha
+        if precision == "int4-awq":
+            key.update(awq=self.awq, int4_block_size=self.int4_block_size)
+        return key
 
 
 def cache_description(config: ModelConfig, dtype: str) -> dict:
@@ -105,6 +113,12 @@ def build(model: Transformer | str | Path, out_dir: str | Path, precision: str =
     engine_options.check()
     precision_options = precision_options or PrecisionOptions()
     chosen, problem, why = choose_backend(backend)
+    if chosen == "tensorrt" and problem is None:  # before any work: a precision this GPU cannot run
+        from mistral_export.engines import tensorrt_engine
+        from mistral_export.engines.precision_support import check_tensorrt_precision
+
+        gpu = tensorrt_engine.this_gpu()
+        check_tensorrt_precision(precision, gpu.name, gpu.compute_capability)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MistralExportError(f"{out}: the build folder is a file")
@@ -343,6 +357,7 @@ def _export_precision(model, folder: Path, precision: str, opset: int | None, la
                       plugin_impl: str, options: PrecisionOptions, progress: BuildProgress) -> Path:
     return export_precision(model, folder, precision, opset=opset, last_token_logits=last_token_logits,
                             plugin_impl=plugin_impl, progress=progress.bars,
-                            smoothquant_alpha=options.smoothquant_alpha,
+                            smoothquant_alpha=options.smoothquant_alpha, awq=options.awq,
+                            int4_block_size=options.int4_block_size,
                             calibration=calibration_options(options.calib_data, options.calib_samples,
                                                             options.calib_seq_len))
