@@ -52,8 +52,7 @@ def activation_ranges(source: Path, steps: Iterator[Step], inputs: set[str]) -> 
         calibrator.collect_data(calibration_feeds(steps))
         ranges = calibrator.compute_data()
         del calibrator  # its session holds the augmented model's files
-    return {name: float(max(abs(float(ranges[name].range_value[0])), abs(float(ranges[name].range_value[1]))))
-            for name in inputs}
+    return {name: float(np.abs(np.asarray(ranges[name].range_value, dtype=np.float32)).max()) for name in inputs}
 
 
 def quantize_fp8(source: Path, target: Path, steps: Iterator[Step]) -> None:
