@@ -15,8 +15,8 @@
 
 The quantized variants are fp16 everywhere else, so a TensorRT engine built from them is too; the norms'
 statistics and the softmax run in fp32 through the graph's explicit casts. `model.onnx`'s
-metadata_props record the precision (`mistral_export.precision`) and, for INT8, how it was
-quantized (`mistral_export.quantization`, JSON).
+metadata_props record the precision (`mistral_export.precision`) and, for the quantized ones, how it
+was quantized (`mistral_export.quantization`, JSON).
 """
 
 from __future__ import annotations
@@ -137,14 +137,15 @@ def _quantize_w4a16(model_or_folder, staging: Path, options: dict, calibration: 
     from mistral_export.export.precision.awq import awq
     from mistral_export.export.precision.int4 import quantize_int4_weights
 
-    model, tokenizer = _model_and_tokenizer(model_or_folder, calibration)
     options["metadata"][QUANTIZATION_KEY] = json.dumps({
         "method": "W4A16 AWQ" if use_awq else "W4A16 round-to-nearest", "awq": use_awq,
         "weights": f"int4, symmetric, one fp16 scale per block of {block_size} along K and output channel; "
                    "lm_head int8, one scale per output channel",
         "block_size": block_size, "activations": "float16",
         **({"calibration": calibration.describe()} if use_awq else {})})
+    model = model_or_folder  # round-to-nearest: a checkpoint folder streams into the export as for fp16
     if use_awq:
+        model, tokenizer = _model_and_tokenizer(model_or_folder, calibration)
         samples = calibration_samples(calibration, tokenizer)
         if model is model_or_folder:  # the caller's model stays as it was; one loaded here is scaled in place
             model = copy.deepcopy(model)
