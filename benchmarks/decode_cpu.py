@@ -208,17 +208,16 @@ class ReadFloor:
 
 def precision_step_bytes(config: ModelConfig, precision: str) -> int:
     """Weight bytes a decode step reads (GEMM weights at the precision's width) plus the cache (fp32 on ORT CPU
-    for fp32 and the quantized artifacts, fp16 for fp16). int4-awq: half a byte per weight and an fp16 scale per
-    block of 128, its lm_head at one byte; genai's int4: every GEMM, lm_head included, in 4 bits (its builder's
-    CPU default)."""
+    for fp32 and the quantized artifacts, fp16 for fp16). int4-awq's artifact: half a byte per weight and an fp32
+    scale per block of 128, its lm_head at one byte; genai's int4: every GEMM, lm_head included, half a byte per
+    weight and an fp32 scale per block of 32 (its builder's CPU defaults, read from its model.onnx)."""
     weights, _ = step_bytes(config, 1)
     cache = config.kv_cache_bytes(config.cache_capacity, 2 if precision == "fp16" else 4)
     lm_head = config.vocab_size * config.hidden_size
-    int4 = 0.5 + 2 / 128
     if precision == "int4-awq":
-        return int((weights - lm_head) * int4 + lm_head) + cache
+        return int((weights - lm_head) * (0.5 + 4 / 128) + lm_head) + cache
     if precision == "int4":
-        return int(weights * int4) + cache
+        return int(weights * (0.5 + 4 / 32)) + cache
     width = {"fp32": 4, "fp16": 2, "int8": 1, "int8-wo": 1, "fp8": 4}[precision]  # fp8: dequantized to fp32
     return weights * width + cache
 
