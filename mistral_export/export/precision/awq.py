@@ -9,8 +9,9 @@ folded into the op that produces X, as SmoothQuant's (smoothquant.py) is: attent
 ffn_norm (w1/w3), w3's rows (w2), wv's rows (wo, shared per GQA group). Weight clipping search (the paper's
 second step) is not done.
 
-No maintained library runs AWQ's search on a CPU for this model (AutoAWQ is archived and CUDA-only,
-llm-compressor and ModelOpt need CUDA for their calibration loops), hence this module.
+No maintained library runs AWQ's search on a CPU for a model like this one (AutoAWQ is archived and CUDA-only;
+llm-compressor and ModelOpt run it on Hugging Face / ModelOpt-wrapped modules and leave quantizer state that an
+export from parameters drops: DESIGN.md, "Quantization facts"), hence this module.
 `search_layer` works on ONE decoder layer's inputs, so a layer-by-layer calibration loop can call it;
 `collect_layer_inputs` gathers those inputs today with forward hooks over the existing calibration steps.
 """
