@@ -1,8 +1,9 @@
 """Decode-step latency on CPU: every precision's ONNX Runtime artifact, eager torch and onnxruntime-genai.
 
-For each model (the tiny fixture and a synthetic ~175M config) every precision (fp32, fp16, int8, int8-wo)
+For each model (the tiny fixture and a synthetic ~175M config) every CPU precision (fp32, fp16, int8, int8-wo,
+int4-awq; fp8 is a GPU precision that ONNX Runtime's CPU provider runs only to validate it, by `--precisions`)
 is exported with its ONNX Runtime artifact, and onnxruntime-genai's builder exports the same weights in
-fp32 and int8. At each context (W, 16W, 64W) decode steps (S=1, batch 1) of every series are timed in
+fp32, int8 and int4 (its CPU int4: MatMulNBits at accuracy level 4, its fastest). At each context (W, 16W, 64W) decode steps (S=1, batch 1) of every series are timed in
 rounds, interleaved, all on the same threads: ours with a random cache and past_len set to the context
 (cost depends only on the cache's capacity W), genai prefilled to the context (its cache grows).
 
@@ -16,7 +17,7 @@ Exports are kept in build/decode_cpu/ (ours keyed by the model, the precision an
 mistral_export/, committed and not; genai's by the model and its venv's packages), so a rerun only measures.
 
     python benchmarks/decode_cpu.py [--threads 2] [--steps 4] [--rounds 24] [--models tiny,synthetic-170m]
-                                    [--precisions fp32,fp16,int8,int8-wo] [--contexts W,16W,64W] [--no-genai]
+                                    [--precisions fp32,fp16,int8,int8-wo,int4-awq] [--contexts W,16W,64W] [--no-genai]
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def random_cache(config: ModelConfig, seed: int) -> list[tuple[np.ndarray, np.nd
             for _ in range(config.num_layers)]
 
 
-GENAI_PRECISIONS = ("fp32", "int8")
+GENAI_PRECISIONS = ("fp32", "int8", "int4")
+CPU_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp8")
 GENAI_VENV = ROOT / "benchmarks" / ".venv-genai"
 GENAI_PACKAGES = ["onnxruntime-genai==0.18.0", "numpy<2", "transformers", "onnx", "onnx-ir"]
 
@@ -206,10 +208,18 @@ class ReadFloor:
 
 def precision_step_bytes(config: ModelConfig, precision: str) -> int:
     """Weight bytes a decode step reads (GEMM weights at the precision's width) plus the cache (fp32 on ORT CPU
-    for fp32 and the int8 artifacts, fp16 for fp16)."""
+    for fp32 and the quantized artifacts, fp16 for fp16). int4-awq's artifact: half a byte per weight and an fp32
+    scale per block of 128, its lm_head at one byte; genai's int4: every GEMM, lm_head included, half a byte per
+    weight and an fp32 scale per block of 32 (its builder's CPU defaults, read from its model.onnx)."""
     weights, _ = step_bytes(config, 1)
-    width = {"fp32": 4, "fp16": 2, "int8": 1, "int8-wo": 1}[precision]
-    return weights * width + config.kv_cache_bytes(config.cache_capacity, 2 if precision == "fp16" else 4)
+    cache = config.kv_cache_bytes(config.cache_capacity, 2 if precision == "fp16" else 4)
+    lm_head = config.vocab_size * config.hidden_size
+    if precision == "int4-awq":
+        return int((weights - lm_head) * (0.5 + 4 / 128) + lm_head) + cache
+    if precision == "int4":
+        return int(weights * (0.5 + 4 / 32)) + cache
+    width = {"fp32": 4, "fp16": 2, "int8": 1, "int8-wo": 1, "fp8": 4}[precision]  # fp8: dequantized to fp32
+    return weights * width + cache
 
 
 EXPORTS = ROOT / "build" / "decode_cpu"  # exports kept between runs
@@ -318,7 +328,8 @@ def bench_model(name: str, model, seed: int, args) -> dict:
              **{f"{s}_ms_min": 1e3 * min(times[(label, s)]) for s in series},
              **{f"{s}_ms": 1e3 * statistics.median(times[(label, s)]) for s in series}} for label, context in contexts]
     by = {r["context"]: r for r in rows}
-    floors = {p: 1e3 * precision_step_bytes(config, p) / bandwidth for p in runners}
+    floors = {p: 1e3 * precision_step_bytes(config, p) / bandwidth
+              for p in {*runners, *(GENAI_PRECISIONS if genai else ())}}
     # Each series at W beside the time its bytes take at the fastest read measured (genai's: its precision's).
     at_floor = [{"series": s, "floor_ms": floors[s.removeprefix("genai-")], "ms_min": by["W"][f"{s}_ms_min"],
                  "over_floor": by["W"][f"{s}_ms_min"] / floors[s.removeprefix("genai-")]}
@@ -344,6 +355,21 @@ def bench_model(name: str, model, seed: int, args) -> dict:
             checks["fp32_over_genai_fp32_at_W"] = w["fp32_ms_min"] / w["genai-fp32_ms_min"]
             checks["fp32_no_slower_than_genai_fp32"] = checks["fp32_over_genai_fp32_at_W"] <= 1.0
             checks["fp32_over_genai_fp32_at_W_median_of_rounds"] = paired("fp32", "genai-fp32")
+    if "int4-awq" in runners:
+        sizes = {p: (path.parent / "model.onnx.data").stat().st_size for p, path in paths.items()}
+        if "fp16" in sizes:
+            checks["int4-awq_weight_bytes_over_fp16"] = sizes["int4-awq"] / sizes["fp16"]
+            checks["int4-awq_weight_bytes_at_most_0.3x_fp16"] = checks["int4-awq_weight_bytes_over_fp16"] <= 0.3
+        if w and "int8" in runners:
+            checks["int4-awq_over_int8_at_W"] = w["int4-awq_ms_min"] / w["int8_ms_min"]
+            checks["int4-awq_at_most_0.6x_int8_at_W"] = checks["int4-awq_over_int8_at_W"] <= 0.6
+        if genai and w:
+            checks["int4-awq_over_genai_int4_at_W"] = w["int4-awq_ms_min"] / w["genai-int4_ms_min"]
+            checks["int4-awq_at_most_0.9x_genai_int4_at_W"] = checks["int4-awq_over_genai_int4_at_W"] <= 0.9
+            checks["int4-awq_over_genai_int4_at_W_median_of_rounds"] = paired("int4-awq", "genai-int4")
+        if genai and "64W" in by:
+            checks["int4-awq_over_genai_int4_at_64W"] = by["64W"]["int4-awq_ms_min"] / by["64W"]["genai-int4_ms_min"]
+            checks["int4-awq_at_most_0.3x_genai_int4_at_64W"] = checks["int4-awq_over_genai_int4_at_64W"] <= 0.3
     if genai:
         for p in ("int8", "int8-wo"):
             if p in runners and w:
@@ -469,7 +495,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--models", default="tiny,synthetic-170m")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--precisions", default=",".join(CPU_PRECISIONS))
     parser.add_argument("--contexts", default="W,16W,64W")
     parser.add_argument("--no-genai", dest="genai", action="store_false")
     parser.add_argument("--skip-node-counts", action="store_true")
@@ -494,8 +520,8 @@ def main() -> None:
                 sys.exit(f"unknown model {name}")
             results.append(bench_model(name, model, SEED, args))
             del model
-    notes.append("genai's exports come from its builder (onnxruntime_genai.models.builder -p fp32|int8 -e cpu) on an "
-                 "HF-format copy of the same weights; its int8 is MatMulNBits, like ours.")
+    notes.append("genai's exports come from its builder (onnxruntime_genai.models.builder -p fp32|int8|int4 -e cpu) "
+                 "on an HF-format copy of the same weights; its int8 and int4 are MatMulNBits, like ours.")
     load_after = os.getloadavg()
     result = {"models": results, "provenance": origin, "threads": args.threads,
               "load": f"1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "

@@ -17,6 +17,8 @@ from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from mistral_export.export.precision import DEFAULT_SMOOTHQUANT_ALPHA, PRECISIONS
 from mistral_export.export.precision.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+from mistral_export.export.precision.int4 import DEFAULT_BLOCK_SIZE
+from mistral_export.export.precision.int4 import OPSET as INT4_OPSET
 from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL, PLUGIN_IMPLS
 from mistral_export.pipeline.build import BUILD_BACKENDS
 
@@ -41,17 +43,21 @@ Attention = _choices("Attention", ("reference", "triton"))
 Device = _choices("Device", ("cpu", "cuda"))
 
 # Options `export` and `build` share (the export and precision stage's options), with the defaults their owners set.
-PrecisionOpt = Annotated[Precision, typer.Option(help="fp32, fp16, int8 (W8A8, SmoothQuant) or int8-wo (W8A16).")]
-OpsetOpt = Annotated[int, typer.Option(min=MIN_OPSET, max=MAX_OPSET, help="ONNX opset of the standard ops.")]
+PrecisionOpt = Annotated[Precision, typer.Option(help="fp32, fp16, int8 (W8A8, SmoothQuant), int8-wo (W8A16), "
+                                                      "int4-awq (W4A16, AWQ) or fp8 (E4M3 weights and activations).")]
+OpsetOpt = Annotated[Optional[int], typer.Option(min=MIN_OPSET, max=MAX_OPSET, help=f"ONNX opset of the standard ops "
+                                                 f"(default {DEFAULT_OPSET}; int4-awq {INT4_OPSET}).")]
 LastTokenLogitsOpt = Annotated[bool, typer.Option(help="Keep only the last position's logits ([B,1,V]).")]
 PluginImplOpt = Annotated[PluginImpl, typer.Option(help="TensorRT plugin implementation the mistral nodes ask for "
                                                         "(node attribute aot=1 or 0); ONNX Runtime ignores it.")]
 SmoothQuantAlphaOpt = Annotated[float, typer.Option(help="int8: SmoothQuant migration strength alpha.")]
 NoSmoothQuantOpt = Annotated[bool, typer.Option("--no-smoothquant", help="int8: plain W8A8, no smoothing.")]
-CalibDataOpt = Annotated[Optional[Path], typer.Option(help="int8: calibration text (plain text, or JSONL with a `text` "
+NoAwqOpt = Annotated[bool, typer.Option("--no-awq", help="int4-awq: plain round-to-nearest, no AWQ scales.")]
+Int4BlockSizeOpt = Annotated[int, typer.Option(help="int4-awq: weights per fp16 scale along K (32, 64 or 128).")]
+CalibDataOpt = Annotated[Optional[Path], typer.Option(help="int8, int4-awq, fp8: calibration text (plain text, or JSONL with a `text` "
                                                            "field); default: the packaged calibration text.")]
-CalibSamplesOpt = Annotated[int, typer.Option(min=1, help="int8: calibration samples.")]
-CalibSeqLenOpt = Annotated[int, typer.Option(min=2, help="int8: tokens per calibration sample.")]
+CalibSamplesOpt = Annotated[int, typer.Option(min=1, help="int8, int4-awq, fp8: calibration samples.")]
+CalibSeqLenOpt = Annotated[int, typer.Option(min=2, help="int8, int4-awq, fp8: tokens per calibration sample.")]
 
 
 @contextlib.contextmanager
@@ -104,11 +110,13 @@ def export(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for model.onnx, model.onnx.data and model.ort.onnx.")],
     precision: PrecisionOpt = Precision.fp32,
-    opset: OpsetOpt = DEFAULT_OPSET,
+    opset: OpsetOpt = None,
     last_token_logits: LastTokenLogitsOpt = False,
     plugin_impl: PluginImplOpt = PluginImpl[DEFAULT_PLUGIN_IMPL],
     smoothquant_alpha: SmoothQuantAlphaOpt = DEFAULT_SMOOTHQUANT_ALPHA,
     no_smoothquant: NoSmoothQuantOpt = False,
+    no_awq: NoAwqOpt = False,
+    int4_block_size: Int4BlockSizeOpt = DEFAULT_BLOCK_SIZE,
     calib_data: CalibDataOpt = None,
     calib_samples: CalibSamplesOpt = DEFAULT_SAMPLES,
     calib_seq_len: CalibSeqLenOpt = DEFAULT_SEQ_LEN,
@@ -119,7 +127,8 @@ def export(
     from mistral_export.pipeline.progress import BuildProgress
 
     started = time.perf_counter()
-    options = _precision_options(smoothquant_alpha, no_smoothquant, calib_data, calib_samples, calib_seq_len)
+    options = _precision_options(smoothquant_alpha, no_smoothquant, no_awq, int4_block_size, calib_data, calib_samples,
+                                 calib_seq_len)
     with user_errors(), _log_to_stderr("[export] %(message)s") as logger:
         path = export_with_options(model, output, precision.value, opset, last_token_logits, plugin_impl.value, options,
                                    BuildProgress(quiet=True))
@@ -130,12 +139,13 @@ def export(
                f"in {time.perf_counter() - started:.1f} s")
 
 
-def _precision_options(smoothquant_alpha: float, no_smoothquant: bool, calib_data: Path | None, calib_samples: int,
-                       calib_seq_len: int):
+def _precision_options(smoothquant_alpha: float, no_smoothquant: bool, no_awq: bool, int4_block_size: int,
+                       calib_data: Path | None, calib_samples: int, calib_seq_len: int):
     from mistral_export.pipeline.build import PrecisionOptions
 
-    return PrecisionOptions(smoothquant_alpha=None if no_smoothquant else smoothquant_alpha, calib_data=calib_data,
-                            calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+    return PrecisionOptions(smoothquant_alpha=None if no_smoothquant else smoothquant_alpha, awq=not no_awq,
+                            int4_block_size=int4_block_size, calib_data=calib_data, calib_samples=calib_samples,
+                            calib_seq_len=calib_seq_len)
 
 
 @app.command()
@@ -146,11 +156,13 @@ def build(
     precision: PrecisionOpt = Precision.fp32,
     backend: Annotated[BuildBackend, typer.Option(help="tensorrt: an engine for this GPU; onnxruntime: the ONNX Runtime "
                                                        "artifact; auto: TensorRT where TensorRT and a GPU are present.")] = BuildBackend.auto,
-    opset: OpsetOpt = DEFAULT_OPSET,
+    opset: OpsetOpt = None,
     last_token_logits: LastTokenLogitsOpt = False,
     plugin_impl: PluginImplOpt = PluginImpl[DEFAULT_PLUGIN_IMPL],
     smoothquant_alpha: SmoothQuantAlphaOpt = DEFAULT_SMOOTHQUANT_ALPHA,
     no_smoothquant: NoSmoothQuantOpt = False,
+    no_awq: NoAwqOpt = False,
+    int4_block_size: Int4BlockSizeOpt = DEFAULT_BLOCK_SIZE,
     calib_data: CalibDataOpt = None,
     calib_samples: CalibSamplesOpt = DEFAULT_SAMPLES,
     calib_seq_len: CalibSeqLenOpt = DEFAULT_SEQ_LEN,
@@ -168,7 +180,8 @@ def build(
     from mistral_export.pipeline.build import build as run_build
     from mistral_export.pipeline.progress import BuildProgress
 
-    precision_options = _precision_options(smoothquant_alpha, no_smoothquant, calib_data, calib_samples, calib_seq_len)
+    precision_options = _precision_options(smoothquant_alpha, no_smoothquant, no_awq, int4_block_size, calib_data,
+                                           calib_samples, calib_seq_len)
     engine_options = EngineOptions(max_batch=max_batch, opt_batch=opt_batch, max_chunk=max_chunk,
                                    builder_optimization_level=builder_opt_level,
                                    timing_cache=timing_cache or DEFAULT_TIMING_CACHE)

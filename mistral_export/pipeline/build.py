@@ -36,9 +36,10 @@ from mistral_export.artifacts.folder import BUILD_FILE, TOKENIZER_FILE, onnx_dir
 from mistral_export.engines.onnxruntime.artifact import ORT_MODEL_FILE, ORT_DATA_FILE, write_onnxruntime_artifact
 from mistral_export.engines.tensorrt.builder import PLAN_FILE, EngineOptions
 from mistral_export.errors import MistralExportError
-from mistral_export.export.onnx_export import DATA_FILE, DEFAULT_OPSET, MODEL_FILE
-from mistral_export.export.precision import (DEFAULT_SMOOTHQUANT_ALPHA, calibration_options, check_precision,
-                                             export_precision)
+from mistral_export.export.onnx_export import DATA_FILE, MODEL_FILE
+from mistral_export.export.precision import (CALIBRATED, DEFAULT_SMOOTHQUANT_ALPHA, calibration_options,
+                                             check_precision, export_precision)
+from mistral_export.export.precision.int4 import DEFAULT_BLOCK_SIZE
 from mistral_export.model.checkpoint import find_weight_files
 from mistral_export.model.config import load_config, resolve_model_dir
 from mistral_export.model.tokenizer import find_tokenizer_source, write_tokenizer_json
@@ -54,21 +55,28 @@ BUILD_FORMAT = 1
 
 @dataclass(frozen=True)
 class PrecisionOptions:
-    """The int8 calibration options (`export` and `build` share their names)."""
+    """The quantized precisions' options (`export` and `build` share their names)."""
 
     smoothquant_alpha: float | None = DEFAULT_SMOOTHQUANT_ALPHA  # None: plain W8A8 (--no-smoothquant)
+    awq: bool = True  # int4-awq; False: plain round-to-nearest (--no-awq)
+    int4_block_size: int = DEFAULT_BLOCK_SIZE
     calib_data: Path | None = None  # plain text or JSONL with a `text` field; None: the packaged calibration text
     calib_samples: int | None = None
     calib_seq_len: int | None = None
 
     def key(self, precision: str) -> dict:
-        if precision != "int8":
+        if precision not in CALIBRATED:
             return {}
         data = Path(self.calib_data) if self.calib_data else None
         if data is not None and not data.is_file():
             raise MistralExportError(f"--calib-data {data}: no such file")
-        return {"smoothquant_alpha": self.smoothquant_alpha, "calib_samples": self.calib_samples,
-                "calib_seq_len": self.calib_seq_len, "calib_data_sha256": file_sha256(data) if data else None}
+        key = {"calib_samples": self.calib_samples, "calib_seq_len": self.calib_seq_len,
+               "calib_data_sha256": file_sha256(data) if data else None}
+        if precision == "int8":
+            key["smoothquant_alpha"] = self.smoothquant_alpha
+        if precision == "int4-awq":
+            key.update(awq=self.awq, int4_block_size=self.int4_block_size)
+        return key
 
 
 def choose_backend(requested: str) -> tuple[str, str | None, str]:
@@ -87,7 +95,7 @@ def choose_backend(requested: str) -> tuple[str, str | None, str]:
 
 
 def build(model: Transformer | str | Path, out_dir: str | Path, precision: str = "fp32", backend: str = "onnxruntime",
-          *, opset: int = DEFAULT_OPSET, last_token_logits: bool = False, plugin_impl: str = DEFAULT_PLUGIN_IMPL,
+          *, opset: int | None = None, last_token_logits: bool = False, plugin_impl: str = DEFAULT_PLUGIN_IMPL,
           precision_options: PrecisionOptions | None = None, engine_options: EngineOptions | None = None,
           progress: BuildProgress | None = None) -> Path:
     """Build MODEL (a checkpoint folder, `tiny`, or an in-memory Transformer) into OUT_DIR; returns OUT_DIR.
@@ -99,6 +107,11 @@ def build(model: Transformer | str | Path, out_dir: str | Path, precision: str =
     engine_options.check()
     precision_options = precision_options or PrecisionOptions()
     chosen, problem, why = choose_backend(backend)
+    if chosen == "tensorrt" and problem is None:  # before any work: a precision this GPU cannot run
+        from mistral_export.engines.tensorrt.precision_support import check_tensorrt_precision
+
+        gpu = tensorrt_lib.this_gpu()
+        check_tensorrt_precision(precision, gpu.name, gpu.compute_capability)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MistralExportError(f"{out}: the build folder is a file")
@@ -230,7 +243,7 @@ class _Pipeline:
 
         self._stage("tokenizer", inputs, f"{TOKENIZER_FILE} from {source.name}", make)
 
-    def onnx(self, precision: str, opset: int, last_token_logits: bool, plugin_impl: str,
+    def onnx(self, precision: str, opset: int | None, last_token_logits: bool, plugin_impl: str,
              precision_options: PrecisionOptions) -> dict:
         folder = onnx_dir(self.out, precision)
         inputs = {"checkpoint": self.checkpoint, "config": self.config.to_hf_dict(), "precision": precision,
@@ -297,11 +310,12 @@ def file_bytes_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(str((tuple(tensor.shape), str(tensor.dtype))).encode() + data).hexdigest()
 
 
-def export_with_options(model, folder: Path, precision: str, opset: int, last_token_logits: bool, plugin_impl: str,
+def export_with_options(model, folder: Path, precision: str, opset: int | None, last_token_logits: bool, plugin_impl: str,
                         options: PrecisionOptions, progress: BuildProgress) -> Path:
     """The export + precision stage as `export` and `build` both run it."""
     return export_precision(model, folder, precision, opset=opset, last_token_logits=last_token_logits,
                             plugin_impl=plugin_impl, progress=progress.bars,
-                            smoothquant_alpha=options.smoothquant_alpha,
+                            smoothquant_alpha=options.smoothquant_alpha, awq=options.awq,
+                            int4_block_size=options.int4_block_size,
                             calibration=calibration_options(options.calib_data, options.calib_samples,
                                                             options.calib_seq_len))

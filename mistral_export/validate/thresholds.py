@@ -19,6 +19,8 @@ THRESHOLDS: dict[str, dict[str, float]] = {
     "fp16": {"top1_agreement": 0.99, "greedy_match_tokens": 32},
     "int8": dict(_INT8),
     "int8-wo": dict(_INT8),
+    "int4-awq": {"top1_agreement": 0.90, "perplexity_ratio": 1.05},
+    "fp8": {"top1_agreement": 0.97, "perplexity_ratio": 1.02},
 }
 
 # A greedy tie: the artifact's pick is below eager's best logit by no more than one fp16 rounding step of that

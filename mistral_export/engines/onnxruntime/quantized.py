@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -31,7 +32,7 @@ from mistral_export.engines.onnxruntime.fusions import MS_DOMAIN
 from mistral_export.export.precision import PRECISION_KEY
 from mistral_export.export.precision.int8 import add_initializer
 
-QUANTIZED = ("int8", "int8-wo")
+QUANTIZED = ("int8", "int8-wo", "int4-awq", "fp8")  # fp8 keeps its Q/DQ pairs (fp32 around them)
 MAX_BLOCK_SIZE = 512
 
 
@@ -76,19 +77,22 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
-def _int8_weight(dq: ir.Node | None):
-    """(int8 [K, N], scales [N]) of a DequantizeLinear of an int8 initializer with one scale per output channel."""
+def _quantized_weight(dq: ir.Node | None):
+    """(values [K, N] as int8, scales [blocks, N] fp32, block rows, bits) of a DequantizeLinear of an int8 initializer
+    with one scale per output channel or of an INT4 initializer with blocks along K; None for anything else."""
     if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "":
         return None
     weight, scale = (_constant(v) for v in dq.inputs[:2])
     zero = _constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
-    if weight is None or scale is None or weight.dtype != np.int8 or weight.ndim != 2:
+    if weight is None or scale is None or weight.ndim != 2 or (zero is not None and np.any(zero != 0)):
         return None
-    if dq.attributes.get_int("axis", 1) not in (1, -1) or scale.shape != (weight.shape[1],):
-        return None
-    if zero is not None and np.any(zero != 0):
-        return None
-    return weight, scale.astype(np.float32)
+    k, n = weight.shape
+    axis, block = dq.attributes.get_int("axis", 1), dq.attributes.get_int("block_size", 0)
+    if weight.dtype == np.int8 and axis in (1, -1) and scale.shape == (n,):
+        return weight, scale.astype(np.float32)[None, :], k, 8
+    if weight.dtype == ml_dtypes.int4 and axis == 0 and block and scale.shape == (k // block, n) and k % block == 0:
+        return weight.astype(np.int8), scale.astype(np.float32), block, 4
+    return None
 
 
 def _activation_source(value: ir.Value) -> ir.Value:
@@ -103,28 +107,28 @@ def _activation_source(value: ir.Value) -> ir.Value:
 
 
 def to_matmul_nbits(model: ir.Model) -> int:
-    """MatMul(x, DequantizeLinear(int8 W, per-channel scale)) → MatMulNBits(x, W + 128, scale). Returns count."""
+    """MatMul(x, DequantizeLinear(W)) → MatMulNBits over the same values and scales (int8 per output channel: 8 bits;
+    INT4 blocks along K: 4 bits, the same blocks). Returns the count."""
     graph = model.graph
     converted = 0
     for node in list(graph):
         if node.op_type != "MatMul" or node.domain != "":
             continue
-        found = _int8_weight(node.inputs[1].producer())
+        found = _quantized_weight(node.inputs[1].producer())
         if found is None:
             continue
-        weight, scale = found
+        weight, scale, scale_rows, bits = found
         k, n = weight.shape
-        block = block_size(k)
+        # 8 bits: one scale per output channel, so any block (the largest fitting K: faster at decode) repeats it;
+        # 4 bits: the weights' own blocks.
+        block = block_size(k) if bits == 8 else scale_rows
         blocks = -(-k // block)
-        # MatMulNBits' 8-bit layout: [N, blocks, block_size] unsigned bytes with zero point 128 (its default
-        # when no zero point is given); K padded with zeros (128) to whole blocks.
-        packed = np.full((n, blocks * block), 128, dtype=np.uint8)
-        packed[:, :k] = (weight.T.astype(np.int16) + 128).astype(np.uint8)
-        name = node.inputs[1].producer().inputs[0].name or f"matmul{converted}"
-        b = add_initializer(graph, f"{name}.nbits", packed.reshape(n, blocks, block))
-        s = add_initializer(graph, f"{name}.nbits_scales", np.repeat(scale, blocks))
+        b = add_initializer(graph, f"{node.inputs[1].producer().inputs[0].name or f'matmul{converted}'}.nbits",
+                            pack_nbits(weight, block, bits))
+        per_block = np.repeat(scale, blocks, axis=0) if bits == 8 else scale  # [blocks, N]
+        s = add_initializer(graph, f"{b.name}_scales", np.ascontiguousarray(per_block.T).reshape(-1))
         matmul = ir.node("MatMulNBits", [_activation_source(node.inputs[0]), b, s],
-                         {"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": ACCURACY_LEVEL},
+                         {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL},
                          domain=MS_DOMAIN)
         graph.insert_before(node, matmul)
         out = node.outputs[0]
@@ -137,6 +141,20 @@ def to_matmul_nbits(model: ir.Model) -> int:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return converted
+
+
+def pack_nbits(weight: np.ndarray, block: int, bits: int) -> np.ndarray:
+    """Signed values [K, N] (int8: -128..127; int4: -8..7) → MatMulNBits' B: [N, blocks, block * bits / 8] unsigned
+    bytes with its default zero point (2^(bits-1)), K padded with zeros to whole blocks, 4-bit pairs low nibble first."""
+    k, n = weight.shape
+    blocks = -(-k // block)
+    offset = 1 << (bits - 1)
+    unsigned = np.full((n, blocks * block), offset, dtype=np.uint8)
+    unsigned[:, :k] = (weight.T.astype(np.int16) + offset).astype(np.uint8)
+    unsigned = unsigned.reshape(n, blocks, block)
+    if bits == 4:
+        unsigned = unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
+    return unsigned
 
 
 def save_with_own_data(model: ir.Model, artifact: Path) -> None:

@@ -7,11 +7,16 @@
 - int8 (W8A8): SmoothQuant folded into the eager model's weights (α 0.5 by default; None: plain W8A8),
   the result traced in fp16, then int8 Q/DQ on every GEMM with activation ranges from calibration.
 - int8-wo (W8A16): traced in fp16, then int8 weights behind DequantizeLinear.
+- int4-awq (W4A16): AWQ's activation-aware scales folded into the eager model's weights (awq.py; `awq=False`:
+  plain round-to-nearest), traced in fp16 at opset 21, then INT4 weights blockwise along K behind
+  DequantizeLinear (int4.py).
+- fp8: traced in fp16, then E4M3 Q/DQ on every GEMM's weight (per output channel) and activation (per tensor,
+  static scales from calibration) (fp8.py).
 
-The INT8 variants are fp16 everywhere else, so a TensorRT engine built from them is too; the norms'
+The quantized variants are fp16 everywhere else, so a TensorRT engine built from them is too; the norms'
 statistics and the softmax run in fp32 through the graph's explicit casts. `model.onnx`'s
-metadata_props record the precision (`mistral_export.precision`) and, for INT8, how it was
-quantized (`mistral_export.quantization`, JSON).
+metadata_props record the precision (`mistral_export.precision`) and, for the quantized ones, how it
+was quantized (`mistral_export.quantization`, JSON).
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import MODEL_FILE, check_exportable, check_model, export_onnx, staged_model
 from mistral_export.export.precision.calibration import (CalibrationOptions, calibration_samples, calibration_steps,
                                                          input_channel_maxima)
+from mistral_export.export.precision.int4 import DEFAULT_BLOCK_SIZE, OPSET as INT4_OPSET, check_block_size
 from mistral_export.model.transformer import Transformer
 from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL
 
 __all__ = ["PRECISIONS", "CalibrationOptions", "calibration_options", "check_precision", "export_precision"]
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-wo")
-TRACE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float16, "int8-wo": torch.float16}
+PRECISIONS = ("fp32", "fp16", "int8", "int8-wo", "int4-awq", "fp8")
+TRACE_DTYPES = {"fp32": torch.float32, **{p: torch.float16 for p in PRECISIONS[1:]}}
+CALIBRATED = ("int8", "int4-awq", "fp8")  # the precisions that read calibration text
 DEFAULT_SMOOTHQUANT_ALPHA = 0.5
 PRECISION_KEY = "mistral_export.precision"
 QUANTIZATION_KEY = "mistral_export.quantization"
@@ -54,16 +61,24 @@ def calibration_options(data: Path | None = None, samples: int | None = None,
 def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | Path, precision: str = "fp32", *,
                      opset: int | None = None, last_token_logits: bool = False,
                      plugin_impl: str = DEFAULT_PLUGIN_IMPL, calibration: CalibrationOptions | None = None,
-                     smoothquant_alpha: float | None = DEFAULT_SMOOTHQUANT_ALPHA, progress=None) -> Path:
+                     smoothquant_alpha: float | None = DEFAULT_SMOOTHQUANT_ALPHA, awq: bool = True,
+                     int4_block_size: int = DEFAULT_BLOCK_SIZE, progress=None) -> Path:
     """OUT_DIR/model.onnx (+ .data) of MODEL in PRECISION; returns the path of model.onnx.
 
-    `calibration` (int8 only): the text, sample count and length; default the shipped text.
+    `calibration` (int8, int4-awq, fp8): the text, sample count and length; default the shipped text.
     `smoothquant_alpha` (int8 only): SmoothQuant's migration strength in [0, 1], None for plain W8A8.
+    `awq`, `int4_block_size` (int4-awq only): AWQ's search (False: plain round-to-nearest), the block along K.
     `progress`: a rich Progress to add the calibration bar to (default: one on stderr).
     """
     check_precision(precision)
     if smoothquant_alpha is not None and not 0.0 <= smoothquant_alpha <= 1.0:
         raise MistralExportError(f"--smoothquant-alpha must be within [0, 1], got {smoothquant_alpha}")
+    if precision == "int4-awq":
+        check_block_size(int4_block_size)
+        if opset is not None and opset < INT4_OPSET:
+            raise MistralExportError(f"--precision int4-awq needs --opset {INT4_OPSET} or later (DequantizeLinear's "
+                                     f"block_size and INT4), got {opset}")
+        opset = opset or INT4_OPSET
     if isinstance(model_or_folder, Transformer):
         check_exportable(model_or_folder)
     options = {"last_token_logits": last_token_logits, "plugin_impl": plugin_impl,
@@ -83,6 +98,11 @@ def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | P
                 "activations": "float16"})
             source = export_onnx(model_or_folder, staging / "fp16", **options)
             quantize_weights_only(source, staging / MODEL_FILE)
+        elif precision == "int4-awq":
+            _quantize_w4a16(model_or_folder, staging, options, calibration or CalibrationOptions(), awq,
+                            int4_block_size, progress)
+        elif precision == "fp8":
+            _quantize_fp8(model_or_folder, staging, options, calibration or CalibrationOptions(), progress)
         else:
             _quantize_w8a8(model_or_folder, staging, options, calibration or CalibrationOptions(), smoothquant_alpha,
                            progress)
@@ -112,6 +132,43 @@ def _quantize_w8a8(model_or_folder, staging: Path, options: dict, calibration: C
         quantize_w8a8(source, staging / MODEL_FILE, calibration_steps(model, samples, bars))
 
 
+def _quantize_w4a16(model_or_folder, staging: Path, options: dict, calibration: CalibrationOptions, use_awq: bool,
+                    block_size: int, progress) -> None:
+    from mistral_export.export.precision.awq import awq
+    from mistral_export.export.precision.int4 import quantize_int4_weights
+
+    options["metadata"][QUANTIZATION_KEY] = json.dumps({
+        "method": "W4A16 AWQ" if use_awq else "W4A16 round-to-nearest", "awq": use_awq,
+        "weights": f"int4, symmetric, one fp16 scale per block of {block_size} along K and output channel; "
+                   "lm_head int8, one scale per output channel",
+        "block_size": block_size, "activations": "float16",
+        **({"calibration": calibration.describe()} if use_awq else {})})
+    model = model_or_folder  # round-to-nearest: a checkpoint folder streams into the export as for fp16
+    if use_awq:
+        model, tokenizer = _model_and_tokenizer(model_or_folder, calibration)
+        samples = calibration_samples(calibration, tokenizer)
+        if model is model_or_folder:  # the caller's model stays as it was; one loaded here is scaled in place
+            model = copy.deepcopy(model)
+        with _progress_bars(progress) as bars:
+            awq(model, calibration_steps(model, samples, bars), block_size, bars)
+    source = export_onnx(model, staging / "fp16", **options)
+    quantize_int4_weights(source, staging / MODEL_FILE, block_size)
+
+
+def _quantize_fp8(model_or_folder, staging: Path, options: dict, calibration: CalibrationOptions, progress) -> None:
+    from mistral_export.export.precision.fp8 import quantize_fp8
+
+    model, tokenizer = _model_and_tokenizer(model_or_folder, calibration)
+    samples = calibration_samples(calibration, tokenizer)
+    options["metadata"][QUANTIZATION_KEY] = json.dumps({
+        "method": "FP8 E4M3", "weights": "float8e4m3fn, one scale per output channel (max |w| / 448)",
+        "activations": "float8e4m3fn, one static scale per tensor (max |x| / 448 over the calibration steps)",
+        "calibration": calibration.describe()})
+    source = export_onnx(model, staging / "fp16", **options)
+    with _progress_bars(progress) as bars:
+        quantize_fp8(source, staging / MODEL_FILE, calibration_steps(model, samples, bars))
+
+
 def _model_and_tokenizer(model_or_folder, calibration: CalibrationOptions):
     from mistral_export.model.checkpoint import load_model
     from mistral_export.model.config import resolve_model_dir
@@ -124,7 +181,7 @@ def _model_and_tokenizer(model_or_folder, calibration: CalibrationOptions):
         model = load_model(model_or_folder)  # fp32: calibration statistics of the reference model
         folder = folder or resolve_model_dir(model_or_folder)
     if folder is None:
-        raise MistralExportError("int8 calibration of an in-memory model needs its tokenizer: "
+        raise MistralExportError("calibration of an in-memory model needs its tokenizer: "
                                  "CalibrationOptions(tokenizer=FOLDER with tokenizer.json)")
     return model, load_tokenizer(Path(folder))
 

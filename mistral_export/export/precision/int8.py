@@ -40,25 +40,11 @@ def _matmul_weights(model: ir.Model) -> list[tuple[ir.Node, ir.Value]]:
 
 def quantize_w8a8(source: Path, target: Path, steps: Iterator[Step]) -> None:
     """SOURCE (fp16 model.onnx) → TARGET with int8 Q/DQ on every MatMul of the main graph."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    class Feeds(CalibrationDataReader):
-        """The calibration steps as the graph's inputs (caches copied into the fp16 graph's dtype)."""
-
-        def get_next(self):
-            step = next(steps, None)
-            if step is None:
-                return None
-            feed = {"input_ids": step.input_ids.numpy(), "past_len": step.past_len.numpy()}
-            for i, (keys, values) in enumerate(step.cache):
-                feed[f"past_key_values.{i}.key"] = keys.numpy().astype(np.float16)
-                feed[f"past_key_values.{i}.value"] = values.numpy().astype(np.float16)
-            return feed
-
-    with _quiet_root_logger():  # it warns on the root logger to pre-process (the exporter has folded and inferred)
+    with quiet_root_logger():  # it warns on the root logger to pre-process (the exporter has folded and inferred)
         quantize_static(
-            str(source), str(target), Feeds(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+            str(source), str(target), calibration_feeds(steps), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
             extra_options={
@@ -70,8 +56,26 @@ def quantize_w8a8(source: Path, target: Path, steps: Iterator[Step]) -> None:
     data.chmod(0o644)  # written through a private temporary file; readable like every other artifact
 
 
+def calibration_feeds(steps: Iterator[Step]):
+    """The calibration steps as an ONNX Runtime CalibrationDataReader of the fp16 graph's inputs."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Feeds(CalibrationDataReader):
+        def get_next(self):
+            step = next(steps, None)
+            if step is None:
+                return None
+            feed = {"input_ids": step.input_ids.numpy(), "past_len": step.past_len.numpy()}
+            for i, (keys, values) in enumerate(step.cache):
+                feed[f"past_key_values.{i}.key"] = keys.numpy().astype(np.float16)
+                feed[f"past_key_values.{i}.value"] = values.numpy().astype(np.float16)
+            return feed
+
+    return Feeds()
+
+
 @contextlib.contextmanager
-def _quiet_root_logger():
+def quiet_root_logger():
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
@@ -85,22 +89,26 @@ def quantize_weights_only(source: Path, target: Path) -> None:
     """SOURCE → TARGET with each MatMul weight stored int8 (per output channel) behind DequantizeLinear."""
     model = ir.load(str(source))
     for node, weight in _matmul_weights(model):
-        values = weight.const_value.numpy().astype(np.float32)  # [K, N]
-        scale = np.abs(values).max(axis=0) / INT8_MAX
-        scale = np.where(scale > 0, scale, 1.0).astype(weight.dtype.numpy())  # the scale in the weight's dtype
-        quantized = np.clip(np.rint(values / scale.astype(np.float32)), -INT8_MAX, INT8_MAX).astype(np.int8)
-        name = weight.name
-        q = add_initializer(model.graph, f"{name}_quantized", quantized)
-        s = add_initializer(model.graph, f"{name}_scale", scale)
-        zero = add_initializer(model.graph, f"{name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
-        dq = ir.node("DequantizeLinear", [q, s, zero], {"axis": 1})
-        dq.outputs[0].name = f"{name}_DequantizeLinear_Output"
-        dq.outputs[0].shape, dq.outputs[0].type = weight.shape, weight.type
-        model.graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
-        if not weight.uses():
-            model.graph.initializers.pop(name)
+        dequantize_int8(model.graph, node, weight, weight.const_value.numpy())
     ir.save(model, str(target), external_data=target.name + ".data")
+
+
+def dequantize_int8(graph: ir.Graph, node: ir.Node, weight: ir.Value, values: np.ndarray) -> None:
+    """NODE's weight input (VALUES [K, N]) → DequantizeLinear(int8, one scale per output channel, in its dtype)."""
+    scale = np.abs(values.astype(np.float32)).max(axis=0) / INT8_MAX
+    scale = np.where(scale > 0, scale, 1.0).astype(weight.dtype.numpy())
+    quantized = np.clip(np.rint(values.astype(np.float32) / scale.astype(np.float32)), -INT8_MAX, INT8_MAX)
+    name = weight.name
+    q = add_initializer(graph, f"{name}_quantized", quantized.astype(np.int8))
+    s = add_initializer(graph, f"{name}_scale", scale)
+    zero = add_initializer(graph, f"{name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
+    dq = ir.node("DequantizeLinear", [q, s, zero], {"axis": 1})
+    dq.outputs[0].name = f"{name}_DequantizeLinear_Output"
+    dq.outputs[0].shape, dq.outputs[0].type = weight.shape, weight.type
+    graph.insert_before(node, dq)
+    node.replace_input_with(1, dq.outputs[0])
+    if not weight.uses():
+        graph.initializers.pop(name)
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

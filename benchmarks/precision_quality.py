@@ -1,0 +1,145 @@
+"""Quality of the 4-bit and FP8 precisions on the tiny fixture, and of the choices behind them.
+
+Each variant is exported from `tiny` (default calibration: the shipped text, 32 samples of 256 tokens) and run on
+ONNX Runtime's CPU provider, both the portable model.onnx and (where there is one) the ONNX Runtime artifact,
+over held-out text (the standard-library files tools/train_tiny.py held out of training, as tests/test_precision.py
+reads them: 3 files x 384 tokens, prefilled in chunks of the window). Against the fp32 eager model: top-1 agreement
+and the perplexity ratio, beside the bars in validate/thresholds.py.
+
+Variants: int4-awq as shipped (AWQ, blocks of 128, lm_head int8), blocks of 64 and 32, --no-awq (round-to-nearest),
+the lm_head in 4 bits too; fp8 as shipped (lm_head fp16) and with the lm_head in E4M3 too; int8-wo for reference.
+Then the fixture with activation-outlier channels injected (fp32 function unchanged, tests/test_precision.py's
+`outlier_model`): AWQ against round-to-nearest. The lm_head variants patch the module constant that names it.
+
+    python benchmarks/precision_quality.py [--out benchmarks/results/precision_quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact  # noqa: E402
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner  # noqa: E402
+from mistral_export.runners.base import EagerRunner, prefill  # noqa: E402
+from mistral_export.export.precision import CalibrationOptions, export_precision  # noqa: E402
+from mistral_export.export.precision import fp8 as fp8_module, int4 as int4_module  # noqa: E402
+from mistral_export.model.checkpoint import load_model  # noqa: E402
+from mistral_export.model.config import TINY_DIR  # noqa: E402
+from mistral_export.model.tokenizer import load_tokenizer  # noqa: E402
+from mistral_export.validate.thresholds import THRESHOLDS  # noqa: E402
+from provenance import markdown as provenance_markdown, provenance  # noqa: E402  (same folder)
+
+CHUNK = 64  # tiny's window
+
+
+def held_out_ids(files: int = 3, length: int = 384) -> torch.Tensor:
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "tools" / "train_tiny.py")
+    train_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tiny)
+    held = [f for i, f in enumerate(train_tiny.stdlib_files()) if i % train_tiny.HELD_OUT_EVERY == 0]
+    tokenizer = load_tokenizer(TINY_DIR)
+    rows = [ids[:length] for ids in (tokenizer.encode(f.read_text(errors="replace")) for f in held) if len(ids) >= length]
+    return torch.tensor(rows[:files])
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return float(torch.exp(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())))
+
+
+def measure(runner, reference: torch.Tensor, ids: torch.Tensor) -> dict:
+    runner.reset(ids.shape[0])
+    logits = prefill(runner, ids, CHUNK)
+    return {"top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+            "perplexity_ratio": perplexity(logits, ids) / perplexity(reference, ids)}
+
+
+def variant(model, folder: Path, precision: str, reference, ids, *, lm_head_quantized: bool = False,
+            artifact: bool = True, **options) -> dict:
+    """Export MODEL in PRECISION with OPTIONS, then measure model.onnx and its ONNX Runtime artifact."""
+    lm_head = (int4_module.LM_HEAD, fp8_module.LM_HEAD)
+    if lm_head_quantized:  # no weight is named so: the lm_head is quantized like every other GEMM
+        int4_module.LM_HEAD = fp8_module.LM_HEAD = "<none>"
+    started = time.perf_counter()
+    try:
+        calibration = CalibrationOptions(tokenizer=TINY_DIR)
+        path = export_precision(model, folder, precision, calibration=calibration, **options)
+    finally:
+        int4_module.LM_HEAD, fp8_module.LM_HEAD = lm_head
+    row = {"export_seconds": round(time.perf_counter() - started, 1),
+           "weights_bytes": (folder / "model.onnx.data").stat().st_size,
+           "model.onnx": measure(OnnxRuntimeRunner(path, portable=True), reference, ids)}
+    if artifact:
+        write_onnxruntime_artifact(path)
+        row["model.ort.onnx"] = measure(OnnxRuntimeRunner(path), reference, ids)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "precision_quality")
+    args = parser.parse_args()
+    origin = provenance(("torch", "onnx", "onnxruntime"))
+    from test_precision import outlier_model
+
+    tiny = load_model("tiny")
+    ids = held_out_ids()
+    eager = EagerRunner(tiny)
+    eager.reset(ids.shape[0])
+    reference = prefill(eager, ids, CHUNK)
+    plan = [
+        ("int4-awq", "int4-awq (shipped: AWQ, blocks of 128, lm_head int8)", {}),
+        ("int4-awq", "int4-awq, blocks of 64", {"int4_block_size": 64}),
+        ("int4-awq", "int4-awq, blocks of 32", {"int4_block_size": 32}),
+        ("int4-awq", "int4-awq --no-awq (round-to-nearest)", {"awq": False}),
+        ("int4-awq", "int4-awq, lm_head in 4 bits too", {"lm_head_quantized": True}),
+        ("fp8", "fp8 (shipped: lm_head fp16)", {}),
+        ("fp8", "fp8, lm_head in E4M3 too", {"lm_head_quantized": True}),
+        ("int8-wo", "int8-wo (reference)", {}),
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="precision_quality_") as tmp, torch.inference_mode():
+        for i, (precision, name, options) in enumerate(plan):
+            row = variant(tiny, Path(tmp) / str(i), precision, reference, ids, **options)
+            rows.append({"variant": name, "precision": precision, "model": "tiny", **row})
+            print(name, json.dumps(row), flush=True)
+        outliers = outlier_model(tiny)
+        for name, use_awq in (("int4-awq --no-awq (round-to-nearest)", False), ("int4-awq (AWQ)", True)):
+            row = variant(outliers, Path(tmp) / f"outliers-{use_awq}", "int4-awq", reference, ids, awq=use_awq,
+                          artifact=False)
+            rows.append({"variant": name, "precision": "int4-awq", "model": "tiny with activation outliers", **row})
+            print("outliers", name, json.dumps(row), flush=True)
+    result = {"provenance": origin, "rows": rows, "thresholds": {p: THRESHOLDS[p] for p in ("int4-awq", "fp8", "int8-wo")}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# int4-awq and fp8 quality on the tiny fixture (and the choices behind them)", "",
+             provenance_markdown(origin).rstrip(), "",
+             "ONNX Runtime CPU against the fp32 eager model over held-out text (3 standard-library files the fixture "
+             "never saw, 384 tokens each). Bars: " + "; ".join(
+                 f"{p} top-1 >= {b['top1_agreement']:.0%}, perplexity ratio <= {b['perplexity_ratio']}"
+                 for p, b in result["thresholds"].items()) + ".", "",
+             "| model | variant | weights (model.onnx.data) | top-1 model.onnx | perplexity ratio model.onnx | "
+             "top-1 model.ort.onnx | perplexity ratio model.ort.onnx |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ort = r.get("model.ort.onnx")
+        lines.append(f"| {r['model']} | {r['variant']} | {r['weights_bytes'] / 2**20:.2f} MiB | "
+                     f"{r['model.onnx']['top1_agreement']:.1%} | {r['model.onnx']['perplexity_ratio']:.4f} | "
+                     + (f"{ort['top1_agreement']:.1%} | {ort['perplexity_ratio']:.4f} |" if ort else "- | - |"))
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
