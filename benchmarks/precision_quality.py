@@ -78,11 +78,11 @@ def variant(model, folder: Path, precision: str, reference, ids, *, lm_head_quan
         path = export_precision(model, folder, precision, calibration=calibration, **options)
     finally:
         int4_module.LM_HEAD, fp8_module.LM_HEAD = lm_head
+    write_onnxruntime_artifact(path)  # its artifact.json describes the folder for the runner
     row = {"export_seconds": round(time.perf_counter() - started, 1),
            "weights_bytes": (folder / "model.onnx.data").stat().st_size,
            "model.onnx": measure(OnnxRuntimeRunner(path, portable=True), reference, ids)}
     if artifact:
-        write_onnxruntime_artifact(path)
         row["model.ort.onnx"] = measure(OnnxRuntimeRunner(path), reference, ids)
     return row
 

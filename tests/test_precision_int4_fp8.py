@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import needs_tiny
 from mistral_export.cli import app
+from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
 from mistral_export.engines.onnxruntime.quantized import pack_nbits
 from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
 from mistral_export.engines.tensorrt.precision_support import check_tensorrt_precision
@@ -142,6 +143,7 @@ def test_awq_beats_round_to_nearest_on_activation_outliers(tiny, held_out, tmp_p
     measured = {}
     for name, use_awq in (("rtn", False), ("awq", True)):
         path = export_precision(model, tmp_path / name, "int4-awq", calibration=calibration, awq=use_awq)
+        write_onnxruntime_artifact(path)  # its artifact.json describes the folder (the runner runs model.onnx itself)
         measured[name] = score(OnnxRuntimeRunner(path, portable=True), reference, ids)
     rtn, awq = measured["rtn"], measured["awq"]
     # AWQ removes at least half of round-to-nearest's perplexity excess, and gains top-1 agreement.
