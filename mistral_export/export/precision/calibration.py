@@ -37,6 +37,7 @@ class CalibrationOptions:
     samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
     tokenizer: Path | None = None  # folder with tokenizer.json; None: the checkpoint's own (needed for in-memory models)
+    device: str = "cpu"  # where the layer-by-layer calibration runs ("cuda": a GPU); not part of the result
 
     def describe(self) -> dict:
         return {"data": Path(self.data).name if self.data else "calibration_text.txt (shipped default)",
