@@ -55,6 +55,8 @@ CalibDataOpt = Annotated[Optional[Path], typer.Option(help="int8: calibration te
                                                            "field); default: the packaged calibration text.")]
 CalibSamplesOpt = Annotated[Optional[int], typer.Option(min=1, help="int8: calibration samples (default 32).")]
 CalibSeqLenOpt = Annotated[Optional[int], typer.Option(min=1, help="int8: tokens per calibration sample (default 256).")]
+CalibDeviceOpt = Annotated[Optional[str], typer.Option(help="int8: where the layer-by-layer calibration runs: cpu "
+                                                            "(default) or cuda.")]
 
 
 @contextlib.contextmanager
@@ -115,6 +117,7 @@ def export(
     calib_data: CalibDataOpt = None,
     calib_samples: CalibSamplesOpt = None,
     calib_seq_len: CalibSeqLenOpt = None,
+    calib_device: CalibDeviceOpt = None,
 ) -> None:
     """Trace MODEL to one ONNX graph (prefill chunks and decode) with the mistral:: custom ops in PRECISION, and its ONNX Runtime artifact."""
     from mistral_export.engines.onnxruntime_artifact import write_onnxruntime_artifact
@@ -124,7 +127,7 @@ def export(
     with user_errors(), _log_to_stderr("[export] %(message)s") as logger:
         path = export_precision(model, output, precision.value, opset=opset, last_token_logits=last_token_logits,
                                 plugin_impl=plugin_impl.value, smoothquant_alpha=None if no_smoothquant else smoothquant_alpha,
-                                calibration=calibration_options(calib_data, calib_samples, calib_seq_len))
+                                calibration=calibration_options(calib_data, calib_samples, calib_seq_len, calib_device))
         logger.info("writing the ONNX Runtime artifact model.ort.onnx (GroupQueryAttention, cache updated in place)")
         write_onnxruntime_artifact(path)
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model."))

@@ -53,8 +53,8 @@ def to_float32_activations(model: ir.Model) -> None:
     f16, f32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
     for name, value in list(graph.initializers.items()):
         if value.dtype == f16 and value.const_value is not None:
-            array = value.const_value.numpy().astype(np.float32)
-            value.const_value = ir.tensor(array, name=name)
+            value.const_value = _lazy(lambda source=value.const_value: _released(source, source.numpy().astype(
+                np.float32)), f32, value.const_value.shape, name)
             value.type = ir.TensorType(f32)
     values = [*graph.inputs, *graph.outputs, *(out for node in graph for out in node.outputs)]
     for value in values:
@@ -78,18 +78,44 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
 
 
 def _int8_weight(dq: ir.Node | None):
-    """(int8 [K, N], scales [N]) of a DequantizeLinear of an int8 initializer with one scale per output channel."""
+    """(int8 [K, N] tensor, not read yet; scales [N]) of a DequantizeLinear of an int8 initializer with one scale per
+    output channel."""
     if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "":
         return None
-    weight, scale = (_constant(v) for v in dq.inputs[:2])
+    weight = dq.inputs[0].const_value
+    scale = _constant(dq.inputs[1])
     zero = _constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
-    if weight is None or scale is None or weight.dtype != np.int8 or weight.ndim != 2:
+    if weight is None or scale is None or weight.dtype != ir.DataType.INT8 or len(weight.shape) != 2:
         return None
     if dq.attributes.get_int("axis", 1) not in (1, -1) or scale.shape != (weight.shape[1],):
         return None
     if zero is not None and np.any(zero != 0):
         return None
     return weight, scale.astype(np.float32)
+
+
+def _lazy(make, dtype: ir.DataType, shape, name: str) -> ir.LazyTensor:
+    """A tensor computed when it is written (one at a time), its source's mapping released after: the artifact is
+    written without any weight of the model held in memory."""
+    def evaluate():
+        return ir.tensor(make(), name=name)
+    return ir.LazyTensor(evaluate, dtype, ir.Shape(list(shape)), name=name)
+
+
+def _nbits_layout(weight: ir.TensorProtocol, k: int, n: int, block: int) -> np.ndarray:
+    """MatMulNBits' 8-bit layout of int8 [K, N]: [N, blocks, block_size] unsigned bytes with zero point 128 (its
+    default when no zero point is given); K padded with zeros (128) to whole blocks."""
+    blocks = -(-k // block)
+    packed = np.full((n, blocks * block), 128, dtype=np.uint8)
+    packed[:, :k] = (weight.numpy().T.astype(np.int16) + 128).astype(np.uint8)
+    return _released(weight, packed.reshape(n, blocks, block))
+
+
+def _released(source: ir.TensorProtocol, result: np.ndarray) -> np.ndarray:
+    """RESULT, once SOURCE's file mapping is let go (each mapped weight would otherwise stay resident)."""
+    if isinstance(source, ir.ExternalTensor):
+        source.release()
+    return result
 
 
 def _activation_source(value: ir.Value) -> ir.Value:
@@ -117,12 +143,11 @@ def to_matmul_nbits(model: ir.Model) -> int:
         k, n = weight.shape
         block = block_size(k)
         blocks = -(-k // block)
-        # MatMulNBits' 8-bit layout: [N, blocks, block_size] unsigned bytes with zero point 128 (its default
-        # when no zero point is given); K padded with zeros (128) to whole blocks.
-        packed = np.full((n, blocks * block), 128, dtype=np.uint8)
-        packed[:, :k] = (weight.T.astype(np.int16) + 128).astype(np.uint8)
         name = node.inputs[1].producer().inputs[0].name or f"matmul{converted}"
-        b = add_initializer(graph, f"{name}.nbits", packed.reshape(n, blocks, block))
+        b = ir.Value(name=f"{name}.nbits", shape=ir.Shape([n, blocks, block]), type=ir.TensorType(ir.DataType.UINT8))
+        b.const_value = _lazy(lambda weight=weight, k=k, n=n, block=block: _nbits_layout(weight, k, n, block),
+                              ir.DataType.UINT8, (n, blocks, block), b.name)
+        graph.register_initializer(b)
         s = add_initializer(graph, f"{name}.nbits_scales", np.repeat(scale, blocks))
         matmul = ir.node("MatMulNBits", [_activation_source(node.inputs[0]), b, s],
                          {"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": ACCURACY_LEVEL},
@@ -141,7 +166,8 @@ def to_matmul_nbits(model: ir.Model) -> int:
 
 
 def save_with_own_data(model: ir.Model, artifact: Path) -> None:
-    """ARTIFACT and ARTIFACT.data (every weight), written in a staging folder and moved in, the model last."""
+    """ARTIFACT and ARTIFACT.data (every weight), written in a staging folder and moved in, the model last. The
+    converted weights are computed one at a time as they are written (`_lazy`)."""
     from mistral_export.export.onnx_export import staged_model
 
     with staged_model(artifact.parent, artifact.name) as staging:

@@ -51,6 +51,8 @@ def calibration_options(data: Path | None = None, samples: int | None = None,
     """CalibrationOptions from the command line's --calib-data/--calib-samples/--calib-seq-len/--calib-device
     (None: default)."""
     defaults = CalibrationOptions()
+    if device not in (None, "cpu", "cuda"):
+        raise MistralExportError(f"--calib-device must be cpu or cuda, got '{device}'")
     return CalibrationOptions(data=data, samples=samples or defaults.samples, seq_len=seq_len or defaults.seq_len,
                               device=device or defaults.device)
 
