@@ -107,7 +107,7 @@ def _nbits_layout(weight: ir.TensorProtocol, k: int, n: int, block: int) -> np.n
     default when no zero point is given); K padded with zeros (128) to whole blocks."""
     blocks = -(-k // block)
     packed = np.full((n, blocks * block), 128, dtype=np.uint8)
-    packed[:, :k] = (weight.numpy().T.astype(np.int16) + 128).astype(np.uint8)
+    np.bitwise_xor(weight.numpy().view(np.uint8).T, np.uint8(0x80), out=packed[:, :k])  # int8 + 128, no temporary
     return _released(weight, packed.reshape(n, blocks, block))
 
 

@@ -93,8 +93,8 @@ def write_weights(path: Path, slots: list[WeightSlot], tensors: Iterable[tuple[s
                 else:
                     _write_rows(handle, slot, rows_of, column)
                 written.add((slot.initializer, name))
-                del data
-            del tensor
+                del data, rows_of
+            del tensor  # nothing of it may outlive the loop body: the source computes the next tensor meanwhile
     missing = [f"{source} ({s.initializer})" for s in slots for source in s.sources
                if (s.initializer, source) not in written]
     if missing:

@@ -103,7 +103,7 @@ def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | P
 
 
 def _weights(model_or_folder):
-    """(config, the weights as stored one by one, one fp32 tensor by name: a copy the caller may change)."""
+    """(config, the weights as stored one by one, one tensor by name: a copy the caller may change)."""
     if isinstance(model_or_folder, Transformer):
         params = dict(model_or_folder.named_parameters())
         return (model_or_folder.config, lambda: iter(params.items()),
@@ -118,7 +118,7 @@ def _weights(model_or_folder):
         raise MistralExportError(f"preset '{model_or_folder}' has shapes only, no weights; pass a checkpoint folder")
     checkpoint = Checkpoint(folder, config)
     stored = stored_dtype(checkpoint, torch.float16)
-    return (config, lambda: checkpoint.tensors(stored), lambda name: checkpoint.tensor(name, torch.float32))
+    return (config, lambda: checkpoint.tensors(stored), lambda name: checkpoint.tensor(name, stored))
 
 
 def _tokenizer(model_or_folder, calibration: CalibrationOptions):

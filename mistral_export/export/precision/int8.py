@@ -10,8 +10,9 @@ more than one weight, and no fp16 copy of the model is written first.
 The numbers are ONNX Runtime's `quantize_static` ones (QDQ, per-channel symmetric INT8, MinMax ranges), which
 this project used before: `quantize_data`'s scale (2·absmax / 254 in float64, stored in the weight's fp16) and
 rounding (round half to even of w / scale in fp32), vectorized over channels here because ORT loops over them in
-Python and, above all, loads the whole model (ir: three times: its shape-inferred copy, the calibrator's copy and
-the calibration InferenceSession over an augmented copy written to disk) where this streams.
+Python and, above all, holds the whole model (quantize_static loads its shape-inferred copy with every weight,
+the calibrator loads a second, writes an augmented copy to disk and opens an InferenceSession on it: a third)
+where this streams.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor
 from mistral_export.export.weight_streaming import WeightSlot
 
 INT8_MAX = 127
+BLOCK_ELEMENTS = 1 << 23  # rows quantized together: 32 MiB of fp32 temporaries
 
 
 def symmetric_scales(absmax: np.ndarray) -> np.ndarray:
@@ -35,11 +37,19 @@ def symmetric_scales(absmax: np.ndarray) -> np.ndarray:
 
 
 def quantize_per_output_channel(weight: Tensor) -> tuple[Tensor, np.ndarray]:
-    """WEIGHT [N, K] (as the fp16 graph holds it) → int8 [N, K] and fp16 scales [N], one per output channel."""
-    w16 = weight.detach().to("cpu", torch.float16)
-    scales = symmetric_scales(w16.abs().amax(1).numpy())
-    quantized = torch.round(w16.float() / torch.from_numpy(scales.astype(np.float32)).unsqueeze(1))
-    return quantized.clamp_(-INT8_MAX - 1, INT8_MAX).to(torch.int8), scales
+    """WEIGHT [N, K] (as the fp16 graph holds it) → int8 [N, K] and fp16 scales [N], one per output channel; in
+    blocks of rows, so the float temporaries stay small whatever the tensor."""
+    rows, cols = weight.shape
+    quantized = torch.empty((rows, cols), dtype=torch.int8)
+    scales = np.empty(rows, dtype=np.float16)
+    step = max(1, BLOCK_ELEMENTS // max(1, cols))
+    for start in range(0, rows, step):
+        w16 = weight[start:start + step].detach().to("cpu", torch.float16)
+        block_scales = symmetric_scales(w16.abs().amax(1).numpy())
+        divided = w16.float().div_(torch.from_numpy(block_scales.astype(np.float32)).unsqueeze(1))
+        quantized[start:start + step] = divided.round_().clamp_(-INT8_MAX - 1, INT8_MAX).to(torch.int8)
+        scales[start:start + step] = block_scales
+    return quantized, scales
 
 
 class Int8Weights:

@@ -37,7 +37,7 @@ from mistral_export.model.transformer import Block, RMSNorm, rotary_cos_sin, rot
 
 GROUP_CACHE_BYTES = 256 << 20  # one layer's keys and values for the samples whose decode steps run together
 
-TensorSource = Callable[[str], Tensor]  # internal parameter name -> that tensor in fp32 (a copy the caller owns)
+TensorSource = Callable[[str], Tensor]  # internal parameter name -> that tensor, as stored (a copy the caller owns)
 
 
 class LayerHook(Protocol):
@@ -91,7 +91,7 @@ class LayerByLayer:
         c = self.config
         with torch.inference_mode():
             embedding = self.source("tok_embeddings.weight")
-            hidden = embedding[self.ids].to(self.device)
+            hidden = embedding[self.ids].to(self.device, torch.float32)
             del embedding
         started = time.perf_counter()
         task = None if self.progress is None else self.progress.add_task(
@@ -102,9 +102,11 @@ class LayerByLayer:
                 made = [make() for make in hooks]
                 with torch.inference_mode():
                     outputs = self._run(block, hidden, made)
-                replay = self._replay(hidden)
-                yield CalibratedLayer(index, block, made, hidden, replay)
-                del block, made
+                layer = CalibratedLayer(index, block, made, hidden, self._replay(hidden))
+                yield layer
+                # Freed now, though the consumer's loop variable still names it until the next layer is yielded.
+                layer.block = layer.hooks = layer.inputs = layer.replay = None
+                del block, made, layer
                 hidden = outputs
                 if task is not None:
                     done = index + 1

@@ -27,7 +27,7 @@ MIN_FACTOR = 1e-5
 
 def smoothing_factors(activation_max: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
     """s_j = max|X_j|^α / max|W_j|^(1−α) over the weights' columns j (channels never seen get 1)."""
-    weight_max = torch.cat([w.detach().abs().float() for w in weights], 0).amax(0)
+    weight_max = torch.stack([column_abs_max(w) for w in weights]).amax(0)
     factors = activation_max.float().clamp(min=MIN_FACTOR).pow(alpha) / weight_max.clamp(min=MIN_FACTOR).pow(1 - alpha)
     return torch.where(activation_max > 0, factors.clamp(min=MIN_FACTOR), torch.ones_like(factors))
 
@@ -41,6 +41,12 @@ def smooth(model: Transformer, maxima: dict[str, Tensor], alpha: float) -> None:
         prefix = f"layers.{i}."
         smooth_block(block, {k.removeprefix(prefix): v for k, v in maxima.items() if k.startswith(prefix)},
                      alpha, model.config)
+
+
+def column_abs_max(weight: Tensor) -> Tensor:
+    """max |W[:, j]| per column, fp32, without an |W| copy of the weight (a layer's w1 and w3 are 0.5 GB in fp32)."""
+    w = weight.detach()
+    return torch.maximum(w.amax(0), w.amin(0).neg()).float()
 
 
 @torch.no_grad()
@@ -69,7 +75,7 @@ def smooth_block(block: Block, maxima: dict[str, Tensor], alpha: float, c: Model
     # wo's input channels (h, d); the factor of kv head g's channel d is shared by the query heads of g.
     group, d = c.group_size, c.head_dim
     x_max = maxima["attention.wo"].view(c.num_kv_heads, group, d).amax(1)  # [Hkv, D]
-    w_max = attention.wo.weight.detach().abs().float().amax(0).view(c.num_kv_heads, group, d).amax(1)
+    w_max = column_abs_max(attention.wo.weight).view(c.num_kv_heads, group, d).amax(1)
     s = smoothing_factors(x_max.flatten(), [w_max.flatten().unsqueeze(0)], alpha).view(c.num_kv_heads, 1, d)
     attention.wv.weight.div_(s.reshape(-1, 1).to(attention.wv.weight.dtype))
     per_channel = s.expand(c.num_kv_heads, group, d).reshape(-1)
