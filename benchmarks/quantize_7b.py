@@ -88,10 +88,11 @@ def available_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable"))
 
 
-def run_measured(command: list[str], min_available: float) -> dict:
+def run_measured(command: list[str], min_available: float, log_path: Path) -> dict:
     """Run COMMAND; its wall time, ru_maxrss, sampled peak anonymous / file-backed RSS, and whether it was stopped."""
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(log_path, "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     peaks = {"RssAnon": 0, "RssFile": 0, "lowest_available": available_bytes()}
     stopped = []
 
@@ -114,8 +115,9 @@ def run_measured(command: list[str], min_available: float) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
+    log.close()
+    output = log_path.read_text(errors="replace")
     proc.returncode = os.waitstatus_to_exitcode(status)
     sampler.join()
     return {"seconds": time.perf_counter() - started, "returncode": proc.returncode,
@@ -150,8 +152,9 @@ def main() -> None:
             if precision == "int8":
                 command += ["--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
             print(f"{precision}: {' '.join(command)}", flush=True)
-            run = run_measured(command, args.min_available)
+            run = run_measured(command, args.min_available, args.work / f"{precision}.log")
             run["command"] = " ".join(["mistral-export", *command[1:]])
+            run["load_average_1min_after"] = os.getloadavg()[0]  # a shared machine: how busy it was
             run["files"] = {f.name: f.stat().st_size for f in sorted(out.glob("model.*"))} if out.exists() else {}
             run["weight_bytes"] = sum(size for name, size in run["files"].items() if name.endswith(".data"))
             run["peak_over_checkpoint"] = run["peak_rss_bytes"] / checkpoint_bytes
@@ -160,9 +163,13 @@ def main() -> None:
             if run["returncode"]:
                 print(run["output_tail"], flush=True)
             shutil.rmtree(out, ignore_errors=True)  # the disk is shared too
+            write_results(args, checkpoint_bytes, write_seconds, runs, origin)  # each run kept as soon as it ends
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
+
+
+def write_results(args, checkpoint_bytes: int, write_seconds: float, runs: dict, origin: dict) -> None:
     result = {"config": f"Mistral-7B-v0.1 shapes, {args.layers} layers, random bf16 weights (seed 0)",
               "checkpoint_bytes": checkpoint_bytes, "checkpoint_write_seconds": write_seconds,
               "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len},

@@ -22,6 +22,7 @@ or calls `CalibratedLayer.replay`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from mistral_export.errors import MistralExportError
 from mistral_export.export.precision.calibration import step_plan
 from mistral_export.model.config import ModelConfig
 from mistral_export.model.transformer import Block, RMSNorm, rotary_cos_sin, rotary_inv_freq
+
+log = logging.getLogger(__name__)
 
 GROUP_CACHE_BYTES = 256 << 20  # one layer's keys and values for the samples whose decode steps run together
 
@@ -108,12 +111,13 @@ class LayerByLayer:
                 layer.block = layer.hooks = layer.inputs = layer.replay = None
                 del block, made, layer
                 hidden = outputs
+                done = index + 1
+                elapsed = time.perf_counter() - started
+                eta = _minutes(elapsed / done * (c.num_layers - done))
+                log.info("calibrated layer %d/%d (%s elapsed, ETA %s)", done, c.num_layers, _minutes(elapsed), eta)
                 if task is not None:
-                    done = index + 1
-                    remaining = (time.perf_counter() - started) / done * (c.num_layers - done)
                     self.progress.update(task, advance=1, description=(
-                        f"calibration: layer {min(done + 1, c.num_layers)}/{c.num_layers}, "
-                        f"ETA {int(remaining // 60)}:{int(remaining % 60):02d}"))
+                        f"calibration: layer {min(done + 1, c.num_layers)}/{c.num_layers}, ETA {eta}"))
         finally:
             if task is not None:
                 self.progress.remove_task(task)
@@ -179,3 +183,7 @@ class LayerByLayer:
             for handle in handles:
                 handle.remove()
         return outputs
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
