@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from calibration_reference import whole_model_maxima, whole_model_steps
-from conftest import needs_tiny
+from conftest import needs_tiny, small_config
 from mistral_export.engines.onnxruntime_runner import OnnxRuntimeRunner
 from mistral_export.engines.runner import prefill
 from mistral_export.export.onnx_export import export_onnx
-from mistral_export.export.precision import CalibrationOptions, export_precision
+from mistral_export.errors import MistralExportError
+from mistral_export.export.precision import CalibrationOptions, calibration_options, export_precision
 from mistral_export.export.precision.calibration import calibration_samples
+from mistral_export.export.precision.layerwise import ChannelMaxima, LayerByLayer
 from mistral_export.export.precision.smoothquant import smooth_block
 from mistral_export.export.precision.w8a8 import W8A8Statistics, smoothquant_tensors
 from mistral_export.model.checkpoint import load_model
@@ -153,3 +155,46 @@ def test_int8_model_equals_quantize_static_of_the_whole_smoothed_model(tiny, sam
     # One activation scale an fp16 step apart moves the rounding of a whole activation tensor: logits stay close.
     assert float((logits["before"] - logits["after"]).abs().max()) < 2e-2 * float(logits["before"].abs().max())
     assert top1 >= 0.95, top1
+
+
+class InputsOf:
+    """A LayerHook as AWQ would use one: every input of one Linear, kept."""
+
+    def __init__(self, linear: str):
+        self.linear, self.inputs = linear, []
+
+    def observe(self, linear, x):
+        if linear == self.linear:
+            self.inputs.append(x.clone())
+
+
+@needs_tiny
+def test_layer_hooks_see_every_step_and_replay_reproduces_the_layer(tiny, samples):
+    params = dict(tiny.named_parameters())
+    layers = LayerByLayer(lambda name: params[name].detach().clone(), tiny.config, samples[:2])
+    previous = None
+    for layer in layers.layers([ChannelMaxima, lambda: InputsOf("feed_forward.w2")]):
+        if previous is not None:
+            assert torch.equal(layer.inputs, previous)  # the last layer's outputs are this one's inputs
+        previous = layer.replay(layer.block)
+        maxima, w2 = layer.hooks
+        tokens = sum(x.shape[0] * x.shape[1] for x in w2.inputs)
+        assert tokens == 2 * 160  # every token of every sample once: prefill chunks, then decode steps
+        expected = torch.cat([x.flatten(0, 1) for x in w2.inputs]).abs().amax(0)
+        assert torch.equal(maxima.maxima["feed_forward.w2"], expected)
+    # After the last layer: the final norm's output over every token, as the whole model computes it.
+    seen = []
+    handle = tiny.output.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    for _ in whole_model_steps(tiny, samples[:2]):
+        pass
+    handle.remove()
+    whole = torch.cat([torch.cat(seen[i * 11:(i + 1) * 11], 1) for i in range(2)])  # 11 steps per sample
+    torch.testing.assert_close(layers.final_norm_inputs(False), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_device_errors(tmp_path):
+    with pytest.raises(MistralExportError, match="--calib-device must be cpu or cuda, got 'tpu'"):
+        calibration_options(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MistralExportError, match="--calib-device cuda: no CUDA device"):
+            LayerByLayer(lambda name: None, small_config(), [[1, 2, 3, 4]], device="cuda")
