@@ -157,6 +157,7 @@ def build(
     calib_data: CalibDataOpt = None,
     calib_samples: CalibSamplesOpt = None,
     calib_seq_len: CalibSeqLenOpt = None,
+    calib_device: CalibDeviceOpt = None,
     max_batch: Annotated[int, typer.Option(min=1, help="TensorRT: largest batch the engine runs.")] = 8,
     opt_batch: Annotated[int, typer.Option(min=1, help="TensorRT: batch the engine is tuned for.")] = 1,
     max_chunk: Annotated[int, typer.Option(min=1, help="TensorRT: longest prefill chunk one step runs.")] = 512,
@@ -172,7 +173,8 @@ def build(
     from mistral_export.engines.tensorrt_engine import DEFAULT_TIMING_CACHE, EngineOptions
 
     precision_options = PrecisionOptions(smoothquant_alpha=None if no_smoothquant else smoothquant_alpha,
-                                         calib_data=calib_data, calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+                                         calib_data=calib_data, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                                         calib_device=calib_device)
     engine_options = EngineOptions(max_batch=max_batch, opt_batch=opt_batch, max_chunk=max_chunk,
                                    builder_optimization_level=builder_opt_level,
                                    timing_cache=timing_cache or DEFAULT_TIMING_CACHE)

@@ -59,6 +59,7 @@ class PrecisionOptions:
     calib_data: Path | None = None  # plain text or JSONL with a `text` field; None: the packaged calibration text
     calib_samples: int | None = None
     calib_seq_len: int | None = None
+    calib_device: str | None = None  # where calibration runs (cpu, cuda): not in the key, the result is the same
 
     def key(self, precision: str) -> dict:
         if precision != "int8":
@@ -345,4 +346,4 @@ def _export_precision(model, folder: Path, precision: str, opset: int | None, la
                             plugin_impl=plugin_impl, progress=progress.bars,
                             smoothquant_alpha=options.smoothquant_alpha,
                             calibration=calibration_options(options.calib_data, options.calib_samples,
-                                                            options.calib_seq_len))
+                                                            options.calib_seq_len, options.calib_device))
