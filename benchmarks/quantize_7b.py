@@ -10,6 +10,10 @@ memory drops below --min-available GB (a shared machine).
 
     python benchmarks/quantize_7b.py [--work /tmp/quantize7b] [--precisions fp16,int8-wo,int8]
                                      [--calib-samples 32] [--calib-seq-len 256] [--layers 32] [--keep]
+                                     [--checkpoint DIR] [--baseline-commit REV]
+
+`--checkpoint` reuses a checkpoint written before (kept); `--baseline-commit` also runs each precision with the
+code of another commit (git archive, first on PYTHONPATH), just before the current code, on the same checkpoint.
 """
 
 from __future__ import annotations
@@ -88,11 +92,11 @@ def available_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable"))
 
 
-def run_measured(command: list[str], min_available: float, log_path: Path) -> dict:
+def run_measured(command: list[str], min_available: float, log_path: Path, env: dict | None = None) -> dict:
     """Run COMMAND; its wall time, ru_maxrss, sampled peak anonymous / file-backed RSS, and whether it was stopped."""
     started = time.perf_counter()
     log = open(log_path, "w")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     peaks = {"RssAnon": 0, "RssFile": 0, "lowest_available": available_bytes()}
     stopped = []
 
@@ -136,34 +140,49 @@ def main() -> None:
     parser.add_argument("--min-available", type=float, default=3.0, help="GB of machine memory to keep free")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (checkpoint and outputs)")
     parser.add_argument("--out", type=Path, default=RESULTS / "quantize_7b")
+    parser.add_argument("--checkpoint", type=Path, help="an existing checkpoint folder to use (kept)")
+    parser.add_argument("--baseline-commit", help="also run each precision with this commit's code, first")
     args = parser.parse_args()
     origin = provenance(("torch", "onnx", "onnxruntime", "onnx-ir", "safetensors"))
     config = load_config("mistral-7b-v0.1").replace(num_layers=args.layers, name="mistral-7b-shapes")
-    checkpoint = args.work / "checkpoint"
+    checkpoint = args.checkpoint or args.work / "checkpoint"
     runs = {}
+    args.work.mkdir(parents=True, exist_ok=True)
     try:
         started = time.perf_counter()
-        checkpoint_bytes = write_checkpoint(checkpoint, config)
-        write_seconds = time.perf_counter() - started
+        if args.checkpoint:
+            checkpoint_bytes, write_seconds = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")), 0.0
+        else:
+            checkpoint_bytes = write_checkpoint(checkpoint, config)
+            write_seconds = time.perf_counter() - started
+        codes = [("", None)]
+        if args.baseline_commit:
+            source = args.work / "baseline_source"
+            source.mkdir(exist_ok=True)
+            archive = subprocess.run(["git", "archive", args.baseline_commit], cwd=ROOT, capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+            codes.insert(0, (f" (commit {args.baseline_commit})", dict(os.environ, PYTHONPATH=str(source))))
         cli = str(Path(sys.executable).with_name("mistral-export"))
         for precision in args.precisions.split(","):
-            out = args.work / precision
-            command = [cli, "export", str(checkpoint), "-o", str(out), "--precision", precision]
-            if precision == "int8":
-                command += ["--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
-            print(f"{precision}: {' '.join(command)}", flush=True)
-            run = run_measured(command, args.min_available, args.work / f"{precision}.log")
-            run["command"] = " ".join(["mistral-export", *command[1:]])
-            run["load_average_1min_after"] = os.getloadavg()[0]  # a shared machine: how busy it was
-            run["files"] = {f.name: f.stat().st_size for f in sorted(out.glob("model.*"))} if out.exists() else {}
-            run["weight_bytes"] = sum(size for name, size in run["files"].items() if name.endswith(".data"))
-            run["peak_over_checkpoint"] = run["peak_rss_bytes"] / checkpoint_bytes
-            runs[precision] = run
-            print(json.dumps({k: v for k, v in run.items() if k != "output_tail"}), flush=True)
-            if run["returncode"]:
-                print(run["output_tail"], flush=True)
-            shutil.rmtree(out, ignore_errors=True)  # the disk is shared too
-            write_results(args, checkpoint_bytes, write_seconds, runs, origin)  # each run kept as soon as it ends
+            for label, env in codes:
+                out = args.work / precision
+                command = [cli, "export", str(checkpoint), "-o", str(out), "--precision", precision]
+                if precision == "int8":
+                    command += ["--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
+                print(f"{precision}{label}: {' '.join(command)}", flush=True)
+                run = run_measured(command, args.min_available, args.work / f"{precision}{label.replace(' ', '_')}.log",
+                                   env)
+                run["command"] = " ".join(["mistral-export", *command[1:]])
+                run["load_average_1min_after"] = os.getloadavg()[0]  # a shared machine: how busy it was
+                run["files"] = {f.name: f.stat().st_size for f in sorted(out.glob("model.*"))} if out.exists() else {}
+                run["weight_bytes"] = sum(size for name, size in run["files"].items() if name.endswith(".data"))
+                run["peak_over_checkpoint"] = run["peak_rss_bytes"] / checkpoint_bytes
+                runs[precision + label] = run
+                print(json.dumps({k: v for k, v in run.items() if k != "output_tail"}), flush=True)
+                if run["returncode"]:
+                    print(run["output_tail"], flush=True)
+                shutil.rmtree(out, ignore_errors=True)  # the disk is shared too
+                write_results(args, checkpoint_bytes, write_seconds, runs, origin)  # each run kept as soon as it ends
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
@@ -187,7 +206,7 @@ def markdown(r: dict) -> str:
     gb = 1e9
     rows = []
     for precision, run in r["runs"].items():
-        target = TARGET_FP16_OVER_CHECKPOINT if precision == "fp16" else TARGET_PEAK_OVER_CHECKPOINT
+        target = TARGET_FP16_OVER_CHECKPOINT if precision.startswith("fp16") else TARGET_PEAK_OVER_CHECKPOINT
         verdict = "met" if run["peak_over_checkpoint"] <= target and not run["returncode"] else "missed"
         status = "ok" if not run["returncode"] else ("stopped: machine memory low" if run["stopped_for_memory"]
                                                      else f"failed (exit {run['returncode']})")

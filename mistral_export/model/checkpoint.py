@@ -136,14 +136,11 @@ class Checkpoint:
                                      + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
-        """(internal name, tensor) pairs in checkpoint order, one tensor in memory at a time."""
-        by_file: dict[Path, list[tuple[str, str]]] = {}
-        for name, (path, key) in self.sources.items():
-            by_file.setdefault(path, []).append((name, key))
-        for path, entries in by_file.items():
-            with _open(path) as handle:
-                for name, key in entries:
-                    yield name, self._read(handle, path, name, key).to(dtype)
+        """(internal name, tensor) pairs in checkpoint order, one tensor in memory at a time (each read through its
+        own opening of the file: pages of a shard already read do not stay mapped, and counted, while it is read)."""
+        order = {path: i for i, path in enumerate(self.files)}
+        for name in sorted(self.sources, key=lambda n: order.get(self.sources[n][0], 0)):
+            yield name, self.tensor(name, dtype)
 
     def tensor(self, name: str, dtype: torch.dtype) -> Tensor:
         """One tensor by internal name (its file opened and closed again: no mapping of a whole shard stays)."""
