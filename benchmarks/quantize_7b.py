@@ -215,13 +215,17 @@ def markdown(r: dict) -> str:
                     f"**{run['peak_over_checkpoint']:.3f}x** (target <= {target}x: {verdict}) | "
                     f"{run['weight_bytes'] / gb:.2f} GB |")
     c = r["calibration"]
+    written = (f"written in {r['checkpoint_write_seconds']:.0f} s" if r["checkpoint_write_seconds"]
+               else "written by an earlier run")
+    calibration = (f" int8 calibration: {c['samples']} samples x {c['seq_len']} tokens (the default is 32 x 256)."
+                   if any(p.startswith("int8 ") or p == "int8" for p in r["runs"]) else "")
     return f"""# Quantizing a Mistral-7B-shaped checkpoint in bounded memory
 
-{r['config']}: checkpoint {r['checkpoint_bytes'] / gb:.2f} GB (written in {r['checkpoint_write_seconds']:.0f} s).
+{r['config']}: checkpoint {r['checkpoint_bytes'] / gb:.2f} GB ({written}).
 Each row is `mistral-export export CKPT --precision P` (model.onnx + model.onnx.data, then the ONNX Runtime artifact)
 in a child process; peak RSS is the child's ru_maxrss, the anonymous / file-backed split the sampled peaks of each
-(file-backed: mapped checkpoint and ONNX data pages, reclaimable but counted in RSS). int8 calibration:
-{c['samples']} samples x {c['seq_len']} tokens (the default is 32 x 256).
+(file-backed: mapped checkpoint and ONNX data pages, reclaimable but counted in RSS). The machine is shared: each
+run's 1-minute load average after it is in the .json.{calibration}
 
 | precision | result | wall time | peak RSS | anon / file peak | peak / checkpoint bytes | weight bytes written |
 | --- | --- | --- | --- | --- | --- | --- |
