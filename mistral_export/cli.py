@@ -58,6 +58,7 @@ CalibDataOpt = Annotated[Optional[Path], typer.Option(help="int8, int4-awq, fp8:
                                                            "field); default: the packaged calibration text.")]
 CalibSamplesOpt = Annotated[int, typer.Option(min=1, help="int8, int4-awq, fp8: calibration samples.")]
 CalibSeqLenOpt = Annotated[int, typer.Option(min=2, help="int8, int4-awq, fp8: tokens per calibration sample.")]
+CalibDeviceOpt = Annotated[Device, typer.Option(help="int8: where the layer-by-layer calibration runs.")]
 
 
 @contextlib.contextmanager
@@ -120,6 +121,7 @@ def export(
     calib_data: CalibDataOpt = None,
     calib_samples: CalibSamplesOpt = DEFAULT_SAMPLES,
     calib_seq_len: CalibSeqLenOpt = DEFAULT_SEQ_LEN,
+    calib_device: CalibDeviceOpt = Device.cpu,
 ) -> None:
     """Trace MODEL to one ONNX graph (prefill chunks and decode) with the mistral:: custom ops in PRECISION, and its ONNX Runtime artifact."""
     from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
@@ -128,7 +130,7 @@ def export(
 
     started = time.perf_counter()
     options = _precision_options(smoothquant_alpha, no_smoothquant, no_awq, int4_block_size, calib_data, calib_samples,
-                                 calib_seq_len)
+                                 calib_seq_len, calib_device)
     with user_errors(), _log_to_stderr("[export] %(message)s") as logger:
         path = export_with_options(model, output, precision.value, opset, last_token_logits, plugin_impl.value, options,
                                    BuildProgress(quiet=True))
@@ -140,12 +142,12 @@ def export(
 
 
 def _precision_options(smoothquant_alpha: float, no_smoothquant: bool, no_awq: bool, int4_block_size: int,
-                       calib_data: Path | None, calib_samples: int, calib_seq_len: int):
+                       calib_data: Path | None, calib_samples: int, calib_seq_len: int, calib_device):
     from mistral_export.pipeline.build import PrecisionOptions
 
     return PrecisionOptions(smoothquant_alpha=None if no_smoothquant else smoothquant_alpha, awq=not no_awq,
                             int4_block_size=int4_block_size, calib_data=calib_data, calib_samples=calib_samples,
-                            calib_seq_len=calib_seq_len)
+                            calib_seq_len=calib_seq_len, calib_device=calib_device.value)
 
 
 @app.command()
@@ -166,6 +168,7 @@ def build(
     calib_data: CalibDataOpt = None,
     calib_samples: CalibSamplesOpt = DEFAULT_SAMPLES,
     calib_seq_len: CalibSeqLenOpt = DEFAULT_SEQ_LEN,
+    calib_device: CalibDeviceOpt = Device.cpu,
     max_batch: Annotated[int, typer.Option(min=1, help="TensorRT: largest batch the engine runs.")] = 8,
     opt_batch: Annotated[int, typer.Option(min=1, help="TensorRT: batch the engine is tuned for.")] = 1,
     max_chunk: Annotated[int, typer.Option(min=1, help="TensorRT: longest prefill chunk one step runs.")] = 512,
@@ -181,7 +184,7 @@ def build(
     from mistral_export.pipeline.progress import BuildProgress
 
     precision_options = _precision_options(smoothquant_alpha, no_smoothquant, no_awq, int4_block_size, calib_data,
-                                           calib_samples, calib_seq_len)
+                                           calib_samples, calib_seq_len, calib_device)
     engine_options = EngineOptions(max_batch=max_batch, opt_batch=opt_batch, max_chunk=max_chunk,
                                    builder_optimization_level=builder_opt_level,
                                    timing_cache=timing_cache or DEFAULT_TIMING_CACHE)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from calibration_reference import whole_model_maxima
 from conftest import needs_tiny, small_config
 from mistral_export.cli import app
 from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
@@ -23,13 +24,11 @@ from mistral_export.runners.base import EagerRunner, greedy_tokens, prefill
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import export_onnx
 from mistral_export.export.precision import CalibrationOptions, export_precision
-from mistral_export.export.precision.calibration import (DEFAULT_TEXT, calibration_samples, calibration_steps,
-                                                         input_channel_maxima, step_plan)
+from mistral_export.export.precision.calibration import DEFAULT_TEXT, calibration_samples, step_plan
 from mistral_export.export.precision.smoothquant import smooth
 from mistral_export.model.checkpoint import load_model, random_model
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
-from mistral_export.model.transformer import allocate_cache
 from mistral_export.validate.thresholds import THRESHOLDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,7 +224,7 @@ def test_smoothquant_matters_on_activation_outliers(tiny, held_out, tmp_path):
 def test_smoothed_model_computes_the_same_function(tiny, held_out):
     ids, reference = held_out
     samples = calibration_samples(CalibrationOptions(samples=4, seq_len=64), load_tokenizer(TINY_DIR))
-    maxima = input_channel_maxima(tiny, calibration_steps(tiny, samples))
+    maxima = whole_model_maxima(tiny, samples)
     smoothed = copy.deepcopy(tiny)
     smooth(smoothed, maxima, alpha=0.5)
     changed = [n for n, p in smoothed.named_parameters() if not torch.equal(p, tiny.get_parameter(n))]
@@ -235,24 +234,10 @@ def test_smoothed_model_computes_the_same_function(tiny, held_out):
     assert (prefill(eager, ids, CHUNK) - reference).abs().max() <= 1e-4 * max(1.0, float(reference.abs().max()))
 
 
-@needs_tiny
-def test_calibration_steps_are_prefill_chunks_then_decode_with_real_caches(tiny):
+def test_calibration_step_plan_is_prefill_chunks_then_decode():
+    # Layer-by-layer calibration runs these steps; tests/test_layerwise_calibration.py checks it equals the whole model.
     assert step_plan(256, 64) == [(0, 64), (64, 64), (128, 64), (192, 56), *[(p, 1) for p in range(248, 256)]]
     assert step_plan(8, 64) == [(0, 6), (6, 1), (7, 1)]
-    tokens = calibration_samples(CalibrationOptions(samples=1, seq_len=160), load_tokenizer(TINY_DIR))[0]
-    # The cache each step sees is the one the previous steps wrote: equal to running them as one chunk.
-    cache = allocate_cache(tiny.config, 1)
-    with torch.inference_mode():
-        tiny(torch.tensor([tokens[:155]]), torch.tensor([0]), cache)
-    lengths = []
-    for index, step in enumerate(calibration_steps(tiny, [tokens])):
-        lengths.append(step.input_ids.shape[1])
-        if index == 6:  # the fifth step from the end; its cache is read before the next step writes it
-            assert int(step.past_len) == 155
-            for (k, v), (k_ref, v_ref) in zip(step.cache, cache):
-                assert (k - k_ref).abs().max() < 1e-4 and (v - v_ref).abs().max() < 1e-4
-                assert k.abs().sum() > 0
-    assert lengths == [64, 64, 24] + [1] * 8
 
 
 def test_calibration_text_errors(tmp_path):

@@ -227,11 +227,22 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
 
         def tensors():
             # Read in the checkpoint's own dtype (no converted copy); write_weights casts block by block.
-            yield from checkpoint.tensors(_stored_dtype(checkpoint, dtype))
+            yield from checkpoint.tensors(stored_dtype(checkpoint, dtype))
 
+    return export_graph(config, tensors, out_dir, opset=opset, last_token_logits=last_token_logits, dtype=dtype,
+                        plugin_impl=plugin_impl, metadata=metadata)
+
+
+def export_graph(config: ModelConfig, tensors, out_dir: str | Path, *, opset: int = DEFAULT_OPSET,
+                 last_token_logits: bool = False, dtype: torch.dtype = torch.float32,
+                 plugin_impl: str = DEFAULT_PLUGIN_IMPL, metadata: dict[str, str] | None = None,
+                 weights=None) -> Path:
+    """OUT_DIR/model.onnx (+ .data) of CONFIG's graph traced in DTYPE, its weights streamed from `tensors()`
+    ((internal name, tensor) pairs, any order). `weights` (a precision's weight transform: precision/int8.py's
+    Int8Weights) chooses each slot's stored dtype, transforms the stream and places what it wrote in the graph."""
     out = Path(out_dir)
     with staged_model(out) as staging:
-        _export_into(staging, config, tensors, dtype, opset, last_token_logits, plugin_impl, metadata or {})
+        _export_into(staging, config, tensors, dtype, opset, last_token_logits, plugin_impl, metadata or {}, weights)
     return out / MODEL_FILE
 
 
@@ -262,7 +273,7 @@ def staged_model(out: Path, model_file: str = MODEL_FILE):
 
 
 def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype, opset: int,
-                 last_token_logits: bool, plugin_impl: str, metadata: dict[str, str]) -> None:
+                 last_token_logits: bool, plugin_impl: str, metadata: dict[str, str], weights=None) -> None:
     model_path, data_path = folder / MODEL_FILE, folder / DATA_FILE
     log.info("tracing %s (%d layers) with the dynamo exporter, opset %d", config.name, config.num_layers, opset)
     traced = _trace(config, dtype, opset, last_token_logits, plugin_impl)
@@ -279,14 +290,18 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
     for name, (source_names, transposed) in sources.items():
         widths = tuple(shapes[n][0] if transposed else shapes[n][-1] for n in source_names)
         entries.append((name, source_names, widths, transposed, tuple(graph.initializers[name].shape.numpy())))
-    slots = weight_streaming.plan_layout(entries, dtype)
+    slots = weight_streaming.plan_layout(entries, dtype, weights.slot_dtypes(entries) if weights else None)
     total = sum(slot.length for slot in slots)
     log.info("streaming %d checkpoint tensors into %d initializers (%.2f GiB, %s) in %s",
-             sum(len(slot.sources) for slot in slots), len(slots), total / 2**30, str(dtype).removeprefix("torch."),
-             DATA_FILE)
-    weight_streaming.write_weights(data_path, slots, tensors())
+             sum(len(slot.sources) for slot in slots), len(slots), total / 2**30,
+             weights.describe() if weights else str(dtype).removeprefix("torch."), DATA_FILE)
+    weight_streaming.write_weights(data_path, slots, weights.stream(tensors()) if weights else tensors())
     for slot in slots:
-        graph.initializers[slot.initializer].const_value = weight_streaming.external_tensor(slot, data_path)
+        external = weight_streaming.external_tensor(slot, data_path)
+        if weights and weights.places(slot):
+            weights.place(graph, slot, external)
+        else:
+            graph.initializers[slot.initializer].const_value = external
 
     _rename_dims(traced)
     traced.opset_imports[DOMAIN] = VERSION
@@ -311,7 +326,7 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
     check_model(model_path)
 
 
-def _stored_dtype(checkpoint, fallback: torch.dtype) -> torch.dtype:
+def stored_dtype(checkpoint, fallback: torch.dtype) -> torch.dtype:
     from safetensors import safe_open
 
     path, key = next(iter(checkpoint.sources.values()))

@@ -42,22 +42,25 @@ def _torch_to_ir_dtype(dtype: torch.dtype) -> ir.DataType:
         torch.float32: ir.DataType.FLOAT,
         torch.float16: ir.DataType.FLOAT16,
         torch.bfloat16: ir.DataType.BFLOAT16,
+        torch.int8: ir.DataType.INT8,
     }[dtype]
 
 
 def plan_layout(entries: Iterable[tuple[str, tuple[str, ...], tuple[int, ...], bool, tuple[int, ...]]],
-                dtype: torch.dtype) -> list[WeightSlot]:
-    """Offsets in the data file for (initializer, sources, widths, transpose, shape) entries, page aligned."""
+                dtype: torch.dtype, dtypes: dict[str, torch.dtype] | None = None) -> list[WeightSlot]:
+    """Offsets in the data file for (initializer, sources, widths, transpose, shape) entries, page aligned;
+    each slot in `dtype` unless `dtypes` names another for its initializer (int8 weights)."""
     slots, offset = [], 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
     for initializer, sources, widths, transpose, shape in entries:
+        dtype_here = (dtypes or {}).get(initializer, dtype)
+        itemsize = torch.empty((), dtype=dtype_here).element_size()
         if sum(widths) != shape[-1]:
             raise AssertionError(f"{initializer}: source widths {widths} do not fill its last dim {shape[-1]}")
         length = itemsize
         for dim in shape:
             length *= dim
-        slots.append(WeightSlot(initializer, tuple(sources), tuple(widths), transpose, tuple(shape), dtype, offset,
-                                length))
+        slots.append(WeightSlot(initializer, tuple(sources), tuple(widths), transpose, tuple(shape), dtype_here,
+                                offset, length))
         offset += -(-length // ALIGNMENT) * ALIGNMENT
     return slots
 
@@ -90,8 +93,8 @@ def write_weights(path: Path, slots: list[WeightSlot], tensors: Iterable[tuple[s
                 else:
                     _write_rows(handle, slot, rows_of, column)
                 written.add((slot.initializer, name))
-                del data
-            del tensor
+                del data, rows_of
+            del tensor  # nothing of it may outlive the loop body: the source computes the next tensor meanwhile
     missing = [f"{source} ({s.initializer})" for s in slots for source in s.sources
                if (s.initializer, source) not in written]
     if missing:

@@ -137,27 +137,32 @@ class Checkpoint:
                                      + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
-        """(internal name, tensor) pairs in checkpoint order, one tensor in memory at a time."""
-        expected = self.expected
-        by_file: dict[Path, list[tuple[str, str]]] = {}
-        for name, (path, key) in self.sources.items():
-            by_file.setdefault(path, []).append((name, key))
-        for path, entries in by_file.items():
-            with _open(path) as handle:
-                for name, key in entries:
-                    try:
-                        tensor = handle.get_tensor(key)
-                    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                        raise MistralExportError(f"{path}: cannot read tensor '{key}': {exc}") from None
-                    if tuple(tensor.shape) != expected[name]:
-                        raise MistralExportError(
-                            f"{path}: tensor '{key}' has shape {list(tensor.shape)}, expected "
-                            f"{list(expected[name])} from the config ({self.config.name})"
-                        )
-                    if self.native and name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                        heads = self.config.num_heads if ".wq." in name else self.config.num_kv_heads
-                        tensor = interleaved_to_rotate_half(tensor, heads)
-                    yield name, tensor.to(dtype)
+        """(internal name, tensor) pairs in checkpoint order, one tensor in memory at a time (each read through its
+        own opening of the file: pages of a shard already read do not stay mapped, and counted, while it is read)."""
+        order = {path: i for i, path in enumerate(self.files)}
+        for name in sorted(self.sources, key=lambda n: order.get(self.sources[n][0], 0)):
+            yield name, self.tensor(name, dtype)
+
+    def tensor(self, name: str, dtype: torch.dtype) -> Tensor:
+        """One tensor by internal name (its file opened and closed again: no mapping of a whole shard stays)."""
+        path, key = self.sources[name]
+        with _open(path) as handle:
+            return self._read(handle, path, name, key).to(dtype)
+
+    def _read(self, handle, path: Path, name: str, key: str) -> Tensor:
+        try:
+            tensor = handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise MistralExportError(f"{path}: cannot read tensor '{key}': {exc}") from None
+        if tuple(tensor.shape) != self.expected[name]:
+            raise MistralExportError(
+                f"{path}: tensor '{key}' has shape {list(tensor.shape)}, expected "
+                f"{list(self.expected[name])} from the config ({self.config.name})"
+            )
+        if self.native and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = self.config.num_heads if ".wq." in name else self.config.num_kv_heads
+            tensor = interleaved_to_rotate_half(tensor, heads)
+        return tensor
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -63,6 +63,7 @@ class PrecisionOptions:
     calib_data: Path | None = None  # plain text or JSONL with a `text` field; None: the packaged calibration text
     calib_samples: int | None = None
     calib_seq_len: int | None = None
+    calib_device: str | None = None  # where calibration runs (cpu, cuda): not in the key, the result is the same
 
     def key(self, precision: str) -> dict:
         if precision not in CALIBRATED:
@@ -318,4 +319,4 @@ def export_with_options(model, folder: Path, precision: str, opset: int | None, 
                             smoothquant_alpha=options.smoothquant_alpha, awq=options.awq,
                             int4_block_size=options.int4_block_size,
                             calibration=calibration_options(options.calib_data, options.calib_samples,
-                                                            options.calib_seq_len))
+                                                            options.calib_seq_len, options.calib_device))

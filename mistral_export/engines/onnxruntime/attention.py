@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mistral_export.engines.onnxruntime.fusions import MS_DOMAIN, last_axis_slice
-from mistral_export.export.precision.int8 import add_initializer
+from mistral_export.export.precision.onnx_weights import add_initializer
 from mistral_export.op_contract import ATTENTION_OP, CACHE_UPDATE_OP, DOMAIN, NO_WINDOW
 
 CACHE_IN_PLACE_KEY = "mistral_export.cache_in_place"  # artifact metadata: present.* must alias past_key_values.*

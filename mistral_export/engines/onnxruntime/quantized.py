@@ -24,13 +24,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from mistral_export.engines.onnxruntime.fusions import MS_DOMAIN
 from mistral_export.export.precision import PRECISION_KEY
-from mistral_export.export.precision.int8 import add_initializer
+from mistral_export.export.precision.onnx_weights import add_initializer
 
 QUANTIZED = ("int8", "int8-wo", "int4-awq", "fp8")  # fp8 keeps its Q/DQ pairs (fp32 around them)
 MAX_BLOCK_SIZE = 512
@@ -53,8 +52,8 @@ def to_float32_activations(model: ir.Model) -> None:
     f16, f32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
     for name, value in list(graph.initializers.items()):
         if value.dtype == f16 and value.const_value is not None:
-            array = value.const_value.numpy().astype(np.float32)
-            value.const_value = ir.tensor(array, name=name)
+            value.const_value = _lazy(lambda source=value.const_value: _released(source, source.numpy().astype(
+                np.float32)), f32, value.const_value.shape, name)
             value.type = ir.TensorType(f32)
     values = [*graph.inputs, *graph.outputs, *(out for node in graph for out in node.outputs)]
     for value in values:
@@ -78,21 +77,43 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
 
 
 def _quantized_weight(dq: ir.Node | None):
-    """(values [K, N] as int8, scales [blocks, N] fp32, block rows, bits) of a DequantizeLinear of an int8 initializer
-    with one scale per output channel or of an INT4 initializer with blocks along K; None for anything else."""
+    """(weight [K, N], not read yet; scales [blocks, N] fp32; rows per block; bits) of a DequantizeLinear of an int8
+    initializer with one scale per output channel or of an INT4 initializer with blocks along K; None for anything
+    else."""
     if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "":
         return None
-    weight, scale = (_constant(v) for v in dq.inputs[:2])
+    weight = dq.inputs[0].const_value
+    scale = _constant(dq.inputs[1])
     zero = _constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
-    if weight is None or scale is None or weight.ndim != 2 or (zero is not None and np.any(zero != 0)):
+    if weight is None or scale is None or len(weight.shape) != 2 or (zero is not None and np.any(zero != 0)):
         return None
     k, n = weight.shape
     axis, block = dq.attributes.get_int("axis", 1), dq.attributes.get_int("block_size", 0)
-    if weight.dtype == np.int8 and axis in (1, -1) and scale.shape == (n,):
+    if weight.dtype == ir.DataType.INT8 and axis in (1, -1) and scale.shape == (n,):
         return weight, scale.astype(np.float32)[None, :], k, 8
-    if weight.dtype == ml_dtypes.int4 and axis == 0 and block and scale.shape == (k // block, n) and k % block == 0:
-        return weight.astype(np.int8), scale.astype(np.float32), block, 4
+    if weight.dtype == ir.DataType.INT4 and axis == 0 and block and scale.shape == (k // block, n) and k % block == 0:
+        return weight, scale.astype(np.float32), block, 4
     return None
+
+
+def _signed_values(weight: ir.TensorProtocol) -> np.ndarray:
+    values = weight.numpy()
+    return values if values.dtype == np.int8 else values.astype(np.int8)  # INT4 arrives as ml_dtypes.int4
+
+
+def _lazy(make, dtype: ir.DataType, shape, name: str) -> ir.LazyTensor:
+    """A tensor computed when it is written (one at a time), its source's mapping released after: the artifact is
+    written without any weight of the model held in memory."""
+    def evaluate():
+        return ir.tensor(make(), name=name)
+    return ir.LazyTensor(evaluate, dtype, ir.Shape(list(shape)), name=name)
+
+
+def _released(source: ir.TensorProtocol, result: np.ndarray) -> np.ndarray:
+    """RESULT, once SOURCE's file mapping is let go (each mapped weight would otherwise stay resident)."""
+    if isinstance(source, ir.ExternalTensor):
+        source.release()
+    return result
 
 
 def _activation_source(value: ir.Value) -> ir.Value:
@@ -123,10 +144,14 @@ def to_matmul_nbits(model: ir.Model) -> int:
         # 4 bits: the weights' own blocks.
         block = block_size(k) if bits == 8 else scale_rows
         blocks = -(-k // block)
-        b = add_initializer(graph, f"{node.inputs[1].producer().inputs[0].name or f'matmul{converted}'}.nbits",
-                            pack_nbits(weight, block, bits))
+        name = node.inputs[1].producer().inputs[0].name or f"matmul{converted}"
+        packed_shape = (n, blocks, block * bits // 8)
+        b = ir.Value(name=f"{name}.nbits", shape=ir.Shape(list(packed_shape)), type=ir.TensorType(ir.DataType.UINT8))
+        b.const_value = _lazy(lambda weight=weight, block=block, bits=bits: _released(weight, pack_nbits(
+            _signed_values(weight), block, bits)), ir.DataType.UINT8, packed_shape, b.name)
+        graph.register_initializer(b)
         per_block = np.repeat(scale, blocks, axis=0) if bits == 8 else scale  # [blocks, N]
-        s = add_initializer(graph, f"{b.name}_scales", np.ascontiguousarray(per_block.T).reshape(-1))
+        s = add_initializer(graph, f"{name}.nbits_scales", np.ascontiguousarray(per_block.T).reshape(-1))
         matmul = ir.node("MatMulNBits", [_activation_source(node.inputs[0]), b, s],
                          {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL},
                          domain=MS_DOMAIN)
@@ -150,7 +175,10 @@ def pack_nbits(weight: np.ndarray, block: int, bits: int) -> np.ndarray:
     blocks = -(-k // block)
     offset = 1 << (bits - 1)
     unsigned = np.full((n, blocks * block), offset, dtype=np.uint8)
-    unsigned[:, :k] = (weight.T.astype(np.int16) + offset).astype(np.uint8)
+    if bits == 8:  # int8 + 128 is a flip of the sign bit: no wider temporary of a large weight
+        np.bitwise_xor(weight.view(np.uint8).T, np.uint8(0x80), out=unsigned[:, :k])
+    else:
+        unsigned[:, :k] = (weight.T.astype(np.int16) + offset).astype(np.uint8)
     unsigned = unsigned.reshape(n, blocks, block)
     if bits == 4:
         unsigned = unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
@@ -158,7 +186,8 @@ def pack_nbits(weight: np.ndarray, block: int, bits: int) -> np.ndarray:
 
 
 def save_with_own_data(model: ir.Model, artifact: Path) -> None:
-    """ARTIFACT and ARTIFACT.data (every weight), written in a staging folder and moved in, the model last."""
+    """ARTIFACT and ARTIFACT.data (every weight), written in a staging folder and moved in, the model last. The
+    converted weights are computed one at a time as they are written (`_lazy`)."""
     from mistral_export.export.onnx_export import staged_model
 
     with staged_model(artifact.parent, artifact.name) as staging:

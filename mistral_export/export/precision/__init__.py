@@ -4,14 +4,16 @@
 
 - fp32, fp16: traced from torch in that dtype (the generic fp16 converters break this graph:
   DESIGN.md, "Quantization facts").
-- int8 (W8A8): SmoothQuant folded into the eager model's weights (α 0.5 by default; None: plain W8A8),
-  the result traced in fp16, then int8 Q/DQ on every GEMM with activation ranges from calibration.
-- int8-wo (W8A16): traced in fp16, then int8 weights behind DequantizeLinear.
+- int8 (W8A8): calibrated one decoder layer at a time (layerwise.py: bounded memory), SmoothQuant folded into
+  each layer's weights (α 0.5 by default; None: plain W8A8), the graph traced in fp16 with int8 Q/DQ on every
+  GEMM: the weights quantized as they stream, the activation ranges from the calibration (w8a8.py, int8.py).
+- int8-wo (W8A16): traced in fp16, int8 weights quantized as they stream from the checkpoint, behind
+  DequantizeLinear. Neither INT8 precision writes or holds an fp16 copy of the model.
 - int4-awq (W4A16): AWQ's activation-aware scales folded into the eager model's weights (awq.py; `awq=False`:
-  plain round-to-nearest), traced in fp16 at opset 21, then INT4 weights blockwise along K behind
-  DequantizeLinear (int4.py).
+  plain round-to-nearest, streamed from the checkpoint), traced in fp16 at opset 21, then INT4 weights blockwise along
+  K behind DequantizeLinear (int4.py). Calibrated on the whole model (not yet layer by layer).
 - fp8: traced in fp16, then E4M3 Q/DQ on every GEMM's weight (per output channel) and activation (per tensor,
-  static scales from calibration) (fp8.py).
+  static scales from calibration) (fp8.py). Calibrated on the whole model (not yet layer by layer).
 
 The quantized variants are fp16 everywhere else, so a TensorRT engine built from them is too; the norms'
 statistics and the softmax run in fp32 through the graph's explicit casts. `model.onnx`'s
@@ -29,10 +31,13 @@ from pathlib import Path
 import torch
 
 from mistral_export.errors import MistralExportError
-from mistral_export.export.onnx_export import MODEL_FILE, check_exportable, check_model, export_onnx, staged_model
-from mistral_export.export.precision.calibration import (CalibrationOptions, calibration_samples, calibration_steps,
-                                                         input_channel_maxima)
-from mistral_export.export.precision.int4 import DEFAULT_BLOCK_SIZE, OPSET as INT4_OPSET, check_block_size
+from mistral_export.export.onnx_export import (MODEL_FILE, check_exportable, check_model, export_graph, export_onnx,
+                                               staged_model)
+from mistral_export.export.precision.calibration import CalibrationOptions, calibration_samples, calibration_steps
+from mistral_export.export.precision.int4 import DEFAULT_BLOCK_SIZE, check_block_size
+from mistral_export.export.precision.int4 import OPSET as INT4_OPSET
+from mistral_export.export.precision.int8 import Int8Weights
+from mistral_export.export.precision.w8a8 import W8A8Statistics, smoothquant_tensors
 from mistral_export.model.transformer import Transformer
 from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL
 
@@ -52,10 +57,14 @@ def check_precision(precision: str) -> None:
 
 
 def calibration_options(data: Path | None = None, samples: int | None = None,
-                        seq_len: int | None = None) -> CalibrationOptions:
-    """CalibrationOptions from the command line's --calib-data/--calib-samples/--calib-seq-len (None: default)."""
+                        seq_len: int | None = None, device: str | None = None) -> CalibrationOptions:
+    """CalibrationOptions from the command line's --calib-data/--calib-samples/--calib-seq-len/--calib-device
+    (None: default)."""
     defaults = CalibrationOptions()
-    return CalibrationOptions(data=data, samples=samples or defaults.samples, seq_len=seq_len or defaults.seq_len)
+    if device not in (None, "cpu", "cuda"):
+        raise MistralExportError(f"--calib-device must be cpu or cuda, got '{device}'")
+    return CalibrationOptions(data=data, samples=samples or defaults.samples, seq_len=seq_len or defaults.seq_len,
+                              device=device or defaults.device)
 
 
 def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | Path, precision: str = "fp32", *,
@@ -88,48 +97,38 @@ def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | P
     if precision in ("fp32", "fp16"):
         return export_onnx(model_or_folder, out_dir, **options)
 
-    out = Path(out_dir)
-    with staged_model(out) as staging:
-        if precision == "int8-wo":
-            from mistral_export.export.precision.int8 import quantize_weights_only
+    config, stream, source = _weights(model_or_folder)
+    if precision == "int8-wo":
+        options["metadata"][QUANTIZATION_KEY] = json.dumps({
+            "method": "W8A16 weight-only", "weights": "int8, symmetric, one scale per output channel",
+            "activations": "float16"})
+        return export_graph(config, stream, out_dir, weights=Int8Weights(), **options)
 
-            options["metadata"][QUANTIZATION_KEY] = json.dumps({
-                "method": "W8A16 weight-only", "weights": "int8, symmetric, one scale per output channel",
-                "activations": "float16"})
-            source = export_onnx(model_or_folder, staging / "fp16", **options)
-            quantize_weights_only(source, staging / MODEL_FILE)
-        elif precision == "int4-awq":
-            _quantize_w4a16(model_or_folder, staging, options, calibration or CalibrationOptions(), awq,
-                            int4_block_size, progress)
-        elif precision == "fp8":
-            _quantize_fp8(model_or_folder, staging, options, calibration or CalibrationOptions(), progress)
-        else:
-            _quantize_w8a8(model_or_folder, staging, options, calibration or CalibrationOptions(), smoothquant_alpha,
-                           progress)
-        check_model(staging / MODEL_FILE)
-    return out / MODEL_FILE
+    if precision in ("int4-awq", "fp8"):
+        out = Path(out_dir)
+        with staged_model(out) as staging:
+            if precision == "int4-awq":
+                _quantize_w4a16(model_or_folder, staging, options, calibration or CalibrationOptions(), awq,
+                                int4_block_size, progress)
+            else:
+                _quantize_fp8(model_or_folder, staging, options, calibration or CalibrationOptions(), progress)
+            check_model(staging / MODEL_FILE)
+        return out / MODEL_FILE
 
-
-def _quantize_w8a8(model_or_folder, staging: Path, options: dict, calibration: CalibrationOptions,
-                   alpha: float | None, progress) -> None:
-    from mistral_export.export.precision.int8 import quantize_w8a8
-    from mistral_export.export.precision.smoothquant import smooth
-
-    model, tokenizer = _model_and_tokenizer(model_or_folder, calibration)
-    samples = calibration_samples(calibration, tokenizer)
+    calibration = calibration or CalibrationOptions()
+    samples = calibration_samples(calibration, _tokenizer(model_or_folder, calibration))
     options["metadata"][QUANTIZATION_KEY] = json.dumps({
-        "method": "W8A8 SmoothQuant" if alpha is not None else "W8A8", "smoothquant_alpha": alpha,
+        "method": "W8A8 SmoothQuant" if smoothquant_alpha is not None else "W8A8", "smoothquant_alpha": smoothquant_alpha,
         "weights": "int8, symmetric, one scale per output channel",
-        "activations": "int8, symmetric, one static scale per tensor (MinMax over the calibration steps)",
+        "activations": "int8, symmetric, one static scale per tensor (max |x| over the calibration steps, fp32, "
+                       "calibrated layer by layer)",
         "calibration": calibration.describe()})
+    statistics = W8A8Statistics()
     with _progress_bars(progress) as bars:
-        if alpha is not None:
-            maxima = input_channel_maxima(model, calibration_steps(model, samples, bars))
-            if model is model_or_folder:  # the caller's model stays as it was; one loaded here is smoothed in place
-                model = copy.deepcopy(model)
-            smooth(model, maxima, alpha)
-        source = export_onnx(model, staging / "fp16", **options)
-        quantize_w8a8(source, staging / MODEL_FILE, calibration_steps(model, samples, bars))
+        def smoothed():
+            return smoothquant_tensors(source, config, samples, smoothquant_alpha, statistics,
+                                       last_token_logits=last_token_logits, device=calibration.device, progress=bars)
+        return export_graph(config, smoothed, out_dir, weights=Int8Weights(statistics.activation_max), **options)
 
 
 def _quantize_w4a16(model_or_folder, staging: Path, options: dict, calibration: CalibrationOptions, use_awq: bool,
@@ -145,10 +144,8 @@ def _quantize_w4a16(model_or_folder, staging: Path, options: dict, calibration: 
         **({"calibration": calibration.describe()} if use_awq else {})})
     model = model_or_folder  # round-to-nearest: a checkpoint folder streams into the export as for fp16
     if use_awq:
-        model, tokenizer = _model_and_tokenizer(model_or_folder, calibration)
-        samples = calibration_samples(calibration, tokenizer)
-        if model is model_or_folder:  # the caller's model stays as it was; one loaded here is scaled in place
-            model = copy.deepcopy(model)
+        model = _whole_model(model_or_folder)
+        samples = calibration_samples(calibration, _tokenizer(model_or_folder, calibration))
         with _progress_bars(progress) as bars:
             awq(model, calibration_steps(model, samples, bars), block_size, bars)
     source = export_onnx(model, staging / "fp16", **options)
@@ -158,8 +155,8 @@ def _quantize_w4a16(model_or_folder, staging: Path, options: dict, calibration: 
 def _quantize_fp8(model_or_folder, staging: Path, options: dict, calibration: CalibrationOptions, progress) -> None:
     from mistral_export.export.precision.fp8 import quantize_fp8
 
-    model, tokenizer = _model_and_tokenizer(model_or_folder, calibration)
-    samples = calibration_samples(calibration, tokenizer)
+    model = _whole_model(model_or_folder)
+    samples = calibration_samples(calibration, _tokenizer(model_or_folder, calibration))
     options["metadata"][QUANTIZATION_KEY] = json.dumps({
         "method": "FP8 E4M3", "weights": "float8e4m3fn, one scale per output channel (max |w| / 448)",
         "activations": "float8e4m3fn, one static scale per tensor (max |x| / 448 over the calibration steps)",
@@ -169,21 +166,46 @@ def _quantize_fp8(model_or_folder, staging: Path, options: dict, calibration: Ca
         quantize_fp8(source, staging / MODEL_FILE, calibration_steps(model, samples, bars))
 
 
-def _model_and_tokenizer(model_or_folder, calibration: CalibrationOptions):
+def _whole_model(model_or_folder) -> Transformer:
+    """The fp32 eager model the whole-model calibration runs (int4-awq, fp8): a copy of the caller's (its weights
+    are scaled in place), or the checkpoint loaded."""
     from mistral_export.model.checkpoint import load_model
+
+    if isinstance(model_or_folder, Transformer):
+        return copy.deepcopy(model_or_folder)
+    return load_model(model_or_folder)
+
+
+def _weights(model_or_folder):
+    """(config, the weights as stored one by one, one tensor by name: a copy the caller may change)."""
+    if isinstance(model_or_folder, Transformer):
+        params = dict(model_or_folder.named_parameters())
+        return (model_or_folder.config, lambda: iter(params.items()),
+                lambda name: params[name].detach().to(torch.float32, copy=True))
+    from mistral_export.export.onnx_export import stored_dtype
+    from mistral_export.model.checkpoint import Checkpoint
+    from mistral_export.model.config import load_config, resolve_model_dir
+
+    config = load_config(model_or_folder)
+    folder = resolve_model_dir(model_or_folder)
+    if folder is None:
+        raise MistralExportError(f"preset '{model_or_folder}' has shapes only, no weights; pass a checkpoint folder")
+    checkpoint = Checkpoint(folder, config)
+    stored = stored_dtype(checkpoint, torch.float16)
+    return (config, lambda: checkpoint.tensors(stored), lambda name: checkpoint.tensor(name, stored))
+
+
+def _tokenizer(model_or_folder, calibration: CalibrationOptions):
     from mistral_export.model.config import resolve_model_dir
     from mistral_export.model.tokenizer import load_tokenizer
 
     folder = calibration.tokenizer
-    if isinstance(model_or_folder, Transformer):
-        model = model_or_folder
-    else:
-        model = load_model(model_or_folder)  # fp32: calibration statistics of the reference model
+    if not isinstance(model_or_folder, Transformer):
         folder = folder or resolve_model_dir(model_or_folder)
     if folder is None:
         raise MistralExportError("calibration of an in-memory model needs its tokenizer: "
                                  "CalibrationOptions(tokenizer=FOLDER with tokenizer.json)")
-    return model, load_tokenizer(Path(folder))
+    return load_tokenizer(Path(folder))
 
 
 @contextlib.contextmanager

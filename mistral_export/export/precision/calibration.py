@@ -1,11 +1,11 @@
 """Calibration for the INT8 precisions: text → token samples → the model's real steps.
 
-Each sample is run as a sequence is served: its first tokens as prefill chunks (at most the cache
-capacity each), the rest as decode steps of one token, every step reading the cache the previous
-steps wrote. `calibration_steps` yields each step's inputs with the cache as it is *before* the step
-(what the exported graph receives), so activation ranges are taken on the inputs the graph really sees.
-The cache yielded is the live one, not a copy (a copy per step would be a full cache of every layer, a
-GiB for Mistral 7B): a consumer reads it before asking for the next step, which then writes it.
+Each sample is run as a sequence is served (`step_plan`): its first tokens as prefill chunks (at most the
+cache capacity each), the rest as decode steps of one token, every step reading the cache the previous
+steps wrote. layerwise.py runs these steps one decoder layer at a time (int8); `calibration_steps` runs them
+through the whole model (int4-awq and fp8, until they calibrate layer by layer too), yielding each step's inputs
+with the live cache as it is *before* the step: a consumer reads it before asking for the next step, which then
+writes it (a copy per step would be a full cache of every layer, a GiB for Mistral 7B).
 
 The default text (`calibration_text.txt`, package data) is this project's own README and source code
 as of its writing: Python code and English prose, neither the `tiny` fixture's training corpus (the
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mistral_export.errors import MistralExportError
 from mistral_export.model.transformer import Transformer, allocate_cache
@@ -37,17 +37,11 @@ class CalibrationOptions:
     samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
     tokenizer: Path | None = None  # folder with tokenizer.json; None: the checkpoint's own (needed for in-memory models)
+    device: str = "cpu"  # where the layer-by-layer calibration runs ("cuda": a GPU); not part of the result
 
     def describe(self) -> dict:
         return {"data": Path(self.data).name if self.data else "calibration_text.txt (shipped default)",
                 "samples": self.samples, "seq_len": self.seq_len, "decode_steps_per_sample": DECODE_STEPS}
-
-
-@dataclass(frozen=True)
-class Step:
-    input_ids: Tensor  # [1, S]
-    past_len: Tensor  # [1]
-    cache: list[tuple[Tensor, Tensor]]  # per layer (keys, values) before this step, [1, Hkv, C, D]
 
 
 def read_documents(path: Path) -> list[str]:
@@ -99,8 +93,16 @@ def step_plan(seq_len: int, capacity: int) -> list[tuple[int, int]]:
     return chunks + [(position, 1) for position in range(prefill, seq_len)]
 
 
+@dataclass(frozen=True)
+class Step:
+    input_ids: Tensor  # [1, S]
+    past_len: Tensor  # [1]
+    cache: list[tuple[Tensor, Tensor]]  # per layer (keys, values) before this step, [1, Hkv, C, D]
+
+
 def calibration_steps(model: Transformer, samples: list[list[int]], progress=None) -> Iterator[Step]:
-    """Every step of every sample, with the live cache before it (read it before the next step writes it)."""
+    """Every step of every sample through the whole model, with the live cache before it (read it before the next
+    step writes it)."""
     plans = [step_plan(len(sample), model.config.cache_capacity) for sample in samples]
     task = progress.add_task("calibration", total=sum(map(len, plans))) if progress is not None else None
     dtype = next(model.parameters()).dtype
@@ -115,29 +117,6 @@ def calibration_steps(model: Transformer, samples: list[list[int]], progress=Non
                     model(ids, past_len, cache)  # writes this step into the cache, in place
                     if task is not None:
                         progress.advance(task)
-    finally:  # a build's progress lives on: its finished bar goes (SmoothQuant adds a second one)
+    finally:  # a build's progress lives on: its finished bar goes
         if task is not None:
             progress.remove_task(task)
-
-
-def input_channel_maxima(model: Transformer, steps: Iterator[Step]) -> dict[str, Tensor]:
-    """max |x| per input channel of every Linear over all calibration steps: Linear name → [in_features]."""
-    maxima: dict[str, Tensor] = {}
-    hooks = []
-
-    def observe(name):
-        def hook(module, args):
-            x = args[0].detach().abs().flatten(0, -2).amax(0).float()
-            maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_pre_hook(observe(name)))
-    try:
-        for _ in steps:  # the generator runs the model on each step after yielding it
-            pass
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return maxima

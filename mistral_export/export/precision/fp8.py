@@ -16,6 +16,8 @@ runs the result (slowly: it dequantizes to fp32 every step), which is how it is 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ import onnx_ir as ir
 
 from mistral_export.export.precision.calibration import Step
 from mistral_export.export.precision.int4 import LM_HEAD
-from mistral_export.export.precision.int8 import _matmul_weights, add_initializer, calibration_feeds, quiet_root_logger
+from mistral_export.export.precision.onnx_weights import add_initializer, matmul_weights
 
 E4M3_MAX = 448.0
 
@@ -58,7 +60,7 @@ def activation_ranges(source: Path, steps: Iterator[Step], inputs: set[str]) -> 
 def quantize_fp8(source: Path, target: Path, steps: Iterator[Step]) -> None:
     """SOURCE (fp16 model.onnx) → TARGET with E4M3 Q/DQ on every MatMul's activation and weight."""
     model = ir.load(str(source))
-    found = [(node, weight) for node, weight in _matmul_weights(model) if not weight.name.startswith(LM_HEAD)]
+    found = [(node, weight) for node, weight in matmul_weights(model) if not weight.name.startswith(LM_HEAD)]
     ranges = activation_ranges(source, steps, {node.inputs[0].name for node, _ in found})
     graph = model.graph
     zero = add_initializer(graph, "fp8_zero_point", np.zeros((), dtype=ml_dtypes.float8_e4m3fn))
@@ -91,3 +93,33 @@ def quantize_fp8(source: Path, target: Path, steps: Iterator[Step]) -> None:
             dequantized[x.name] = dq.outputs[0]
         node.replace_input_with(0, dequantized[x.name])
     ir.save(model, str(target), external_data=target.name + ".data")
+
+
+def calibration_feeds(steps: Iterator[Step]):
+    """The calibration steps as an ONNX Runtime CalibrationDataReader of the fp16 graph's inputs."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Feeds(CalibrationDataReader):
+        def get_next(self):
+            step = next(steps, None)
+            if step is None:
+                return None
+            feed = {"input_ids": step.input_ids.numpy(), "past_len": step.past_len.numpy()}
+            for i, (keys, values) in enumerate(step.cache):
+                feed[f"past_key_values.{i}.key"] = keys.numpy().astype(np.float16)
+                feed[f"past_key_values.{i}.value"] = values.numpy().astype(np.float16)
+            return feed
+
+    return Feeds()
+
+
+@contextlib.contextmanager
+@contextlib.contextmanager
+def quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

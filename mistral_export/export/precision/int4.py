@@ -25,7 +25,7 @@ import onnx_ir as ir
 import torch
 
 from mistral_export.errors import MistralExportError
-from mistral_export.export.precision.int8 import _matmul_weights, add_initializer, dequantize_int8
+from mistral_export.export.precision.onnx_weights import add_initializer, dequantize_int8, matmul_weights
 
 BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK_SIZE = 128
@@ -68,7 +68,7 @@ def quantize_int4_weights(source: Path, target: Path, block_size: int = DEFAULT_
     """SOURCE (fp16 model.onnx, opset 21) → TARGET: INT4 block-quantized GEMM weights, the lm_head int8."""
     check_block_size(block_size)
     model = ir.load(str(source))
-    for node, weight in _matmul_weights(model):
+    for node, weight in matmul_weights(model):
         name = weight.name
         values = weight.const_value.numpy()
         if name.startswith(LM_HEAD):

@@ -1,118 +1,112 @@
-"""INT8 on the fp16 graph, in the explicit Q/DQ form a strongly typed TensorRT engine reads.
+"""INT8 weights (and W8A8's activation Q/DQ) written as the weights stream, in the explicit Q/DQ form a strongly
+typed TensorRT engine reads.
 
-- W8A8 (`quantize_w8a8`): ONNX Runtime's `quantize_static`, QDQ format, MatMul only (quantizing every
-  op type quantizes the mask, the caches and RoPE), per-channel weights, symmetric INT8 with zero point
-  0 for activations and weights (what TensorRT requires), activation ranges from calibration steps.
-  It keeps the `mistral` function bodies and the model's metadata.
-- W8A16 (`quantize_weights_only`): int8 weights, one scale per output channel, behind DequantizeLinear
-  feeding the MatMul; activations stay fp16. ONNX Runtime's quantizers have no such mode (its 8-bit
-  QDQ weight-only config silently leaves the model as it was), so this is a small pass of our own.
+Each GEMM weight is quantized the moment it is streamed (int8, symmetric, one scale per output channel, from its
+fp16 value: the trace dtype) and written into its slot of model.onnx.data; then its initializer becomes
+DequantizeLinear(int8, scale, zero point 0, axis 1) feeding the MatMul. For W8A8 the MatMul's activation also
+gets QuantizeLinear/DequantizeLinear with one static symmetric scale from the calibration's range. Nothing holds
+more than one weight, and no fp16 copy of the model is written first.
+
+The numbers are ONNX Runtime's `quantize_static` ones (QDQ, per-channel symmetric INT8, MinMax ranges), which
+this project used before: `quantize_data`'s scale (2·absmax / 254 in float64, stored in the weight's fp16) and
+rounding (round half to even of w / scale in fp32), vectorized over channels here because ORT loops over them in
+Python and, above all, holds the whole model (quantize_static loads its shape-inferred copy with every weight,
+the calibrator loads a second, writes an augmented copy to disk and opens an InferenceSession on it: a third)
+where this streams.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx_ir as ir
+import torch
+from torch import Tensor
 
-from mistral_export.export.precision.calibration import Step
+from mistral_export.export.precision.onnx_weights import INT8_MAX, add_initializer
+from mistral_export.export.weight_streaming import WeightSlot
 
-log = logging.getLogger(__name__)
-
-INT8_MAX = 127
-
-
-def _matmul_weights(model: ir.Model) -> list[tuple[ir.Node, ir.Value]]:
-    """(MatMul, weight) for every MatMul of the main graph whose second input is a weight initializer."""
-    found = []
-    for node in model.graph:
-        if node.op_type == "MatMul" and node.domain == "":
-            weight = node.inputs[1]
-            if weight is not None and weight.is_initializer() and weight.dtype in (ir.DataType.FLOAT16,
-                                                                                  ir.DataType.FLOAT):
-                found.append((node, weight))
-    return found
+BLOCK_ELEMENTS = 1 << 23  # rows quantized together: 32 MiB of fp32 temporaries
 
 
-def quantize_w8a8(source: Path, target: Path, steps: Iterator[Step]) -> None:
-    """SOURCE (fp16 model.onnx) → TARGET with int8 Q/DQ on every MatMul of the main graph."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    with quiet_root_logger():  # it warns on the root logger to pre-process (the exporter has folded and inferred)
-        quantize_static(
-            str(source), str(target), calibration_feeds(steps), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-            extra_options={
-                "ActivationSymmetric": True, "WeightSymmetric": True,
-                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # one scale per output channel of [K, N]
-                "OpTypesToExcludeOutputQuantization": ["MatMul"],  # Q/DQ on GEMM inputs only (TensorRT's INT8 GEMM)
-            })
-    data = target.with_name(target.name + ".data")
-    data.chmod(0o644)  # written through a private temporary file; readable like every other artifact
+def symmetric_scales(absmax: np.ndarray) -> np.ndarray:
+    """fp16 scales for ranges [-absmax, absmax] onto [-127, 127], as ORT's compute_scale_zp (1 for a zero range)."""
+    scale = (2.0 * absmax.astype(np.float64) / (2 * INT8_MAX)).astype(np.float16)
+    return np.where(scale < np.finfo(np.float16).smallest_subnormal, np.float16(1.0), scale).astype(np.float16)
 
 
-def calibration_feeds(steps: Iterator[Step]):
-    """The calibration steps as an ONNX Runtime CalibrationDataReader of the fp16 graph's inputs."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Feeds(CalibrationDataReader):
-        def get_next(self):
-            step = next(steps, None)
-            if step is None:
-                return None
-            feed = {"input_ids": step.input_ids.numpy(), "past_len": step.past_len.numpy()}
-            for i, (keys, values) in enumerate(step.cache):
-                feed[f"past_key_values.{i}.key"] = keys.numpy().astype(np.float16)
-                feed[f"past_key_values.{i}.value"] = values.numpy().astype(np.float16)
-            return feed
-
-    return Feeds()
+def quantize_per_output_channel(weight: Tensor) -> tuple[Tensor, np.ndarray]:
+    """WEIGHT [N, K] (as the fp16 graph holds it) → int8 [N, K] and fp16 scales [N], one per output channel; in
+    blocks of rows, so the float temporaries stay small whatever the tensor."""
+    rows, cols = weight.shape
+    quantized = torch.empty((rows, cols), dtype=torch.int8)
+    scales = np.empty(rows, dtype=np.float16)
+    step = max(1, BLOCK_ELEMENTS // max(1, cols))
+    for start in range(0, rows, step):
+        w16 = weight[start:start + step].detach().to("cpu", torch.float16)
+        block_scales = symmetric_scales(w16.abs().amax(1).numpy())
+        divided = w16.float().div_(torch.from_numpy(block_scales.astype(np.float32)).unsqueeze(1))
+        quantized[start:start + step] = divided.round_().clamp_(-INT8_MAX - 1, INT8_MAX).to(torch.int8)
+        scales[start:start + step] = block_scales
+    return quantized, scales
 
 
-@contextlib.contextmanager
-def quiet_root_logger():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+class Int8Weights:
+    """The weight transform of the INT8 precisions for `export_graph`: GEMM weights (the MatMul slots, stored
+    transposed) int8 as they stream, then DequantizeLinear in the graph; with `activation_max` (W8A8, Linear name →
+    max |x| over calibration, filled while the stream runs) also the activation's Q/DQ pair."""
+
+    def __init__(self, activation_max: dict[str, float] | None = None):
+        self.activation_max = activation_max
+        self.scales: dict[str, np.ndarray] = {}  # source tensor → its fp16 scales
+
+    def describe(self) -> str:
+        return "int8 GEMM weights" + (" and activation Q/DQ" if self.activation_max is not None else "")
+
+    def slot_dtypes(self, entries) -> dict[str, torch.dtype]:
+        self.quantized = {source for _, sources, _, transposed, _ in entries if transposed for source in sources}
+        return {initializer: torch.int8 for initializer, _, _, transposed, _ in entries if transposed}
+
+    def stream(self, tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+        for name, tensor in tensors:
+            if name in self.quantized:
+                tensor, self.scales[name] = quantize_per_output_channel(tensor)
+            yield name, tensor
+
+    def places(self, slot: WeightSlot) -> bool:
+        return slot.dtype == torch.int8
+
+    def place(self, graph: ir.Graph, slot: WeightSlot, external: ir.ExternalTensor) -> None:
+        name = slot.initializer
+        value = graph.initializers.pop(name)
+        float_type = value.type
+        q = ir.Value(name=f"{name}_quantized", shape=ir.Shape(slot.shape), type=ir.TensorType(ir.DataType.INT8))
+        external.name = q.name
+        q.const_value = external
+        graph.register_initializer(q)
+        scale = np.concatenate([self.scales.pop(source) for source in slot.sources])
+        s = add_initializer(graph, f"{name}_scale", scale)
+        zero = add_initializer(graph, f"{name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
+        dq = ir.node("DequantizeLinear", [q, s, zero], {"axis": 1})
+        dq.outputs[0].name = f"{name}_DequantizeLinear_Output"
+        dq.outputs[0].shape, dq.outputs[0].type = value.shape, float_type
+        matmul = value.uses()[0].node
+        graph.insert_before(matmul, dq)
+        value.replace_all_uses_with(dq.outputs[0])
+        if self.activation_max is not None:
+            absmax = max(self.activation_max[source.removesuffix(".weight")] for source in slot.sources)
+            _quantize_activation(graph, matmul, symmetric_scales(np.array(absmax, dtype=np.float32)), name)
 
 
-def quantize_weights_only(source: Path, target: Path) -> None:
-    """SOURCE → TARGET with each MatMul weight stored int8 (per output channel) behind DequantizeLinear."""
-    model = ir.load(str(source))
-    for node, weight in _matmul_weights(model):
-        dequantize_int8(model.graph, node, weight, weight.const_value.numpy())
-    ir.save(model, str(target), external_data=target.name + ".data")
-
-
-def dequantize_int8(graph: ir.Graph, node: ir.Node, weight: ir.Value, values: np.ndarray) -> None:
-    """NODE's weight input (VALUES [K, N]) → DequantizeLinear(int8, one scale per output channel, in its dtype)."""
-    scale = np.abs(values.astype(np.float32)).max(axis=0) / INT8_MAX
-    scale = np.where(scale > 0, scale, 1.0).astype(weight.dtype.numpy())
-    quantized = np.clip(np.rint(values.astype(np.float32) / scale.astype(np.float32)), -INT8_MAX, INT8_MAX)
-    name = weight.name
-    q = add_initializer(graph, f"{name}_quantized", quantized.astype(np.int8))
-    s = add_initializer(graph, f"{name}_scale", scale)
-    zero = add_initializer(graph, f"{name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
-    dq = ir.node("DequantizeLinear", [q, s, zero], {"axis": 1})
-    dq.outputs[0].name = f"{name}_DequantizeLinear_Output"
-    dq.outputs[0].shape, dq.outputs[0].type = weight.shape, weight.type
-    graph.insert_before(node, dq)
-    node.replace_input_with(1, dq.outputs[0])
-    if not weight.uses():
-        graph.initializers.pop(name)
-
-
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    value.const_value = ir.tensor(array, name=name)
-    graph.register_initializer(value)
-    return value
+def _quantize_activation(graph: ir.Graph, matmul: ir.Node, scale: np.ndarray, name: str) -> None:
+    x = matmul.inputs[0]
+    s = add_initializer(graph, f"{name}_input_scale", scale)
+    zero = add_initializer(graph, f"{name}_input_zero_point", np.zeros((), dtype=np.int8))
+    q = ir.node("QuantizeLinear", [x, s, zero])
+    dq = ir.node("DequantizeLinear", [q.outputs[0], s, zero])
+    q.outputs[0].name, dq.outputs[0].name = f"{name}_input_QuantizeLinear_Output", f"{name}_input_DequantizeLinear_Output"
+    q.outputs[0].shape, q.outputs[0].type = x.shape, ir.TensorType(ir.DataType.INT8)
+    dq.outputs[0].shape, dq.outputs[0].type = x.shape, x.type
+    graph.insert_before(matmul, [q, dq])
+    matmul.replace_input_with(0, dq.outputs[0])

@@ -16,51 +16,72 @@ version keeps `pre_quant_scale` buffers, which an export from parameters drops),
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
-from mistral_export.model.transformer import Transformer
+from mistral_export.model.config import ModelConfig
+from mistral_export.model.transformer import Block, Transformer
 
 MIN_FACTOR = 1e-5
 
 
 def smoothing_factors(activation_max: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
     """s_j = max|X_j|^α / max|W_j|^(1−α) over the weights' columns j (channels never seen get 1)."""
-    weight_max = torch.cat([w.detach().abs().float() for w in weights], 0).amax(0)
+    weight_max = torch.stack([column_abs_max(w) for w in weights]).amax(0)
     factors = activation_max.float().clamp(min=MIN_FACTOR).pow(alpha) / weight_max.clamp(min=MIN_FACTOR).pow(1 - alpha)
     return torch.where(activation_max > 0, factors.clamp(min=MIN_FACTOR), torch.ones_like(factors))
 
 
-@torch.no_grad()
 def smooth(model: Transformer, maxima: dict[str, Tensor], alpha: float) -> None:
     """Fold SmoothQuant's factors into MODEL's weights, in place (outputs equal up to float rounding).
 
-    `maxima`: max |x| per input channel of each Linear over calibration steps (calibration.input_channel_maxima).
+    `maxima`: max |x| per input channel of each Linear over calibration steps ("layers.0.attention.wq" -> [in]).
     """
-    c = model.config
     for i, block in enumerate(model.layers):
-        attention, ffn = block.attention, block.feed_forward
-        prefix = f"layers.{i}"
+        prefix = f"layers.{i}."
+        smooth_block(block, {k.removeprefix(prefix): v for k, v in maxima.items() if k.startswith(prefix)},
+                     alpha, model.config)
 
-        s = smoothing_factors(maxima[f"{prefix}.attention.wq"], [attention.wq.weight, attention.wk.weight,
-                                                                 attention.wv.weight], alpha)
-        _fold(block.attention_norm.weight, s, [attention.wq.weight, attention.wk.weight, attention.wv.weight])
 
-        s = smoothing_factors(maxima[f"{prefix}.feed_forward.w1"], [ffn.w1.weight, ffn.w3.weight], alpha)
-        _fold(block.ffn_norm.weight, s, [ffn.w1.weight, ffn.w3.weight])
+def column_abs_max(weight: Tensor) -> Tensor:
+    """max |W[:, j]| per column, fp32, without an |W| copy of the weight (a layer's w1 and w3 are 0.5 GB in fp32)."""
+    w = weight.detach()
+    return torch.maximum(w.amax(0), w.amin(0).neg()).float()
 
-        s = smoothing_factors(maxima[f"{prefix}.feed_forward.w2"], [ffn.w2.weight], alpha)
-        ffn.w3.weight.div_(s.unsqueeze(1).to(ffn.w3.weight.dtype))
-        ffn.w2.weight.mul_(s.to(ffn.w2.weight.dtype))
 
-        # wo's input channels (h, d); the factor of kv head g's channel d is shared by the query heads of g.
-        group, d = c.group_size, c.head_dim
-        x_max = maxima[f"{prefix}.attention.wo"].view(c.num_kv_heads, group, d).amax(1)  # [Hkv, D]
-        w_max = attention.wo.weight.detach().abs().float().amax(0).view(c.num_kv_heads, group, d).amax(1)
-        s = smoothing_factors(x_max.flatten(), [w_max.flatten().unsqueeze(0)], alpha).view(c.num_kv_heads, 1, d)
-        attention.wv.weight.div_(s.reshape(-1, 1).to(attention.wv.weight.dtype))
-        attention.wo.weight.mul_(s.expand(c.num_kv_heads, group, d).reshape(-1).to(attention.wo.weight.dtype))
+@torch.no_grad()
+def smooth_block(block: Block, maxima: dict[str, Tensor], alpha: float, c: ModelConfig) -> dict[str, Tensor]:
+    """Fold SmoothQuant's factors into one decoder layer, in place; `maxima` by Linear ("attention.wq" -> [in]).
+
+    Returns each Linear's input divisor per channel (its input is now x / factor): what the smoothed activations'
+    ranges follow from.
+    """
+    attention, ffn = block.attention, block.feed_forward
+    divisors = {}
+    s = smoothing_factors(maxima["attention.wq"], [attention.wq.weight, attention.wk.weight, attention.wv.weight],
+                          alpha)
+    _fold(block.attention_norm.weight, s, [attention.wq.weight, attention.wk.weight, attention.wv.weight])
+    divisors.update({"attention.wq": s, "attention.wk": s, "attention.wv": s})
+
+    s = smoothing_factors(maxima["feed_forward.w1"], [ffn.w1.weight, ffn.w3.weight], alpha)
+    _fold(block.ffn_norm.weight, s, [ffn.w1.weight, ffn.w3.weight])
+    divisors.update({"feed_forward.w1": s, "feed_forward.w3": s})
+
+    s = smoothing_factors(maxima["feed_forward.w2"], [ffn.w2.weight], alpha)
+    ffn.w3.weight.div_(s.unsqueeze(1).to(ffn.w3.weight.dtype))
+    ffn.w2.weight.mul_(s.to(ffn.w2.weight.dtype))
+    divisors["feed_forward.w2"] = s
+
+    # wo's input channels (h, d); the factor of kv head g's channel d is shared by the query heads of g.
+    group, d = c.group_size, c.head_dim
+    x_max = maxima["attention.wo"].view(c.num_kv_heads, group, d).amax(1)  # [Hkv, D]
+    w_max = column_abs_max(attention.wo.weight).view(c.num_kv_heads, group, d).amax(1)
+    s = smoothing_factors(x_max.flatten(), [w_max.flatten().unsqueeze(0)], alpha).view(c.num_kv_heads, 1, d)
+    attention.wv.weight.div_(s.reshape(-1, 1).to(attention.wv.weight.dtype))
+    per_channel = s.expand(c.num_kv_heads, group, d).reshape(-1)
+    attention.wo.weight.mul_(per_channel.to(attention.wo.weight.dtype))
+    divisors["attention.wo"] = per_channel
+    return divisors
 
 
 def _fold(norm_weight: Tensor, factors: Tensor, consumers: list[Tensor]) -> None:

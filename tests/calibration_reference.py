@@ -1,0 +1,38 @@
+"""Whole-model calibration, the reference that layer-by-layer calibration (export/precision/layerwise.py) must
+equal: every step of every sample through the whole eager model, as a sequence is served."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mistral_export.export.precision.calibration import step_plan
+from mistral_export.model.transformer import allocate_cache
+
+
+def whole_model_steps(model, samples):
+    """Every step of every sample through the whole model, as a sequence is served; yields the inputs and the cache
+    before the step, then runs it."""
+    with torch.inference_mode():
+        for sample in samples:
+            cache = allocate_cache(model.config, 1)
+            for start, length in step_plan(len(sample), model.config.cache_capacity):
+                ids, past_len = torch.tensor([sample[start:start + length]]), torch.tensor([start])
+                yield ids, past_len, cache
+                model(ids, past_len, cache)
+
+
+def whole_model_maxima(model, samples) -> dict[str, torch.Tensor]:
+    """max |x| per input channel of every Linear of the whole model over the calibration steps."""
+    maxima, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            def observe(module, args, name=name):
+                m = args[0].abs().flatten(0, -2).amax(0)
+                maxima[name] = torch.maximum(maxima[name], m) if name in maxima else m
+            hooks.append(module.register_forward_pre_hook(observe))
+    for _ in whole_model_steps(model, samples):
+        pass
+    for hook in hooks:
+        hook.remove()
+    return maxima
