@@ -81,3 +81,22 @@ def tiny_build(tmp_path_factory) -> Path:
     from mistral_export.pipeline.build import build
 
     return build("tiny", tmp_path_factory.mktemp("tiny-build"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from mistral_export.model.checkpoint import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def held_out(tiny):
+    """Held-out token ids and the fp32 eager logits over them (the precisions' reference)."""
+    from helpers import CHUNK, held_out_ids
+    from mistral_export.runners.base import EagerRunner, prefill
+
+    ids = held_out_ids()
+    eager = EagerRunner(tiny)
+    eager.reset(ids.shape[0])
+    return ids, prefill(eager, ids, CHUNK)

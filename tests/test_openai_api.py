@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_deploy import PROMPTS
+from helpers import PROMPTS
 
 from mistral_export.deploy.chat_template import ChatTemplateError, load_chat_template
 from mistral_export.deploy.kubernetes import WAITING_METRIC

@@ -4,7 +4,6 @@ fp32 eager model, the portable graphs' form, the ONNX Runtime artifacts, calibra
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,11 +11,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from calibration_reference import whole_model_maxima
 from conftest import needs_tiny, small_config
+from helpers import CHUNK, outlier_model, score
 from mistral_export.cli import app
 from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
 from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
@@ -26,7 +25,7 @@ from mistral_export.export.onnx_export import export_onnx
 from mistral_export.export.precision import CalibrationOptions, export_precision
 from mistral_export.export.precision.calibration import DEFAULT_TEXT, calibration_samples, step_plan
 from mistral_export.export.precision.smoothquant import smooth
-from mistral_export.model.checkpoint import load_model, random_model
+from mistral_export.model.checkpoint import random_model
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
 from mistral_export.validate.thresholds import THRESHOLDS
@@ -34,43 +33,6 @@ from mistral_export.validate.thresholds import THRESHOLDS
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["class Parser:", "def read_config(path):", "    def __init__(self", "import os\n\n", "for key, value in "]
 GREEDY_TOKENS = int(THRESHOLDS["fp16"]["greedy_match_tokens"])
-CHUNK = 64  # prefill chunk of the held-out text: the window of `tiny`
-
-
-def held_out_ids(files: int = 3, length: int = 384) -> torch.Tensor:
-    """Token ids of files the tiny fixture never saw in training (each 10th stdlib file, as tools/train_tiny.py)."""
-    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "tools" / "train_tiny.py")
-    train_tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tiny)
-    held = [f for i, f in enumerate(train_tiny.stdlib_files()) if i % train_tiny.HELD_OUT_EVERY == 0]
-    tokenizer = load_tokenizer(TINY_DIR)
-    rows = [ids[:length] for ids in (tokenizer.encode(f.read_text(errors="replace")) for f in held) if len(ids) >= length]
-    return torch.tensor(rows[:files])
-
-
-def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    return float(torch.exp(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())))
-
-
-def score(runner, reference, ids) -> dict:
-    """Top-1 agreement with the reference logits and perplexity ratio over held-out text."""
-    runner.reset(ids.shape[0])
-    logits = prefill(runner, ids, CHUNK)
-    return {"top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
-            "perplexity_ratio": perplexity(logits, ids) / perplexity(reference, ids)}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny")
-
-
-@pytest.fixture(scope="module")
-def held_out(tiny):
-    ids = held_out_ids()
-    eager = EagerRunner(tiny)
-    eager.reset(ids.shape[0])
-    return ids, prefill(eager, ids, CHUNK)
 
 
 @pytest.fixture(scope="module")
@@ -180,24 +142,6 @@ def test_onnxruntime_artifact_runs_the_same_int8_weights_as_matmulnbits(exported
                   if i.name.startswith("output.") and i.name.endswith("_quantized"))
     np.testing.assert_array_equal(packed.reshape(2048, -1)[:, :256].astype(np.int16) - 128, weight.T)
     assert (path.parent / "model.ort.onnx.data").exists()
-
-
-def outlier_model(model, channels: int = 4, factor: float = 40.0):
-    """MODEL with activation outliers: a few channels of every norm's output scaled up, the weights reading them
-    scaled down by the same factor, so the fp32 function is unchanged."""
-    import copy
-
-    model = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for block in model.layers:
-            for norm, consumers in ((block.attention_norm, (block.attention.wq, block.attention.wk, block.attention.wv)),
-                                    (block.ffn_norm, (block.feed_forward.w1, block.feed_forward.w3))):
-                picked = torch.randperm(norm.weight.numel(), generator=generator)[:channels]
-                norm.weight[picked] *= factor
-                for linear in consumers:
-                    linear.weight[:, picked] /= factor
-    return model
 
 
 @needs_tiny

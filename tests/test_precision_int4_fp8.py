@@ -28,7 +28,7 @@ from mistral_export.export.precision.int4 import fake_quantize
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
 from mistral_export.validate.thresholds import THRESHOLDS
-from test_precision import CHUNK, held_out, outlier_model, score, tiny  # noqa: F401  (module fixtures)
+from helpers import CHUNK, outlier_model, score
 
 CALIBRATION = ["--calib-samples", "8", "--calib-seq-len", "96"]
 

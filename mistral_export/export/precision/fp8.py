@@ -114,7 +114,6 @@ def calibration_feeds(steps: Iterator[Step]):
 
 
 @contextlib.contextmanager
-@contextlib.contextmanager
 def quiet_root_logger():
     root = logging.getLogger()
     level = root.level
