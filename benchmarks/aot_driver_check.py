@@ -33,12 +33,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mistral_export.model.ops import (  # noqa: E402
+from mistral_export.model.ops import (
     rolling_cache_update_reference,
     sliding_window_attention_reference,
 )
-from mistral_export.plugins import aot, kernels  # noqa: E402
-from provenance import RESULTS, gpu_tag, markdown as provenance_markdown, provenance  # noqa: E402
+from mistral_export.plugins import aot, kernels
+
+from provenance import RESULTS, gpu_tag, provenance
+from provenance import markdown as provenance_markdown
 
 HQ, HKV, D, W = 32, 8, 128, 4096
 C, GROUP, SCALE = W, HQ // HKV, D**-0.5
@@ -78,8 +80,19 @@ class Loaded:
         cu = driver()
         values, types = aot.launch_arguments(self.kernel, pointers, [int(s) for s in scalars])
         stream = cu.CUstream(torch.cuda.current_stream().cuda_stream)
-        check(cu.cuLaunchKernel(self.function, *(int(g) for g in grid), self.kernel.block_threads, 1, 1,
-                                self.kernel.shared_mem, stream, (values, types), 0))
+        check(
+            cu.cuLaunchKernel(
+                self.function,
+                *(int(g) for g in grid),
+                self.kernel.block_threads,
+                1,
+                1,
+                self.kernel.shared_mem,
+                stream,
+                (values, types),
+                0,
+            )
+        )
 
 
 def attention_pointers(q, k, v, k_cache, v_cache, past_len, out) -> dict[str, int]:
@@ -99,8 +112,13 @@ def run_cache_update(loaded: Loaded, cache, new, past_len, after, out) -> None:
     batch, seq = new.shape[0], new.shape[2]
     grid = aot.rolling_cache_update_grid(batch, HKV, seq, C)
     scalars = aot.rolling_cache_update_scalars(HKV, seq, C, D)
-    pointers = dict(zip(aot.CACHE_UPDATE_INPUTS + aot.CACHE_UPDATE_OUTPUTS,
-                        (t.data_ptr() for t in (cache, new, past_len, after, out)), strict=True))
+    pointers = dict(
+        zip(
+            aot.CACHE_UPDATE_INPUTS + aot.CACHE_UPDATE_OUTPUTS,
+            (t.data_ptr() for t in (cache, new, past_len, after, out)),
+            strict=True,
+        )
+    )
     loaded.launch(grid, pointers, scalars)
 
 
@@ -131,8 +149,16 @@ def correctness(isa: int) -> list[dict]:
             run_attention(attention, q, k, v, k_cache, v_cache, past_len, out)
             expected = sliding_window_attention_reference(q, k, v, k_cache, v_cache, past_len, W, SCALE)
             torch.cuda.synchronize()
-            cases.append({"kernel": "attention", "isa": isa, "S": seq, "past": past,
-                          "rel_err": rel_err(out, expected), "bar": TOLERANCE})
+            cases.append(
+                {
+                    "kernel": "attention",
+                    "isa": isa,
+                    "S": seq,
+                    "past": past,
+                    "rel_err": rel_err(out, expected),
+                    "bar": TOLERANCE,
+                }
+            )
             for aliased in (True, False):
                 cache = k_cache.clone()
                 expected_cache = rolling_cache_update_reference(cache, k, past_len)
@@ -140,8 +166,16 @@ def correctness(isa: int) -> list[dict]:
                 run_cache_update(update, cache, k, past_len, out, target)
                 torch.cuda.synchronize()
                 exact = bool(torch.equal(target, expected_cache)) and (aliased or bool(torch.equal(cache, k_cache)))
-                cases.append({"kernel": "cache_update", "isa": isa, "S": seq, "past": past,
-                              "output": "aliased" if aliased else "separate", "exact": exact})
+                cases.append(
+                    {
+                        "kernel": "cache_update",
+                        "isa": isa,
+                        "S": seq,
+                        "past": past,
+                        "output": "aliased" if aliased else "separate",
+                        "exact": exact,
+                    }
+                )
     for case in cases:
         case["passed"] = case["exact"] if "exact" in case else case["rel_err"] <= case["bar"]
     return cases
@@ -168,9 +202,18 @@ def decode_timing(batch: int) -> dict:
     attention = Loaded(aot.compile_chunk_attention("fp16", D, GROUP, SCALE, aot.target_capability()))
     layers = []
     for _ in range(LAYERS):
-        layers.append([torch.randn(*shape, device="cuda", dtype=torch.float16) for shape in
-                       ((batch, HQ, 1, D), (batch, HKV, 1, D), (batch, HKV, 1, D), (batch, HKV, C, D),
-                        (batch, HKV, C, D))])
+        layers.append(
+            [
+                torch.randn(*shape, device="cuda", dtype=torch.float16)
+                for shape in (
+                    (batch, HQ, 1, D),
+                    (batch, HKV, 1, D),
+                    (batch, HKV, 1, D),
+                    (batch, HKV, C, D),
+                    (batch, HKV, C, D),
+                )
+            ]
+        )
     past_len = torch.full((batch,), 3 * W + 17, dtype=torch.int64, device="cuda")  # a full window of keys
     outs = [torch.empty_like(layer[0]) for layer in layers]
 
@@ -183,28 +226,49 @@ def decode_timing(batch: int) -> dict:
             kernels.sliding_window_attention(*layer, past_len, W, SCALE, out=out)
 
     aot_ms, jit_ms = cuda_time_ms(aot_step) / LAYERS, cuda_time_ms(jit_step) / LAYERS
-    return {"batch": batch, "keys": W, "aot_us_per_layer": round(aot_ms * 1e3, 2),
-            "jit_split_decode_us_per_layer": round(jit_ms * 1e3, 2), "aot_over_jit": round(aot_ms / jit_ms, 2)}
+    return {
+        "batch": batch,
+        "keys": W,
+        "aot_us_per_layer": round(aot_ms * 1e3, 2),
+        "jit_split_decode_us_per_layer": round(jit_ms * 1e3, 2),
+        "aot_over_jit": round(aot_ms / jit_ms, 2),
+    }
 
 
 def markdown(results: dict) -> str:
-    lines = ["# AOT plugin kernels through the CUDA driver API (benchmarks/aot_driver_check.py)", "",
-             provenance_markdown(results["provenance"]),
-             f"Driver CUDA {results['driver_cuda']}; PTX ISA for this driver {results['isa_for_driver']}, "
-             f"default without a driver {aot.DEFAULT_PTX_ISA}.", ""]
+    lines = [
+        "# AOT plugin kernels through the CUDA driver API (benchmarks/aot_driver_check.py)",
+        "",
+        provenance_markdown(results["provenance"]),
+        f"Driver CUDA {results['driver_cuda']}; PTX ISA for this driver {results['isa_for_driver']}, "
+        f"default without a driver {aot.DEFAULT_PTX_ISA}.",
+        "",
+    ]
     failed = [c for c in results["cases"] if not c["passed"]]
-    lines += [f"Correctness: {len(results['cases']) - len(failed)}/{len(results['cases'])} cases pass "
-              f"(attention max rel. error ≤ {TOLERANCE:g}; cache update exact, whole cache).", ""]
+    lines += [
+        f"Correctness: {len(results['cases']) - len(failed)}/{len(results['cases'])} cases pass "
+        f"(attention max rel. error ≤ {TOLERANCE:g}; cache update exact, whole cache).",
+        "",
+    ]
     lines += ["| kernel | ISA | S | past_len | output | result |", "|---|---|---|---|---|---|"]
     for c in results["cases"]:
         value = f"{c['rel_err']:.2e}" if "rel_err" in c else ("exact" if c["exact"] else "DIFFERS")
-        lines.append(f"| {c['kernel']} | {c['isa']} | {c['S']} | {c['past']} | {c.get('output', '')} | "
-                     f"{value} {'PASS' if c['passed'] else 'FAIL'} |")
+        lines.append(
+            f"| {c['kernel']} | {c['isa']} | {c['S']} | {c['past']} | {c.get('output', '')} | "
+            f"{value} {'PASS' if c['passed'] else 'FAIL'} |"
+        )
     if results.get("timing"):
-        lines += ["", "Decode attention per layer (window of 4096 keys, fp16, CUDA events, median):", "",
-                  "| batch | AOT chunk kernel µs | JIT split decode µs | AOT / JIT |", "|---|---|---|---|"]
-        lines += [f"| {t['batch']} | {t['aot_us_per_layer']} | {t['jit_split_decode_us_per_layer']} | "
-                  f"{t['aot_over_jit']} |" for t in results["timing"]]
+        lines += [
+            "",
+            "Decode attention per layer (window of 4096 keys, fp16, CUDA events, median):",
+            "",
+            "| batch | AOT chunk kernel µs | JIT split decode µs | AOT / JIT |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {t['batch']} | {t['aot_us_per_layer']} | {t['jit_split_decode_us_per_layer']} | {t['aot_over_jit']} |"
+            for t in results["timing"]
+        ]
     if results.get("error"):
         lines += ["", f"Error: {results['error']}"]
     return "\n".join(lines) + "\n"
@@ -215,9 +279,13 @@ def main() -> int:
     torch.cuda.init()
     torch.empty(1, device="cuda")  # the primary context is current: modules load into it
     version = check(driver().cuDriverGetVersion())
-    results = {"provenance": provenance(("torch", "triton", "cuda-python")),
-               "driver_cuda": f"{version // 1000}.{version % 1000 // 10}",
-               "isa_for_driver": aot.ptx_isa(aot.target_capability()), "cases": [], "timing": []}
+    results = {
+        "provenance": provenance(("torch", "triton", "cuda-python")),
+        "driver_cuda": f"{version // 1000}.{version % 1000 // 10}",
+        "isa_for_driver": aot.ptx_isa(aot.target_capability()),
+        "cases": [],
+        "timing": [],
+    }
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     try:

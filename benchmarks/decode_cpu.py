@@ -40,21 +40,34 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mistral_export.engines.onnxruntime.artifact import onnxruntime_artifact_for  # noqa: E402
-from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact  # noqa: E402
-from mistral_export.runners.onnxruntime import OnnxRuntimeRunner, session_options  # noqa: E402
-from mistral_export.pipeline.progress import BuildProgress  # noqa: E402
-from mistral_export.runners.base import EagerRunner  # noqa: E402
-from mistral_export.errors import MistralExportError  # noqa: E402
-from mistral_export.export.onnx_export import export_onnx  # noqa: E402
-from mistral_export.export.precision import PRECISIONS, CalibrationOptions, export_precision  # noqa: E402
-from mistral_export.model.checkpoint import load_model, random_model, save_hf_checkpoint  # noqa: E402
-from mistral_export.model.config import TINY_DIR, ModelConfig  # noqa: E402
-from provenance import markdown as provenance_markdown, provenance  # noqa: E402  (same folder)
+from mistral_export.engines.onnxruntime.artifact import (
+    onnxruntime_artifact_for,
+    write_onnxruntime_artifact,
+)
+from mistral_export.errors import MistralExportError
+from mistral_export.export.onnx_export import export_onnx
+from mistral_export.export.precision import PRECISIONS, CalibrationOptions, export_precision
+from mistral_export.model.checkpoint import load_model, random_model, save_hf_checkpoint
+from mistral_export.model.config import TINY_DIR, ModelConfig
+from mistral_export.pipeline.progress import BuildProgress
+from mistral_export.runners.base import EagerRunner
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner, session_options
+
+from provenance import markdown as provenance_markdown
+from provenance import provenance
 
 SEED = 0  # of the synthetic model's random weights
-SYNTHETIC_170M = ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_layers=8, num_heads=16,
-                             num_kv_heads=4, head_dim=64, sliding_window=256, name="synthetic-170m")
+SYNTHETIC_170M = ModelConfig(
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=3584,
+    num_layers=8,
+    num_heads=16,
+    num_kv_heads=4,
+    head_dim=64,
+    sliding_window=256,
+    name="synthetic-170m",
+)
 
 
 def step_bytes(config: ModelConfig, bytes_per_element: int = 4) -> tuple[int, int]:
@@ -79,8 +92,10 @@ def time_steps(runner, past: int, steps: int, warmup: int) -> list[float]:
 def random_cache(config: ModelConfig, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     g = np.random.default_rng(seed)
     shape = (1, config.num_kv_heads, config.cache_capacity, config.head_dim)
-    return [(g.standard_normal(shape, dtype=np.float32), g.standard_normal(shape, dtype=np.float32))
-            for _ in range(config.num_layers)]
+    return [
+        (g.standard_normal(shape, dtype=np.float32), g.standard_normal(shape, dtype=np.float32))
+        for _ in range(config.num_layers)
+    ]
 
 
 GENAI_PRECISIONS = ("fp32", "int8", "int4")
@@ -115,9 +130,15 @@ class Genai:
         self.folders = {}
         for precision in GENAI_PRECISIONS:
             out = work / precision
-            if not (out / "genai_config.json").exists() or "context_length" not in (out / "genai_config.json").read_text():
-                built = subprocess.run([str(python), script, "build", str(hf), str(out), precision, str(threads)],
-                                       capture_output=True, text=True)
+            if (
+                not (out / "genai_config.json").exists()
+                or "context_length" not in (out / "genai_config.json").read_text()
+            ):
+                built = subprocess.run(
+                    [str(python), script, "build", str(hf), str(out), precision, str(threads)],
+                    capture_output=True,
+                    text=True,
+                )
                 if built.returncode:
                     sys.exit(f"onnxruntime-genai's builder failed ({precision}):\n{built.stderr[-3000:]}")
                 genai_config = json.loads((out / "genai_config.json").read_text())
@@ -127,8 +148,9 @@ class Genai:
                 genai_config["model"]["context_length"] = max_length
                 (out / "genai_config.json").write_text(json.dumps(genai_config, indent=1))  # written last
             self.folders[precision] = out
-        self.worker = subprocess.Popen([str(python), script, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       text=True)
+        self.worker = subprocess.Popen(
+            [str(python), script, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         for precision, folder in self.folders.items():
             self.version = self.ask({"load": precision, "folder": str(folder), "max_length": max_length})["version"]
 
@@ -140,8 +162,9 @@ class Genai:
         config["max_position_embeddings"] = max(config["max_position_embeddings"], max_length)  # its RoPE table
         (hf / "config.json").write_text(json.dumps(config))
         shutil.copyfile(TINY_DIR / "tokenizer.json", hf / "tokenizer.json")  # the builder saves a tokenizer
-        (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                              "bos_token": "<s>", "eos_token": "</s>"}))
+        (hf / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"})
+        )
 
     def ask(self, request: dict) -> dict:
         self.worker.stdin.write(json.dumps(request) + "\n")
@@ -178,19 +201,27 @@ class ReadFloor:
         self.tensor = torch.from_numpy(self.matrix)
         weight = np.random.default_rng(0).random((k, size_bytes // 4 // k), dtype=np.float32)
         graph = helper.make_graph(
-            [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+            [helper.make_node("MatMul", ["x", "w"], ["y"])],
+            "gemv",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])],
-            initializer=[numpy_helper.from_array(weight, "w")])
+            initializer=[numpy_helper.from_array(weight, "w")],
+        )
         with tempfile.TemporaryDirectory(prefix="gemv_") as tmp:
             path = Path(tmp) / "gemv.onnx"
-            onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
-                      save_as_external_data=True)
+            onnx.save(
+                helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                str(path),
+                save_as_external_data=True,
+            )
             del weight, graph
             self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         self.feed = {"x": np.ones((1, k), dtype=np.float32)}
-        self.reads = {"numpy matrix-vector": lambda: self.matrix @ self.vector, "torch sum": self.tensor.sum,
-                      "onnxruntime MatMul 1xK": lambda: self.session.run(None, self.feed)}
+        self.reads = {
+            "numpy matrix-vector": lambda: self.matrix @ self.vector,
+            "torch sum": self.tensor.sum,
+            "onnxruntime MatMul 1xK": lambda: self.session.run(None, self.feed),
+        }
         self.best = dict.fromkeys(self.reads, 0.0)  # bytes/s
         self.measure()
 
@@ -228,6 +259,7 @@ EXPORTS = ROOT / "build" / "decode_cpu"  # exports kept between runs
 def code_key(*parts) -> str:
     """Short hash of `parts` and of mistral_export/ as committed (its tree) and changed since (what an export
     depends on): a commit elsewhere in the repository keeps the exports."""
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, check=True).stdout
 
@@ -257,8 +289,13 @@ def export_all(name: str, model, precisions, seed: int) -> dict[str, Path]:
             print(f"{name} {precision}: export reused from {folder}", flush=True)
         except MistralExportError:  # none yet, or incomplete
             t = time.perf_counter()
-            path = export_precision(model, folder, precision, calibration=calibration,
-                                    progress=None if sys.stderr.isatty() else BuildProgress(quiet=True).bars)
+            path = export_precision(
+                model,
+                folder,
+                precision,
+                calibration=calibration,
+                progress=None if sys.stderr.isatty() else BuildProgress(quiet=True).bars,
+            )
             write_onnxruntime_artifact(path)
             print(f"{name} {precision}: exported in {time.perf_counter() - t:.0f} s to {folder}", flush=True)
         paths[precision] = path
@@ -310,10 +347,15 @@ def bench_model(name: str, model, seed: int, args) -> dict:
                 runner.fill_cache(cache)
                 return time_steps(runner, position, per_round, args.warmup)
 
-            timed = {"eager": eager_steps, **{p: lambda runner=runner: our_steps(runner) for p, runner in runners.items()},
-                     **{f"genai-{p}": lambda p=p: genai.steps(p, per_round + args.warmup)[args.warmup:]
-                        for p in (GENAI_PRECISIONS if genai else ())}}
-            order = series[r % len(series):] + series[:r % len(series)]  # each series starts some rounds
+            timed = {
+                "eager": eager_steps,
+                **{p: lambda runner=runner: our_steps(runner) for p, runner in runners.items()},
+                **{
+                    f"genai-{p}": lambda p=p: genai.steps(p, per_round + args.warmup)[args.warmup :]
+                    for p in (GENAI_PRECISIONS if genai else ())
+                },
+            }
+            order = series[r % len(series) :] + series[: r % len(series)]  # each series starts some rounds
             for s in order:
                 settle()
                 steps = timed[s]()
@@ -324,16 +366,30 @@ def bench_model(name: str, model, seed: int, args) -> dict:
     if genai:
         genai.close()
     bandwidth = floor.bandwidth
-    rows = [{"context": label, "past_len": context,
-             **{f"{s}_ms_min": 1e3 * min(times[(label, s)]) for s in series},
-             **{f"{s}_ms": 1e3 * statistics.median(times[(label, s)]) for s in series}} for label, context in contexts]
+    rows = [
+        {
+            "context": label,
+            "past_len": context,
+            **{f"{s}_ms_min": 1e3 * min(times[(label, s)]) for s in series},
+            **{f"{s}_ms": 1e3 * statistics.median(times[(label, s)]) for s in series},
+        }
+        for label, context in contexts
+    ]
     by = {r["context"]: r for r in rows}
-    floors = {p: 1e3 * precision_step_bytes(config, p) / bandwidth
-              for p in {*runners, *(GENAI_PRECISIONS if genai else ())}}
+    floors = {
+        p: 1e3 * precision_step_bytes(config, p) / bandwidth for p in {*runners, *(GENAI_PRECISIONS if genai else ())}
+    }
     # Each series at W beside the time its bytes take at the fastest read measured (genai's: its precision's).
-    at_floor = [{"series": s, "floor_ms": floors[s.removeprefix("genai-")], "ms_min": by["W"][f"{s}_ms_min"],
-                 "over_floor": by["W"][f"{s}_ms_min"] / floors[s.removeprefix("genai-")]}
-                for s in series if s.removeprefix("genai-") in floors and "W" in by]
+    at_floor = [
+        {
+            "series": s,
+            "floor_ms": floors[s.removeprefix("genai-")],
+            "ms_min": by["W"][f"{s}_ms_min"],
+            "over_floor": by["W"][f"{s}_ms_min"] / floors[s.removeprefix("genai-")],
+        }
+        for s in series
+        if s.removeprefix("genai-") in floors and "W" in by
+    ]
     checks = {}
 
     def paired(ours: str, theirs: str) -> float:
@@ -380,12 +436,30 @@ def bench_model(name: str, model, seed: int, args) -> dict:
                 checks[f"{p}_over_genai_int8_at_64W"] = by["64W"][f"{p}_ms_min"] / by["64W"]["genai-int8_ms_min"]
                 checks[f"{p}_at_most_half_genai_int8_at_64W"] = checks[f"{p}_over_genai_int8_at_64W"] <= 0.5
     return {
-        "model": name, "parameters": config.parameter_count(), "window": window, "series": series,
-        "config": {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                                                   "num_heads", "num_kv_heads", "head_dim", "sliding_window")},
+        "model": name,
+        "parameters": config.parameter_count(),
+        "window": window,
+        "series": series,
+        "config": {
+            k: getattr(config, k)
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_layers",
+                "num_heads",
+                "num_kv_heads",
+                "head_dim",
+                "sliding_window",
+            )
+        },
         "read_bandwidth_gbs": bandwidth / 1e9,
         "read_bandwidth_by_method_gbs": {m: b / 1e9 for m, b in floor.best.items()},
-        "floor_ms": floors, "at_floor_W": at_floor, "steps_per_context": args.rounds * per_round, "rows": rows, "checks": checks,
+        "floor_ms": floors,
+        "at_floor_W": at_floor,
+        "steps_per_context": args.rounds * per_round,
+        "rows": rows,
+        "checks": checks,
         "genai_version": genai.version if genai else None,
     }
 
@@ -410,25 +484,51 @@ def graph_node_counts(work: Path) -> dict:
     def ort_optimized(path: Path) -> int:
         return after_ort(path, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)[0]
 
-    stages: dict[str, list[int]] = {k: [] for k in (
-        "dynamo exporter, optimize=False", "dynamo exporter, optimize=True (torch default)",
-        "mistral-export model.onnx (mistral nodes as calls)", "model.onnx after ORT inlining + ORT_ENABLE_EXTENDED",
-        "model.ort.onnx (GroupQueryAttention per layer)", "model.ort.onnx after ORT_ENABLE_EXTENDED")}
+    stages: dict[str, list[int]] = {
+        k: []
+        for k in (
+            "dynamo exporter, optimize=False",
+            "dynamo exporter, optimize=True (torch default)",
+            "mistral-export model.onnx (mistral nodes as calls)",
+            "model.onnx after ORT inlining + ORT_ENABLE_EXTENDED",
+            "model.ort.onnx (GroupQueryAttention per layer)",
+            "model.ort.onnx after ORT_ENABLE_EXTENDED",
+        )
+    }
     for layers in (1, 2):
-        config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=layers, num_heads=4,
-                             num_kv_heads=2, head_dim=16, sliding_window=16)
+        config = ModelConfig(
+            vocab_size=97,
+            hidden_size=64,
+            intermediate_size=96,
+            num_layers=layers,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            sliding_window=16,
+        )
         model = random_model(config)
-        args = (torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
-                *[t for pair in allocate_cache(config, 2) for t in pair])
+        args = (
+            torch.zeros(2, 3, dtype=torch.int64),
+            torch.zeros(2, dtype=torch.int64),
+            *[t for pair in allocate_cache(config, 2) for t in pair],
+        )
         b, s = torch.export.Dim("batch"), torch.export.Dim("sequence")
         dynamic = ({0: b, 1: s}, {0: b}, tuple({0: b} for _ in range(2 * layers)))
-        for optimize, key in ((False, "dynamo exporter, optimize=False"),
-                              (True, "dynamo exporter, optimize=True (torch default)")):
+        for optimize, key in (
+            (False, "dynamo exporter, optimize=False"),
+            (True, "dynamo exporter, optimize=True (torch default)"),
+        ):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                program = torch.onnx.export(_Flat(model, False), args, dynamo=True, dynamic_shapes=dynamic,
-                                            optimize=optimize, verbose=False,
-                                            custom_translation_table=translation_table())
+                program = torch.onnx.export(
+                    _Flat(model, False),
+                    args,
+                    dynamo=True,
+                    dynamic_shapes=dynamic,
+                    optimize=optimize,
+                    verbose=False,
+                    custom_translation_table=translation_table(),
+                )
             stages[key].append(len(program.model_proto.graph.node))
         path = export_onnx(model, work / f"nodes{layers}")
         stages["mistral-export model.onnx (mistral nodes as calls)"].append(count(path))
@@ -441,45 +541,68 @@ def graph_node_counts(work: Path) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        "# Decode step on CPU: every precision's ONNX Runtime artifact, eager torch, and onnxruntime-genai", "",
+        "# Decode step on CPU: every precision's ONNX Runtime artifact, eager torch, and onnxruntime-genai",
+        "",
         provenance_markdown(result["provenance"]).rstrip(),
         f"{result['threads']} threads everywhere (torch.set_num_threads, ORT intra_op_num_threads, genai session "
         f"options); onnxruntime-genai {result.get('genai_version') or 'not run'} in its own venv.",
-        f"Load while it ran: {result['load']}", "",
+        f"Load while it ran: {result['load']}",
+        "",
         "Batch 1, S=1. Ours: the cache is random and past_len set to the context (W rows: cost does not "
         "depend on the position). genai: prefilled to the context with real tokens (its cache grows). Each context "
         "is raced on its own, every series' steps interleaved over rounds (each round starting with another "
         "series); checks use the fastest step of each series (the machine is shared), medians beside. Floor = bytes a step must read (GEMM weights at the "
         "precision's width + the cache) / the fastest read bandwidth measured in the same run (the best of "
         "numpy's matrix-vector product, torch's threaded sum and ONNX Runtime's fp32 MatMul of a 1 x K input, "
-        "each over 512 MiB, measured twice per round between the series).", "",
+        "each over 512 MiB, measured twice per round between the series).",
+        "",
     ]
     for r in result["models"]:
         c = r["checks"]
         series = r["series"]
-        lines += [f"## {r['model']} ({r['parameters'] / 1e6:.1f}M parameters, window {r['window']})", "",
-                  f"Fastest read {r['read_bandwidth_gbs']:.1f} GB/s (best of each: " +
-                  ", ".join(f"{m} {b:.1f}" for m, b in r["read_bandwidth_by_method_gbs"].items()) +
-                  f" GB/s). {r['steps_per_context']} timed steps per context and series.", "",
-                  "| context | past_len | " + " | ".join(f"{s} ms (min / median)" for s in series) + " |",
-                  "| --- | --- | " + " | ".join("---" for _ in series) + " |"]
+        lines += [
+            f"## {r['model']} ({r['parameters'] / 1e6:.1f}M parameters, window {r['window']})",
+            "",
+            f"Fastest read {r['read_bandwidth_gbs']:.1f} GB/s (best of each: "
+            + ", ".join(f"{m} {b:.1f}" for m, b in r["read_bandwidth_by_method_gbs"].items())
+            + f" GB/s). {r['steps_per_context']} timed steps per context and series.",
+            "",
+            "| context | past_len | " + " | ".join(f"{s} ms (min / median)" for s in series) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in series) + " |",
+        ]
         for row in r["rows"]:
-            lines.append(f"| {row['context']} | {row['past_len']} | " + " | ".join(
-                f"{row[f'{s}_ms_min']:.2f} / {row[f'{s}_ms']:.2f}" for s in series) + " |")
+            lines.append(
+                f"| {row['context']} | {row['past_len']} | "
+                + " | ".join(f"{row[f'{s}_ms_min']:.2f} / {row[f'{s}_ms']:.2f}" for s in series)
+                + " |"
+            )
         lines.append("")
         if r.get("at_floor_W"):
-            lines += ["At W, each series beside its floor (the bytes of its precision's step at the fastest read):", "",
-                      "| series | floor ms | fastest step ms | step / floor |", "| --- | --- | --- | --- |"]
-            lines += [f"| {f['series']} | {f['floor_ms']:.2f} | {f['ms_min']:.2f} | {f['over_floor']:.2f} |"
-                      for f in r["at_floor_W"]]
+            lines += [
+                "At W, each series beside its floor (the bytes of its precision's step at the fastest read):",
+                "",
+                "| series | floor ms | fastest step ms | step / floor |",
+                "| --- | --- | --- | --- |",
+            ]
+            lines += [
+                f"| {f['series']} | {f['floor_ms']:.2f} | {f['ms_min']:.2f} | {f['over_floor']:.2f} |"
+                for f in r["at_floor_W"]
+            ]
             lines.append("")
-        lines += [f"- {key}: {value:.3f}" if isinstance(value, float) else f"- {key}: {'met' if value else 'MISSED'}"
-                  for key, value in c.items()]
+        lines += [
+            f"- {key}: {value:.3f}" if isinstance(value, float) else f"- {key}: {'met' if value else 'MISSED'}"
+            for key, value in c.items()
+        ]
         lines.append("")
     if result.get("node_counts"):
-        lines += ["## Graph size (nodes, fp32)", "",
-                  "Per layer = nodes with 2 layers minus nodes with 1 layer (same structure, small dims).", "",
-                  "| stage | per layer | total, 1 layer |", "| --- | --- | --- |"]
+        lines += [
+            "## Graph size (nodes, fp32)",
+            "",
+            "Per layer = nodes with 2 layers minus nodes with 1 layer (same structure, small dims).",
+            "",
+            "| stage | per layer | total, 1 layer |",
+            "| --- | --- | --- |",
+        ]
         for name, counts in result["node_counts"].items():
             lines.append(f"| {name} | {counts['per_layer']} | {counts['one_layer_total']} |")
         lines += ["", "Optimum's export of the same config: `benchmarks/results/graph_size_vs_optimum.md`.", ""]
@@ -520,14 +643,21 @@ def main() -> None:
                 sys.exit(f"unknown model {name}")
             results.append(bench_model(name, model, SEED, args))
             del model
-    notes.append("genai's exports come from its builder (onnxruntime_genai.models.builder -p fp32|int8|int4 -e cpu) "
-                 "on an HF-format copy of the same weights; its int8 and int4 are MatMulNBits, like ours.")
+    notes.append(
+        "genai's exports come from its builder (onnxruntime_genai.models.builder -p fp32|int8|int4 -e cpu) "
+        "on an HF-format copy of the same weights; its int8 and int4 are MatMulNBits, like ours."
+    )
     load_after = os.getloadavg()
-    result = {"models": results, "provenance": origin, "threads": args.threads,
-              "load": f"1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
-                      f"({os.cpu_count()} cores)",
-              "genai_version": next((r["genai_version"] for r in results if r["genai_version"]), None),
-              "notes": notes, "node_counts": counts}
+    result = {
+        "models": results,
+        "provenance": origin,
+        "threads": args.threads,
+        "load": f"1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
+        f"({os.cpu_count()} cores)",
+        "genai_version": next((r["genai_version"] for r in results if r["genai_version"]), None),
+        "notes": notes,
+        "node_counts": counts,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))

@@ -41,10 +41,13 @@ import triton.language as tl
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpu_check import copy_ms, cuda_time_ms, decode_bytes_read, fmt, out_dir, rand, rel_err  # noqa: E402
-from mistral_export.model.ops import sliding_window_attention_reference  # noqa: E402
-from mistral_export.plugins import kernels  # noqa: E402
-from provenance import gpu_tag, markdown as provenance_markdown, provenance  # noqa: E402  (same folder)
+from gpu_check import copy_ms, cuda_time_ms, decode_bytes_read, fmt, out_dir, rand, rel_err
+
+from mistral_export.model.ops import sliding_window_attention_reference
+from mistral_export.plugins import kernels
+
+from provenance import gpu_tag, provenance
+from provenance import markdown as provenance_markdown
 
 BUDGET_S = float(os.environ.get("DECODE_SWEEP_BUDGET_S", "240"))
 START = time.monotonic()
@@ -56,9 +59,21 @@ SCALE = D**-0.5
 TOL = 2e-3
 TARGET_FRACTION = 0.70
 
-results: dict = {"shape": {
-    "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "window": W, "capacity": C, "past_len": PAST, "layers": LAYERS,
-    "dtype": "float16"}, "floor": {}, "variants": [], "batch16": []}
+results: dict = {
+    "shape": {
+        "q_heads": HQ,
+        "kv_heads": HKV,
+        "head_dim": D,
+        "window": W,
+        "capacity": C,
+        "past_len": PAST,
+        "layers": LAYERS,
+        "dtype": "float16",
+    },
+    "floor": {},
+    "variants": [],
+    "batch16": [],
+}
 
 
 def time_left() -> float:
@@ -110,8 +125,9 @@ def stream_read_kernel(a_ptr, b_ptr, out_ptr, offset_ptr, CHUNK: tl.constexpr, D
 LIBRARY = "library"  # a variant that is the library's own launcher, kernels.sliding_window_attention
 
 
-def launch_decode(q, k, v, kc, vc, pl, out, *, block_n: int, waves: float, warps: int, stages: int, pdl: int,
-                  merge: bool = True) -> None:
+def launch_decode(
+    q, k, v, kc, vc, pl, out, *, block_n: int, waves: float, warps: int, stages: int, pdl: int, merge: bool = True
+) -> None:
     """The library's decode kernels under another launch configuration (the library's `_decode` with its constants
     as arguments). pdl: 0 off, 1 the merge kernel launched early (it waits for the partials in its prologue), 2 the
     partial kernel too (it waits for whatever precedes it before reading anything). merge=False skips the merge
@@ -119,23 +135,64 @@ def launch_decode(q, k, v, kc, vc, pl, out, *, block_n: int, waves: float, warps
     batch, q_heads, _, head_dim = q.shape
     kv_heads, capacity = kc.shape[1], kc.shape[2]
     group = q_heads // kv_heads
-    splits, per_split = kernels.decode_splits(kernels.decode_max_keys(W, capacity), batch * kv_heads,
-                                              torch.cuda.get_device_properties(q.device).multi_processor_count,
-                                              block_n, waves)
+    splits, per_split = kernels.decode_splits(
+        kernels.decode_max_keys(W, capacity),
+        batch * kv_heads,
+        torch.cuda.get_device_properties(q.device).multi_processor_count,
+        block_n,
+        waves,
+    )
     part_out = torch.empty((batch * q_heads * splits, head_dim), device=q.device, dtype=torch.float32)
     part_max = torch.empty((batch * q_heads * splits,), device=q.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     kernels.decode_partial_kernel[(splits, kv_heads, batch)](
-        q, k, v, kc, vc, pl, part_out, part_max, part_sum, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), capacity, W, SCALE * kernels.LOG2E, per_split, splits,
-        GROUP=group, BLOCK_G=kernels.decode_block_g(group), BLOCK_N=block_n, HEAD_DIM=head_dim,
-        DOT_PRECISION=kernels.dot_precision(q.dtype), PDL=pdl > 0, num_warps=warps, num_stages=stages,
-        **({"launch_pdl": True} if pdl >= 2 else {}))
+        q,
+        k,
+        v,
+        kc,
+        vc,
+        pl,
+        part_out,
+        part_max,
+        part_sum,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        kc.stride(0),
+        kc.stride(1),
+        kc.stride(2),
+        capacity,
+        W,
+        SCALE * kernels.LOG2E,
+        per_split,
+        splits,
+        GROUP=group,
+        BLOCK_G=kernels.decode_block_g(group),
+        BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+        DOT_PRECISION=kernels.dot_precision(q.dtype),
+        PDL=pdl > 0,
+        num_warps=warps,
+        num_stages=stages,
+        **({"launch_pdl": True} if pdl >= 2 else {}),
+    )
     if merge:
         kernels.decode_merge_kernel[(batch * q_heads,)](
-            part_out, part_max, part_sum, out, out.stride(0), out.stride(1), splits,
-            Q_HEADS=q_heads, BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim, PDL=pdl > 0,
-            num_warps=4 if head_dim >= 64 else 1, **({"launch_pdl": True} if pdl else {}))
+            part_out,
+            part_max,
+            part_sum,
+            out,
+            out.stride(0),
+            out.stride(1),
+            splits,
+            Q_HEADS=q_heads,
+            BLOCK_SPLITS=triton.next_power_of_2(splits),
+            HEAD_DIM=head_dim,
+            PDL=pdl > 0,
+            num_warps=4 if head_dim >= 64 else 1,
+            **({"launch_pdl": True} if pdl else {}),
+        )
 
 
 def attention(q, k, v, kc, vc, pl, out, opts) -> None:
@@ -165,8 +222,15 @@ class Inputs:
         for o in self.outs:
             o.fill_(float("nan"))
         self.run(opts)
-        return max(rel_err(self.outs[i], sliding_window_attention_reference(
-            self.q[i], self.k[i], self.v[i], self.kc[i], self.vc[i], self.pl, W, SCALE)) for i in (0, LAYERS - 1))
+        return max(
+            rel_err(
+                self.outs[i],
+                sliding_window_attention_reference(
+                    self.q[i], self.k[i], self.v[i], self.kc[i], self.vc[i], self.pl, W, SCALE
+                ),
+            )
+            for i in (0, LAYERS - 1)
+        )
 
 
 def correctness(opts) -> dict:
@@ -191,9 +255,14 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     torch.manual_seed(0)
     results["provenance"] = provenance(("torch", "triton"), env=("DECODE_SWEEP_BUDGET_S",))
-    results["device"] = {"name": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-                         "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__,
-                         "pdl_available": kernels._PDL_AVAILABLE}
+    results["device"] = {
+        "name": torch.cuda.get_device_name(),
+        "capability": list(torch.cuda.get_device_capability()),
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "pdl_available": kernels._PDL_AVAILABLE,
+    }
     print("GPU:", results["device"], flush=True)
 
     # Copy bandwidth (1 GiB, bytes read + written), as in gpu_check.
@@ -211,16 +280,19 @@ def main() -> None:
     x = torch.empty(1, device="cuda")
     floors = {
         "empty single kernel (grid 256)": lambda: [empty_kernel[(256,)](x, PDL=False) for _ in range(LAYERS)],
-        "empty kernel pair (grids 256 + 32)": lambda: [(empty_kernel[(256,)](x, PDL=False),
-                                                        empty_kernel[(32,)](x, PDL=False)) for _ in range(LAYERS)],
+        "empty kernel pair (grids 256 + 32)": lambda: [
+            (empty_kernel[(256,)](x, PDL=False), empty_kernel[(32,)](x, PDL=False)) for _ in range(LAYERS)
+        ],
     }
     if kernels._PDL_AVAILABLE:
         floors["empty kernel pair, second with PDL"] = lambda: [
             (empty_kernel[(256,)](x, PDL=True), empty_kernel[(32,)](x, PDL=True, launch_pdl=True))
-            for _ in range(LAYERS)]
+            for _ in range(LAYERS)
+        ]
         floors["empty kernel pair, both with PDL"] = lambda: [
             (empty_kernel[(256,)](x, PDL=True, launch_pdl=True), empty_kernel[(32,)](x, PDL=True, launch_pdl=True))
-            for _ in range(LAYERS)]
+            for _ in range(LAYERS)
+        ]
     for label, fn in floors.items():
         try:
             results["floor"][label] = graph_ms(fn) / LAYERS * 1e3  # µs per layer
@@ -244,12 +316,15 @@ def main() -> None:
 
             def read_all():
                 for i in range(LAYERS):
-                    stream_read_kernel[(progs,)](b1.kc[i], b1.vc[i], sink, zero, CHUNK=chunk, DEPENDENT=dependent,
-                                                 num_warps=warps)
+                    stream_read_kernel[(progs,)](
+                        b1.kc[i], b1.vc[i], sink, zero, CHUNK=chunk, DEPENDENT=dependent, num_warps=warps
+                    )
+
             ms = graph_ms(read_all)
             expected = b1.kc[0].float().sum() + b1.vc[0].float().sum()
-            stream_read_kernel[(progs,)](b1.kc[0], b1.vc[0], sink, zero, CHUNK=chunk, DEPENDENT=dependent,
-                                         num_warps=warps)
+            stream_read_kernel[(progs,)](
+                b1.kc[0], b1.vc[0], sink, zero, CHUNK=chunk, DEPENDENT=dependent, num_warps=warps
+            )
             results["floor"][label] = ms / LAYERS * 1e3
             results["floor"][label + ": fraction of copy"] = 2 * n * 2 / (ms / LAYERS) / 1e6 / copy_gbps
             results["floor"][label + ": sum matches"] = bool(torch.allclose(sink.sum(), expected, rtol=1e-3, atol=1.0))
@@ -281,9 +356,11 @@ def main() -> None:
             row["traceback"] = traceback.format_exc()[-1500:]
         row["s"] = round(time.monotonic() - t0, 1)
         results["variants"].append(row)
-        print(f"[b1] {label}: {row.get('us_per_layer', row.get('error'))} us/layer "
-              f"frac={row.get('fraction_of_copy')} ok={row.get('ok')} err={row.get('rel_err')} ({row['s']}s)",
-              flush=True)
+        print(
+            f"[b1] {label}: {row.get('us_per_layer', row.get('error'))} us/layer "
+            f"frac={row.get('fraction_of_copy')} ok={row.get('ok')} err={row.get('rel_err')} ({row['s']}s)",
+            flush=True,
+        )
         save()
         return row
 
@@ -292,9 +369,13 @@ def main() -> None:
 
     def name(o):
         if o == LIBRARY:
-            return (f"library launcher (BN{kernels.DECODE_BLOCK_N} waves{kernels.DECODE_WAVES:g} "
-                    f"w{kernels.DECODE_NUM_WARPS} s{kernels.DECODE_NUM_STAGES}, PDL on sm_90+)")
-        return f"BN{o['block_n']} waves{o['waves']:g} w{o['warps']} s{o['stages']}" + (f" pdl{o['pdl']}" if o["pdl"] else "")
+            return (
+                f"library launcher (BN{kernels.DECODE_BLOCK_N} waves{kernels.DECODE_WAVES:g} "
+                f"w{kernels.DECODE_NUM_WARPS} s{kernels.DECODE_NUM_STAGES}, PDL on sm_90+)"
+            )
+        return f"BN{o['block_n']} waves{o['waves']:g} w{o['warps']} s{o['stages']}" + (
+            f" pdl{o['pdl']}" if o["pdl"] else ""
+        )
 
     base = cfg()  # the default before the first sweep (2026-11-27: BN64 waves2 w4 s3, no PDL)
     run_variant("former default " + name(base), base)
@@ -304,9 +385,19 @@ def main() -> None:
     for o in (cfg(pdl=1), cfg(pdl=2)):
         run_variant(name(o), o)
     # Tiles / splits / warps / stages (no PDL).
-    tile_cfgs = [cfg(waves=4), cfg(waves=1), cfg(block_n=32, waves=4), cfg(block_n=32, waves=2),
-                 cfg(block_n=128, warps=8), cfg(block_n=128, waves=1, warps=8), cfg(warps=8), cfg(stages=2),
-                 cfg(stages=4), cfg(waves=1, stages=4), cfg(block_n=32, waves=8)]
+    tile_cfgs = [
+        cfg(waves=4),
+        cfg(waves=1),
+        cfg(block_n=32, waves=4),
+        cfg(block_n=32, waves=2),
+        cfg(block_n=128, warps=8),
+        cfg(block_n=128, waves=1, warps=8),
+        cfg(warps=8),
+        cfg(stages=2),
+        cfg(stages=4),
+        cfg(waves=1, stages=4),
+        cfg(block_n=32, waves=8),
+    ]
     tile_rows = [r for r in (run_variant(name(o), o) for o in tile_cfgs) if r is not None]
     # The best tiles with PDL.
     for r in sorted([r for r in tile_rows if r.get("ok")], key=lambda r: r["us_per_layer"])[:2]:
@@ -345,33 +436,52 @@ def main() -> None:
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         results["batch16"].append(row)
-        print(f"[b16] {row['label']}: {row.get('us_per_layer', row.get('error'))} us/layer "
-              f"frac={row.get('fraction_of_copy')} ok={row.get('ok')}", flush=True)
+        print(
+            f"[b16] {row['label']}: {row.get('us_per_layer', row.get('error'))} us/layer "
+            f"frac={row.get('fraction_of_copy')} ok={row.get('ok')}",
+            flush=True,
+        )
         save()
 
 
 def markdown() -> str:
     d = results.get("device", {})
-    lines = [f"# Decode attention sweep: {d.get('name', '?')}", "",
-             provenance_markdown(results["provenance"]) if "provenance" in results else "",
-             f"capability {d.get('capability')}, {d.get('sms')} SMs; {results.get('elapsed_s', '?')} s. Shapes: 32 q / 8 kv heads, head_dim "
-             f"128, fp16, window = capacity 4096, past_len 32000. Time per layer of a CUDA graph over 32 layers with "
-             f"separate caches (median of 60 replays).", ""]
+    lines = [
+        f"# Decode attention sweep: {d.get('name', '?')}",
+        "",
+        provenance_markdown(results["provenance"]) if "provenance" in results else "",
+        f"capability {d.get('capability')}, {d.get('sms')} SMs; {results.get('elapsed_s', '?')} s. Shapes: 32 q / 8 kv heads, head_dim "
+        f"128, fp16, window = capacity 4096, past_len 32000. Time per layer of a CUDA graph over 32 layers with "
+        f"separate caches (median of 60 replays).",
+        "",
+    ]
     if "copy_gbps_read_plus_write" in results:
         copy = results["copy_gbps_read_plus_write"]
-        lines += [f"Device-to-device copy: {copy:.0f} GB/s (read + written). Batch 1 moves "
-                  f"{results.get('bytes_per_layer_b1', 0) / 1e6:.1f} MB per layer: the 70% target is "
-                  f"{results.get('bytes_per_layer_b1', 0) / (TARGET_FRACTION * copy * 1e3):.2f} µs per layer.", ""]
+        lines += [
+            f"Device-to-device copy: {copy:.0f} GB/s (read + written). Batch 1 moves "
+            f"{results.get('bytes_per_layer_b1', 0) / 1e6:.1f} MB per layer: the 70% target is "
+            f"{results.get('bytes_per_layer_b1', 0) / (TARGET_FRACTION * copy * 1e3):.2f} µs per layer.",
+            "",
+        ]
     if results["floor"]:
-        lines += ["## Floor and ceiling: empty kernels, and a plain read of the same bytes, same graph structure", "",
-                  "| graph per layer | µs per layer (or as named) |", "| --- | --- |"]
+        lines += [
+            "## Floor and ceiling: empty kernels, and a plain read of the same bytes, same graph structure",
+            "",
+            "| graph per layer | µs per layer (or as named) |",
+            "| --- | --- |",
+        ]
         lines += [f"| {k} | {fmt(v)} |" for k, v in results["floor"].items()]
         lines.append("")
     if results["variants"]:
-        lines += ["## Batch 1", "", "Variants: BN keys per tile; waves = target programs / SMs (sets keys per split); w warps; s stages; "
-                  "pdl1 = merge kernel launched with programmatic dependent launch, pdl2 = both kernels.", "",
-                  "| variant | µs / layer | GB/s | of copy | rel err (b1, b3 mixed, graph) | ok |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Batch 1",
+            "",
+            "Variants: BN keys per tile; waves = target programs / SMs (sets keys per split); w warps; s stages; "
+            "pdl1 = merge kernel launched with programmatic dependent launch, pdl2 = both kernels.",
+            "",
+            "| variant | µs / layer | GB/s | of copy | rel err (b1, b3 mixed, graph) | ok |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for r in results["variants"]:
             if "error" in r:
                 lines.append(f"| {r['label']} | error: {r['error'][:150]} | | | | |")
@@ -380,18 +490,26 @@ def markdown() -> str:
             e = ", ".join(fmt(v) for v in errs.values())
             if "graph_outputs_rel_err" in r:
                 e += f", {fmt(r['graph_outputs_rel_err'])}"
-            lines.append(f"| {r['label']} | {fmt(r['us_per_layer'])} | {fmt(r['gbps'], 4)} | "
-                         f"{fmt(r['fraction_of_copy'])} | {e if e else 'n/a (partial only)'} | {r.get('ok', '-')} |")
+            lines.append(
+                f"| {r['label']} | {fmt(r['us_per_layer'])} | {fmt(r['gbps'], 4)} | "
+                f"{fmt(r['fraction_of_copy'])} | {e if e else 'n/a (partial only)'} | {r.get('ok', '-')} |"
+            )
         lines.append("")
     if results["batch16"]:
-        lines += ["## Batch 16 (auto splits)", "", "| variant | µs / layer | GB/s | of copy | rel err (graph) | ok |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Batch 16 (auto splits)",
+            "",
+            "| variant | µs / layer | GB/s | of copy | rel err (graph) | ok |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for r in results["batch16"]:
             if "error" in r:
                 lines.append(f"| {r['label']} | error: {r['error'][:150]} | | | | |")
                 continue
-            lines.append(f"| {r['label']} | {fmt(r['us_per_layer'])} | {fmt(r['gbps'], 4)} | "
-                         f"{fmt(r['fraction_of_copy'])} | {fmt(r['graph_outputs_rel_err'])} | {r['ok']} |")
+            lines.append(
+                f"| {r['label']} | {fmt(r['us_per_layer'])} | {fmt(r['gbps'], 4)} | "
+                f"{fmt(r['fraction_of_copy'])} | {fmt(r['graph_outputs_rel_err'])} | {r['ok']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

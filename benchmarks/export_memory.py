@@ -27,10 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mistral_export.model.checkpoint import internal_to_hf  # noqa: E402
-from mistral_export.model.config import load_config  # noqa: E402
-from mistral_export.model.transformer import Transformer  # noqa: E402
-from provenance import RESULTS, markdown as provenance_markdown, provenance  # noqa: E402  (same folder)
+from mistral_export.model.checkpoint import internal_to_hf
+from mistral_export.model.config import load_config
+from mistral_export.model.transformer import Transformer
+
+from provenance import RESULTS, provenance
+from provenance import markdown as provenance_markdown
 
 CHILD = """
 import json, resource, sys, threading, time
@@ -104,8 +106,12 @@ def main() -> None:
         ckpt_bytes = (work / "ckpt" / "model.safetensors").stat().st_size
         write_seconds = time.time() - t
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(work / "ckpt"), str(work / "onnx")],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, str(work / "ckpt"), str(work / "onnx")],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode:
             sys.exit(f"export failed:\n{proc.stderr[-4000:]}")
         child = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -119,7 +125,9 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     weight_bytes = params * 4  # exported fp32
-    per_layer = (config.parameter_count() - 2 * config.vocab_size * config.hidden_size - config.hidden_size) // args.layers
+    per_layer = (
+        config.parameter_count() - 2 * config.vocab_size * config.hidden_size - config.hidden_size
+    ) // args.layers
     full = load_config("mistral-7b-v0.1")
     full_weight_bytes = full.parameter_count() * 4
     # Anonymous memory (interpreter, torch, graph, one tensor and its blocks) does not grow with the layer
@@ -160,34 +168,34 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    gib = 1024 ** 3
+    gib = 1024**3
     e = r["extrapolated_32_layers"]
     return f"""# Export peak memory
 
-{r['config']}; checkpoint {r['checkpoint_dtype']} safetensors (single file, written tensor by tensor), exported to fp32 ONNX with
+{r["config"]}; checkpoint {r["checkpoint_dtype"]} safetensors (single file, written tensor by tensor), exported to fp32 ONNX with
 external data by `export_onnx` in a subprocess.
 
 | | value |
 | --- | --- |
-| parameters | {r['parameters']:,} |
-| fp32 weight bytes | {r['weight_bytes_fp32'] / gib:.2f} GiB |
-| model.onnx.data | {r['onnx_data_bytes'] / gib:.2f} GiB |
-| model.onnx (graph) | {r['onnx_graph_bytes'] / 1024:.0f} KiB |
-| peak RSS (ru_maxrss, children) | {r['peak_rss_bytes_ru_maxrss_children'] / gib:.2f} GiB |
-| peak RSS / weight bytes | **{r['peak_over_weights']:.2f}x** (target <= 1.3x) |
-| export time | {r['export_seconds']:.1f} s |
-| of which anonymous (sampled peak) | {r['peak_rss_anon_bytes_sampled'] / gib:.2f} GiB |
-| of which file-backed: checkpoint mmap + libraries (sampled peak) | {r['peak_rss_file_bytes_sampled'] / gib:.2f} GiB (checkpoint file {r['checkpoint_file_bytes'] / gib:.2f} GiB; the rest is shared libraries) |
+| parameters | {r["parameters"]:,} |
+| fp32 weight bytes | {r["weight_bytes_fp32"] / gib:.2f} GiB |
+| model.onnx.data | {r["onnx_data_bytes"] / gib:.2f} GiB |
+| model.onnx (graph) | {r["onnx_graph_bytes"] / 1024:.0f} KiB |
+| peak RSS (ru_maxrss, children) | {r["peak_rss_bytes_ru_maxrss_children"] / gib:.2f} GiB |
+| peak RSS / weight bytes | **{r["peak_over_weights"]:.2f}x** (target <= 1.3x) |
+| export time | {r["export_seconds"]:.1f} s |
+| of which anonymous (sampled peak) | {r["peak_rss_anon_bytes_sampled"] / gib:.2f} GiB |
+| of which file-backed: checkpoint mmap + libraries (sampled peak) | {r["peak_rss_file_bytes_sampled"] / gib:.2f} GiB (checkpoint file {r["checkpoint_file_bytes"] / gib:.2f} GiB; the rest is shared libraries) |
 
 Extrapolation to 32 layers: export streams one tensor at a time, so the anonymous memory (interpreter,
 torch, the graph, one tensor in flight) does not grow with the layer count; the largest tensors
 (32000x4096 embedding and lm_head) are already full size here. The file-backed part is safetensors'
 mmap of the checkpoint file being read, which can reach the size of the largest checkpoint file
 (reclaimable page cache, but counted in RSS). For Mistral-7B-v0.1 as published (largest shard
-{e['largest_checkpoint_file_bytes'] / 1e9:.1f} GB bf16): estimated peak ~{e['peak_rss_bytes_estimate'] / gib:.1f} GiB against
-{e['weight_bytes_fp32'] / gib:.1f} GiB of exported fp32 weights, ~{e['peak_over_weights_estimate']:.2f}x (target <= 1.3x).
+{e["largest_checkpoint_file_bytes"] / 1e9:.1f} GB bf16): estimated peak ~{e["peak_rss_bytes_estimate"] / gib:.1f} GiB against
+{e["weight_bytes_fp32"] / gib:.1f} GiB of exported fp32 weights, ~{e["peak_over_weights_estimate"]:.2f}x (target <= 1.3x).
 
-{provenance_markdown(r['provenance'])}"""
+{provenance_markdown(r["provenance"])}"""
 
 
 if __name__ == "__main__":

@@ -24,8 +24,25 @@ def build(hf_folder: str, out: str, precision: str, threads: int) -> None:
     cache = Path(out).with_name(Path(out).name + ".cache")
     # int4: accuracy level 4 (int8 compute), its fastest on CPU, named rather than left to the builder's default.
     extra = ["--extra_options", "int4_accuracy_level=4"] if precision == "int4" else []
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_folder, "-o", out,
-                    "-p", precision, "-e", "cpu", "-c", str(cache), *extra], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            hf_folder,
+            "-o",
+            out,
+            "-p",
+            precision,
+            "-e",
+            "cpu",
+            "-c",
+            str(cache),
+            *extra,
+        ],
+        check=True,
+    )
     config_path = Path(out) / "genai_config.json"
     config = json.loads(config_path.read_text())
     options = config["model"]["decoder"].setdefault("session_options", {})

@@ -31,12 +31,14 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mistral_export.model.ops import (  # noqa: E402
+from mistral_export.model.ops import (
     rolling_cache_update_reference,
     sliding_window_attention_reference,
 )
-from mistral_export.plugins import kernels  # noqa: E402
-from provenance import RESULTS, gpu_tag, markdown as provenance_markdown, provenance  # noqa: E402
+from mistral_export.plugins import kernels
+
+from provenance import RESULTS, gpu_tag, provenance
+from provenance import markdown as provenance_markdown
 
 BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "270"))
 START = time.monotonic()
@@ -84,8 +86,10 @@ def section(name: str, min_left: float):
             value = fn()
             results["sections"][name] = value
         except Exception as exc:  # record and go on to the next section
-            results["sections"][name] = {"error": f"{type(exc).__name__}: {exc}",
-                                         "traceback": traceback.format_exc()[-3000:]}
+            results["sections"][name] = {
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()[-3000:],
+            }
         results["sections"][name] = {**results["sections"][name], "section_s": round(time.monotonic() - t0, 1)}
         print(f"[{name}] {json.dumps(results['sections'][name])[:1500]}", flush=True)
         torch.cuda.empty_cache()
@@ -167,9 +171,13 @@ def main() -> None:
             ("decode b1 past 100", 1, 1, [100], torch.float16),
             ("decode b1 past 4095", 1, 1, [4095], torch.float16),
             ("decode b1 past 32000 (wrapped)", 1, 1, [32000], torch.float16),
-            ("decode b16 mixed past up to 32k", 16, 1, [0, 1, 17, 4095, 4096, 4097, 5000, 8191, 9000, 12345,
-                                                          16000, 20000, 24576, 30000, 32000, 32767],
-             torch.float16),
+            (
+                "decode b16 mixed past up to 32k",
+                16,
+                1,
+                [0, 1, 17, 4095, 4096, 4097, 5000, 8191, 9000, 12345, 16000, 20000, 24576, 30000, 32000, 32767],
+                torch.float16,
+            ),
             ("decode b16 bf16", 16, 1, [i * 2000 + 7 for i in range(16)], torch.bfloat16),
             ("decode b1 fp32", 1, 1, [9000], torch.float32),
             ("chunk 512 at past 30000 (wrap)", 1, 512, [30000], torch.float16),
@@ -186,8 +194,9 @@ def main() -> None:
             ref = sliding_window_attention_reference(q, k, v, kc, vc, pl, W, SCALE)
             err = rel_err(out, ref)
             tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-            rows.append({"case": label, "dtype": str(dtype).split(".")[-1], "rel_err": err, "tol": tol,
-                         "ok": err <= tol})
+            rows.append(
+                {"case": label, "dtype": str(dtype).split(".")[-1], "rel_err": err, "tol": tol, "ok": err <= tol}
+            )
             new_kc = kc.clone()
             kernels.rolling_cache_update_(new_kc, k, pl)
             exact = torch.equal(new_kc, rolling_cache_update_reference(kc, k, pl))
@@ -218,14 +227,16 @@ def main() -> None:
         for b in (1, 16):
             q, k, v, kc, vc, pl = decode_inputs(b, layers, past=32000)  # window full, ring wrapped
             bytes_layer = decode_bytes_read(b, HKV, HQ, W, D, 2)
-            single = cuda_time_ms(lambda: kernels.sliding_window_attention(q[0], k[0], v[0], kc[0], vc[0], pl, W,
-                                                                           SCALE), iters=100)
+            single = cuda_time_ms(
+                lambda: kernels.sliding_window_attention(q[0], k[0], v[0], kc[0], vc[0], pl, W, SCALE), iters=100
+            )
             outs = [torch.empty_like(x) for x in q]
 
             def all_layers(kps=None):
                 for i in range(layers):
-                    kernels.sliding_window_attention(q[i], k[i], v[i], kc[i], vc[i], pl, W, SCALE, out=outs[i],
-                                                     keys_per_split=kps)
+                    kernels.sliding_window_attention(
+                        q[i], k[i], v[i], kc[i], vc[i], pl, W, SCALE, out=outs[i], keys_per_split=kps
+                    )
 
             graph_ms = {}
             for kps in (None, 64, 128, 256, 512):  # None: the launcher's own split count
@@ -236,8 +247,10 @@ def main() -> None:
                     all_layers(kps)
                 graph_ms[str(kps or "auto")] = cuda_time_ms(g.replay, warmup=3, iters=30) / layers
             per_layer = graph_ms["auto"]
-            check = [rel_err(outs[i], sliding_window_attention_reference(q[i], k[i], v[i], kc[i], vc[i], pl, W,
-                                                                         SCALE)) for i in (0, layers - 1)]
+            check = [
+                rel_err(outs[i], sliding_window_attention_reference(q[i], k[i], v[i], kc[i], vc[i], pl, W, SCALE))
+                for i in (0, layers - 1)
+            ]
             gbps = bytes_layer / per_layer / 1e6
 
             # SDPA baseline: keys = [cache ∪ new] with an explicit window mask, K/V expanded to the q heads.
@@ -248,36 +261,43 @@ def main() -> None:
             cache_pos = last - torch.remainder(last - slots, C)
             key_pos = torch.cat([cache_pos, pl.unsqueeze(1)], dim=1)  # [B, C+1]
             mask = window_mask(pl.view(b, 1), key_pos, W).view(b, 1, 1, C + 1)
-            sdpa = cuda_time_ms(lambda: F.scaled_dot_product_attention(q[0], keys, vals, attn_mask=mask,
-                                                                       scale=SCALE), iters=100)
+            sdpa = cuda_time_ms(
+                lambda: F.scaled_dot_product_attention(q[0], keys, vals, attn_mask=mask, scale=SCALE), iters=100
+            )
             ref_out = F.scaled_dot_product_attention(q[0], keys, vals, attn_mask=mask, scale=SCALE)
             tri_out = kernels.sliding_window_attention(q[0], k[0], v[0], kc[0], vc[0], pl, W, SCALE)
-            rows.append({
-                "batch": b, "window": W, "past_len": 32000,
-                "triton_single_call_ms": single,
-                "triton_per_layer_in_32_layer_graph_ms": per_layer,
-                "graph_per_layer_ms_by_keys_per_split": graph_ms,
-                "sdpa_single_call_ms": sdpa,
-                "bytes_per_layer": bytes_layer,
-                "achieved_gbps": gbps,
-                "best_achieved_gbps": bytes_layer / min(graph_ms.values()) / 1e6,
-                "fraction_of_copy_bw": gbps / copy_gbps if copy_gbps else None,
-                "rel_err_vs_sdpa": rel_err(tri_out, ref_out),
-                "graph_outputs_rel_err_vs_reference": check,
-            })
+            rows.append(
+                {
+                    "batch": b,
+                    "window": W,
+                    "past_len": 32000,
+                    "triton_single_call_ms": single,
+                    "triton_per_layer_in_32_layer_graph_ms": per_layer,
+                    "graph_per_layer_ms_by_keys_per_split": graph_ms,
+                    "sdpa_single_call_ms": sdpa,
+                    "bytes_per_layer": bytes_layer,
+                    "achieved_gbps": gbps,
+                    "best_achieved_gbps": bytes_layer / min(graph_ms.values()) / 1e6,
+                    "fraction_of_copy_bw": gbps / copy_gbps if copy_gbps else None,
+                    "rel_err_vs_sdpa": rel_err(tri_out, ref_out),
+                    "graph_outputs_rel_err_vs_reference": check,
+                }
+            )
             del q, k, v, kc, vc, outs, keys, vals
             torch.cuda.empty_cache()
         return {"rows": rows}
 
     def prefill_case(s):
         q, k, v = rand(1, HQ, s, D), rand(1, HKV, s, D), rand(1, HKV, s, D)
-        kc, vc = torch.zeros(1, HKV, C, D, device="cuda", dtype=torch.float16), torch.zeros(1, HKV, C, D,
-                                                                                          device="cuda",
-                                                                                          dtype=torch.float16)
+        kc, vc = (
+            torch.zeros(1, HKV, C, D, device="cuda", dtype=torch.float16),
+            torch.zeros(1, HKV, C, D, device="cuda", dtype=torch.float16),
+        )
         pl = torch.zeros(1, device="cuda", dtype=torch.int64)
         out = torch.empty_like(q)
-        tri = cuda_time_ms(lambda: kernels.sliding_window_attention(q, k, v, kc, vc, pl, W, SCALE, out=out),
-                           warmup=2, iters=10)
+        tri = cuda_time_ms(
+            lambda: kernels.sliding_window_attention(q, k, v, kc, vc, pl, W, SCALE, out=out), warmup=2, iters=10
+        )
         pos = torch.arange(s, device="cuda")
         mask = window_mask(pos, pos, W)  # dense [S, S]
         keys, vals = k.repeat_interleave(HQ // HKV, dim=1), v.repeat_interleave(HQ // HKV, dim=1)
@@ -285,8 +305,12 @@ def main() -> None:
         flops = 4 * HQ * D * sum(min(i + 1, W) for i in range(s))
         row["triton_tflops"] = flops / tri / 1e9
         try:
-            sd = cuda_time_ms(lambda: F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=SCALE),
-                              warmup=1, iters=5, max_s=20)
+            sd = cuda_time_ms(
+                lambda: F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=SCALE),
+                warmup=1,
+                iters=5,
+                max_s=20,
+            )
             ref = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=SCALE)
             row.update({"sdpa_dense_mask_ms": sd, "speedup_vs_sdpa": sd / tri, "rel_err_vs_sdpa": rel_err(out, ref)})
         except torch.OutOfMemoryError as exc:
@@ -329,16 +353,22 @@ def verdict() -> dict:
     dec = s.get("decode", {}).get("rows", [])
     b1 = [r for r in dec if r["batch"] == 1]
     if b1 and b1[0].get("fraction_of_copy_bw") is not None:
-        v["decode_bw_fraction_batch1"] = {"value": b1[0]["fraction_of_copy_bw"],
-                                          "pass": b1[0]["fraction_of_copy_bw"] >= TARGETS["decode_bw_fraction_batch1"]}
+        v["decode_bw_fraction_batch1"] = {
+            "value": b1[0]["fraction_of_copy_bw"],
+            "pass": b1[0]["fraction_of_copy_bw"] >= TARGETS["decode_bw_fraction_batch1"],
+        }
     pre = s.get("prefill", {})
     rows = pre.get("rows", [])
     if rows and isinstance(rows[0].get("speedup_vs_sdpa"), float):
-        v["prefill_16k_speedup_vs_sdpa"] = {"value": rows[0]["speedup_vs_sdpa"],
-                                            "pass": rows[0]["speedup_vs_sdpa"] >= TARGETS["prefill_16k_speedup_vs_sdpa"]}
+        v["prefill_16k_speedup_vs_sdpa"] = {
+            "value": rows[0]["speedup_vs_sdpa"],
+            "pass": rows[0]["speedup_vs_sdpa"] >= TARGETS["prefill_16k_speedup_vs_sdpa"],
+        }
     if "ratio_32k_over_16k" in pre:
-        v["prefill_32k_over_16k"] = {"value": pre["ratio_32k_over_16k"],
-                                     "pass": pre["ratio_32k_over_16k"] <= TARGETS["prefill_32k_over_16k"]}
+        v["prefill_32k_over_16k"] = {
+            "value": pre["ratio_32k_over_16k"],
+            "pass": pre["ratio_32k_over_16k"] <= TARGETS["prefill_32k_over_16k"],
+        }
     if "correctness" in s and "all_ok" in s["correctness"]:
         v["correctness"] = {"pass": s["correctness"]["all_ok"]}
     if "torch_ops" in s and "attention_rel_err" in s["torch_ops"]:
@@ -356,43 +386,66 @@ def fmt(x, digits=3):
 def markdown() -> str:
     d = results.get("device", {})
     s = results["sections"]
-    lines = [f"# GPU check: {d.get('name', '?')}", "",
-             provenance_markdown(results["provenance"]) if "provenance" in results else "",
-             f"capability {d.get('capability')}, {d.get('sms')} SMs, {d.get('memory_gib')} GiB; "
-             f"{results.get('elapsed_s', '?')} s", ""]
+    lines = [
+        f"# GPU check: {d.get('name', '?')}",
+        "",
+        provenance_markdown(results["provenance"]) if "provenance" in results else "",
+        f"capability {d.get('capability')}, {d.get('sms')} SMs, {d.get('memory_gib')} GiB; "
+        f"{results.get('elapsed_s', '?')} s",
+        "",
+    ]
     if "correctness" in s:
-        lines += ["## Correctness vs torch reference (Hq 32, Hkv 8, D 128, W = C = 4096; output pre-filled with NaN)",
-                  "", "| case | dtype | rel err | tol | ok |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Correctness vs torch reference (Hq 32, Hkv 8, D 128, W = C = 4096; output pre-filled with NaN)",
+            "",
+            "| case | dtype | rel err | tol | ok |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for r in s["correctness"].get("cases", []):
-            lines.append(f"| {r['case']} | {r.get('dtype', '')} | {fmt(r.get('rel_err', r.get('exact')))} | "
-                         f"{fmt(r.get('tol', 'exact'))} | {r['ok']} |")
+            lines.append(
+                f"| {r['case']} | {r.get('dtype', '')} | {fmt(r.get('rel_err', r.get('exact')))} | "
+                f"{fmt(r.get('tol', 'exact'))} | {r['ok']} |"
+            )
         if "error" in s["correctness"]:
             lines.append(f"\nerror: {s['correctness']['error']}")
         lines.append("")
     if "copy_bandwidth" in s and "gbps_read_plus_write" in s["copy_bandwidth"]:
-        lines += [f"Device-to-device copy (1 GiB): {fmt(s['copy_bandwidth']['gbps_read_plus_write'], 4)} GB/s "
-                  "(bytes read + written).", ""]
+        lines += [
+            f"Device-to-device copy (1 GiB): {fmt(s['copy_bandwidth']['gbps_read_plus_write'], 4)} GB/s "
+            "(bytes read + written).",
+            "",
+        ]
     if "decode" in s:
-        lines += ["## Decode attention (window 4096 full, past_len 32000)", "",
-                  "| batch | triton 1 call ms | triton per layer (32-layer graph) ms | SDPA+mask 1 call ms | "
-                  "GB/s | of copy BW | best GB/s (keys/split sweep) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Decode attention (window 4096 full, past_len 32000)",
+            "",
+            "| batch | triton 1 call ms | triton per layer (32-layer graph) ms | SDPA+mask 1 call ms | "
+            "GB/s | of copy BW | best GB/s (keys/split sweep) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in s["decode"].get("rows", []):
-            lines.append(f"| {r['batch']} | {fmt(r['triton_single_call_ms'])} | "
-                         f"{fmt(r['triton_per_layer_in_32_layer_graph_ms'])} | {fmt(r['sdpa_single_call_ms'])} | "
-                         f"{fmt(r['achieved_gbps'], 4)} | {fmt(r['fraction_of_copy_bw'])} | "
-                         f"{fmt(r['best_achieved_gbps'], 4)} |")
+            lines.append(
+                f"| {r['batch']} | {fmt(r['triton_single_call_ms'])} | "
+                f"{fmt(r['triton_per_layer_in_32_layer_graph_ms'])} | {fmt(r['sdpa_single_call_ms'])} | "
+                f"{fmt(r['achieved_gbps'], 4)} | {fmt(r['fraction_of_copy_bw'])} | "
+                f"{fmt(r['best_achieved_gbps'], 4)} |"
+            )
         if "error" in s["decode"]:
             lines.append(f"\nerror: {s['decode']['error']}")
         lines.append("")
     if "prefill" in s:
-        lines += ["## Prefill (window 4096, fp16, batch 1)", "",
-                  "| tokens | triton ms | TFLOP/s | SDPA dense mask ms | speedup | rel err vs SDPA |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Prefill (window 4096, fp16, batch 1)",
+            "",
+            "| tokens | triton ms | TFLOP/s | SDPA dense mask ms | speedup | rel err vs SDPA |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for r in s["prefill"].get("rows", []):
-            lines.append(f"| {r['tokens']} | {fmt(r['triton_ms'])} | {fmt(r['triton_tflops'])} | "
-                         f"{fmt(r.get('sdpa_dense_mask_ms'))} | {fmt(r.get('speedup_vs_sdpa'))} | "
-                         f"{fmt(r.get('rel_err_vs_sdpa'))} |")
+            lines.append(
+                f"| {r['tokens']} | {fmt(r['triton_ms'])} | {fmt(r['triton_tflops'])} | "
+                f"{fmt(r.get('sdpa_dense_mask_ms'))} | {fmt(r.get('speedup_vs_sdpa'))} | "
+                f"{fmt(r.get('rel_err_vs_sdpa'))} |"
+            )
         if "ratio_32k_over_16k" in s["prefill"]:
             lines.append(f"\n32k / 16k time: {fmt(s['prefill']['ratio_32k_over_16k'])}")
         if "error" in s["prefill"]:

@@ -31,16 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact  # noqa: E402
-from mistral_export.runners.onnxruntime import OnnxRuntimeRunner  # noqa: E402
-from mistral_export.runners.base import EagerRunner, prefill  # noqa: E402
-from mistral_export.export.precision import CalibrationOptions, export_precision  # noqa: E402
-from mistral_export.export.precision import fp8 as fp8_module, int4 as int4_module  # noqa: E402
-from mistral_export.model.checkpoint import load_model  # noqa: E402
-from mistral_export.model.config import TINY_DIR  # noqa: E402
-from mistral_export.model.tokenizer import load_tokenizer  # noqa: E402
-from mistral_export.validate.thresholds import THRESHOLDS  # noqa: E402
-from provenance import markdown as provenance_markdown, provenance  # noqa: E402  (same folder)
+from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
+from mistral_export.export.precision import CalibrationOptions, export_precision
+from mistral_export.export.precision import fp8 as fp8_module
+from mistral_export.export.precision import int4 as int4_module
+from mistral_export.model.checkpoint import load_model
+from mistral_export.model.config import TINY_DIR
+from mistral_export.model.tokenizer import load_tokenizer
+from mistral_export.runners.base import EagerRunner, prefill
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
+from mistral_export.validate.thresholds import THRESHOLDS
+
+from provenance import markdown as provenance_markdown
+from provenance import provenance
 
 CHUNK = 64  # tiny's window
 
@@ -51,7 +54,9 @@ def held_out_ids(files: int = 3, length: int = 384) -> torch.Tensor:
     spec.loader.exec_module(train_tiny)
     held = [f for i, f in enumerate(train_tiny.stdlib_files()) if i % train_tiny.HELD_OUT_EVERY == 0]
     tokenizer = load_tokenizer(TINY_DIR)
-    rows = [ids[:length] for ids in (tokenizer.encode(f.read_text(errors="replace")) for f in held) if len(ids) >= length]
+    rows = [
+        ids[:length] for ids in (tokenizer.encode(f.read_text(errors="replace")) for f in held) if len(ids) >= length
+    ]
     return torch.tensor(rows[:files])
 
 
@@ -62,12 +67,23 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def measure(runner, reference: torch.Tensor, ids: torch.Tensor) -> dict:
     runner.reset(ids.shape[0])
     logits = prefill(runner, ids, CHUNK)
-    return {"top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
-            "perplexity_ratio": perplexity(logits, ids) / perplexity(reference, ids)}
+    return {
+        "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+        "perplexity_ratio": perplexity(logits, ids) / perplexity(reference, ids),
+    }
 
 
-def variant(model, folder: Path, precision: str, reference, ids, *, lm_head_quantized: bool = False,
-            artifact: bool = True, **options) -> dict:
+def variant(
+    model,
+    folder: Path,
+    precision: str,
+    reference,
+    ids,
+    *,
+    lm_head_quantized: bool = False,
+    artifact: bool = True,
+    **options,
+) -> dict:
     """Export MODEL in PRECISION with OPTIONS, then measure model.onnx and its ONNX Runtime artifact."""
     lm_head = (int4_module.LM_HEAD, fp8_module.LM_HEAD)
     if lm_head_quantized:  # no weight is named so: the lm_head is quantized like every other GEMM
@@ -79,9 +95,11 @@ def variant(model, folder: Path, precision: str, reference, ids, *, lm_head_quan
     finally:
         int4_module.LM_HEAD, fp8_module.LM_HEAD = lm_head
     write_onnxruntime_artifact(path)  # its artifact.json describes the folder for the runner
-    row = {"export_seconds": round(time.perf_counter() - started, 1),
-           "weights_bytes": (folder / "model.onnx.data").stat().st_size,
-           "model.onnx": measure(OnnxRuntimeRunner(path, portable=True), reference, ids)}
+    row = {
+        "export_seconds": round(time.perf_counter() - started, 1),
+        "weights_bytes": (folder / "model.onnx.data").stat().st_size,
+        "model.onnx": measure(OnnxRuntimeRunner(path, portable=True), reference, ids),
+    }
     if artifact:
         row["model.ort.onnx"] = measure(OnnxRuntimeRunner(path), reference, ids)
     return row
@@ -117,26 +135,42 @@ def main() -> None:
             print(name, json.dumps(row), flush=True)
         outliers = outlier_model(tiny)
         for name, use_awq in (("int4-awq --no-awq (round-to-nearest)", False), ("int4-awq (AWQ)", True)):
-            row = variant(outliers, Path(tmp) / f"outliers-{use_awq}", "int4-awq", reference, ids, awq=use_awq,
-                          artifact=False)
+            row = variant(
+                outliers, Path(tmp) / f"outliers-{use_awq}", "int4-awq", reference, ids, awq=use_awq, artifact=False
+            )
             rows.append({"variant": name, "precision": "int4-awq", "model": "tiny with activation outliers", **row})
             print("outliers", name, json.dumps(row), flush=True)
-    result = {"provenance": origin, "rows": rows, "thresholds": {p: THRESHOLDS[p] for p in ("int4-awq", "fp8", "int8-wo")}}
+    result = {
+        "provenance": origin,
+        "rows": rows,
+        "thresholds": {p: THRESHOLDS[p] for p in ("int4-awq", "fp8", "int8-wo")},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# int4-awq and fp8 quality on the tiny fixture (and the choices behind them)", "",
-             provenance_markdown(origin).rstrip(), "",
-             "ONNX Runtime CPU against the fp32 eager model over held-out text (3 standard-library files the fixture "
-             "never saw, 384 tokens each). Bars: " + "; ".join(
-                 f"{p} top-1 >= {b['top1_agreement']:.0%}, perplexity ratio <= {b['perplexity_ratio']}"
-                 for p, b in result["thresholds"].items()) + ".", "",
-             "| model | variant | weights (model.onnx.data) | top-1 model.onnx | perplexity ratio model.onnx | "
-             "top-1 model.ort.onnx | perplexity ratio model.ort.onnx |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# int4-awq and fp8 quality on the tiny fixture (and the choices behind them)",
+        "",
+        provenance_markdown(origin).rstrip(),
+        "",
+        "ONNX Runtime CPU against the fp32 eager model over held-out text (3 standard-library files the fixture "
+        "never saw, 384 tokens each). Bars: "
+        + "; ".join(
+            f"{p} top-1 >= {b['top1_agreement']:.0%}, perplexity ratio <= {b['perplexity_ratio']}"
+            for p, b in result["thresholds"].items()
+        )
+        + ".",
+        "",
+        "| model | variant | weights (model.onnx.data) | top-1 model.onnx | perplexity ratio model.onnx | "
+        "top-1 model.ort.onnx | perplexity ratio model.ort.onnx |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         ort = r.get("model.ort.onnx")
-        lines.append(f"| {r['model']} | {r['variant']} | {r['weights_bytes'] / 2**20:.2f} MiB | "
-                     f"{r['model.onnx']['top1_agreement']:.1%} | {r['model.onnx']['perplexity_ratio']:.4f} | "
-                     + (f"{ort['top1_agreement']:.1%} | {ort['perplexity_ratio']:.4f} |" if ort else "- | - |"))
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['weights_bytes'] / 2**20:.2f} MiB | "
+            f"{r['model.onnx']['top1_agreement']:.1%} | {r['model.onnx']['perplexity_ratio']:.4f} | "
+            + (f"{ort['top1_agreement']:.1%} | {ort['perplexity_ratio']:.4f} |" if ort else "- | - |")
+        )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -22,10 +22,16 @@ RESULTS = REPO / "benchmarks" / "results"
 def git_commit() -> str:
     """HEAD's hash, marked when tracked files differ from it (the numbers then come from uncommitted code)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("MISTRAL_EXPORT_COMMIT", "unknown (no git checkout; set MISTRAL_EXPORT_COMMIT)")
     return head + (" with uncommitted changes" if changed else "")
@@ -49,8 +55,11 @@ def _proc_field(path: str, key: str) -> str:
 def provenance(packages: tuple[str, ...], env: tuple[str, ...] = ()) -> dict:
     """Commit, command (with the environment variables in `env` that were set), versions, machine, start time."""
     settings = [f"{name}={os.environ[name]}" for name in env if name in os.environ]
-    machine = {"cpu": _proc_field("/proc/cpuinfo", "model name"), "cores": os.cpu_count(),
-               "memory": _proc_field("/proc/meminfo", "MemTotal")}
+    machine = {
+        "cpu": _proc_field("/proc/cpuinfo", "model name"),
+        "cores": os.cpu_count(),
+        "memory": _proc_field("/proc/meminfo", "MemTotal"),
+    }
     if "torch" in packages:  # the GPU, where torch sees one
         import torch
 
@@ -71,8 +80,10 @@ def markdown(p: dict) -> str:
     m = p["machine"]
     gpu = f"{m['gpu']} (sm_{''.join(map(str, m['gpu_capability']))}); " if "gpu" in m else ""
     versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items())
-    return (f"Commit `{p['git_commit']}`; command `{p['command']}`; started {p['started']}.\n"
-            f"Machine: {gpu}{m['cpu']}, {m['cores']} cores, {m['memory']}. Versions: {versions}.\n")
+    return (
+        f"Commit `{p['git_commit']}`; command `{p['command']}`; started {p['started']}.\n"
+        f"Machine: {gpu}{m['cpu']}, {m['cores']} cores, {m['memory']}. Versions: {versions}.\n"
+    )
 
 
 def gpu_tag() -> str:

@@ -35,10 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mistral_export.model.checkpoint import internal_to_hf  # noqa: E402
-from mistral_export.model.config import TINY_DIR, load_config  # noqa: E402
-from mistral_export.model.transformer import Transformer  # noqa: E402
-from provenance import RESULTS, markdown as provenance_markdown, provenance  # noqa: E402  (same folder)
+from mistral_export.model.checkpoint import internal_to_hf
+from mistral_export.model.config import TINY_DIR, load_config
+from mistral_export.model.transformer import Transformer
+
+from provenance import RESULTS, provenance
+from provenance import markdown as provenance_markdown
 
 TARGET_PEAK_OVER_CHECKPOINT = 0.25
 TARGET_FP16_OVER_CHECKPOINT = 0.087  # the fp16 export's measured ratio before this benchmark (issue 21)
@@ -61,8 +63,11 @@ def write_checkpoint(folder: Path, config, seed: int = 0) -> int:
         offset = 0
         for name in names:
             size = 2 * math.prod(shapes[name])
-            header[internal_to_hf(name)] = {"dtype": "BF16", "shape": list(shapes[name]),
-                                            "data_offsets": [offset, offset + size]}
+            header[internal_to_hf(name)] = {
+                "dtype": "BF16",
+                "shape": list(shapes[name]),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
             weight_map[internal_to_hf(name)] = shard
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -78,8 +83,9 @@ def write_checkpoint(folder: Path, config, seed: int = 0) -> int:
                 handle.write(memoryview(tensor.to(torch.bfloat16).view(torch.uint8).numpy()))
                 del tensor
         total += (folder / shard).stat().st_size
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                     "weight_map": weight_map}, indent=1))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = "bfloat16"
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
@@ -124,10 +130,16 @@ def run_measured(command: list[str], min_available: float, log_path: Path, env: 
     output = log_path.read_text(errors="replace")
     proc.returncode = os.waitstatus_to_exitcode(status)
     sampler.join()
-    return {"seconds": time.perf_counter() - started, "returncode": proc.returncode,
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_rss_anon_bytes": peaks["RssAnon"],
-            "peak_rss_file_bytes": peaks["RssFile"], "lowest_machine_available_bytes": peaks["lowest_available"],
-            "stopped_for_memory": bool(stopped), "output_tail": output[-3000:]}
+    return {
+        "seconds": time.perf_counter() - started,
+        "returncode": proc.returncode,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "peak_rss_anon_bytes": peaks["RssAnon"],
+        "peak_rss_file_bytes": peaks["RssFile"],
+        "lowest_machine_available_bytes": peaks["lowest_available"],
+        "stopped_for_memory": bool(stopped),
+        "output_tail": output[-3000:],
+    }
 
 
 def main() -> None:
@@ -159,7 +171,9 @@ def main() -> None:
         if args.baseline_commit:
             source = args.work / "baseline_source"
             source.mkdir(exist_ok=True)
-            archive = subprocess.run(["git", "archive", args.baseline_commit], cwd=ROOT, capture_output=True, check=True)
+            archive = subprocess.run(
+                ["git", "archive", args.baseline_commit], cwd=ROOT, capture_output=True, check=True
+            )
             subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
             codes.insert(0, (f" (commit {args.baseline_commit})", dict(os.environ, PYTHONPATH=str(source))))
         cli = str(Path(sys.executable).with_name("mistral-export"))
@@ -170,8 +184,9 @@ def main() -> None:
                 if precision == "int8":
                     command += ["--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
                 print(f"{precision}{label}: {' '.join(command)}", flush=True)
-                run = run_measured(command, args.min_available, args.work / f"{precision}{label.replace(' ', '_')}.log",
-                                   env)
+                run = run_measured(
+                    command, args.min_available, args.work / f"{precision}{label.replace(' ', '_')}.log", env
+                )
                 run["command"] = " ".join(["mistral-export", *command[1:]])
                 run["load_average_1min_after"] = os.getloadavg()[0]  # a shared machine: how busy it was
                 run["files"] = {f.name: f.stat().st_size for f in sorted(out.glob("model.*"))} if out.exists() else {}
@@ -189,13 +204,19 @@ def main() -> None:
 
 
 def write_results(args, checkpoint_bytes: int, write_seconds: float, runs: dict, origin: dict) -> None:
-    result = {"config": f"Mistral-7B-v0.1 shapes, {args.layers} layers, random bf16 weights (seed 0)",
-              "checkpoint_bytes": checkpoint_bytes, "checkpoint_write_seconds": write_seconds,
-              "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len},
-              "targets": {"peak_over_checkpoint": TARGET_PEAK_OVER_CHECKPOINT,
-                          "fp16_peak_over_checkpoint": TARGET_FP16_OVER_CHECKPOINT,
-                          "int8_seconds_at_32x256": TARGET_INT8_SECONDS},
-              "runs": runs, "provenance": origin}
+    result = {
+        "config": f"Mistral-7B-v0.1 shapes, {args.layers} layers, random bf16 weights (seed 0)",
+        "checkpoint_bytes": checkpoint_bytes,
+        "checkpoint_write_seconds": write_seconds,
+        "calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len},
+        "targets": {
+            "peak_over_checkpoint": TARGET_PEAK_OVER_CHECKPOINT,
+            "fp16_peak_over_checkpoint": TARGET_FP16_OVER_CHECKPOINT,
+            "int8_seconds_at_32x256": TARGET_INT8_SECONDS,
+        },
+        "runs": runs,
+        "provenance": origin,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))
@@ -208,20 +229,31 @@ def markdown(r: dict) -> str:
     for precision, run in r["runs"].items():
         target = TARGET_FP16_OVER_CHECKPOINT if precision.startswith("fp16") else TARGET_PEAK_OVER_CHECKPOINT
         verdict = "met" if run["peak_over_checkpoint"] <= target and not run["returncode"] else "missed"
-        status = "ok" if not run["returncode"] else ("stopped: machine memory low" if run["stopped_for_memory"]
-                                                     else f"failed (exit {run['returncode']})")
-        rows.append(f"| {precision} | {status} | {run['seconds']:.0f} s | {run['peak_rss_bytes'] / gb:.2f} GB | "
-                    f"{run['peak_rss_anon_bytes'] / gb:.2f} / {run['peak_rss_file_bytes'] / gb:.2f} GB | "
-                    f"**{run['peak_over_checkpoint']:.3f}x** (target <= {target}x: {verdict}) | "
-                    f"{run['weight_bytes'] / gb:.2f} GB |")
+        status = (
+            "ok"
+            if not run["returncode"]
+            else ("stopped: machine memory low" if run["stopped_for_memory"] else f"failed (exit {run['returncode']})")
+        )
+        rows.append(
+            f"| {precision} | {status} | {run['seconds']:.0f} s | {run['peak_rss_bytes'] / gb:.2f} GB | "
+            f"{run['peak_rss_anon_bytes'] / gb:.2f} / {run['peak_rss_file_bytes'] / gb:.2f} GB | "
+            f"**{run['peak_over_checkpoint']:.3f}x** (target <= {target}x: {verdict}) | "
+            f"{run['weight_bytes'] / gb:.2f} GB |"
+        )
     c = r["calibration"]
-    written = (f"written in {r['checkpoint_write_seconds']:.0f} s" if r["checkpoint_write_seconds"]
-               else "written by an earlier run")
-    calibration = (f" int8 calibration: {c['samples']} samples x {c['seq_len']} tokens (the default is 32 x 256)."
-                   if any(p.startswith("int8 ") or p == "int8" for p in r["runs"]) else "")
+    written = (
+        f"written in {r['checkpoint_write_seconds']:.0f} s"
+        if r["checkpoint_write_seconds"]
+        else "written by an earlier run"
+    )
+    calibration = (
+        f" int8 calibration: {c['samples']} samples x {c['seq_len']} tokens (the default is 32 x 256)."
+        if any(p.startswith("int8 ") or p == "int8" for p in r["runs"])
+        else ""
+    )
     return f"""# Quantizing a Mistral-7B-shaped checkpoint in bounded memory
 
-{r['config']}: checkpoint {r['checkpoint_bytes'] / gb:.2f} GB ({written}).
+{r["config"]}: checkpoint {r["checkpoint_bytes"] / gb:.2f} GB ({written}).
 Each row is `mistral-export export CKPT --precision P` (model.onnx + model.onnx.data, then the ONNX Runtime artifact)
 in a child process; peak RSS is the child's ru_maxrss, the anonymous / file-backed split the sampled peaks of each
 (file-backed: mapped checkpoint and ONNX data pages, reclaimable but counted in RSS). The machine is shared: each
@@ -231,7 +263,7 @@ run's 1-minute load average after it is in the .json.{calibration}
 | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 
-{provenance_markdown(r['provenance'])}"""
+{provenance_markdown(r["provenance"])}"""
 
 
 if __name__ == "__main__":

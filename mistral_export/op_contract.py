@@ -67,8 +67,10 @@ def check_positions(past_len: list[int], seq: int, capacity: int, wraps: bool) -
     if not wraps and end > capacity:
         raise MistralExportError(
             f"sequence of {end} tokens exceeds the cache capacity {capacity} of a model without sliding window "
-            f"(max context); shorten the prompt or --max-new-tokens")
+            f"(max context); shorten the prompt or --max-new-tokens"
+        )
     if end - 1 > MAX_POSITION:
         raise MistralExportError(
             f"position {end - 1} is past the last position rotary embeddings compute exactly ({MAX_POSITION} = "
-            f"2^24 - 1, fp32); start a new sequence")
+            f"2^24 - 1, fp32); start a new sequence"
+        )

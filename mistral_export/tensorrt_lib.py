@@ -20,8 +20,10 @@ def too_old(version: str) -> str | None:
     except ValueError:
         return f"TensorRT's version {version!r} is not a version number"
     if found < MIN_TENSORRT:
-        return (f"TensorRT {version} is older than {'.'.join(map(str, MIN_TENSORRT))} (get_aliased_input_tensor, "
-                f"the AOT plugin API)")
+        return (
+            f"TensorRT {version} is older than {'.'.join(map(str, MIN_TENSORRT))} (get_aliased_input_tensor, "
+            f"the AOT plugin API)"
+        )
     return None
 
 

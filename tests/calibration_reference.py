@@ -17,7 +17,7 @@ def whole_model_steps(model, samples):
         for sample in samples:
             cache = allocate_cache(model.config, 1)
             for start, length in step_plan(len(sample), model.config.cache_capacity):
-                ids, past_len = torch.tensor([sample[start:start + length]]), torch.tensor([start])
+                ids, past_len = torch.tensor([sample[start : start + length]]), torch.tensor([start])
                 yield ids, past_len, cache
                 model(ids, past_len, cache)
 
@@ -27,9 +27,11 @@ def whole_model_maxima(model, samples) -> dict[str, torch.Tensor]:
     maxima, hooks = {}, []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
+
             def observe(module, args, name=name):
                 m = args[0].abs().flatten(0, -2).amax(0)
                 maxima[name] = torch.maximum(maxima[name], m) if name in maxima else m
+
             hooks.append(module.register_forward_pre_hook(observe))
     for _ in whole_model_steps(model, samples):
         pass

@@ -10,7 +10,9 @@ import torch
 from mistral_export.model.config import TINY_DIR, ModelConfig
 
 TINY_AVAILABLE = (TINY_DIR / "model.safetensors").exists()
-needs_tiny = pytest.mark.skipif(not TINY_AVAILABLE, reason="the tiny fixture has not been trained (tools/train_tiny.py)")
+needs_tiny = pytest.mark.skipif(
+    not TINY_AVAILABLE, reason="the tiny fixture has not been trained (tools/train_tiny.py)"
+)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -25,11 +27,22 @@ def pytest_runtest_setup(item):
         pytest.skip("gpu: no CUDA GPU visible to torch")
 
 
-def small_config(head_dim=32, heads=4, kv_heads=4, window=16, layers=2, hidden=64, vocab=97, max_context=512,
-                 intermediate=96):
-    return ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
-                       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, sliding_window=window,
-                       max_context=max_context, rope_theta=10000.0, name=f"d{head_dim}-g{heads // kv_heads}-w{window}")
+def small_config(
+    head_dim=32, heads=4, kv_heads=4, window=16, layers=2, hidden=64, vocab=97, max_context=512, intermediate=96
+):
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        sliding_window=window,
+        max_context=max_context,
+        rope_theta=10000.0,
+        name=f"d{head_dim}-g{heads // kv_heads}-w{window}",
+    )
 
 
 @pytest.fixture
@@ -63,10 +76,23 @@ def train_sentencepiece(path: Path, model_type: str = "bpe", vocab_size: int = 8
     text.write_text("\n".join(parts))
     prefix = path.with_suffix("")
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(prefix), model_type=model_type, vocab_size=vocab_size, byte_fallback=True,
-        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, character_coverage=0.9995, bos_id=1, eos_id=2, unk_id=0,
-        max_sentence_length=1 << 16, minloglevel=2, num_threads=1)
+        input=str(text),
+        model_prefix=str(prefix),
+        model_type=model_type,
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=0.9995,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        max_sentence_length=1 << 16,
+        minloglevel=2,
+        num_threads=1,
+    )
     text.unlink()
     prefix.with_suffix(".vocab").unlink()
     prefix.with_suffix(".model").replace(path)
@@ -93,8 +119,9 @@ def tiny():
 @pytest.fixture(scope="module")
 def held_out(tiny):
     """Held-out token ids and the fp32 eager logits over them (the precisions' reference)."""
-    from helpers import CHUNK, held_out_ids
     from mistral_export.runners.base import EagerRunner, prefill
+
+    from helpers import CHUNK, held_out_ids
 
     ids = held_out_ids()
     eager = EagerRunner(tiny)

@@ -31,12 +31,12 @@ HEAD_DIMS = [32, 128, *(pytest.param(d, marks=pytest.mark.slow) for d in (16, 64
 CUDA_13_0_DRIVER_ISA = 90  # the newest PTX ISA a CUDA 13.0 driver (580.x) loads
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def chunk_kernel(dtype: str, head_dim: int, group: int, capability: int) -> aot.AotKernel:
     return aot.compile_chunk_attention(dtype, head_dim, group, head_dim**-0.5, capability)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cache_kernel(dtype: str, head_dim: int, capability: int) -> aot.AotKernel:
     return aot.compile_rolling_cache_update(dtype, head_dim, capability)
 
@@ -81,8 +81,7 @@ def test_chunk_attention_ptx(capability, dtype, head_dim):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_rolling_cache_update_ptx(capability, dtype, head_dim):
     kernel = cache_kernel(dtype, head_dim, capability)
-    check_launch_contract(kernel, aot.CACHE_UPDATE_INPUTS, aot.CACHE_UPDATE_SCALARS, aot.CACHE_UPDATE_OUTPUTS,
-                          dtype)
+    check_launch_contract(kernel, aot.CACHE_UPDATE_INPUTS, aot.CACHE_UPDATE_SCALARS, aot.CACHE_UPDATE_OUTPUTS, dtype)
 
 
 @pytest.mark.parametrize("group", [1, 8])
@@ -167,10 +166,17 @@ def test_decode_kernels_compile_for_sm90_with_pdl():
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
 
     fp32 = ("part_out_ptr", "part_max_ptr", "part_sum_ptr")
-    types = {**{n: "*fp16" for n in ("q_ptr", "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")},
-             **{n: "*fp32" for n in fp32}, "past_len_ptr": "*i64", "scale_log2": "fp32"}
-    partial = compile_ptx(kernels.decode_partial_kernel, types, dict(
-        GROUP=4, BLOCK_G=16, BLOCK_N=kernels.DECODE_BLOCK_N, HEAD_DIM=128, DOT_PRECISION="tf32", PDL=True))
+    types = {
+        **{n: "*fp16" for n in ("q_ptr", "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")},
+        **{n: "*fp32" for n in fp32},
+        "past_len_ptr": "*i64",
+        "scale_log2": "fp32",
+    }
+    partial = compile_ptx(
+        kernels.decode_partial_kernel,
+        types,
+        dict(GROUP=4, BLOCK_G=16, BLOCK_N=kernels.DECODE_BLOCK_N, HEAD_DIM=128, DOT_PRECISION="tf32", PDL=True),
+    )
     merge = compile_ptx(kernels.decode_merge_kernel, types, dict(Q_HEADS=32, BLOCK_SPLITS=64, HEAD_DIM=128, PDL=True))
     for ptx in (partial, merge):
         assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx

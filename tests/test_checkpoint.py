@@ -48,8 +48,9 @@ def test_native_layout_gives_identical_logits(hf_dir, tmp_path):
     hf_model, native_model = load_model(hf_dir), load_model(native)
     with safe_open(str(native / "consolidated.safetensors"), "pt") as f:  # the layouts really differ on disk
         with safe_open(str(hf_dir / "model.safetensors"), "pt") as g:
-            assert not torch.equal(f.get_tensor("layers.0.attention.wq.weight"),
-                                   g.get_tensor("model.layers.0.self_attn.q_proj.weight"))
+            assert not torch.equal(
+                f.get_tensor("layers.0.attention.wq.weight"), g.get_tensor("model.layers.0.self_attn.q_proj.weight")
+            )
     assert torch.equal(logits_of(hf_model, ids), logits_of(native_model, ids))
 
 
@@ -77,6 +78,7 @@ def test_load_casts_to_target_dtype(hf_dir):
 
 
 # --- bad input: each gives its message naming the file/tensor and a non-zero exit, no traceback ---
+
 
 def rewrite(folder: Path, edit) -> None:
     path = folder / "model.safetensors"
@@ -113,9 +115,18 @@ def pickle_only(folder):
 
 
 CASES = {
-    "missing tensor": (lambda d: rewrite(d, drop_tensor), r"missing tensors: model\.layers\.1\.self_attn\.k_proj\.weight"),
-    "unexpected tensor": (lambda d: rewrite(d, add_tensor), r"unexpected tensors: model\.layers\.0\.self_attn\.rotary_emb\.inv_freq"),
-    "wrong shape": (lambda d: rewrite(d, wrong_shape), r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' has shape \[95, 64\], expected \[96, 64\]"),
+    "missing tensor": (
+        lambda d: rewrite(d, drop_tensor),
+        r"missing tensors: model\.layers\.1\.self_attn\.k_proj\.weight",
+    ),
+    "unexpected tensor": (
+        lambda d: rewrite(d, add_tensor),
+        r"unexpected tensors: model\.layers\.0\.self_attn\.rotary_emb\.inv_freq",
+    ),
+    "wrong shape": (
+        lambda d: rewrite(d, wrong_shape),
+        r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' has shape \[95, 64\], expected \[96, 64\]",
+    ),
     "truncated": (truncate, r"model\.safetensors: not a readable safetensors file"),
     "corrupt": (corrupt, r"model\.safetensors: not a readable safetensors file"),
     "pickle": (pickle_only, r"only pickle checkpoints found \(pytorch_model\.bin\).*not loaded"),
@@ -143,8 +154,12 @@ def test_cli_reports_bad_checkpoint_without_traceback(hf_dir, case):
 
 def test_console_script_exits_nonzero_with_one_line(hf_dir):
     truncate(hf_dir)
-    done = subprocess.run([sys.executable, "-m", "mistral_export.cli", "generate", str(hf_dir), "--prompt", "x"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mistral_export.cli", "generate", str(hf_dir), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]

@@ -4,13 +4,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import needs_tiny, small_config
 from mistral_export.cli import app
-from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
 from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
-from mistral_export.runners.base import EagerRunner, prefill
 from mistral_export.export import onnx_export, weight_streaming
 from mistral_export.model.checkpoint import random_model, save_hf_checkpoint
+from mistral_export.runners.base import EagerRunner, prefill
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
+
+from conftest import needs_tiny, small_config
 
 
 @needs_tiny
@@ -18,8 +19,12 @@ def test_export_then_generate_with_onnxruntime_matches_eager(tmp_path):
     cli = CliRunner()
     result = cli.invoke(app, ["export", "tiny", "-o", str(tmp_path / "onnx")])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["artifact.json", "model.onnx", "model.onnx.data",
-                                                                         "model.ort.onnx"]
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
+        "artifact.json",
+        "model.onnx",
+        "model.onnx.data",
+        "model.ort.onnx",
+    ]
     args = ["generate", "tiny", "--prompt", "class Parser:", "--max-new-tokens", "24"]
     ort_run = cli.invoke(app, [*args, "--backend", "onnxruntime", "--onnx", str(tmp_path / "onnx")])
     eager_run = cli.invoke(app, args)
@@ -30,8 +35,9 @@ def test_export_then_generate_with_onnxruntime_matches_eager(tmp_path):
 
 
 def test_onnxruntime_backend_needs_an_export(tmp_path):
-    result = CliRunner().invoke(app, ["generate", "tiny", "--prompt", "x", "--backend", "onnxruntime",
-                                         "--onnx", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["generate", "tiny", "--prompt", "x", "--backend", "onnxruntime", "--onnx", str(tmp_path)]
+    )
     assert result.exit_code == 2 and "no ONNX Runtime artifact here" in result.output
 
 

@@ -8,14 +8,33 @@ from mistral_export.errors import MistralExportError
 from mistral_export.model.config import ModelConfig, load_config
 
 HF_V01 = {  # the fields of mistralai/Mistral-7B-v0.1's config.json
-    "architectures": ["MistralForCausalLM"], "hidden_act": "silu", "hidden_size": 4096,
-    "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
-    "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "architectures": ["MistralForCausalLM"],
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mistral",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
     "vocab_size": 32000,
 }
-NATIVE_V03 = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
-              "norm_eps": 1e-05, "vocab_size": 32768, "rope_theta": 1000000.0}
+NATIVE_V03 = {
+    "dim": 4096,
+    "n_layers": 32,
+    "head_dim": 128,
+    "hidden_dim": 14336,
+    "n_heads": 32,
+    "n_kv_heads": 8,
+    "norm_eps": 1e-05,
+    "vocab_size": 32768,
+    "rope_theta": 1000000.0,
+}
 
 
 def test_hf_config_equals_preset(tmp_path):
@@ -40,25 +59,42 @@ def test_presets_shapes():
     assert v03.kv_cache_bytes(32768) == 8 * v03.kv_cache_bytes(4096)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(num_kv_heads=3), r"num_heads \(8\) must be divisible by num_kv_heads \(3\)"),
-    (dict(sliding_window=0), "sliding_window must be a positive integer or absent"),
-    (dict(head_dim=33), "head_dim must be even"),
-    (dict(hidden_size=-1), "hidden_size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_kv_heads=3), r"num_heads \(8\) must be divisible by num_kv_heads \(3\)"),
+        (dict(sliding_window=0), "sliding_window must be a positive integer or absent"),
+        (dict(head_dim=33), "head_dim must be even"),
+        (dict(hidden_size=-1), "hidden_size must be a positive integer"),
+    ],
+)
 def test_invalid_config_is_explained(change, message):
-    settings = dict(vocab_size=10, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=8,
-                    num_kv_heads=2, head_dim=8, sliding_window=4)
+    settings = dict(
+        vocab_size=10,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=8,
+        sliding_window=4,
+    )
     settings.update(change)
     with pytest.raises(MistralExportError, match=message):
         ModelConfig(**settings)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{", "config.json: not valid JSON"),
-    (json.dumps({**HF_V01, "model_type": "llama"}), "model_type is 'llama', expected 'mistral'"),
-    (json.dumps({k: v for k, v in HF_V01.items() if k != "num_hidden_layers"}), "missing required field 'num_hidden_layers'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{", "config.json: not valid JSON"),
+        (json.dumps({**HF_V01, "model_type": "llama"}), "model_type is 'llama', expected 'mistral'"),
+        (
+            json.dumps({k: v for k, v in HF_V01.items() if k != "num_hidden_layers"}),
+            "missing required field 'num_hidden_layers'",
+        ),
+    ],
+)
 def test_bad_config_file_via_cli(tmp_path, content, message):
     (tmp_path / "config.json").write_text(content)
     result = CliRunner().invoke(app, ["inspect", str(tmp_path)])

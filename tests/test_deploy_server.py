@@ -15,6 +15,7 @@ from mistral_export.deploy.repository import package
 from mistral_export.deploy.server import Ports, free_port, running_server
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
+
 from helpers import PROMPTS, eager_text
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the deploy extra (tritonclient) is not installed")
@@ -29,7 +30,10 @@ def server(tiny_build, tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
     package(tiny_build, repository, name=MODEL, max_batch=8)
     ports = Ports(free_port(), free_port(), free_port())
-    with open(repository.parent / "tritonserver.log", "w") as log, running_server(repository, ports, log=log) as process:
+    with (
+        open(repository.parent / "tritonserver.log", "w") as log,
+        running_server(repository, ports, log=log) as process,
+    ):
         yield ports
         assert process.poll() is None, "the server died during the tests"
 
@@ -51,8 +55,9 @@ def grpc_stream(ports: Ports, prompt: str, max_tokens, cancel_after: int | None 
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     parameters = options.pop("parameters", None)
     try:
-        client.async_stream_infer(MODEL, grpc_inputs(prompt, max_tokens, **options), parameters=parameters,
-                                  enable_empty_final_response=True)
+        client.async_stream_infer(
+            MODEL, grpc_inputs(prompt, max_tokens, **options), parameters=parameters, enable_empty_final_response=True
+        )
         pieces = []
         while True:
             result, error = results.get(timeout=120)
@@ -72,14 +77,17 @@ def grpc_stream(ports: Ports, prompt: str, max_tokens, cancel_after: int | None 
 
 
 def http_post(ports: Ports, endpoint: str, body: dict):
-    request = urllib.request.Request(f"http://127.0.0.1:{ports.http}/v2/models/{MODEL}/{endpoint}",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{ports.http}/v2/models/{MODEL}/{endpoint}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     return urllib.request.urlopen(request, timeout=120)
 
 
 def http_stream(ports: Ports, body: dict) -> list[str]:
     with http_post(ports, "generate_stream", body) as response:
-        return [json.loads(line[len(b"data: "):])["text_output"] for line in response if line.startswith(b"data: ")]
+        return [json.loads(line[len(b"data: ") :])["text_output"] for line in response if line.startswith(b"data: ")]
 
 
 def healthy(ports: Ports) -> bool:
@@ -101,8 +109,9 @@ def test_http_generate_stream_and_generate_match_eager(server):
     assert len(pieces) > 10 and "".join(pieces) == eager_text(LONG_PROMPT, 80)
     with http_post(server, "generate", {"text_input": PROMPTS[0], "max_tokens": 40}) as response:
         assert json.loads(response.read())["text_output"] == PROMPTS[0] + eager_text(PROMPTS[0], 40)
-    with http_post(server, "generate", {"text_input": PROMPTS[0], "max_tokens": 40,
-                                        "exclude_input_in_output": True}) as response:
+    with http_post(
+        server, "generate", {"text_input": PROMPTS[0], "max_tokens": 40, "exclude_input_in_output": True}
+    ) as response:
         assert json.loads(response.read())["text_output"] == eager_text(PROMPTS[0], 40)
 
 
@@ -123,14 +132,17 @@ def test_concurrent_clients_get_their_own_continuations(server):
     assert healthy(server)
 
 
-@pytest.mark.parametrize("case, prompt, max_tokens, options, message", [
-    ("empty prompt", "", 8, {}, "text_input is empty"),
-    ("max_tokens 0", "x", 0, {}, "max_tokens must be at least 1"),
-    ("max_tokens over the limit", "x", 5000, {}, "over the limit 4095"),
-    ("wrong datatype", "x", 8, {"max_tokens_dtype": "FP32"}, "expects 'INT32'"),
-    ("prompt too long", "x = 1\n" * 1500, 8, {}, "longer than this model allows"),
-    ("unknown parameter", "x", 8, {"parameters": {"beam_width": 2}}, "unknown parameter"),
-])
+@pytest.mark.parametrize(
+    "case, prompt, max_tokens, options, message",
+    [
+        ("empty prompt", "", 8, {}, "text_input is empty"),
+        ("max_tokens 0", "x", 0, {}, "max_tokens must be at least 1"),
+        ("max_tokens over the limit", "x", 5000, {}, "over the limit 4095"),
+        ("wrong datatype", "x", 8, {"max_tokens_dtype": "FP32"}, "expects 'INT32'"),
+        ("prompt too long", "x = 1\n" * 1500, 8, {}, "longer than this model allows"),
+        ("unknown parameter", "x", 8, {"parameters": {"beam_width": 2}}, "unknown parameter"),
+    ],
+)
 def test_bad_request_is_refused_and_server_keeps_serving(server, case, prompt, max_tokens, options, message):
     pieces, error = grpc_stream(server, prompt, max_tokens, **options)
     assert pieces == [] and error is not None and message in error
@@ -139,8 +151,10 @@ def test_bad_request_is_refused_and_server_keeps_serving(server, case, prompt, m
 
 
 def test_http_errors_are_clean(server):
-    for body, message in [({"text_input": "x", "max_tokens": 8, "beam_width": 2}, "unknown parameter"),
-                          ({"text_input": "", "max_tokens": 8}, "text_input is empty")]:
+    for body, message in [
+        ({"text_input": "x", "max_tokens": 8, "beam_width": 2}, "unknown parameter"),
+        ({"text_input": "", "max_tokens": 8}, "text_input is empty"),
+    ]:
         with pytest.raises(urllib.error.HTTPError) as failure:
             http_post(server, "generate", body)
         assert message in json.loads(failure.value.read())["error"]
@@ -149,7 +163,9 @@ def test_http_errors_are_clean(server):
 def test_client_disconnecting_mid_stream(server):
     pieces, error = grpc_stream(server, PROMPTS[2], 3000, cancel_after=3)
     assert error is None and len(pieces) == 3
-    with http_post(server, "generate_stream", {"text_input": PROMPTS[3], "max_tokens": 3000, "stream": True}) as response:
+    with http_post(
+        server, "generate_stream", {"text_input": PROMPTS[3], "max_tokens": 3000, "stream": True}
+    ) as response:
         assert response.readline().startswith(b"data: ")  # then the connection closes mid-stream
     pieces, error = grpc_stream(server, PROMPTS[4], 20)
     assert error is None and "".join(pieces) == eager_text(PROMPTS[4], 20)

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from mistral_export.engines.onnxruntime.attention import CACHE_IN_PLACE_KEY
-from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
-from mistral_export.runners.base import EagerRunner, greedy_tokens, prefill
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import check_model, export_onnx, input_names, output_names
 from mistral_export.model.checkpoint import random_model, save_hf_checkpoint
-from conftest import export_for_onnxruntime, small_config
 from mistral_export.model.config import TINY_DIR, ModelConfig
 from mistral_export.op_contract import MAX_POSITION
+from mistral_export.runners.base import EagerRunner, greedy_tokens, prefill
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
+
+from conftest import export_for_onnxruntime, small_config
 
 TOLERANCE = 1e-4  # fp32 bar of DESIGN.md
 
@@ -81,11 +82,13 @@ def test_graph_contract(exported):
         assert attrs["aot"] == 1  # TensorRT binds the ahead-of-time plugin implementation by default
         if node.op_type == "SlidingWindowAttention":
             assert attrs["window"] == (config.sliding_window or 0)
-            assert attrs["scale"] == pytest.approx(config.head_dim ** -0.5)
+            assert attrs["scale"] == pytest.approx(config.head_dim**-0.5)
         else:  # the ordering input is the attention output of the same layer
             assert len(node.input) == 4
-    assert {(f.domain, f.name) for f in proto.functions} == {("mistral", "SlidingWindowAttention"),
-                                                          ("mistral", "RollingCacheUpdate")}
+    assert {(f.domain, f.name) for f in proto.functions} == {
+        ("mistral", "SlidingWindowAttention"),
+        ("mistral", "RollingCacheUpdate"),
+    }
     assert {o.domain: o.version for o in proto.opset_import}["mistral"] == 1
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["mistral_export.cache_capacity"] == str(config.cache_capacity)
@@ -111,8 +114,11 @@ def test_graph_is_lean(exported):
     assert len(weight_matmuls) == 4 * model.config.num_layers + 1
     # Position/rotary setup once at the top (Shape, Squeeze, Range, 3 Unsqueeze, 2 Concat for the cos and
     # signed-sin halves) and the embedding Gather; none of these repeat per layer.
-    shape_ops = [op for op in ops if op in {"Shape", "Squeeze", "Unsqueeze", "Range", "Gather", "Size",
-                                             "ConstantOfShape", "Expand", "Concat"}]
+    shape_ops = [
+        op
+        for op in ops
+        if op in {"Shape", "Squeeze", "Unsqueeze", "Range", "Gather", "Size", "ConstantOfShape", "Expand", "Concat"}
+    ]
     rotate_half_concats = 2 * model.config.num_layers
     assert len(shape_ops) - rotate_half_concats <= 9, shape_ops
 
@@ -123,8 +129,9 @@ def test_loads_in_plain_onnxruntime(exported):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()][:2] == ["input_ids", "past_len"]
     config = model.config
-    ids = torch.randint(0, config.vocab_size, (2, 2 * (config.sliding_window or 16) + 3),
-                        generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(
+        0, config.vocab_size, (2, 2 * (config.sliding_window or 16) + 3), generator=torch.Generator().manual_seed(5)
+    )
     eager = EagerRunner(model)
     raw = OnnxRuntimeRunner(path, threads=1, portable=True)
     for runner in (eager, raw):
@@ -143,8 +150,13 @@ def test_runtime_artifact_is_lean(exported):
     assert {p.key: p.value for p in proto.metadata_props}[CACHE_IN_PLACE_KEY] == "1"
     ops = Counter(n.op_type for n in proto.graph.node)
     layers, window = model.config.num_layers, model.config.sliding_window
-    assert not proto.functions and not {"SlidingWindowAttention", "RollingCacheUpdate", "ScatterElements",
-                                        "Softmax", "Transpose"} & set(ops)
+    assert not proto.functions and not {
+        "SlidingWindowAttention",
+        "RollingCacheUpdate",
+        "ScatterElements",
+        "Softmax",
+        "Transpose",
+    } & set(ops)
     attention = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(attention) == layers
     for node in attention:
@@ -198,8 +210,10 @@ def test_batched_decode_at_different_positions(exported):
         eager_caches.append(solo.cache)
     eager = EagerRunner(model)
     eager.reset(2)
-    eager.cache = [tuple(torch.cat([eager_caches[0][i][j], eager_caches[1][i][j]]) for j in range(2))
-                   for i in range(config.num_layers)]
+    eager.cache = [
+        tuple(torch.cat([eager_caches[0][i][j], eager_caches[1][i][j]]) for j in range(2))
+        for i in range(config.num_layers)
+    ]
 
     ort_caches = []
     for seq, length in ((a, long_len), (b, short_len)):
@@ -209,14 +223,18 @@ def test_batched_decode_at_different_positions(exported):
         ort_caches.append(solo.cache_arrays())
     runner = OnnxRuntimeRunner(path, threads=1)
     runner.reset(2)
-    runner.fill_cache([tuple(np.concatenate([ort_caches[0][i][j], ort_caches[1][i][j]]) for j in range(2))
-                       for i in range(config.num_layers)])
+    runner.fill_cache(
+        [
+            tuple(np.concatenate([ort_caches[0][i][j], ort_caches[1][i][j]]) for j in range(2))
+            for i in range(config.num_layers)
+        ]
+    )
 
     results = []
     for backend in (eager, runner):
         logits = []
         for t in range(steps):
-            tokens = torch.cat([a[:, long_len + t:long_len + t + 1], b[:, short_len + t:short_len + t + 1]])
+            tokens = torch.cat([a[:, long_len + t : long_len + t + 1], b[:, short_len + t : short_len + t + 1]])
             logits.append(backend.step(tokens, torch.tensor([long_len + t, short_len + t])))
         results.append(torch.cat(logits, dim=1))
     assert max_diff(results[0], results[1]) <= TOLERANCE
@@ -225,7 +243,7 @@ def test_batched_decode_at_different_positions(exported):
     for row, seq, start in ((0, a, long_len), (1, b, short_len)):
         solo.reset(1)
         alone = prefill(solo, seq)[:, start:]
-        assert max_diff(results[1][row:row + 1], alone) <= TOLERANCE
+        assert max_diff(results[1][row : row + 1], alone) <= TOLERANCE
 
 
 def test_windowless_cache_overflow_is_a_clear_error(tmp_path_factory):
@@ -312,8 +330,7 @@ def test_jit_plugin_impl_is_written_and_onnxruntime_ignores_it(tmp_path):
     model = random_model(export_config(16, layers=1), seed=2)
     path = export_for_onnxruntime(model, tmp_path, plugin_impl="jit")
     nodes = [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.domain == "mistral"]
-    assert nodes and all(onnx.helper.get_attribute_value(a) == 0 for n in nodes for a in n.attribute
-                         if a.name == "aot")
+    assert nodes and all(onnx.helper.get_attribute_value(a) == 0 for n in nodes for a in n.attribute if a.name == "aot")
     assert all(any(a.name == "aot" for a in n.attribute) for n in nodes)
     ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(1))
     eager = EagerRunner(model)

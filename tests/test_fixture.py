@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from conftest import needs_tiny
 from mistral_export.cli import app
 from mistral_export.model.checkpoint import load_model
 from mistral_export.model.config import TINY_DIR, load_config
 from mistral_export.model.tokenizer import load_tokenizer
+
+from conftest import needs_tiny
 
 pytestmark = needs_tiny
 
@@ -61,8 +62,9 @@ def test_model_predicts_unseen_code_far_better_than_uniform():
 
 
 def test_generate_streams_code_like_text():
-    result = CliRunner().invoke(app, ["generate", "tiny", "--prompt", "    def __init__(self", "--max-new-tokens", "48",
-                                      "--chunk-size", "3"])
+    result = CliRunner().invoke(
+        app, ["generate", "tiny", "--prompt", "    def __init__(self", "--max-new-tokens", "48", "--chunk-size", "3"]
+    )
     assert result.exit_code == 0, result.output
     continuation = result.stdout.removeprefix("    def __init__(self")
     assert len(continuation.strip()) > 40

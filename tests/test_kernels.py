@@ -39,50 +39,180 @@ SMALL_SPLITS = {"keys_per_split": 16, "decode_block_n": 16}
 ATTENTION_CASES = [
     # decode (S = 1): split path
     dict(id="decode-gqa1-wrap", B=1, Hq=2, Hkv=2, S=1, D=32, C=40, W=40, past=[97], dtype="float32", **SMALL_SPLITS),
-    dict(id="decode-gqa4-batch-mixed-past", B=3, Hq=8, Hkv=2, S=1, D=32, C=40, W=40, past=[0, 17, 123],
-         dtype="float32", **SMALL_SPLITS),
-    dict(id="decode-gqa8-fp16", B=2, Hq=8, Hkv=1, S=1, D=32, C=48, W=48, past=[47, 200], dtype="float16",
-         **SMALL_SPLITS),
-    dict(id="decode-gqa4-fp16-wrap", B=2, Hq=4, Hkv=1, S=1, D=64, C=32, W=32, past=[5, 77], dtype="float16",
-         **SMALL_SPLITS),
-    dict(id="decode-no-window", B=2, Hq=4, Hkv=1, S=1, D=16, C=64, W=0, past=[10, 63], dtype="float32",
-         **SMALL_SPLITS),
+    dict(
+        id="decode-gqa4-batch-mixed-past",
+        B=3,
+        Hq=8,
+        Hkv=2,
+        S=1,
+        D=32,
+        C=40,
+        W=40,
+        past=[0, 17, 123],
+        dtype="float32",
+        **SMALL_SPLITS,
+    ),
+    dict(
+        id="decode-gqa8-fp16", B=2, Hq=8, Hkv=1, S=1, D=32, C=48, W=48, past=[47, 200], dtype="float16", **SMALL_SPLITS
+    ),
+    dict(
+        id="decode-gqa4-fp16-wrap",
+        B=2,
+        Hq=4,
+        Hkv=1,
+        S=1,
+        D=64,
+        C=32,
+        W=32,
+        past=[5, 77],
+        dtype="float16",
+        **SMALL_SPLITS,
+    ),
+    dict(id="decode-no-window", B=2, Hq=4, Hkv=1, S=1, D=16, C=64, W=0, past=[10, 63], dtype="float32", **SMALL_SPLITS),
     dict(id="decode-default-splits", B=2, Hq=4, Hkv=2, S=1, D=32, C=64, W=64, past=[3, 150], dtype="float32"),
-    dict(id="decode-at-max-position", B=2, Hq=4, Hkv=2, S=1, D=16, C=24, W=24, past=[MAX_POSITION, 30],
-         dtype="float32", **SMALL_SPLITS),
+    dict(
+        id="decode-at-max-position",
+        B=2,
+        Hq=4,
+        Hkv=2,
+        S=1,
+        D=16,
+        C=24,
+        W=24,
+        past=[MAX_POSITION, 30],
+        dtype="float32",
+        **SMALL_SPLITS,
+    ),
     # chunks / prefill
-    dict(id="chunk-shorter-than-window-gqa1-wrap", B=2, Hq=2, Hkv=2, S=7, D=32, C=16, W=16, past=[3, 29],
-         dtype="float32", chunk=SMALL_CHUNK),
-    dict(id="chunk-longer-than-window-gqa4", B=2, Hq=4, Hkv=1, S=37, D=32, C=16, W=16, past=[0, 21],
-         dtype="float32", chunk=SMALL_CHUNK),
-    dict(id="chunk-gqa8-fp16", B=2, Hq=8, Hkv=1, S=20, D=16, C=24, W=24, past=[5, 50], dtype="float16",
-         chunk=SMALL_CHUNK),
-    dict(id="chunk-longer-than-window-fp16-wrap", B=2, Hq=4, Hkv=1, S=40, D=32, C=16, W=16, past=[7, 33],
-         dtype="float16", chunk=SMALL_CHUNK),
-    dict(id="chunk-no-window", B=2, Hq=4, Hkv=2, S=19, D=16, C=64, W=0, past=[0, 30], dtype="float32",
-         chunk=SMALL_CHUNK),
-    dict(id="prefill-empty-cache", B=1, Hq=4, Hkv=1, S=33, D=32, C=16, W=16, past=[0], dtype="float32",
-         chunk=SMALL_CHUNK),
-    dict(id="chunk-noncontiguous-q", B=2, Hq=4, Hkv=1, S=9, D=32, C=16, W=16, past=[2, 40], dtype="float32",
-         chunk=SMALL_CHUNK, noncontiguous=True),
-    dict(id="chunk-ending-at-max-position", B=2, Hq=2, Hkv=1, S=20, D=16, C=16, W=16,
-         past=[MAX_POSITION - 19, 2**40], dtype="float32", chunk=SMALL_CHUNK),
+    dict(
+        id="chunk-shorter-than-window-gqa1-wrap",
+        B=2,
+        Hq=2,
+        Hkv=2,
+        S=7,
+        D=32,
+        C=16,
+        W=16,
+        past=[3, 29],
+        dtype="float32",
+        chunk=SMALL_CHUNK,
+    ),
+    dict(
+        id="chunk-longer-than-window-gqa4",
+        B=2,
+        Hq=4,
+        Hkv=1,
+        S=37,
+        D=32,
+        C=16,
+        W=16,
+        past=[0, 21],
+        dtype="float32",
+        chunk=SMALL_CHUNK,
+    ),
+    dict(
+        id="chunk-gqa8-fp16", B=2, Hq=8, Hkv=1, S=20, D=16, C=24, W=24, past=[5, 50], dtype="float16", chunk=SMALL_CHUNK
+    ),
+    dict(
+        id="chunk-longer-than-window-fp16-wrap",
+        B=2,
+        Hq=4,
+        Hkv=1,
+        S=40,
+        D=32,
+        C=16,
+        W=16,
+        past=[7, 33],
+        dtype="float16",
+        chunk=SMALL_CHUNK,
+    ),
+    dict(
+        id="chunk-no-window", B=2, Hq=4, Hkv=2, S=19, D=16, C=64, W=0, past=[0, 30], dtype="float32", chunk=SMALL_CHUNK
+    ),
+    dict(
+        id="prefill-empty-cache", B=1, Hq=4, Hkv=1, S=33, D=32, C=16, W=16, past=[0], dtype="float32", chunk=SMALL_CHUNK
+    ),
+    dict(
+        id="chunk-noncontiguous-q",
+        B=2,
+        Hq=4,
+        Hkv=1,
+        S=9,
+        D=32,
+        C=16,
+        W=16,
+        past=[2, 40],
+        dtype="float32",
+        chunk=SMALL_CHUNK,
+        noncontiguous=True,
+    ),
+    dict(
+        id="chunk-ending-at-max-position",
+        B=2,
+        Hq=2,
+        Hkv=1,
+        S=20,
+        D=16,
+        C=16,
+        W=16,
+        past=[MAX_POSITION - 19, 2**40],
+        dtype="float32",
+        chunk=SMALL_CHUNK,
+    ),
     # fp16 I/O whose sums only fit fp32: near-uniform attention over values ~5000, so one key tile already sums past
     # fp16's 65504; the output (their mean) is fine in fp16 only if the softmax accumulates in fp32.
-    dict(id="chunk-fp16-sums-beyond-fp16", B=1, Hq=2, Hkv=1, S=24, D=16, C=32, W=32, past=[40], dtype="float16",
-         chunk=SMALL_CHUNK, q_scale=0.05, v_offset=5000.0),
-    dict(id="decode-fp16-sums-beyond-fp16", B=1, Hq=2, Hkv=1, S=1, D=16, C=32, W=32, past=[40], dtype="float16",
-         keys_per_split=32, decode_block_n=16, q_scale=0.05, v_offset=5000.0),
+    dict(
+        id="chunk-fp16-sums-beyond-fp16",
+        B=1,
+        Hq=2,
+        Hkv=1,
+        S=24,
+        D=16,
+        C=32,
+        W=32,
+        past=[40],
+        dtype="float16",
+        chunk=SMALL_CHUNK,
+        q_scale=0.05,
+        v_offset=5000.0,
+    ),
+    dict(
+        id="decode-fp16-sums-beyond-fp16",
+        B=1,
+        Hq=2,
+        Hkv=1,
+        S=1,
+        D=16,
+        C=32,
+        W=32,
+        past=[40],
+        dtype="float16",
+        keys_per_split=32,
+        decode_block_n=16,
+        q_scale=0.05,
+        v_offset=5000.0,
+    ),
     # fp16 I/O with scores of magnitude ~100 whose differences of ~1 decide the weights: right only if the scores
     # stay fp32 (fp16's spacing there is 0.0625-0.125). The decode kernel shares the softmax step.
-    dict(id="chunk-fp16-large-scores", B=1, Hq=2, Hkv=1, S=24, D=16, C=32, W=32, past=[40], dtype="float16",
-         chunk=SMALL_CHUNK, q_scale=6.0, k_scale=6.0),
+    dict(
+        id="chunk-fp16-large-scores",
+        B=1,
+        Hq=2,
+        Hkv=1,
+        S=24,
+        D=16,
+        C=32,
+        W=32,
+        past=[40],
+        dtype="float16",
+        chunk=SMALL_CHUNK,
+        q_scale=6.0,
+        k_scale=6.0,
+    ),
     dict(id="chunk-default-tiles-fp16", B=1, Hq=2, Hkv=1, S=18, D=32, C=16, W=16, past=[25], dtype="float16"),
     # The interpreter mishandles bf16 dot products (numpy has no bf16); bf16 is checked on a GPU only.
-    dict(id="chunk-bf16", B=2, Hq=4, Hkv=1, S=18, D=32, C=16, W=16, past=[25, 3], dtype="bfloat16",
-         gpu_only=True),
-    dict(id="decode-bf16", B=2, Hq=4, Hkv=1, S=1, D=64, C=32, W=32, past=[25, 70], dtype="bfloat16",
-         gpu_only=True),
+    dict(id="chunk-bf16", B=2, Hq=4, Hkv=1, S=18, D=32, C=16, W=16, past=[25, 3], dtype="bfloat16", gpu_only=True),
+    dict(id="decode-bf16", B=2, Hq=4, Hkv=1, S=1, D=64, C=32, W=32, past=[25, 70], dtype="bfloat16", gpu_only=True),
 ]
 
 CACHE_CASES = [
@@ -90,14 +220,24 @@ CACHE_CASES = [
     dict(id="cache-chunk-longer-than-capacity", B=2, H=2, S=11, D=32, C=8, past=[0, 6], dtype="float32"),
     dict(id="cache-decode-fp16-mixed-past", B=3, H=2, S=1, D=16, C=8, past=[0, 7, 100], dtype="float16"),
     dict(id="cache-long-prefill-fp16", B=1, H=1, S=40, D=64, C=16, past=[0], dtype="float16"),
-    dict(id="cache-chunk-at-max-position", B=2, H=1, S=21, D=16, C=8, past=[MAX_POSITION - 20, 2**40],
-         dtype="float32"),
+    dict(id="cache-chunk-at-max-position", B=2, H=1, S=21, D=16, C=8, past=[MAX_POSITION - 20, 2**40], dtype="float32"),
 ]
 # The same updates into an output buffer of its own (TensorRT without aliasing): the whole cache must arrive there,
 # old slots copied and new rows written, each element exactly once; one case spans several copy programs.
 CACHE_CASES += [{**case, "id": case["id"] + "-separate-output", "separate": True} for case in CACHE_CASES]
-CACHE_CASES.append(dict(id="cache-separate-output-several-copy-programs", B=2, H=2, S=3, D=16, C=600, past=[598, 5],
-                        dtype="float16", separate=True))
+CACHE_CASES.append(
+    dict(
+        id="cache-separate-output-several-copy-programs",
+        B=2,
+        H=2,
+        S=3,
+        D=16,
+        C=600,
+        past=[598, 5],
+        dtype="float16",
+        separate=True,
+    )
+)
 
 
 INTERPRETER_CASES = [c for c in ATTENTION_CASES + CACHE_CASES if not c.get("gpu_only")]
@@ -116,8 +256,9 @@ def _attention_inputs(case: dict, device: str):
     def rand(*shape, scale=1.0, offset=0.0):
         return (torch.randn(*shape, generator=gen) * scale + offset).to(dtype).to(device)
 
-    q_scale, k_scale, v_offset = (case.get(name, default) for name, default in
-                                  (("q_scale", 1.0), ("k_scale", 1.0), ("v_offset", 0.0)))
+    q_scale, k_scale, v_offset = (
+        case.get(name, default) for name, default in (("q_scale", 1.0), ("k_scale", 1.0), ("v_offset", 0.0))
+    )
     if case.get("noncontiguous"):
         q = rand(B, S, Hq, D, scale=q_scale).transpose(1, 2)  # [B,Hq,S,D] view with S-major strides
     else:
@@ -199,8 +340,10 @@ def run_cache_case(case: dict, device: str) -> float | str:
         written = np.concatenate(stores) if stores else np.empty(0, dtype=np.uint64)
         kept = case["B"] * case["H"] * (case["C"] if out is not None else min(case["S"], case["C"])) * case["D"]
         if written.size != kept or np.unique(written).size != kept:
-            return (f"stores: {written.size} element writes to {np.unique(written).size} addresses; "
-                    f"expected {kept} writes, each to its own address")
+            return (
+                f"stores: {written.size} element writes to {np.unique(written).size} addresses; "
+                f"expected {kept} writes, each to its own address"
+            )
     return (result.float() - expected.float()).abs().max().item()
 
 
@@ -225,8 +368,9 @@ def _worker() -> None:
 def interpreter_results() -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=170)
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=170
+    )
     if proc.returncode != 0:
         pytest.fail(f"interpreter worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -25,9 +25,24 @@ def validate_all(folder):
 
 def test_package_kubernetes_writes_manifests_that_validate(tiny_build, tmp_path):
     repository = tmp_path / "repo"
-    result = CliRunner().invoke(app, ["package", str(tiny_build), "-o", str(repository), "--name", "tiny",
-                                      "--kubernetes", "--image", "registry.example/tiny:1", "--replicas", "2",
-                                      "--max-replicas", "6"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "package",
+            str(tiny_build),
+            "-o",
+            str(repository),
+            "--name",
+            "tiny",
+            "--kubernetes",
+            "--image",
+            "registry.example/tiny:1",
+            "--replicas",
+            "2",
+            "--max-replicas",
+            "6",
+        ],
+    )
     assert result.exit_code == 0, result.output
     documents = validate_all(repository / "kubernetes")
     pod = documents["deployment.json"]["spec"]["template"]
@@ -48,8 +63,9 @@ def test_package_kubernetes_writes_manifests_that_validate(tiny_build, tmp_path)
 def test_tensorrt_layout_asks_for_a_gpu_and_strict_validation_bites(tmp_path):
     write_manifests(tmp_path, "mistral_7b", gpu=True)
     documents = validate_all(tmp_path / "kubernetes")
-    assert documents["deployment.json"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == \
-        {"nvidia.com/gpu": 1}
+    assert documents["deployment.json"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "nvidia.com/gpu": 1
+    }
     assert documents["deployment.json"]["metadata"]["name"] == "mistral-7b"  # a DNS label
     documents["deployment.json"]["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}  # a typo
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -57,6 +73,18 @@ def test_tensorrt_layout_asks_for_a_gpu_and_strict_validation_bites(tmp_path):
 
 
 def test_bad_replica_counts_are_refused(tiny_build, tmp_path):
-    result = CliRunner().invoke(app, ["package", str(tiny_build), "-o", str(tmp_path / "repo"), "--kubernetes",
-                                      "--replicas", "5", "--max-replicas", "2"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "package",
+            str(tiny_build),
+            "-o",
+            str(tmp_path / "repo"),
+            "--kubernetes",
+            "--replicas",
+            "5",
+            "--max-replicas",
+            "2",
+        ],
+    )
     assert result.exit_code == 2 and "error: --replicas 5 and --max-replicas 2" in result.output

@@ -11,14 +11,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from calibration_reference import whole_model_maxima, whole_model_steps
-from conftest import needs_tiny, small_config
+
 from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
-from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
-from mistral_export.runners.base import prefill
-from mistral_export.export.onnx_export import export_onnx
 from mistral_export.errors import MistralExportError
+from mistral_export.export.onnx_export import export_onnx
 from mistral_export.export.precision import CalibrationOptions, calibration_options, export_precision
 from mistral_export.export.precision.calibration import calibration_samples
 from mistral_export.export.precision.layerwise import ChannelMaxima, LayerByLayer
@@ -27,6 +24,10 @@ from mistral_export.export.precision.w8a8 import W8A8Statistics, smoothquant_ten
 from mistral_export.model.checkpoint import load_model
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
+from mistral_export.runners.base import prefill
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
+
+from conftest import needs_tiny, small_config
 
 ALPHA = 0.5
 CALIBRATION = CalibrationOptions(samples=4, seq_len=160, tokenizer=TINY_DIR)  # 3 prefill chunks of W=64, 8 decodes
@@ -80,8 +81,13 @@ def test_layer_by_layer_statistics_equal_whole_model_ones(tiny, samples, whole_m
 def _quantize_static_whole_model(smoothed, samples, folder: Path) -> Path:
     """The pipeline before this change: the whole smoothed model traced in fp16, then ONNX Runtime's quantize_static
     with activation ranges from the calibration steps of the whole model."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     source = export_onnx(smoothed, folder / "fp16", dtype=torch.float16)
     steps = whole_model_steps(smoothed, samples)
@@ -101,12 +107,23 @@ def _quantize_static_whole_model(smoothed, samples, folder: Path) -> Path:
     target = folder / "int8" / "model.onnx"
     target.parent.mkdir()
     quantize_static(
-        str(source), str(target), Feeds(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-                       "OpTypesToExcludeOutputQuantization": ["MatMul"]})
+        str(source),
+        str(target),
+        Feeds(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=True,
+        extra_options={
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+            "OpTypesToExcludeOutputQuantization": ["MatMul"],
+        },
+    )
     return target
 
 
@@ -144,8 +161,9 @@ def test_int8_model_equals_quantize_static_of_the_whole_smoothed_model(tiny, sam
     # (measured: 7.2e-4 relative at most; fp16's step is 9.8e-4 relative).
     assert set(activations) == set(expected_activations) == set(weights)
     for name in activations:
-        np.testing.assert_allclose(activations[name].astype(np.float32), expected_activations[name].astype(np.float32),
-                                   rtol=1e-3, err_msg=name)
+        np.testing.assert_allclose(
+            activations[name].astype(np.float32), expected_activations[name].astype(np.float32), rtol=1e-3, err_msg=name
+        )
     ids = torch.tensor([samples[0][:96]])
     logits = {}
     for label, path in (("before", before), ("after", after)):
@@ -190,7 +208,7 @@ def test_layer_hooks_see_every_step_and_replay_reproduces_the_layer(tiny, sample
     for _ in whole_model_steps(tiny, samples[:2]):
         pass
     handle.remove()
-    whole = torch.cat([torch.cat(seen[i * 11:(i + 1) * 11], 1) for i in range(2)])  # 11 steps per sample
+    whole = torch.cat([torch.cat(seen[i * 11 : (i + 1) * 11], 1) for i in range(2)])  # 11 steps per sample
     torch.testing.assert_close(layers.final_norm_inputs(False), whole, rtol=1e-5, atol=1e-5)
 
 

@@ -3,19 +3,20 @@
 import pytest
 import torch
 
-from conftest import small_config
-from hf_reference import hf_logits, hf_twin
 from mistral_export.errors import MistralExportError
 from mistral_export.model.checkpoint import load_model, random_model
 from mistral_export.model.transformer import allocate_cache
 
+from conftest import small_config
+from hf_reference import hf_logits, hf_twin
+
 TOL = 1e-4
 
 CONFIGS = [
-    small_config(head_dim=32, heads=4, kv_heads=4, window=16),    # GQA ratio 1
-    small_config(head_dim=128, heads=8, kv_heads=2, window=37),   # ratio 4
-    small_config(head_dim=32, heads=8, kv_heads=1, window=37),    # ratio 8
-    small_config(head_dim=128, heads=8, kv_heads=1, window=16),   # ratio 8, head_dim 128
+    small_config(head_dim=32, heads=4, kv_heads=4, window=16),  # GQA ratio 1
+    small_config(head_dim=128, heads=8, kv_heads=2, window=37),  # ratio 4
+    small_config(head_dim=32, heads=8, kv_heads=1, window=37),  # ratio 8
+    small_config(head_dim=128, heads=8, kv_heads=1, window=16),  # ratio 8, head_dim 128
 ]
 
 
@@ -46,7 +47,7 @@ def run_chunks(model, ids, chunk):
     outs = []
     with torch.no_grad():
         for start in range(0, length, chunk):
-            logits, _ = model(ids[:, start:start + chunk], torch.full((batch,), start), cache)
+            logits, _ = model(ids[:, start : start + chunk], torch.full((batch,), start), cache)
             outs.append(logits)
     return torch.cat(outs, dim=1), cache
 
@@ -102,11 +103,13 @@ def test_batched_decode_at_different_positions(case):
     with torch.no_grad():
         for b, start in enumerate(starts):
             cache = allocate_cache(config, 1)
-            logits, _ = model(ids[b:b + 1, :start], torch.tensor([0]), cache)
+            logits, _ = model(ids[b : b + 1, :start], torch.tensor([0]), cache)
             caches.append(cache)
             first_logits.append(logits)
-        cache = [(torch.cat([c[i][0] for c in caches]), torch.cat([c[i][1] for c in caches]))
-                 for i in range(config.num_layers)]
+        cache = [
+            (torch.cat([c[i][0] for c in caches]), torch.cat([c[i][1] for c in caches]))
+            for i in range(config.num_layers)
+        ]
         steps = ids.shape[1] - max(starts)
         for t in range(steps):
             positions = torch.tensor([s + t for s in starts])

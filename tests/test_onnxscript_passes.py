@@ -22,8 +22,9 @@ def _graph():
     scaled = ir.node("Mul", [identity.outputs[0], three.outputs[0]])
     out = ir.node("MatMul", [scaled.outputs[0], doubled_w.outputs[0]])
     out.outputs[0].name = "y"
-    graph = ir.Graph([x], out.outputs, nodes=[doubled_w, three, identity, scaled, out], initializers=[w, two],
-                     opset_imports={"": 20})
+    graph = ir.Graph(
+        [x], out.outputs, nodes=[doubled_w, three, identity, scaled, out], initializers=[w, two], opset_imports={"": 20}
+    )
     return ir.Model(graph, ir_version=10)
 
 

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PROMPTS
 
 from mistral_export.deploy.chat_template import ChatTemplateError, load_chat_template
 from mistral_export.deploy.kubernetes import WAITING_METRIC
 from mistral_export.deploy.repository import package
 from mistral_export.deploy.server import free_port
-from mistral_export.runners.base import EagerRunner, greedy_tokens
 from mistral_export.model.checkpoint import load_model
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
+from mistral_export.runners.base import EagerRunner, greedy_tokens
+
+from helpers import PROMPTS
 
 openai = pytest.importorskip("openai", reason="the dev extra (openai client) is not installed")
 pytest.importorskip("fastapi", reason="the deploy extra (fastapi) is not installed")
@@ -43,8 +44,11 @@ def eager_ids(prompt: str, max_tokens: int) -> tuple[int, ...]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return tuple(greedy_tokens(EagerRunner(load_model("tiny")), tokenizer.encode(prompt), max_tokens,
-                                   stop_id=tokenizer.eos_id))
+        return tuple(
+            greedy_tokens(
+                EagerRunner(load_model("tiny")), tokenizer.encode(prompt), max_tokens, stop_id=tokenizer.eos_id
+            )
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -79,9 +83,23 @@ def served(tiny_build, tmp_path_factory):
     package(tiny_build, repository, name=MODEL, max_batch=8)
     http, grpc, metrics, api = (free_port() for _ in range(4))
     log_file = open(repository.parent / "serve.log", "w")
-    process = subprocess.Popen([str(CLI), "serve", str(repository), "--http-port", str(http), "--grpc-port", str(grpc),
-                                "--metrics-port", str(metrics), "--openai-port", str(api)],
-                               stdout=log_file, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            str(CLI),
+            "serve",
+            str(repository),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+            "--openai-port",
+            str(api),
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{api}/v1"
     try:
         deadline = time.monotonic() + 120
@@ -126,15 +144,24 @@ def test_models_and_completion_equal_eager_greedy_past_w(client):
     expected = eager_ids(LONG_PROMPT, 80)
     assert completion.choices[0].text == eager_text(LONG_PROMPT, 80)
     assert completion.choices[0].finish_reason == ("stop" if expected[-1] == tokenizer.eos_id else "length")
-    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == \
-        (prompt_tokens, len(expected), prompt_tokens + len(expected))
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == (
+        prompt_tokens,
+        len(expected),
+        prompt_tokens + len(expected),
+    )
 
 
 def test_chat_streams_and_matches_the_unstreamed_answer(client):
     user = "Write a function that reads a config file."
     expected = eager_text(mistral_chat(user), 30)
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": user}], max_tokens=30,
-                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": user}],
+        max_tokens=30,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(contents) > 5  # streamed, not one piece
@@ -144,8 +171,9 @@ def test_chat_streams_and_matches_the_unstreamed_answer(client):
     usage = chunks[-1].usage
     assert usage.prompt_tokens == len(load_tokenizer(TINY_DIR).encode(mistral_chat(user)))
     assert usage.completion_tokens == len(eager_ids(mistral_chat(user), 30))
-    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": user}], max_tokens=30,
-                                            temperature=0)
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": user}], max_tokens=30, temperature=0
+    )
     assert answer.choices[0].message.content == expected and answer.usage == usage
 
 
@@ -153,25 +181,45 @@ def test_stop_ends_the_text_before_the_stop_string(client):
     full = eager_text(PROMPTS[0], 40)
     stop = full[12:15]  # a string the greedy text reaches; the text must end right before its first occurrence
     assert stop.strip() and full.index(stop) < len(full) - 3
-    expected = full[:full.index(stop)]
-    completion = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=40, temperature=0,
-                                           stop=[stop, "never-generated"])
+    expected = full[: full.index(stop)]
+    completion = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=[stop, "never-generated"]
+    )
     assert (completion.choices[0].text, completion.choices[0].finish_reason) == (expected, "stop")
     assert completion.usage.completion_tokens < 40
-    pieces = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=40, temperature=0,
-                                            stop=stop, stream=True))
+    pieces = list(
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=stop, stream=True)
+    )
     assert "".join(p.choices[0].text for p in pieces) == expected
     assert pieces[-1].choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("case, call, error, message", [
-    ("max_tokens 0 (the model refuses)", dict(max_tokens=0), openai.BadRequestError, "max_tokens must be at least 1"),
-    ("prompt over the context", dict(prompt="x = 1\n" * 1500), openai.BadRequestError, "longer than this model allows"),
-    ("n 2", dict(n=2), openai.BadRequestError, "n must be 1"),
-    ("wrong type", dict(extra_body={"temperature": "hot"}), openai.BadRequestError, "temperature"),
-    ("min_tokens over max_tokens", dict(extra_body={"min_tokens": 20}), openai.BadRequestError, "min_tokens must be"),
-    ("unknown model", dict(model="gpt-4"), openai.NotFoundError, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "case, call, error, message",
+    [
+        (
+            "max_tokens 0 (the model refuses)",
+            dict(max_tokens=0),
+            openai.BadRequestError,
+            "max_tokens must be at least 1",
+        ),
+        (
+            "prompt over the context",
+            dict(prompt="x = 1\n" * 1500),
+            openai.BadRequestError,
+            "longer than this model allows",
+        ),
+        ("n 2", dict(n=2), openai.BadRequestError, "n must be 1"),
+        ("wrong type", dict(extra_body={"temperature": "hot"}), openai.BadRequestError, "temperature"),
+        (
+            "min_tokens over max_tokens",
+            dict(extra_body={"min_tokens": 20}),
+            openai.BadRequestError,
+            "min_tokens must be",
+        ),
+        ("unknown model", dict(model="gpt-4"), openai.NotFoundError, "does not exist"),
+    ],
+)
 def test_bad_request_gets_an_openai_error_and_the_server_serves_on(client, case, call, error, message):
     arguments = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0) | call
     with pytest.raises(error) as failure:
@@ -187,8 +235,9 @@ def test_eight_concurrent_streamed_chats_each_get_their_own_text(client):
 
     def chat(i):
         user, max_tokens = cases[i]
-        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": user}],
-                                                max_tokens=max_tokens, temperature=0, stream=True)
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": user}], max_tokens=max_tokens, temperature=0, stream=True
+        )
         results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     threads = [threading.Thread(target=chat, args=(i,)) for i in range(8)]
@@ -222,16 +271,27 @@ def metric_values(url: str, name: str) -> float:
 
 def test_metrics_endpoint_counts_the_generate_models_tokens(client, served):
     metrics = served[1]
-    before = {n: metric_values(metrics, n) for n in ("mistral_export_time_to_first_token_seconds_count",
-                                                     "mistral_export_inter_token_latency_seconds_count",
-                                                     "mistral_export_generated_tokens_total")}
+    before = {
+        n: metric_values(metrics, n)
+        for n in (
+            "mistral_export_time_to_first_token_seconds_count",
+            "mistral_export_inter_token_latency_seconds_count",
+            "mistral_export_generated_tokens_total",
+        )
+    }
     completion = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=20, temperature=0)
     tokens = completion.usage.completion_tokens
     after = {n: metric_values(metrics, n) for n in before}
-    assert after["mistral_export_time_to_first_token_seconds_count"] - before[
-        "mistral_export_time_to_first_token_seconds_count"] == 1
-    assert after["mistral_export_inter_token_latency_seconds_count"] - before[
-        "mistral_export_inter_token_latency_seconds_count"] == tokens - 1
+    assert (
+        after["mistral_export_time_to_first_token_seconds_count"]
+        - before["mistral_export_time_to_first_token_seconds_count"]
+        == 1
+    )
+    assert (
+        after["mistral_export_inter_token_latency_seconds_count"]
+        - before["mistral_export_inter_token_latency_seconds_count"]
+        == tokens - 1
+    )
     assert after["mistral_export_generated_tokens_total"] - before["mistral_export_generated_tokens_total"] == tokens
     assert metric_values(metrics, "mistral_export_time_to_first_token_seconds_sum") > 0
     assert metric_values(metrics, "mistral_export_cache_slots") == 8  # --max-batch 8: one slot per sequence
@@ -241,8 +301,12 @@ def test_metrics_endpoint_counts_the_generate_models_tokens(client, served):
 
 # --- chat templates (no server) ----------------------------------------------------------------------------------
 
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "A joke?"}]
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "A joke?"},
+]
 
 
 def test_default_chat_template_is_mistrals_instruct_format(tmp_path):
@@ -254,13 +318,17 @@ def test_default_chat_template_is_mistrals_instruct_format(tmp_path):
 
 def test_checkpoint_chat_template_renders_as_transformers_does(tmp_path):
     transformers = pytest.importorskip("transformers")
-    source = ("{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>\n"
-              "{% else %}{{ bos_token if loop.index0 == 1 else '' }}<|{{ m['role'] }}|>\n  {{ m['content'] | trim }}\n"
-              "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": source, "bos_token": "<s>",
-                                                                "eos_token": {"content": "</s>"}}))
-    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(TINY_DIR / "tokenizer.json"), bos_token="<s>",
-                                                     eos_token="</s>", chat_template=source)
+    source = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>\n"
+        "{% else %}{{ bos_token if loop.index0 == 1 else '' }}<|{{ m['role'] }}|>\n  {{ m['content'] | trim }}\n"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": source, "bos_token": "<s>", "eos_token": {"content": "</s>"}})
+    )
+    reference = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(TINY_DIR / "tokenizer.json"), bos_token="<s>", eos_token="</s>", chat_template=source
+    )
     expected = reference.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert load_chat_template(tmp_path).render(MESSAGES) == expected
 

@@ -12,8 +12,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mistral_export.model.ops import (rolling_cache_update_in_place, rolling_cache_update_reference,
-                                      sliding_window_attention_reference)
+from mistral_export.model.ops import (
+    rolling_cache_update_in_place,
+    rolling_cache_update_reference,
+    sliding_window_attention_reference,
+)
 
 
 class ScatterRecorder(TorchDispatchMode):
@@ -38,7 +41,8 @@ def test_cache_update_writes_each_kept_slot_once(chunk):
     seq, past = CHUNKS[chunk]
     capacity = CAPACITY
     cache, new = torch.randn(2, 3, capacity + seq, 4, generator=torch.Generator().manual_seed(seq)).split(
-        [capacity, seq], dim=2)
+        [capacity, seq], dim=2
+    )
     cache = cache.contiguous()
     past_len = torch.tensor(past)
     expected = rolling_cache_update_reference(cache, new, past_len)
@@ -61,7 +65,7 @@ def test_attention_accumulates_in_fp32(dtype, seq, past):
     k, v = ((3 * torch.randn(2, 2, seq, 64, generator=g)).to(dtype) for _ in range(2))
     k_cache, v_cache = ((3 * torch.randn(2, 2, 16, 64, generator=g)).to(dtype) for _ in range(2))
     past_len = torch.tensor(past)
-    args = (past_len, 16, 64 ** -0.5)
+    args = (past_len, 16, 64**-0.5)
     out = sliding_window_attention_reference(q, k, v, k_cache, v_cache, *args)
     wide = sliding_window_attention_reference(*(t.float() for t in (q, k, v, k_cache, v_cache)), *args)
     assert out.dtype == dtype

@@ -11,15 +11,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from calibration_reference import whole_model_maxima
 from typer.testing import CliRunner
 
-from calibration_reference import whole_model_maxima
-from conftest import needs_tiny, small_config
-from helpers import CHUNK, outlier_model, score
 from mistral_export.cli import app
 from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
-from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
-from mistral_export.runners.base import EagerRunner, greedy_tokens, prefill
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import export_onnx
 from mistral_export.export.precision import CalibrationOptions, export_precision
@@ -28,7 +24,12 @@ from mistral_export.export.precision.smoothquant import smooth
 from mistral_export.model.checkpoint import random_model
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
+from mistral_export.runners.base import EagerRunner, greedy_tokens, prefill
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
 from mistral_export.validate.thresholds import THRESHOLDS
+
+from conftest import needs_tiny, small_config
+from helpers import CHUNK, outlier_model, score
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["class Parser:", "def read_config(path):", "    def __init__(self", "import os\n\n", "for key, value in "]
@@ -43,8 +44,21 @@ def exported(tmp_path_factory):
     for precision in ("fp16", "int8-wo"):
         paths[precision] = export_precision("tiny", root / precision, precision)
         write_onnxruntime_artifact(paths[precision])
-    result = CliRunner().invoke(app, ["export", "tiny", "-o", str(root / "int8"), "--precision", "int8",
-                                      "--calib-samples", "8", "--calib-seq-len", "96"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "export",
+            "tiny",
+            "-o",
+            str(root / "int8"),
+            "--precision",
+            "int8",
+            "--calib-samples",
+            "8",
+            "--calib-seq-len",
+            "96",
+        ],
+    )
     assert result.exit_code == 0, result.output
     paths["int8"] = root / "int8" / "model.onnx"
     return paths
@@ -74,7 +88,7 @@ def test_quality_bars_on_onnxruntime(exported, precision, tiny, held_out):
         if precision == "fp16":
             assert list(greedy_tokens(runner, ids, GREEDY_TOKENS)) == expected, prompt
         runner.reset(1)
-        predicted = prefill(runner, torch.tensor([ids + expected]))[0, len(ids) - 1:-1].argmax(-1)
+        predicted = prefill(runner, torch.tensor([ids + expected]))[0, len(ids) - 1 : -1].argmax(-1)
         agree += int((predicted == torch.tensor(expected)).sum())
         total += len(expected)
     assert agree / total >= bars["top1_agreement"], (agree, total)
@@ -108,7 +122,9 @@ def test_portable_graph_form(exported, precision):
     quantization = json.loads(meta["mistral_export.quantization"])
     inits = {i.name: i for i in proto.graph.initializer}
     dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
-    weights = [n for n in dq if inits.get(n.input[0]) is not None and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    weights = [
+        n for n in dq if inits.get(n.input[0]) is not None and inits[n.input[0]].data_type == onnx.TensorProto.INT8
+    ]
     assert len(weights) == 4 * 4 + 1  # per layer qkv, wo, w1+w3, w2; and the output projection
     for node in [*dq, *(n for n in proto.graph.node if n.op_type == "QuantizeLinear")]:
         zero = onnx.numpy_helper.to_array(inits[node.input[2]], base_dir=str(path.parent))
@@ -132,14 +148,22 @@ def test_onnxruntime_artifact_runs_the_same_int8_weights_as_matmulnbits(exported
     for node in (n for n in artifact.graph.node if n.op_type == "MatMulNBits"):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         # Blocks as large as K allows, up to 512 (faster at decode; weights have one scale per output channel).
-        assert (attrs["bits"], attrs["accuracy_level"]) == (8, 4) and attrs["block_size"] == min(512, attrs["K"] & -attrs["K"])
+        assert (attrs["bits"], attrs["accuracy_level"]) == (8, 4) and attrs["block_size"] == min(
+            512, attrs["K"] & -attrs["K"]
+        )
     # The output projection's bytes are model.onnx's int8 weights (+128, transposed): nothing requantized.
     full = onnx.load(str(path.parent / "model.ort.onnx"))
-    packed = next(onnx.numpy_helper.to_array(i) for i in full.graph.initializer if i.name.startswith("output.")
-                  and i.name.endswith(".nbits"))
+    packed = next(
+        onnx.numpy_helper.to_array(i)
+        for i in full.graph.initializer
+        if i.name.startswith("output.") and i.name.endswith(".nbits")
+    )
     portable = onnx.load(str(path))
-    weight = next(onnx.numpy_helper.to_array(i) for i in portable.graph.initializer
-                  if i.name.startswith("output.") and i.name.endswith("_quantized"))
+    weight = next(
+        onnx.numpy_helper.to_array(i)
+        for i in portable.graph.initializer
+        if i.name.startswith("output.") and i.name.endswith("_quantized")
+    )
     np.testing.assert_array_equal(packed.reshape(2048, -1)[:, :256].astype(np.int16) - 128, weight.T)
     assert (path.parent / "model.ort.onnx.data").exists()
 
@@ -227,10 +251,13 @@ def test_exporter_refuses_models_it_would_export_wrong(tmp_path):
 
 def test_export_command_option_errors(tmp_path):
     cli = CliRunner()
-    result = cli.invoke(app, ["export", "tiny", "-o", str(tmp_path), "--precision", "int8", "--calib-data",
-                              str(tmp_path / "none.txt")])
+    result = cli.invoke(
+        app, ["export", "tiny", "-o", str(tmp_path), "--precision", "int8", "--calib-data", str(tmp_path / "none.txt")]
+    )
     assert result.exit_code == 2 and "none.txt: no such file" in result.output and "Traceback" not in result.output
-    result = cli.invoke(app, ["export", "tiny", "-o", str(tmp_path), "--precision", "int8", "--smoothquant-alpha", "1.5"])
+    result = cli.invoke(
+        app, ["export", "tiny", "-o", str(tmp_path), "--precision", "int8", "--smoothquant-alpha", "1.5"]
+    )
     assert result.exit_code == 2 and "--smoothquant-alpha must be within [0, 1], got 1.5" in result.output
     result = cli.invoke(app, ["export", "tiny", "-o", str(tmp_path), "--precision", "int4"])
     assert result.exit_code == 2 and "int4" in result.output

@@ -13,13 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import needs_tiny
 from mistral_export.cli import app
 from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
 from mistral_export.engines.onnxruntime.quantized import pack_nbits
-from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
 from mistral_export.engines.tensorrt.precision_support import check_tensorrt_precision
-from mistral_export.runners.base import EagerRunner, prefill
 from mistral_export.errors import MistralExportError
 from mistral_export.export.precision import CalibrationOptions, export_precision
 from mistral_export.export.precision.awq import apply_layer, collect_layer_inputs, search_layer
@@ -27,7 +24,11 @@ from mistral_export.export.precision.calibration import calibration_samples, cal
 from mistral_export.export.precision.int4 import fake_quantize
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
+from mistral_export.runners.base import EagerRunner, prefill
+from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
 from mistral_export.validate.thresholds import THRESHOLDS
+
+from conftest import needs_tiny
 from helpers import CHUNK, outlier_model, score
 
 CALIBRATION = ["--calib-samples", "8", "--calib-seq-len", "96"]
@@ -38,8 +39,21 @@ def build_dir(tmp_path_factory):
     """tiny built for ONNX Runtime in int4-awq (blocks of 64: K = 256 holds 4 of them) and fp8, one build folder."""
     out = tmp_path_factory.mktemp("int4_fp8") / "build"
     for precision, extra in (("int4-awq", ["--int4-block-size", "64"]), ("fp8", [])):
-        result = CliRunner().invoke(app, ["build", "tiny", "-o", str(out), "--precision", precision,
-                                          "--backend", "onnxruntime", *CALIBRATION, *extra])
+        result = CliRunner().invoke(
+            app,
+            [
+                "build",
+                "tiny",
+                "-o",
+                str(out),
+                "--precision",
+                precision,
+                "--backend",
+                "onnxruntime",
+                *CALIBRATION,
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
     return out
 
@@ -54,8 +68,9 @@ def initializers(path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("portable", [True, False], ids=["model.onnx", "model.ort.onnx"])
 def test_quality_bars_on_onnxruntime(build_dir, precision, portable, held_out):
     ids, reference = held_out
-    measured = score(OnnxRuntimeRunner(build_dir / "onnx" / precision / "model.onnx", portable=portable),
-                     reference, ids)
+    measured = score(
+        OnnxRuntimeRunner(build_dir / "onnx" / precision / "model.onnx", portable=portable), reference, ids
+    )
     bars = THRESHOLDS[precision]
     assert measured["top1_agreement"] >= bars["top1_agreement"], measured
     assert 1 / bars["perplexity_ratio"] <= measured["perplexity_ratio"] <= bars["perplexity_ratio"], measured
@@ -81,8 +96,10 @@ def test_int4_graph_and_its_matmulnbits_artifact_hold_the_same_weights(build_dir
         assert values.min() >= -7 and values.max() <= 7
     # What AWQ's search rounds (fake_quantize) is what the graph holds, for a weight read back from the graph.
     node = int4[0]
-    weight = (inits[node.input[0]].astype(np.float32).reshape(-1, 64, inits[node.input[0]].shape[1])
-              * inits[node.input[1]].astype(np.float32)[:, None, :]).reshape(inits[node.input[0]].shape)
+    weight = (
+        inits[node.input[0]].astype(np.float32).reshape(-1, 64, inits[node.input[0]].shape[1])
+        * inits[node.input[1]].astype(np.float32)[:, None, :]
+    ).reshape(inits[node.input[0]].shape)
     np.testing.assert_array_equal(fake_quantize(torch.from_numpy(weight.T.copy()), 64).numpy(), weight.T)
     # The artifact: one MatMulNBits of 4 bits per INT4 weight, same values (packed) and scales; accuracy level 4.
     artifact = onnx.load(str(folder / "model.ort.onnx"), load_external_data=False)
@@ -96,8 +113,9 @@ def test_int4_graph_and_its_matmulnbits_artifact_hold_the_same_weights(build_dir
         name = node.input[0].removesuffix("_quantized")
         values = inits[node.input[0]].astype(np.int8)
         np.testing.assert_array_equal(packed[f"{node.input[0]}.nbits"], pack_nbits(values, 64, 4))
-        np.testing.assert_array_equal(packed[f"{node.input[0]}.nbits_scales"],
-                                      inits[f"{name}_scale"].astype(np.float32).T.reshape(-1))
+        np.testing.assert_array_equal(
+            packed[f"{node.input[0]}.nbits_scales"], inits[f"{name}_scale"].astype(np.float32).T.reshape(-1)
+        )
     # Weight bytes: GEMM weights at about half a byte per parameter (tiny's fp16 embedding is a third of it).
     data = (folder / "model.onnx.data").stat().st_size
     embedding, lm_head, params = 2048 * 256, 2048 * 256, 3_279_104
@@ -153,7 +171,9 @@ def test_awq_beats_round_to_nearest_on_activation_outliers(tiny, held_out, tmp_p
 
 def test_option_errors(tmp_path):
     cli = CliRunner()
-    result = cli.invoke(app, ["export", "tiny", "-o", str(tmp_path), "--precision", "int4-awq", "--int4-block-size", "48"])
+    result = cli.invoke(
+        app, ["export", "tiny", "-o", str(tmp_path), "--precision", "int4-awq", "--int4-block-size", "48"]
+    )
     assert result.exit_code == 2 and "--int4-block-size must be one of 32, 64, 128, got 48" in result.output
     result = cli.invoke(app, ["export", "tiny", "-o", str(tmp_path), "--precision", "int4-awq", "--opset", "20"])
     assert result.exit_code == 2 and "needs --opset 21 or later" in result.output
@@ -169,16 +189,31 @@ def test_option_errors(tmp_path):
 def test_validate_generate_package(build_dir, tmp_path):
     # Last in this file: `package` hard-links the artifacts, and ONNX's loaders then refuse the build's data files.
     cli = CliRunner()
-    result = cli.invoke(app, ["validate", str(build_dir), "--quick", "--threads", "1",
-                              "--report-dir", str(tmp_path / "report")])
+    result = cli.invoke(
+        app, ["validate", str(build_dir), "--quick", "--threads", "1", "--report-dir", str(tmp_path / "report")]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     rows = {a["precision"]: a for a in report["artifacts"]}
     assert sorted(rows) == ["fp8", "int4-awq"] and all(a["passed"] for a in rows.values())
     assert rows["int4-awq"]["thresholds"] == THRESHOLDS["int4-awq"]
     for precision in ("int4-awq", "fp8"):
-        result = cli.invoke(app, ["generate", "--build", str(build_dir), "--backend", "onnxruntime", "--precision",
-                                  precision, "--prompt", "def read_config(path):", "--max-new-tokens", "8"])
+        result = cli.invoke(
+            app,
+            [
+                "generate",
+                "--build",
+                str(build_dir),
+                "--backend",
+                "onnxruntime",
+                "--precision",
+                precision,
+                "--prompt",
+                "def read_config(path):",
+                "--max-new-tokens",
+                "8",
+            ],
+        )
         assert result.exit_code == 0 and result.output.startswith("def read_config(path):"), result.output
         result = cli.invoke(app, ["package", str(build_dir), "-o", str(tmp_path / precision), "--precision", precision])
         assert result.exit_code == 0, result.output

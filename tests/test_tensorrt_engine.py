@@ -17,13 +17,14 @@ import onnx
 import pytest
 import torch
 
-from conftest import small_config
 from mistral_export.artifacts.description import ArtifactDescription
 from mistral_export.artifacts.folder import find_artifacts
 from mistral_export.artifacts.gpu import GpuDescription, check_compatible, gpu_slug
-from mistral_export.engines.tensorrt.builder import EngineOptions, tensorrt_description, profile_shapes
+from mistral_export.engines.tensorrt.builder import EngineOptions, profile_shapes, tensorrt_description
 from mistral_export.errors import MistralExportError
 from mistral_export.files import write_json_atomic
+
+from conftest import small_config
 
 H200 = GpuDescription("NVIDIA H200", "9.0", "11.4.0.106", "12.8")
 CONFIG = small_config(heads=8, kv_heads=2, window=16, layers=2)
@@ -40,12 +41,15 @@ def test_profile_shapes_from_options():
     assert no_window["past_key_values.0.key"]["max"] == [8, 2, 256, 32]  # linear cache of the maximum context
 
 
-@pytest.mark.parametrize("options, message", [
-    (EngineOptions(max_batch=0), "--max-batch must be at least 1"),
-    (EngineOptions(max_batch=2, opt_batch=3), "--opt-batch must be between 1 and --max-batch"),
-    (EngineOptions(max_chunk=0), "--max-chunk must be at least 1"),
-    (EngineOptions(builder_optimization_level=7), "--builder-opt-level must be between 0 and 5"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (EngineOptions(max_batch=0), "--max-batch must be at least 1"),
+        (EngineOptions(max_batch=2, opt_batch=3), "--opt-batch must be between 1 and --max-batch"),
+        (EngineOptions(max_chunk=0), "--max-chunk must be at least 1"),
+        (EngineOptions(builder_optimization_level=7), "--builder-opt-level must be between 0 and 5"),
+    ],
+)
 def test_bad_engine_options_name_the_option(options, message):
     with pytest.raises(MistralExportError, match=message):
         profile_shapes(CONFIG, options)
@@ -61,8 +65,10 @@ def test_version_floors_are_the_ones_checked_at_run_time():
     from mistral_export.tensorrt_lib import MIN_TENSORRT, too_old
 
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    floors = {name: {tuple(map(int, v.split("."))) for v in re.findall(rf'"{name}>=([\d.]+)"', pyproject)}
-              for name in ("tensorrt", "triton")}
+    floors = {
+        name: {tuple(map(int, v.split("."))) for v in re.findall(rf'"{name}>=([\d.]+)"', pyproject)}
+        for name in ("tensorrt", "triton")
+    }
     assert floors == {"tensorrt": {MIN_TENSORRT}, "triton": {aot.MIN_TRITON}}
     assert "older than 10.15" in too_old("10.14.1.48") and too_old("10.15.0.1") is None and too_old("11.4.0") is None
 
@@ -90,8 +96,16 @@ def write_engine(tmp_path, onnx_path, gpu=H200, precision="fp16"):
     write_json_atomic(build_dir / "build.json", {"format": 1, "model": {"source": None}})
     folder = build_dir / "engines" / gpu.folder_name / precision
     folder.mkdir(parents=True)
-    tensorrt_description(onnx_path, gpu, precision=precision, options=EngineOptions(max_batch=4), plugin_impl="aot",
-                         build_seconds=12.345, ptx_isa=80, cache_copies=()).write(folder)
+    tensorrt_description(
+        onnx_path,
+        gpu,
+        precision=precision,
+        options=EngineOptions(max_batch=4),
+        plugin_impl="aot",
+        build_seconds=12.345,
+        ptx_isa=80,
+        cache_copies=(),
+    ).write(folder)
     return build_dir, folder
 
 
@@ -129,8 +143,11 @@ def test_compatibility_check_against_recorded_gpus(tmp_path, fp16_onnx):
     _, folder = write_engine(tmp_path, fp16_onnx)
     built = ArtifactDescription.read(folder).tensorrt.gpu_description
     assert check_compatible(built, H200, folder) == []
-    with pytest.raises(MistralExportError, match=r"built for NVIDIA H200 \(sm 9.0\); this machine has NVIDIA A100-SXM4-80GB "
-                                                 r"\(sm 8.0\)"):
+    with pytest.raises(
+        MistralExportError,
+        match=r"built for NVIDIA H200 \(sm 9.0\); this machine has NVIDIA A100-SXM4-80GB "
+        r"\(sm 8.0\)",
+    ):
         check_compatible(built, GpuDescription("NVIDIA A100-SXM4-80GB", "8.0", "11.4.0.106"), folder)
     with pytest.raises(MistralExportError, match="built with TensorRT 11.4.0.106; this machine has TensorRT 11.5.0.1"):
         check_compatible(built, GpuDescription("NVIDIA H200", "9.0", "11.5.0.1"), folder)
@@ -145,8 +162,11 @@ def test_exported_cache_outputs_can_alias_their_inputs(fp16_onnx):
     for i in range(CONFIG.num_layers):
         for kind in ("key", "value"):
             node = producer[f"present.{i}.{kind}"]
-            assert (node.domain, node.op_type, node.input[0]) == ("mistral", "RollingCacheUpdate",
-                                                                  f"past_key_values.{i}.{kind}")
+            assert (node.domain, node.op_type, node.input[0]) == (
+                "mistral",
+                "RollingCacheUpdate",
+                f"past_key_values.{i}.{kind}",
+            )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -154,15 +174,13 @@ def test_exported_cache_outputs_can_alias_their_inputs(fp16_onnx):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-
-GPU_CONFIG = small_config(head_dim=64, heads=8, kv_heads=2, window=32, layers=2, hidden=128, vocab=97,
-                          intermediate=192)
+GPU_CONFIG = small_config(head_dim=64, heads=8, kv_heads=2, window=32, layers=2, hidden=128, vocab=97, intermediate=192)
 
 
 @pytest.fixture(scope="module", params=["fp16", "int8"])
 def engine_build(request, tmp_path_factory):
-    from mistral_export.pipeline.build import build
     from mistral_export.model.checkpoint import random_model
+    from mistral_export.pipeline.build import build
 
     out = tmp_path_factory.mktemp(f"trt-{request.param}")
     model = random_model(GPU_CONFIG, seed=0)
@@ -219,13 +237,18 @@ def test_engine_matches_onnxruntime_through_polygraphy_comparator(engine_build):
     cache_shape = (2, c.num_kv_heads, c.cache_capacity, c.head_dim)
     feeds = []
     for seq, past in ((window + 9, [0, 0]), (1, [window + 3, 3 * window]), (7, [2 * window - 2, 5])):
-        feed = {"input_ids": torch.randint(0, c.vocab_size, (2, seq), generator=gen).numpy(),
-                "past_len": np.array(past, dtype=np.int64)}
+        feed = {
+            "input_ids": torch.randint(0, c.vocab_size, (2, seq), generator=gen).numpy(),
+            "past_len": np.array(past, dtype=np.int64),
+        }
         for i in range(c.num_layers):
             for kind in ("key", "value"):
                 feed[f"past_key_values.{i}.{kind}"] = torch.randn(cache_shape, generator=gen).half().numpy()
         feeds.append(feed)
-    runners = [TrtRunner(EngineFromPath(str(artifact.folder / "model.plan"))), OnnxrtRunner(SessionFromOnnx(str(onnx_path)))]
+    runners = [
+        TrtRunner(EngineFromPath(str(artifact.folder / "model.plan"))),
+        OnnxrtRunner(SessionFromOnnx(str(onnx_path))),
+    ]
     results = Comparator.run(runners, data_loader=feeds)
     tolerance = 5e-2 if precision == "fp16" else 2e-1
     assert bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tolerance, rtol=tolerance)))

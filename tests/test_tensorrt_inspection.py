@@ -25,37 +25,95 @@ def _tensor(name, dims, fmt="Row major linear FP16 format"):
 CACHE = [-1, 2, 16, 32]
 ENGINE_INFORMATION = {
     "Layers": [
-        {"Name": "/embed/Gather", "LayerType": "Gather", "Inputs": [_tensor("input_ids", [-1, -1], "Int64")],
-         "Outputs": [_tensor("/embed/Gather_output_0", [-1, -1, 64])], "ParameterType": "Gather",
-         "TacticValue": "0x0000000000000000", "StreamId": 0, "Metadata": "[ONNX Layer: /embed/Gather]"},
-        {"Name": "{ForeignNode[/layers.0/attention_norm/Pow.../layers.0/attention/Reshape_2]}", "LayerType": "Myelin",
-         "Inputs": [_tensor("/embed/Gather_output_0", [-1, -1, 64]), _tensor("past_len", [-1], "Int64")],
-         "Outputs": [_tensor("/layers.0/attention/q", [-1, 8, -1, 32]), _tensor("/layers.0/attention/k", [-1, 2, -1, 32]),
-                     _tensor("/layers.0/attention/v", [-1, 2, -1, 32])],
-         "TacticValue": "0x0000000000000000", "StreamId": 0, "Metadata": ""},
-        {"Name": "/layers.0/attention/SlidingWindowAttention", "LayerType": "PluginV3",
-         "Inputs": [_tensor("/layers.0/attention/q", [-1, 8, -1, 32]), _tensor("/layers.0/attention/k", [-1, 2, -1, 32]),
-                    _tensor("/layers.0/attention/v", [-1, 2, -1, 32]), _tensor("past_key_values.0.key", CACHE),
-                    _tensor("past_key_values.0.value", CACHE), _tensor("past_len", [-1], "Int64")],
-         "Outputs": [_tensor("/layers.0/attention/out", [-1, 8, -1, 32])], "ParameterType": "PluginV3",
-         "TacticValue": "0x0000000000000000", "StreamId": 0,
-         "Metadata": "[ONNX Layer: /layers.0/attention/SlidingWindowAttention]"},
-        {"Name": "/layers.0/attention/RollingCacheUpdate", "LayerType": "PluginV3",
-         "Inputs": [_tensor("past_key_values.0.key", CACHE), _tensor("/layers.0/attention/k", [-1, 2, -1, 32]),
-                    _tensor("past_len", [-1], "Int64"), _tensor("/layers.0/attention/out", [-1, 8, -1, 32])],
-         "Outputs": [_tensor("present.0.key", CACHE)], "ParameterType": "PluginV3",
-         "TacticValue": "0x0000000000000000", "StreamId": 0, "Metadata": ""},
-        {"Name": "/layers.0/attention/RollingCacheUpdate_1", "LayerType": "PluginV3",
-         "Inputs": [_tensor("past_key_values.0.value", CACHE), _tensor("/layers.0/attention/v", [-1, 2, -1, 32]),
-                    _tensor("past_len", [-1], "Int64"), _tensor("/layers.0/attention/out", [-1, 8, -1, 32])],
-         "Outputs": [_tensor("present.0.value", CACHE)], "ParameterType": "PluginV3",
-         "TacticValue": "0x0000000000000000", "StreamId": 0, "Metadata": ""},
-        {"Name": "{ForeignNode[/layers.0/attention/wo/MatMul.../lm_head/MatMul]}", "LayerType": "Myelin",
-         "Inputs": [_tensor("/layers.0/attention/out", [-1, 8, -1, 32])], "Outputs": [_tensor("logits", [-1, -1, 97])],
-         "TacticValue": "0x0000000000000000", "StreamId": 0, "Metadata": ""},
+        {
+            "Name": "/embed/Gather",
+            "LayerType": "Gather",
+            "Inputs": [_tensor("input_ids", [-1, -1], "Int64")],
+            "Outputs": [_tensor("/embed/Gather_output_0", [-1, -1, 64])],
+            "ParameterType": "Gather",
+            "TacticValue": "0x0000000000000000",
+            "StreamId": 0,
+            "Metadata": "[ONNX Layer: /embed/Gather]",
+        },
+        {
+            "Name": "{ForeignNode[/layers.0/attention_norm/Pow.../layers.0/attention/Reshape_2]}",
+            "LayerType": "Myelin",
+            "Inputs": [_tensor("/embed/Gather_output_0", [-1, -1, 64]), _tensor("past_len", [-1], "Int64")],
+            "Outputs": [
+                _tensor("/layers.0/attention/q", [-1, 8, -1, 32]),
+                _tensor("/layers.0/attention/k", [-1, 2, -1, 32]),
+                _tensor("/layers.0/attention/v", [-1, 2, -1, 32]),
+            ],
+            "TacticValue": "0x0000000000000000",
+            "StreamId": 0,
+            "Metadata": "",
+        },
+        {
+            "Name": "/layers.0/attention/SlidingWindowAttention",
+            "LayerType": "PluginV3",
+            "Inputs": [
+                _tensor("/layers.0/attention/q", [-1, 8, -1, 32]),
+                _tensor("/layers.0/attention/k", [-1, 2, -1, 32]),
+                _tensor("/layers.0/attention/v", [-1, 2, -1, 32]),
+                _tensor("past_key_values.0.key", CACHE),
+                _tensor("past_key_values.0.value", CACHE),
+                _tensor("past_len", [-1], "Int64"),
+            ],
+            "Outputs": [_tensor("/layers.0/attention/out", [-1, 8, -1, 32])],
+            "ParameterType": "PluginV3",
+            "TacticValue": "0x0000000000000000",
+            "StreamId": 0,
+            "Metadata": "[ONNX Layer: /layers.0/attention/SlidingWindowAttention]",
+        },
+        {
+            "Name": "/layers.0/attention/RollingCacheUpdate",
+            "LayerType": "PluginV3",
+            "Inputs": [
+                _tensor("past_key_values.0.key", CACHE),
+                _tensor("/layers.0/attention/k", [-1, 2, -1, 32]),
+                _tensor("past_len", [-1], "Int64"),
+                _tensor("/layers.0/attention/out", [-1, 8, -1, 32]),
+            ],
+            "Outputs": [_tensor("present.0.key", CACHE)],
+            "ParameterType": "PluginV3",
+            "TacticValue": "0x0000000000000000",
+            "StreamId": 0,
+            "Metadata": "",
+        },
+        {
+            "Name": "/layers.0/attention/RollingCacheUpdate_1",
+            "LayerType": "PluginV3",
+            "Inputs": [
+                _tensor("past_key_values.0.value", CACHE),
+                _tensor("/layers.0/attention/v", [-1, 2, -1, 32]),
+                _tensor("past_len", [-1], "Int64"),
+                _tensor("/layers.0/attention/out", [-1, 8, -1, 32]),
+            ],
+            "Outputs": [_tensor("present.0.value", CACHE)],
+            "ParameterType": "PluginV3",
+            "TacticValue": "0x0000000000000000",
+            "StreamId": 0,
+            "Metadata": "",
+        },
+        {
+            "Name": "{ForeignNode[/layers.0/attention/wo/MatMul.../lm_head/MatMul]}",
+            "LayerType": "Myelin",
+            "Inputs": [_tensor("/layers.0/attention/out", [-1, 8, -1, 32])],
+            "Outputs": [_tensor("logits", [-1, -1, 97])],
+            "TacticValue": "0x0000000000000000",
+            "StreamId": 0,
+            "Metadata": "",
+        },
     ],
-    "Bindings": ["input_ids", "past_len", "past_key_values.0.key", "past_key_values.0.value", "logits",
-                 "present.0.key", "present.0.value"],
+    "Bindings": [
+        "input_ids",
+        "past_len",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "logits",
+        "present.0.key",
+        "present.0.value",
+    ],
 }
 
 
@@ -69,18 +127,38 @@ def test_inserted_copies_of_a_cache_tensor_are_named():
     # TensorRT honouring the aliasing by copying: the value cache into a scratch tensor before its update, and the
     # key update's result into the engine output.
     layers[4]["Inputs"][0] = _tensor("past_key_values.0.value copy", CACHE)
-    layers.insert(4, {"Name": "Reformatting CopyNode for Input Tensor 0 to /layers.0/attention/RollingCacheUpdate_1",
-                      "LayerType": "Reformat", "Inputs": [_tensor("past_key_values.0.value", CACHE)],
-                      "Outputs": [_tensor("past_key_values.0.value copy", CACHE)], "ParameterType": "Reformat",
-                      "Origin": "REFORMAT", "TacticValue": "0x00000000000003ea", "StreamId": 0, "Metadata": ""})
+    layers.insert(
+        4,
+        {
+            "Name": "Reformatting CopyNode for Input Tensor 0 to /layers.0/attention/RollingCacheUpdate_1",
+            "LayerType": "Reformat",
+            "Inputs": [_tensor("past_key_values.0.value", CACHE)],
+            "Outputs": [_tensor("past_key_values.0.value copy", CACHE)],
+            "ParameterType": "Reformat",
+            "Origin": "REFORMAT",
+            "TacticValue": "0x00000000000003ea",
+            "StreamId": 0,
+            "Metadata": "",
+        },
+    )
     layers[3]["Outputs"][0] = _tensor("/layers.0/attention/RollingCacheUpdate_output_0", CACHE)
-    layers.append({"Name": "/layers.0/attention/RollingCacheUpdate_output_0 copy", "LayerType": "Reformat",
-                   "Inputs": [_tensor("/layers.0/attention/RollingCacheUpdate_output_0", CACHE)],
-                   "Outputs": [_tensor("present.0.key", CACHE)], "ParameterType": "Reformat", "Origin": "REFORMAT",
-                   "TacticValue": "0x00000000000003e8", "StreamId": 0, "Metadata": ""})
+    layers.append(
+        {
+            "Name": "/layers.0/attention/RollingCacheUpdate_output_0 copy",
+            "LayerType": "Reformat",
+            "Inputs": [_tensor("/layers.0/attention/RollingCacheUpdate_output_0", CACHE)],
+            "Outputs": [_tensor("present.0.key", CACHE)],
+            "ParameterType": "Reformat",
+            "Origin": "REFORMAT",
+            "TacticValue": "0x00000000000003e8",
+            "StreamId": 0,
+            "Metadata": "",
+        }
+    )
     assert cache_copies(information, layers=1) == (
         "Reformatting CopyNode for Input Tensor 0 to /layers.0/attention/RollingCacheUpdate_1",
-        "/layers.0/attention/RollingCacheUpdate_output_0 copy")
+        "/layers.0/attention/RollingCacheUpdate_output_0 copy",
+    )
 
 
 def test_layer_names_only_are_refused():
@@ -104,15 +182,25 @@ def test_validate_reports_the_cache_copies_the_build_recorded(tiny_build, tmp_pa
         folder = build / "engines" / gpu.folder_name / "fp32"
         folder.mkdir(parents=True)
         (build / "build.json").write_text((tiny_build / "build.json").read_text())
-        tensorrt_description(onnx_path, gpu, precision="fp32", options=EngineOptions(), plugin_impl="aot",
-                             build_seconds=1.0, ptx_isa=80, cache_copies=copies).write(folder)
+        tensorrt_description(
+            onnx_path,
+            gpu,
+            precision="fp32",
+            options=EngineOptions(),
+            plugin_impl="aot",
+            build_seconds=1.0,
+            ptx_isa=80,
+            cache_copies=copies,
+        ).write(folder)
     [clean] = find_artifacts(tmp_path / "clean", backend="tensorrt")
     [copying] = find_artifacts(tmp_path / "copying", backend="tensorrt")
     assert artifact_report(clean, skipped="no TensorRT")["tensorrt"] == {"ptx_isa": "8.0", "cache_copies": []}
     assert artifact_report(copying, skipped="no TensorRT")["tensorrt"]["cache_copies"] == ["present.0.key copy"]
     assert cache_copy_warnings([clean]) == []
     [warning] = cache_copy_warnings([clean, copying])
-    assert "tensorrt/fp32@h200: TensorRT inserted 1 copy of cache tensors" in warning and "present.0.key copy" in warning
+    assert (
+        "tensorrt/fp32@h200: TensorRT inserted 1 copy of cache tensors" in warning and "present.0.key copy" in warning
+    )
     from mistral_export.artifacts.describe import describe_build
 
     described = " ".join(value for _, value in describe_build(tmp_path / "copying"))

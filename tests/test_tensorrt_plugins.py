@@ -21,11 +21,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mistral_export"
 def test_gpu_tests_build_with_the_products_builder_configuration():
     """Every engine this file builds goes through engines/tensorrt/builder.builder_config, as build_engine does (the
     aliasing preview feature included): no CreateConfig of its own."""
+
     def engine_configs(path: Path) -> list[str]:
         """The function making the config of each EngineFromNetwork(network, config) call in PATH."""
         calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)]
-        return [ast.unparse(c.args[1].func) if len(c.args) > 1 and isinstance(c.args[1], ast.Call) else ast.unparse(c)
-                for c in calls if ast.unparse(c.func) == "EngineFromNetwork"]
+        return [
+            ast.unparse(c.args[1].func) if len(c.args) > 1 and isinstance(c.args[1], ast.Call) else ast.unparse(c)
+            for c in calls
+            if ast.unparse(c.func) == "EngineFromNetwork"
+        ]
 
     assert engine_configs(Path(__file__)) == ["builder_config"] * 2
     builder = PACKAGE / "engines" / "tensorrt" / "builder.py"
@@ -39,8 +43,7 @@ def test_only_the_plugin_module_imports_tensorrt():
     offenders = [
         str(path.relative_to(PACKAGE))
         for path in PACKAGE.rglob("*.py")
-        if path not in allowed
-        and re.search(r"^\s*(import tensorrt|from tensorrt)", path.read_text(), flags=re.M)
+        if path not in allowed and re.search(r"^\s*(import tensorrt|from tensorrt)", path.read_text(), flags=re.M)
     ]
     assert offenders == []
 
@@ -78,12 +81,18 @@ def one_layer_graph(path: Path, dtype: str, aot: bool) -> None:
 
     def custom(op, inputs, outputs, **attrs):
         # Both implementations are registered, so each node says which one (TensorRT's parser: `aot` 1 or 0).
-        return helper.make_node(op, inputs, outputs, domain="mistral", plugin_namespace="mistral", aot=int(aot),
-                                **attrs)
+        return helper.make_node(
+            op, inputs, outputs, domain="mistral", plugin_namespace="mistral", aot=int(aot), **attrs
+        )
 
     nodes = [
-        custom("SlidingWindowAttention", ["q", "k", "v", "past_key", "past_value", "past_len"], ["attn"],
-               window=WINDOW, scale=float(D**-0.5)),
+        custom(
+            "SlidingWindowAttention",
+            ["q", "k", "v", "past_key", "past_value", "past_len"],
+            ["attn"],
+            window=WINDOW,
+            scale=float(D**-0.5),
+        ),
         custom("RollingCacheUpdate", ["past_key", "k", "past_len", "attn"], ["present_key"]),
         custom("RollingCacheUpdate", ["past_value", "v", "past_len", "attn"], ["present_value"]),
     ]
@@ -146,8 +155,8 @@ def test_one_layer_engine_matches_reference(tmp_path, dtype, aot):
                 "past_len": torch.tensor(past, dtype=torch.int64),
             }
             expected_attn = sliding_window_attention_reference(
-                feed["q"], feed["k"], feed["v"], feed["past_key"], feed["past_value"], feed["past_len"],
-                WINDOW, D**-0.5).float()
+                feed["q"], feed["k"], feed["v"], feed["past_key"], feed["past_value"], feed["past_len"], WINDOW, D**-0.5
+            ).float()
             expected_key = rolling_cache_update_reference(feed["past_key"], feed["k"], feed["past_len"])
             expected_value = rolling_cache_update_reference(feed["past_value"], feed["v"], feed["past_len"])
             outputs = runner.infer({n: t.numpy() for n, t in feed.items()})
@@ -175,8 +184,17 @@ def test_engine_from_exported_onnx_matches_onnxruntime(tmp_path, aot):
     from mistral_export.model.checkpoint import random_model
     from mistral_export.model.config import ModelConfig
 
-    config = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=1, num_heads=8,
-                         num_kv_heads=2, head_dim=64, sliding_window=32, max_context=256)
+    config = ModelConfig(
+        vocab_size=97,
+        hidden_size=128,
+        intermediate_size=192,
+        num_layers=1,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        sliding_window=32,
+        max_context=256,
+    )
     # Both implementations are registered: each node says which one (the exporter writes `aot`).
     exported = export_onnx(random_model(config, seed=0), tmp_path / "onnx", plugin_impl="aot" if aot else "jit")
     model = onnx.load(str(exported))  # small: weights inlined into the copy TensorRT parses
@@ -194,11 +212,13 @@ def test_engine_from_exported_onnx_matches_onnxruntime(tmp_path, aot):
     gen = torch.Generator().manual_seed(1)
     feeds = []
     for seq, past in ((1, [5, 77]), (7, [30, 3]), (45, [0, 40])):
-        feeds.append({
-            "input_ids": torch.randint(0, config.vocab_size, (2, seq), generator=gen).numpy(),
-            "past_len": np.array(past, dtype=np.int64),
-            "past_key_values.0.key": torch.randn(2, *cache, generator=gen).numpy(),
-            "past_key_values.0.value": torch.randn(2, *cache, generator=gen).numpy(),
-        })
+        feeds.append(
+            {
+                "input_ids": torch.randint(0, config.vocab_size, (2, seq), generator=gen).numpy(),
+                "past_len": np.array(past, dtype=np.int64),
+                "past_key_values.0.key": torch.randn(2, *cache, generator=gen).numpy(),
+                "past_key_values.0.value": torch.randn(2, *cache, generator=gen).numpy(),
+            }
+        )
     results = Comparator.run([TrtRunner(build), OnnxrtRunner(SessionFromOnnx(str(exported)))], data_loader=feeds)
     assert bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=1e-4, rtol=1e-4)))

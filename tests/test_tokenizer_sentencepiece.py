@@ -13,10 +13,15 @@ import textwrap
 import pytest
 import sentencepiece as spm
 
-from conftest import train_sentencepiece
-
 from mistral_export.errors import MistralExportError
-from mistral_export.model.tokenizer import TextTokenizer, load_tokenizer, tokenizer_from_sentencepiece, write_tokenizer_json
+from mistral_export.model.tokenizer import (
+    TextTokenizer,
+    load_tokenizer,
+    tokenizer_from_sentencepiece,
+    write_tokenizer_json,
+)
+
+from conftest import train_sentencepiece
 
 SAMPLES = [
     "def read_config(path):\n    return json.loads(path.read_text())",

@@ -13,18 +13,19 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import needs_tiny, small_config
-from mistral_export.cli import app
 from mistral_export.artifacts.folder import BUILD_FILE
+from mistral_export.cli import app
+from mistral_export.errors import MistralExportError
+from mistral_export.model.checkpoint import load_model, random_model, save_hf_checkpoint
 from mistral_export.pipeline.build import build
 from mistral_export.runners.base import EagerRunner
-from mistral_export.model.checkpoint import load_model, random_model, save_hf_checkpoint
-from mistral_export.errors import MistralExportError
 from mistral_export.validate import cases
 from mistral_export.validate.metrics import aggregate, checks, compare_rows, greedy_match
-from mistral_export.validate.texts import read_prompts
 from mistral_export.validate.suite import torch_threads
+from mistral_export.validate.texts import read_prompts
 from mistral_export.validate.thresholds import THRESHOLDS
+
+from conftest import needs_tiny, small_config
 
 pytestmark = needs_tiny
 W = 64  # the fixture's window
@@ -32,31 +33,83 @@ W = 64  # the fixture's window
 NUMBER = (int, float)
 OPTIONAL_NUMBER = (int, float, type(None))
 OPTIONAL_STR = (str, type(None))
-TIMING = {"name": str, "kind": str, "batch": int, "tokens": int, "label": str, "samples": int, "p50_ms": NUMBER,
-          "p90_ms": NUMBER, "p99_ms": NUMBER, "min_ms": NUMBER, "tokens_per_s": NUMBER}
-CASE = {"name": str, "kind": str, "passed": bool, "detail": dict, "error": OPTIONAL_STR,
-        "metrics": {"positions": int, "nonfinite_logits": int},
-        "checks": [{"metric": str, "bound": OPTIONAL_NUMBER, "kind": str, "passed": bool}],
-        "per_position": {"position": [int], "max_abs_diff": [OPTIONAL_NUMBER], "top1_agree": [bool]}}
+TIMING = {
+    "name": str,
+    "kind": str,
+    "batch": int,
+    "tokens": int,
+    "label": str,
+    "samples": int,
+    "p50_ms": NUMBER,
+    "p90_ms": NUMBER,
+    "p99_ms": NUMBER,
+    "min_ms": NUMBER,
+    "tokens_per_s": NUMBER,
+}
+CASE = {
+    "name": str,
+    "kind": str,
+    "passed": bool,
+    "detail": dict,
+    "error": OPTIONAL_STR,
+    "metrics": {"positions": int, "nonfinite_logits": int},
+    "checks": [{"metric": str, "bound": OPTIONAL_NUMBER, "kind": str, "passed": bool}],
+    "per_position": {"position": [int], "max_abs_diff": [OPTIONAL_NUMBER], "top1_agree": [bool]},
+}
 REPORT_SCHEMA = {
-    "format": int, "kind": str, "passed": bool, "created": str, "command": OPTIONAL_STR, "seconds": NUMBER,
+    "format": int,
+    "kind": str,
+    "passed": bool,
+    "created": str,
+    "command": OPTIONAL_STR,
+    "seconds": NUMBER,
     "warnings": [str],
-    "build": {"dir": str, "model_source": str, "model_name": str, "window": (int, type(None)), "cache_capacity": int,
-              "boundary_W": int, "vocab_size": int},
+    "build": {
+        "dir": str,
+        "model_source": str,
+        "model_name": str,
+        "window": (int, type(None)),
+        "cache_capacity": int,
+        "boundary_W": int,
+        "vocab_size": int,
+    },
     "options": {"quick": bool, "precision": OPTIONAL_STR, "prompts": OPTIONAL_STR, "threads": int, "tokens_from": str},
     "tool": {"name": str, "version": str, "git_commit": OPTIONAL_STR, "git_dirty": (bool, type(None))},
     "versions": {"torch": str, "onnxruntime": str, "onnx": str, "numpy": str},
-    "machine": {"cpu": str, "cpu_count": int, "memory_bytes": (int, type(None)), "gpu": OPTIONAL_STR,
-                "platform": str, "python": str, "load_average": ([NUMBER], type(None))},
+    "machine": {
+        "cpu": str,
+        "cpu_count": int,
+        "memory_bytes": (int, type(None)),
+        "gpu": OPTIONAL_STR,
+        "platform": str,
+        "python": str,
+        "load_average": ([NUMBER], type(None)),
+    },
     "plots": [{"file": str, "title": str, "width": int, "height": int}],
-    "artifacts": [{
-        "label": str, "backend": str, "precision": str, "folder": str, "skipped": OPTIONAL_STR, "passed": bool,
-        "thresholds": dict, "cases": [CASE],
-        "latency": {"artifact": [TIMING], "eager": [TIMING], "ratios": [{"name": str, "p50": NUMBER, "tokens_per_s": NUMBER}]},
-        "memory": {"process_peak_rss_bytes": int, "peak_scope": str,
-                   "artifact": {"weights_bytes": int, "kv_cache_bytes_per_sequence": int},
-                   "eager": {"weights_bytes": int, "kv_cache_bytes_per_sequence": int}, "ratios": dict},
-    }],
+    "artifacts": [
+        {
+            "label": str,
+            "backend": str,
+            "precision": str,
+            "folder": str,
+            "skipped": OPTIONAL_STR,
+            "passed": bool,
+            "thresholds": dict,
+            "cases": [CASE],
+            "latency": {
+                "artifact": [TIMING],
+                "eager": [TIMING],
+                "ratios": [{"name": str, "p50": NUMBER, "tokens_per_s": NUMBER}],
+            },
+            "memory": {
+                "process_peak_rss_bytes": int,
+                "peak_scope": str,
+                "artifact": {"weights_bytes": int, "kv_cache_bytes_per_sequence": int},
+                "eager": {"weights_bytes": int, "kv_cache_bytes_per_sequence": int},
+                "ratios": dict,
+            },
+        }
+    ],
 }
 
 
@@ -80,6 +133,7 @@ def check_schema(value, schema, path="report"):
 def strict_json(path: Path) -> dict:
     def refuse(constant):
         raise AssertionError(f"{path}: {constant} is not JSON")
+
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
@@ -165,7 +219,10 @@ def test_report_json_matches_the_schema(quick_run):
         assert contexts == [W // 2, W, 4 * W, 16 * W]
         assert {t["batch"] for t in artifact["latency"]["artifact"]} >= {1, 4}
     fp16, fp32 = report["artifacts"]
-    assert fp16["memory"]["artifact"]["kv_cache_bytes_per_sequence"] * 2 == fp32["memory"]["artifact"]["kv_cache_bytes_per_sequence"]
+    assert (
+        fp16["memory"]["artifact"]["kv_cache_bytes_per_sequence"] * 2
+        == fp32["memory"]["artifact"]["kv_cache_bytes_per_sequence"]
+    )
 
 
 def test_report_markdown_and_plots(quick_run):
@@ -191,8 +248,11 @@ def test_negated_weight_fails_with_the_cases_named(two_precision_build, tmp_path
     assert result.exit_code == 1, result.output
     report = strict_json(tmp_path / "build" / "report" / "report.json")
     bad = failing(report)
-    assert len(bad) >= 10 and all(any(c["metric"] == "max_abs_logit_diff" and not c["passed"] for c in case["checks"])
-                                  for case in bad if case["kind"] != "pooled")
+    assert len(bad) >= 10 and all(
+        any(c["metric"] == "max_abs_logit_diff" and not c["passed"] for c in case["checks"])
+        for case in bad
+        if case["kind"] != "pooled"
+    )
     text = (tmp_path / "build" / "report" / "report.md").read_text()
     assert text.startswith("# mistral-export validate: FAIL")
     for case in bad:
@@ -296,14 +356,29 @@ def check_batched_rows(eager):
             break
     for b, (sequence, target) in enumerate(zip(sequences, targets)):
         eager.reset(1)
-        alone = eager.step(torch.tensor([sequence[:target + 2]]), torch.tensor([0]))[0]
+        alone = eager.step(torch.tensor([sequence[: target + 2]]), torch.tensor([0]))[0]
         for i in range(2):
             torch.testing.assert_close(decoded[i][b], alone[target + i], atol=1e-4, rtol=0)
 
 
 def test_bench_writes_json_and_a_plot(two_precision_build, tmp_path):
-    result = CliRunner().invoke(app, ["bench", str(two_precision_build), "--batches", "1,2", "--prompt-lengths", "8,64",
-                                      "--samples", "2", "--threads", "1", "--report-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            str(two_precision_build),
+            "--batches",
+            "1,2",
+            "--prompt-lengths",
+            "8,64",
+            "--samples",
+            "2",
+            "--threads",
+            "1",
+            "--report-dir",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = strict_json(tmp_path / "bench.json")
     labels = [r["label"] for r in report["runners"]]
@@ -311,7 +386,8 @@ def test_bench_writes_json_and_a_plot(two_precision_build, tmp_path):
     for runner in report["runners"]:
         grid = {(t["kind"], t["batch"], t["tokens"]) for t in runner["timings"]}
         assert grid == {("prefill", b, n) for b in (1, 2) for n in (8, 64)} | {
-            ("decode", b, c) for b in (1, 2) for c in (W // 2, W, 4 * W, 16 * W)}
+            ("decode", b, c) for b in (1, 2) for c in (W // 2, W, 4 * W, 16 * W)
+        }
         check_schema(runner["timings"], [TIMING])
     with Image.open(tmp_path / "bench.png") as image:
         assert image.size == (report["plot"]["width"], report["plot"]["height"]) == (1200, 450)
@@ -337,8 +413,11 @@ def test_prompt_files(tmp_path):
     lines = tmp_path / "prompts.txt"
     lines.write_text("def f(x):\n\n    class A:\n")
     assert read_prompts(lines) == ["def f(x):", "    class A:"]
-    for name, text, expected in (("bad.json", "[1, 2]", "expected a JSON list of non-empty strings"),
-                                 ("broken.json", "[", "not valid JSON"), ("empty.txt", "\n\n", "no prompts in it")):
+    for name, text, expected in (
+        ("bad.json", "[1, 2]", "expected a JSON list of non-empty strings"),
+        ("broken.json", "[", "not valid JSON"),
+        ("empty.txt", "\n\n", "no prompts in it"),
+    ):
         (tmp_path / name).write_text(text)
         with pytest.raises(MistralExportError, match=expected):
             read_prompts(tmp_path / name)

@@ -16,12 +16,19 @@ def read_slot(path, slot):
 def test_side_by_side_slot_holds_the_transposed_sources(tmp_path, monkeypatch, block_bytes):
     monkeypatch.setattr(weight_streaming, "BLOCK_BYTES", block_bytes)
     g = torch.Generator().manual_seed(0)
-    tensors = {"wq": torch.randn(8, 6, generator=g), "wk": torch.randn(4, 6, generator=g),
-               "wv": torch.randn(4, 6, generator=g), "norm": torch.randn(6, generator=g)}
-    slots = weight_streaming.plan_layout([
-        ("norm", ("norm",), (6,), False, (6,)),
-        ("qkv.T", ("wq", "wk", "wv"), (8, 4, 4), True, (6, 16)),
-    ], torch.float32)
+    tensors = {
+        "wq": torch.randn(8, 6, generator=g),
+        "wk": torch.randn(4, 6, generator=g),
+        "wv": torch.randn(4, 6, generator=g),
+        "norm": torch.randn(6, generator=g),
+    }
+    slots = weight_streaming.plan_layout(
+        [
+            ("norm", ("norm",), (6,), False, (6,)),
+            ("qkv.T", ("wq", "wk", "wv"), (8, 4, 4), True, (6, 16)),
+        ],
+        torch.float32,
+    )
     path = tmp_path / "w.data"
     # Streamed in an order unlike the slot's column order.
     weight_streaming.write_weights(path, slots, [(n, tensors[n]) for n in ("wv", "norm", "wq", "wk")])

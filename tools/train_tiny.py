@@ -24,8 +24,18 @@ from mistral_export.model.tokenizer import BOS, EOS, TextTokenizer
 from mistral_export.model.transformer import Transformer
 
 CONFIG = ModelConfig(
-    vocab_size=2048, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=2,
-    head_dim=32, sliding_window=64, max_context=4096, rope_theta=10000.0, rms_norm_eps=1e-5, name="tiny",
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=512,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=32,
+    sliding_window=64,
+    max_context=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    name="tiny",
 )
 SEQ_LEN = 4 * CONFIG.sliding_window  # long enough that the window matters
 HELD_OUT_EVERY = 10  # every 10th file is held out
@@ -46,8 +56,12 @@ def train_tokenizer(texts: list[str]) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=CONFIG.vocab_size, special_tokens=["<unk>", BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=CONFIG.vocab_size,
+        special_tokens=["<unk>", BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
@@ -64,12 +78,12 @@ def perplexity(model: Transformer, stream: torch.Tensor, windows: int = 64) -> f
     """exp(mean NLL) over consecutive SEQ_LEN windows of the held-out stream."""
     usable = min(windows, (len(stream) - 1) // SEQ_LEN)
     starts = torch.arange(usable) * SEQ_LEN
-    x = torch.stack([stream[s:s + SEQ_LEN] for s in starts])
-    y = torch.stack([stream[s + 1:s + SEQ_LEN + 1] for s in starts])
+    x = torch.stack([stream[s : s + SEQ_LEN] for s in starts])
+    y = torch.stack([stream[s + 1 : s + SEQ_LEN + 1] for s in starts])
     total = 0.0
     for i in range(0, usable, 16):
-        logits, _ = model(x[i:i + 16])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y[i:i + 16].flatten(), reduction="sum").item()
+        logits, _ = model(x[i : i + 16])
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y[i : i + 16].flatten(), reduction="sum").item()
     return math.exp(total / y.numel())
 
 
@@ -91,7 +105,9 @@ def main() -> None:
     tokenizer = TextTokenizer(raw)
     train = token_stream(tokenizer, read(train_files))
     held = token_stream(tokenizer, read(held_files))
-    print(f"{len(train_files)} training files ({len(train):,} tokens), {len(held_files)} held out ({len(held):,} tokens)")
+    print(
+        f"{len(train_files)} training files ({len(train):,} tokens), {len(held_files)} held out ({len(held):,} tokens)"
+    )
 
     model = Transformer(CONFIG)
     generator = torch.Generator().manual_seed(args.seed)
@@ -102,12 +118,14 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)),
+    )
     started = time.time()
     for step in range(args.steps):
         starts = torch.randint(0, len(train) - SEQ_LEN - 1, (args.batch,), generator=generator)
-        x = torch.stack([train[s:s + SEQ_LEN] for s in starts])
-        y = torch.stack([train[s + 1:s + SEQ_LEN + 1] for s in starts])
+        x = torch.stack([train[s : s + SEQ_LEN] for s in starts])
+        y = torch.stack([train[s + 1 : s + SEQ_LEN + 1] for s in starts])
         logits, _ = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)

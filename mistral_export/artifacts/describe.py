@@ -29,19 +29,26 @@ def _artifact_row(build_dir: Path, artifact: Artifact) -> tuple[str, str]:
     if description.onnxruntime:
         ort = description.onnxruntime
         size = folder_bytes(artifact.folder, [ort.file, ort.own_data, "model.onnx", "model.onnx.data"])
-        detail = (f"{where}/{ort.file} ({human_size(size)} with the ONNX it shares weights with); ONNX Runtime "
-                  f"{ort.version}, providers {', '.join(p.removesuffix('ExecutionProvider') for p in ort.providers)}")
+        detail = (
+            f"{where}/{ort.file} ({human_size(size)} with the ONNX it shares weights with); ONNX Runtime "
+            f"{ort.version}, providers {', '.join(p.removesuffix('ExecutionProvider') for p in ort.providers)}"
+        )
     else:
         trt = description.tensorrt
         profile = trt.profiles[0]["input_ids"]
         level = trt.options.get("builder_optimization_level")
-        detail = (f"{where}/{trt.file} ({human_size(folder_bytes(artifact.folder, [trt.file]))}); {trt.gpu} sm "
-                  f"{trt.compute_capability}, TensorRT {trt.version}, CUDA {trt.cuda_version}; batch "
-                  f"{profile['min'][0]}..{profile['max'][0]} (opt {profile['opt'][0]}), chunk 1..{profile['max'][1]}, "
-                  f"builder level {level if level is not None else 'default'}, plugins {trt.plugins}"
-                  + (f" (PTX ISA {trt.ptx_isa})" if trt.ptx_isa else "")
-                  + ("" if trt.cache_copies is None else
-                     f", cache copies inserted by TensorRT: {len(trt.cache_copies) or 'none'}"))
+        detail = (
+            f"{where}/{trt.file} ({human_size(folder_bytes(artifact.folder, [trt.file]))}); {trt.gpu} sm "
+            f"{trt.compute_capability}, TensorRT {trt.version}, CUDA {trt.cuda_version}; batch "
+            f"{profile['min'][0]}..{profile['max'][0]} (opt {profile['opt'][0]}), chunk 1..{profile['max'][1]}, "
+            f"builder level {level if level is not None else 'default'}, plugins {trt.plugins}"
+            + (f" (PTX ISA {trt.ptx_isa})" if trt.ptx_isa else "")
+            + (
+                ""
+                if trt.cache_copies is None
+                else f", cache copies inserted by TensorRT: {len(trt.cache_copies) or 'none'}"
+            )
+        )
     return f"{artifact.backend} {artifact.precision}", f"{detail}; {common}"
 
 
@@ -52,11 +59,17 @@ def describe_build(build_dir: str | Path) -> list[tuple[str, str]]:
     config = model.get("config", {})
     rows = [
         ("build folder", str(build_dir)),
-        ("model", f"{model.get('name')} from {model.get('source') or 'an in-memory model'} (checkpoint sha256 "
-                  f"{str(model.get('checkpoint_sha256'))[:12]})"),
-        ("config", f"{config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}, heads "
-                   f"{config.get('num_attention_heads')}/{config.get('num_key_value_heads')}, head_dim "
-                   f"{config.get('head_dim')}, window {config.get('sliding_window')}, vocab {config.get('vocab_size')}"),
+        (
+            "model",
+            f"{model.get('name')} from {model.get('source') or 'an in-memory model'} (checkpoint sha256 "
+            f"{str(model.get('checkpoint_sha256'))[:12]})",
+        ),
+        (
+            "config",
+            f"{config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}, heads "
+            f"{config.get('num_attention_heads')}/{config.get('num_key_value_heads')}, head_dim "
+            f"{config.get('head_dim')}, window {config.get('sliding_window')}, vocab {config.get('vocab_size')}",
+        ),
         ("tool version", str(build.get("tool_version"))),
     ]
     stages = build.get("stages", {})
@@ -69,9 +82,14 @@ def describe_build(build_dir: str | Path) -> list[tuple[str, str]]:
             inputs = entry["inputs"]
             size = sum(o["size"] for o in entry["outputs"].values())
             options = ", ".join(f"{k} {v}" for k, v in inputs.get("precision_options", {}).items() if v is not None)
-            rows.append((f"onnx {entry['precision']}", f"{name}/model.onnx (+ .data, {human_size(size)}); opset "
-                         f"{inputs['opset'] or 'default'}, plugin_impl {inputs['plugin_impl']}, last_token_logits "
-                         f"{inputs['last_token_logits']}" + (f", {options}" if options else "")))
+            rows.append(
+                (
+                    f"onnx {entry['precision']}",
+                    f"{name}/model.onnx (+ .data, {human_size(size)}); opset "
+                    f"{inputs['opset'] or 'default'}, plugin_impl {inputs['plugin_impl']}, last_token_logits "
+                    f"{inputs['last_token_logits']}" + (f", {options}" if options else ""),
+                )
+            )
     try:
         artifacts = find_artifacts(build_dir)
     except MistralExportError:

@@ -123,27 +123,38 @@ class ArtifactDescription:
 
     def to_json(self) -> dict:
         document = {
-            "format": self.format, "backend": self.backend, "precision": self.precision,
+            "format": self.format,
+            "backend": self.backend,
+            "precision": self.precision,
             "tool_version": self.tool_version,
             "model": {"name": self.config.name, "config": self.config.to_hf_dict()},
             "cache": asdict(self.cache),
-            "io": {"inputs": [_spec_json(t) for t in self.io.inputs], "outputs": [_spec_json(t) for t in self.io.outputs]},
-            "onnx_sha256": self.onnx_sha256, "last_token_logits": self.last_token_logits,
+            "io": {
+                "inputs": [_spec_json(t) for t in self.io.inputs],
+                "outputs": [_spec_json(t) for t in self.io.outputs],
+            },
+            "onnx_sha256": self.onnx_sha256,
+            "last_token_logits": self.last_token_logits,
             "build_seconds": round(self.build_seconds, 2),
         }
         if self.onnxruntime:
             document["onnxruntime"] = {**asdict(self.onnxruntime), "providers": list(self.onnxruntime.providers)}
         if self.tensorrt:
             copies = self.tensorrt.cache_copies
-            document["tensorrt"] = {**asdict(self.tensorrt), "profiles": list(self.tensorrt.profiles),
-                                    "cache_copies": None if copies is None else list(copies)}
+            document["tensorrt"] = {
+                **asdict(self.tensorrt),
+                "profiles": list(self.tensorrt.profiles),
+                "cache_copies": None if copies is None else list(copies),
+            }
         return document
 
     @classmethod
     def from_json(cls, document: dict, where: Path | str) -> ArtifactDescription:
         if document.get("format") != DESCRIPTION_FORMAT or document.get("backend") not in BACKENDS:
-            raise MistralExportError(f"{where}: not an engine description of this tool version (format "
-                                     f"{DESCRIPTION_FORMAT}, backend {' or '.join(BACKENDS)}); rebuild with `mistral-export build`")
+            raise MistralExportError(
+                f"{where}: not an engine description of this tool version (format "
+                f"{DESCRIPTION_FORMAT}, backend {' or '.join(BACKENDS)}); rebuild with `mistral-export build`"
+            )
         read = _Reader(document, where)
         backend = read("backend", str)
         model = read("model", dict)
@@ -151,21 +162,46 @@ class ArtifactDescription:
         io = read("io", dict)
         section = read(backend, dict)
         return cls(
-            backend=backend, precision=read("precision", str),
+            backend=backend,
+            precision=read("precision", str),
             config=config.replace(name=_Reader(model, where, "model.")("name", str)),
             cache=CacheSpec(**_fields(read("cache", dict), CacheSpec, where, "cache.")),
-            io=GraphIO(*(tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in
-                               _Reader(io, where, "io.")(part, list)) for part in ("inputs", "outputs"))),
-            onnx_sha256=read("onnx_sha256", str), last_token_logits=read("last_token_logits", bool),
-            tool_version=read("tool_version", str), build_seconds=float(read("build_seconds", (int, float))),
-            onnxruntime=(OnnxRuntimeSection(**{**_fields(section, OnnxRuntimeSection, where, "onnxruntime."),
-                                               "providers": tuple(section["providers"])})
-                         if backend == "onnxruntime" else None),
-            tensorrt=(TensorRTSection(**{**_fields(section, TensorRTSection, where, "tensorrt."),
-                                         "profiles": tuple(section["profiles"]),
-                                         "cache_copies": (None if section.get("cache_copies") is None
-                                                          else tuple(section["cache_copies"]))})
-                      if backend == "tensorrt" else None),
+            io=GraphIO(
+                *(
+                    tuple(
+                        TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
+                        for t in _Reader(io, where, "io.")(part, list)
+                    )
+                    for part in ("inputs", "outputs")
+                )
+            ),
+            onnx_sha256=read("onnx_sha256", str),
+            last_token_logits=read("last_token_logits", bool),
+            tool_version=read("tool_version", str),
+            build_seconds=float(read("build_seconds", (int, float))),
+            onnxruntime=(
+                OnnxRuntimeSection(
+                    **{
+                        **_fields(section, OnnxRuntimeSection, where, "onnxruntime."),
+                        "providers": tuple(section["providers"]),
+                    }
+                )
+                if backend == "onnxruntime"
+                else None
+            ),
+            tensorrt=(
+                TensorRTSection(
+                    **{
+                        **_fields(section, TensorRTSection, where, "tensorrt."),
+                        "profiles": tuple(section["profiles"]),
+                        "cache_copies": (
+                            None if section.get("cache_copies") is None else tuple(section["cache_copies"])
+                        ),
+                    }
+                )
+                if backend == "tensorrt"
+                else None
+            ),
         )
 
     @classmethod

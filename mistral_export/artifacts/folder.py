@@ -52,7 +52,9 @@ class Artifact:
 def read_build(build_dir: Path) -> dict:
     build_dir = Path(build_dir)
     if not build_dir.is_dir():
-        raise MistralExportError(f"{build_dir}: no such build folder (make one with `mistral-export build MODEL -o DIR`)")
+        raise MistralExportError(
+            f"{build_dir}: no such build folder (make one with `mistral-export build MODEL -o DIR`)"
+        )
     return read_json(build_dir / BUILD_FILE, "build.json (not a build folder? `mistral-export build` writes one)")
 
 
@@ -61,15 +63,21 @@ def find_artifacts(build_dir: Path, precision: str | None = None, backend: str |
     build_dir = Path(build_dir)
     read_build(build_dir)
     found = []
-    for path in sorted(build_dir.glob(f"onnx/*/{DESCRIPTION_FILE}")) + sorted(build_dir.glob(f"engines/*/*/{DESCRIPTION_FILE}")):
+    for path in sorted(build_dir.glob(f"onnx/*/{DESCRIPTION_FILE}")) + sorted(
+        build_dir.glob(f"engines/*/*/{DESCRIPTION_FILE}")
+    ):
         artifact = Artifact(path.parent, ArtifactDescription.read(path.parent))
         if (precision is None or artifact.precision == precision) and (backend is None or artifact.backend == backend):
             found.append(artifact)
     if not found:
         missing = " ".join(filter(None, ["no", backend, precision, "artifact"]))
-        options = "".join(f" --{name} {value}" for name, value in (("precision", precision), ("backend", backend)) if value)
-        raise MistralExportError(f"{build_dir}: {missing} in this build folder "
-                                 f"(`mistral-export build MODEL -o {build_dir}{options}` makes one)")
+        options = "".join(
+            f" --{name} {value}" for name, value in (("precision", precision), ("backend", backend)) if value
+        )
+        raise MistralExportError(
+            f"{build_dir}: {missing} in this build folder "
+            f"(`mistral-export build MODEL -o {build_dir}{options}` makes one)"
+        )
     return found
 
 
@@ -82,8 +90,10 @@ def artifacts_of_one_precision(build_dir: Path, backend: str, precision: str | N
     found = find_artifacts(build_dir, precision, backend)
     precisions = sorted({a.precision for a in found})
     if len(precisions) > 1:
-        raise MistralExportError(f"{build_dir}: {backend} artifacts of several precisions ({', '.join(precisions)}); "
-                                 "pick one with --precision")
+        raise MistralExportError(
+            f"{build_dir}: {backend} artifacts of several precisions ({', '.join(precisions)}); "
+            "pick one with --precision"
+        )
     return found
 
 

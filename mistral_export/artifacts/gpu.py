@@ -42,12 +42,16 @@ def check_compatible(built: GpuDescription, here: GpuDescription, where: Path | 
     if built.compute_capability != here.compute_capability:
         raise MistralExportError(
             f"{where}: engine built for {built.name} (sm {built.compute_capability}); this machine has {here.name} "
-            f"(sm {here.compute_capability}): TensorRT engines run only on the compute capability they were built for; {rebuild}")
+            f"(sm {here.compute_capability}): TensorRT engines run only on the compute capability they were built for; {rebuild}"
+        )
     if built.tensorrt_version != here.tensorrt_version:
         raise MistralExportError(
             f"{where}: engine built with TensorRT {built.tensorrt_version}; this machine has TensorRT "
-            f"{here.tensorrt_version}: a plan runs only under the TensorRT version that built it; {rebuild}")
+            f"{here.tensorrt_version}: a plan runs only under the TensorRT version that built it; {rebuild}"
+        )
     if built.name != here.name:
-        return [f"{where}: engine built on {built.name}, running on {here.name} (same sm {here.compute_capability}): "
-                "it runs, but its tactics were timed on the other GPU"]
+        return [
+            f"{where}: engine built on {built.name}, running on {here.name} (same sm {here.compute_capability}): "
+            "it runs, but its tactics were timed on the other GPU"
+        ]
     return []

@@ -56,8 +56,9 @@ def _token_text(value, default: str) -> str:
 
 
 class ChatTemplate:
-    def __init__(self, source: str, bos_token: str = BOS, eos_token: str = EOS,
-                 origin: str = "Mistral's instruct format"):
+    def __init__(
+        self, source: str, bos_token: str = BOS, eos_token: str = EOS, origin: str = "Mistral's instruct format"
+    ):
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         environment.globals["raise_exception"] = _raise_exception
         try:
@@ -70,13 +71,14 @@ class ChatTemplate:
         """The prompt for MESSAGES, ready for the assistant's answer. Without its leading BOS: the served model's
         tokenizer adds BOS to every prompt (a second one would change the text the model sees)."""
         try:
-            text = self._template.render(messages=messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                                         add_generation_prompt=True)
+            text = self._template.render(
+                messages=messages, bos_token=self.bos_token, eos_token=self.eos_token, add_generation_prompt=True
+            )
         except ChatTemplateError:
             raise
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"the chat template failed on these messages: {exc}") from None
-        return text[len(self.bos_token):] if self.bos_token and text.startswith(self.bos_token) else text
+        return text[len(self.bos_token) :] if self.bos_token and text.startswith(self.bos_token) else text
 
 
 def load_chat_template(folder: Path) -> ChatTemplate:
@@ -92,7 +94,9 @@ def load_chat_template(folder: Path) -> ChatTemplate:
     if isinstance(template, list):  # several named templates: transformers uses "default" for chat
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if not isinstance(template, str):
-        return ChatTemplate(MISTRAL_INSTRUCT, _token_text(config.get("bos_token"), BOS),
-                            _token_text(config.get("eos_token"), EOS))
-    return ChatTemplate(template, _token_text(config.get("bos_token"), BOS), _token_text(config.get("eos_token"), EOS),
-                        origin=str(path))
+        return ChatTemplate(
+            MISTRAL_INSTRUCT, _token_text(config.get("bos_token"), BOS), _token_text(config.get("eos_token"), EOS)
+        )
+    return ChatTemplate(
+        template, _token_text(config.get("bos_token"), BOS), _token_text(config.get("eos_token"), EOS), origin=str(path)
+    )

@@ -35,7 +35,9 @@ def text_interface_config(name: str, max_batch: int, instances: int, kind: str, 
     """A decoupled Python-backend model with tensorrtllm_backend's text interface."""
     inputs = ",\n".join(
         f'  {{ name: "{n}" data_type: {t} dims: {_dims([-1] if n in LIST_INPUTS else [1])}'
-        f'{"" if required else " optional: true"} }}' for n, (t, required) in INPUTS.items())
+        f"{'' if required else ' optional: true'} }}"
+        for n, (t, required) in INPUTS.items()
+    )
     finish = "".join(f',\n  {{ name: "{n}" data_type: {t} dims: [ 1 ] }}' for n, t in FINISH_OUTPUTS.items())
     return f'''# Text generation with tensorrtllm_backend's text interface; decoupled: tokens stream as responses.
 name: "{name}"

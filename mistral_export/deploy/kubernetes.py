@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mistral_export.files import write_text_atomic
 from mistral_export.errors import MistralExportError
+from mistral_export.files import write_text_atomic
 
 FOLDER = "kubernetes"
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the server version the tests run
@@ -42,14 +42,26 @@ def _labels(name: str) -> dict:
 
 
 def deployment(name: str, image: str, replicas: int, gpu: bool) -> dict:
-    probe = lambda path, delay: {"httpGet": {"path": path, "port": "http"}, "initialDelaySeconds": delay,  # noqa: E731
-                                 "periodSeconds": 10, "failureThreshold": 6}
+    def probe(path: str, delay: int) -> dict:
+        return {
+            "httpGet": {"path": path, "port": "http"},
+            "initialDelaySeconds": delay,
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        }
+
     resources = {"limits": {"nvidia.com/gpu": 1}} if gpu else {"requests": {"cpu": "2", "memory": "4Gi"}}
     container = {
         "name": "triton",
         "image": image,
-        "command": ["mistral-export", "serve", MODELS_PATH, "--host", "0.0.0.0",
-                    *[arg for kind, port in PORTS.items() for arg in (f"--{kind}-port", str(port))]],
+        "command": [
+            "mistral-export",
+            "serve",
+            MODELS_PATH,
+            "--host",
+            "0.0.0.0",
+            *[arg for kind, port in PORTS.items() for arg in (f"--{kind}-port", str(port))],
+        ],
         "ports": [{"name": kind, "containerPort": port} for kind, port in PORTS.items()],
         "readinessProbe": probe("/v2/health/ready", 10),
         "livenessProbe": probe("/v2/health/live", 30),
@@ -63,10 +75,14 @@ def deployment(name: str, image: str, replicas: int, gpu: bool) -> dict:
             "replicas": replicas,
             "selector": {"matchLabels": _labels(name)},
             "template": {
-                "metadata": {"labels": _labels(name),
-                             "annotations": {"prometheus.io/scrape": "true",
-                                             "prometheus.io/port": str(PORTS["metrics"]),
-                                             "prometheus.io/path": "/metrics"}},
+                "metadata": {
+                    "labels": _labels(name),
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(PORTS["metrics"]),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
                 "spec": {"containers": [container], "terminationGracePeriodSeconds": 60},
             },
         },
@@ -78,9 +94,10 @@ def service(name: str) -> dict:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "labels": _labels(name)},
-        "spec": {"selector": _labels(name),
-                 "ports": [{"name": kind, "port": PORTS[kind], "targetPort": kind}
-                           for kind in ("http", "grpc", "openai")]},
+        "spec": {
+            "selector": _labels(name),
+            "ports": [{"name": kind, "port": PORTS[kind], "targetPort": kind} for kind in ("http", "grpc", "openai")],
+        },
     }
 
 
@@ -93,9 +110,15 @@ def autoscaler(name: str, replicas: int, max_replicas: int, waiting_per_pod: int
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
             "minReplicas": replicas,
             "maxReplicas": max_replicas,
-            "metrics": [{"type": "Pods", "pods": {
-                "metric": {"name": WAITING_METRIC},
-                "target": {"type": "AverageValue", "averageValue": str(waiting_per_pod)}}}],
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": WAITING_METRIC},
+                        "target": {"type": "AverageValue", "averageValue": str(waiting_per_pod)},
+                    },
+                }
+            ],
         },
     }
 
@@ -113,18 +136,28 @@ RUN pip install --no-cache-dir "$MISTRAL_EXPORT" && rm -rf {MODELS_PATH}/{FOLDER
 """
 
 
-def write_manifests(repository: Path, name: str, gpu: bool, image: str | None = None, replicas: int = 1,
-                    max_replicas: int = 4, waiting_per_pod: int = 1) -> list[Path]:
+def write_manifests(
+    repository: Path,
+    name: str,
+    gpu: bool,
+    image: str | None = None,
+    replicas: int = 1,
+    max_replicas: int = 4,
+    waiting_per_pod: int = 1,
+) -> list[Path]:
     """REPOSITORY/kubernetes/: Deployment, Service, HorizontalPodAutoscaler and the image's Dockerfile."""
     if not 1 <= replicas <= max_replicas:
-        raise MistralExportError(f"--replicas {replicas} and --max-replicas {max_replicas}: need 1 <= replicas <= "
-                                 f"max-replicas")
+        raise MistralExportError(
+            f"--replicas {replicas} and --max-replicas {max_replicas}: need 1 <= replicas <= max-replicas"
+        )
     resource = name.lower().replace("_", "-").replace(".", "-")  # Kubernetes names are DNS labels
     folder = Path(repository) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    documents = {"deployment.json": deployment(resource, image or default_image(resource), replicas, gpu),
-                 "service.json": service(resource),
-                 "hpa.json": autoscaler(resource, replicas, max_replicas, waiting_per_pod)}
+    documents = {
+        "deployment.json": deployment(resource, image or default_image(resource), replicas, gpu),
+        "service.json": service(resource),
+        "hpa.json": autoscaler(resource, replicas, max_replicas, waiting_per_pod),
+    }
     written = []
     for file, document in documents.items():
         write_text_atomic(folder / file, json.dumps(document, indent=2) + "\n")

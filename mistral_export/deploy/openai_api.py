@@ -28,10 +28,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from mistral_export.artifacts.description import DESCRIPTION_FILE, ArtifactDescription
 from mistral_export.deploy.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from mistral_export.deploy.configs import parse_config
 from mistral_export.deploy.generation import OUTPUT, Finish, Limits
-from mistral_export.artifacts.description import DESCRIPTION_FILE, ArtifactDescription
 from mistral_export.errors import MistralExportError
 from mistral_export.model.tokenizer import TextTokenizer, load_tokenizer
 
@@ -43,6 +43,7 @@ STOP_TIMEOUT_S = 10.0  # streams still open then are cut (Triton, stopped after,
 
 
 # --- the models a repository serves -------------------------------------------------------------------------
+
 
 @dataclass
 class ServedModel:
@@ -58,7 +59,9 @@ def _description_folder(version: Path) -> Path:
     describes the same model and cache, whichever GPU it was built for)."""
     found = sorted(version.glob(f"**/{DESCRIPTION_FILE}"), key=lambda p: len(p.parts))
     if not found:
-        raise MistralExportError(f"{version}: no {DESCRIPTION_FILE} (a model repository from `mistral-export package`?)")
+        raise MistralExportError(
+            f"{version}: no {DESCRIPTION_FILE} (a model repository from `mistral-export package`?)"
+        )
     return found[0].parent
 
 
@@ -71,15 +74,19 @@ def served_models(repository: Path) -> dict[str, ServedModel]:
             continue
         version = config_path.parent / "1"
         models[config.name] = ServedModel(
-            name=config.name, limits=Limits.of(ArtifactDescription.read(_description_folder(version))),
-            tokenizer=load_tokenizer(version), chat_template=load_chat_template(version),
-            created=int(config_path.stat().st_mtime))
+            name=config.name,
+            limits=Limits.of(ArtifactDescription.read(_description_folder(version))),
+            tokenizer=load_tokenizer(version),
+            chat_template=load_chat_template(version),
+            created=int(config_path.stat().st_mtime),
+        )
     if not models:
         raise MistralExportError(f"{repository}: no text-generation model (a config.pbtxt with output {OUTPUT})")
     return models
 
 
 # --- requests --------------------------------------------------------------------------------------------------
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -134,7 +141,7 @@ def _check_common(request: SamplingRequest) -> None:
         raise BadRequest(f"n must be 1 (one choice per request), got {request.n}", param="n")
     if request.logprobs:
         raise BadRequest("logprobs are not supported by this server", param="logprobs")
-    if request.seed is not None and not 0 <= request.seed < 2 ** 64:
+    if request.seed is not None and not 0 <= request.seed < 2**64:
         raise BadRequest(f"seed must be between 0 and 2**64 - 1, got {request.seed}", param="seed")
 
 
@@ -155,6 +162,7 @@ def _message_text(message: ChatMessage) -> str:
 
 
 # --- forwarding to Triton ---------------------------------------------------------------------------------------
+
 
 class ModelRefused(Exception):
     """The generate model's (or Triton's) error for a request."""
@@ -181,13 +189,25 @@ class TritonGenerate:
     async def close(self) -> None:
         await self.client.close()
 
-    async def generate(self, model: str, prompt: str, max_tokens: int, temperature: float, top_p: float,
-                       seed: int | None, stops: list[str], min_tokens: int = 0,
-                       ) -> AsyncIterator[tuple[str, Finish | None]]:
+    async def generate(
+        self,
+        model: str,
+        prompt: str,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stops: list[str],
+        min_tokens: int = 0,
+    ) -> AsyncIterator[tuple[str, Finish | None]]:
         """(text, None) per streamed piece, then (text, Finish) for the last."""
-        inputs = [_input("text_input", [[prompt.encode("utf-8")]], "BYTES"),
-                  _input("max_tokens", [[max_tokens]], "INT32"), _input("stream", [[True]], "BOOL"),
-                  _input("temperature", [[temperature]], "FP32"), _input("top_p", [[top_p]], "FP32")]
+        inputs = [
+            _input("text_input", [[prompt.encode("utf-8")]], "BYTES"),
+            _input("max_tokens", [[max_tokens]], "INT32"),
+            _input("stream", [[True]], "BOOL"),
+            _input("temperature", [[temperature]], "FP32"),
+            _input("top_p", [[top_p]], "FP32"),
+        ]
         if seed is not None:
             inputs.append(_input("seed", [[seed]], "UINT64"))
         if min_tokens:
@@ -209,8 +229,9 @@ class TritonGenerate:
                 piece = text.reshape(-1)[0].decode("utf-8") if text is not None else ""
                 reason = result.as_numpy("finish_reason")
                 if reason is not None:
-                    prompt_tokens, completion_tokens = (int(result.as_numpy(n).reshape(-1)[0])
-                                                        for n in ("prompt_tokens", "completion_tokens"))
+                    prompt_tokens, completion_tokens = (
+                        int(result.as_numpy(n).reshape(-1)[0]) for n in ("prompt_tokens", "completion_tokens")
+                    )
                     finished = True
                     yield piece, Finish(reason.reshape(-1)[0].decode(), prompt_tokens, completion_tokens)
                     return
@@ -240,7 +261,7 @@ class StopCutter:
         self.held += text
         hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
         if hits:
-            released, self.held, self.stopped = self.held[:min(hits)], "", True
+            released, self.held, self.stopped = self.held[: min(hits)], "", True
             return released
         cut = max(0, len(self.held) - self.keep)
         released, self.held = self.held[:cut], self.held[cut:]
@@ -253,9 +274,11 @@ class StopCutter:
 
 # --- the app ----------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Job:
     """One validated request, ready to forward."""
+
     model: ServedModel
     prompt: str
     max_tokens: int
@@ -299,14 +322,23 @@ def create_app(repository: Path, triton_grpc: str):
 
     def model_of(name: str) -> ServedModel:
         if name not in models:
-            raise BadRequest(f"the model '{name}' does not exist; this server has {', '.join(models)}", 404,
-                             "model", "model_not_found")
+            raise BadRequest(
+                f"the model '{name}' does not exist; this server has {', '.join(models)}",
+                404,
+                "model",
+                "model_not_found",
+            )
         return models[name]
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [{"id": m.name, "object": "model", "created": m.created,
-                                            "owned_by": "mistral-export"} for m in models.values()]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": m.name, "object": "model", "created": m.created, "owned_by": "mistral-export"}
+                for m in models.values()
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest):
@@ -315,8 +347,9 @@ def create_app(repository: Path, triton_grpc: str):
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         if len(prompts) != 1:
             raise BadRequest(f"prompt must be one string (one choice per request), got {len(prompts)}", param="prompt")
-        job = _job(model, request, prompts[0],
-                   DEFAULT_COMPLETION_TOKENS if request.max_tokens is None else request.max_tokens)
+        job = _job(
+            model, request, prompts[0], DEFAULT_COMPLETION_TOKENS if request.max_tokens is None else request.max_tokens
+        )
         job.echo = prompts[0] if request.echo else ""
         return await respond(job, "text_completion", "cmpl")
 
@@ -338,16 +371,27 @@ def create_app(repository: Path, triton_grpc: str):
 
     def _job(model: ServedModel, request: SamplingRequest, prompt: str, max_tokens: int) -> Job:
         if request.min_tokens is not None and not 0 <= request.min_tokens <= max_tokens:
-            raise BadRequest(f"min_tokens must be between 0 and max_tokens ({max_tokens}), got {request.min_tokens}",
-                             param="min_tokens")
-        return Job(model, prompt, max_tokens, 1.0 if request.temperature is None else request.temperature,
-                   1.0 if request.top_p is None else request.top_p, request.seed, _stops(request),
-                   bool(request.stream), bool(request.stream_options and request.stream_options.include_usage),
-                   request.min_tokens or 0)
+            raise BadRequest(
+                f"min_tokens must be between 0 and max_tokens ({max_tokens}), got {request.min_tokens}",
+                param="min_tokens",
+            )
+        return Job(
+            model,
+            prompt,
+            max_tokens,
+            1.0 if request.temperature is None else request.temperature,
+            1.0 if request.top_p is None else request.top_p,
+            request.seed,
+            _stops(request),
+            bool(request.stream),
+            bool(request.stream_options and request.stream_options.include_usage),
+            request.min_tokens or 0,
+        )
 
     async def respond(job: Job, kind: str, id_prefix: str):
-        pieces = state["triton"].generate(job.model.name, job.prompt, job.max_tokens, job.temperature, job.top_p,
-                                          job.seed, job.stops, job.min_tokens)
+        pieces = state["triton"].generate(
+            job.model.name, job.prompt, job.max_tokens, job.temperature, job.top_p, job.seed, job.stops, job.min_tokens
+        )
         try:  # the model checks the request before its first response: a refusal is still an HTTP error
             first = await anext(pieces)
         except ModelRefused as exc:
@@ -368,9 +412,16 @@ def create_app(repository: Path, triton_grpc: str):
             raise BadRequest(str(exc)) from None
         text.append("" if cutter.stopped else cutter.flush())
         reason = "stop" if cutter.stopped else finish.reason
-        choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": reason,
-                   "logprobs": None} if chat else
-                  {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": None})
+        choice = (
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(text)},
+                "finish_reason": reason,
+                "logprobs": None,
+            }
+            if chat
+            else {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": None}
+        )
         return {**identity, "object": kind, "choices": [choice], "usage": _usage(finish)}
 
     async def _events(job: Job, identity: dict, chat: bool, first, pieces) -> AsyncIterator[str]:
@@ -425,11 +476,15 @@ def create_app(repository: Path, triton_grpc: str):
 def _usage(finish: Finish | None) -> dict | None:
     if finish is None:
         return None
-    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
-            "total_tokens": finish.prompt_tokens + finish.completion_tokens}
+    return {
+        "prompt_tokens": finish.prompt_tokens,
+        "completion_tokens": finish.completion_tokens,
+        "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+    }
 
 
 # --- running it beside the server ------------------------------------------------------------------------------
+
 
 @contextmanager
 def running_frontend(repository: Path, triton_grpc: str, host: str, port: int):
@@ -438,8 +493,11 @@ def running_frontend(repository: Path, triton_grpc: str, host: str, port: int):
     import uvicorn
 
     app = create_app(repository, triton_grpc)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=STOP_TIMEOUT_S))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=STOP_TIMEOUT_S
+        )
+    )
     failure: list[BaseException] = []
 
     def run():
@@ -455,8 +513,10 @@ def running_frontend(repository: Path, triton_grpc: str, host: str, port: int):
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
             thread.join(5)
-            raise MistralExportError(f"the OpenAI frontend could not start on {host}:{port} "
-                                     f"(port in use? {failure[0] if failure else 'no answer'})")
+            raise MistralExportError(
+                f"the OpenAI frontend could not start on {host}:{port} "
+                f"(port in use? {failure[0] if failure else 'no answer'})"
+            )
         time.sleep(0.05)
     try:
         yield server

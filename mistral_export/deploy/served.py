@@ -35,13 +35,17 @@ def served_artifact(folder: Path, compute_capability: str | None) -> Artifact:
         return artifacts[0]
     built_for = ", ".join(sorted(a.description.tensorrt.compute_capability for a in engines))
     if compute_capability is None:
-        raise MistralExportError(f"{folder}: TensorRT engines (for compute capability {built_for}) need a GPU; the "
-                                 f"model instance has none (instance_group kind must be KIND_GPU)")
+        raise MistralExportError(
+            f"{folder}: TensorRT engines (for compute capability {built_for}) need a GPU; the "
+            f"model instance has none (instance_group kind must be KIND_GPU)"
+        )
     for engine in engines:
         if engine.description.tensorrt.compute_capability == compute_capability:
             return engine
-    raise MistralExportError(f"{folder}: no engine for this GPU's compute capability {compute_capability} (engines "
-                             f"for {built_for}); build one on this GPU and package again")
+    raise MistralExportError(
+        f"{folder}: no engine for this GPU's compute capability {compute_capability} (engines "
+        f"for {built_for}); build one on this GPU and package again"
+    )
 
 
 def open_served_runner(folder: Path, device: int | None, threads: int | None = None):

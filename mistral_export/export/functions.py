@@ -49,7 +49,9 @@ def SlidingWindowAttention(q, k, v, k_cache, v_cache, past_len: INT64, window: i
     keys = op.Concat(op.Cast(k_cache, to=FLOAT.dtype), op.Cast(k, to=FLOAT.dtype), axis=2)  # [B,Hkv,K,D]
     values = op.Concat(op.Cast(v_cache, to=FLOAT.dtype), op.Cast(v, to=FLOAT.dtype), axis=2)
     keep = op.Constant(value_ints=[0])
-    grouped = op.Reshape(op.Cast(q, to=FLOAT.dtype), op.Concat(keep, kv_heads, op.Constant(value_ints=[-1]), keep, axis=0))
+    grouped = op.Reshape(
+        op.Cast(q, to=FLOAT.dtype), op.Concat(keep, kv_heads, op.Constant(value_ints=[-1]), keep, axis=0)
+    )
     scores = op.Mul(op.MatMul(grouped, op.Transpose(keys, perm=[0, 1, 3, 2])), op.Constant(value_float=scale))
     # Additive mask: built once from rows_mask, it is shared by every layer once the bodies are inlined.
     bias = op.Where(rows_mask, op.Constant(value_float=0.0), op.Constant(value_float=float("-inf")))

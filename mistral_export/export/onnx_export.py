@@ -36,8 +36,7 @@ from mistral_export.export.op_translation import translation_table
 from mistral_export.export.weight_layout import fold_weight_transposes, fuse_parallel_projections, strip_wrapper_prefix
 from mistral_export.model.checkpoint import Checkpoint, parameter_shapes
 from mistral_export.model.config import ModelConfig, load_config, resolve_model_dir
-from mistral_export.model.transformer import (Attention, Block, FeedForward, RMSNorm, Transformer,
-                                              rotary_inv_freq)
+from mistral_export.model.transformer import Attention, Block, FeedForward, RMSNorm, Transformer, rotary_inv_freq
 from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL, DOMAIN, NO_WINDOW, VERSION
 
 DEFAULT_OPSET = 20
@@ -90,9 +89,12 @@ def _trace(config: ModelConfig, dtype: torch.dtype, opset: int, last_token_logit
     wrapper = _Flat(_skeleton(config, dtype), last_token_logits)
     batch, seq = 2, 3  # neither 0 nor 1, so neither dimension is specialized
     shape = (batch, config.num_kv_heads, config.cache_capacity, config.head_dim)
-    args = (torch.zeros(batch, seq, dtype=torch.int64), torch.zeros(batch, dtype=torch.int64),
-            # Never written, so the pages stay unbacked: a 32k-slot v0.3 cache costs no RAM here.
-            *[torch.empty(shape, dtype=dtype) for _ in range(2 * config.num_layers)])
+    args = (
+        torch.zeros(batch, seq, dtype=torch.int64),
+        torch.zeros(batch, dtype=torch.int64),
+        # Never written, so the pages stay unbacked: a 32k-slot v0.3 cache costs no RAM here.
+        *[torch.empty(shape, dtype=dtype) for _ in range(2 * config.num_layers)],
+    )
     b, s = torch.export.Dim(BATCH, min=1), torch.export.Dim(SEQUENCE, min=1)
     dynamic = ({0: b, 1: s}, {0: b}, tuple({0: b} for _ in range(2 * config.num_layers)))
     # torch warns about every torchvision op it cannot register: noise for this model.
@@ -100,9 +102,16 @@ def _trace(config: ModelConfig, dtype: torch.dtype, opset: int, last_token_logit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            wrapper, args, dynamo=True, dynamic_shapes=dynamic, optimize=False, verbose=False,
-            opset_version=opset, input_names=input_names(config.num_layers),
-            output_names=output_names(config.num_layers), custom_translation_table=translation_table(plugin_impl),
+            wrapper,
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            optimize=False,
+            verbose=False,
+            opset_version=opset,
+            input_names=input_names(config.num_layers),
+            output_names=output_names(config.num_layers),
+            custom_translation_table=translation_table(plugin_impl),
         )
     return program.model
 
@@ -142,8 +151,9 @@ def _constant_reshape_targets(model: ir.Model) -> int:
 def _optimize(model: ir.Model, weights: set[str]) -> None:
     fold = fold_constants_pass(weights, output_size_limit=262144)
     ir.passes.Sequential(
-        ir.passes.PassManager([fold, default_rewrite_pass(),
-                               common_passes.RemoveUnusedNodesPass()], steps=2, early_stop=True),
+        ir.passes.PassManager(
+            [fold, default_rewrite_pass(), common_passes.RemoveUnusedNodesPass()], steps=2, early_stop=True
+        ),
         common_passes.CommonSubexpressionEliminationPass(),
         common_passes.RemoveUnusedNodesPass(),
     )(model)
@@ -166,8 +176,9 @@ def _rename_dims(model: ir.Model) -> None:
     for value in values:
         if value.shape is None:
             continue
-        value.shape = ir.Shape([ir.SymbolicDim(names.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d
-                                for d in value.shape])
+        value.shape = ir.Shape(
+            [ir.SymbolicDim(names.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d for d in value.shape]
+        )
 
 
 def check_exportable(model: Transformer) -> None:
@@ -183,21 +194,32 @@ def check_exportable(model: Transformer) -> None:
         if type(module) not in allowed:
             raise MistralExportError(
                 f"model module '{name or '<root>'}' is a {type(module).__module__}.{type(module).__name__}, which the "
-                f"exporter does not know (a quantizer?); export the plain model and choose --precision instead")
+                f"exporter does not know (a quantizer?); export the plain model and choose --precision instead"
+            )
         if module._forward_hooks or module._forward_pre_hooks:
-            raise MistralExportError(f"model module '{name or '<root>'}' has forward hooks, which the export would "
-                                     f"drop; remove them before exporting")
+            raise MistralExportError(
+                f"model module '{name or '<root>'}' has forward hooks, which the export would "
+                f"drop; remove them before exporting"
+            )
     extra = [n for n, _ in model.named_parameters() if n not in expected]
     extra += [n for n, _ in model.named_buffers() if n != "inv_freq"]
     if extra:
-        raise MistralExportError(f"model carries tensors the export would drop: {', '.join(extra[:5])}"
-                                 f"{f' and {len(extra) - 5} more' if len(extra) > 5 else ''} (quantizer state such "
-                                 f"as pre_quant_scale?); export the plain model and choose --precision instead")
+        raise MistralExportError(
+            f"model carries tensors the export would drop: {', '.join(extra[:5])}"
+            f"{f' and {len(extra) - 5} more' if len(extra) > 5 else ''} (quantizer state such "
+            f"as pre_quant_scale?); export the plain model and choose --precision instead"
+        )
 
 
-def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET,
-                last_token_logits: bool = False, dtype: torch.dtype = torch.float32,
-                plugin_impl: str = DEFAULT_PLUGIN_IMPL, metadata: dict[str, str] | None = None) -> Path:
+def export_onnx(
+    model_or_folder: Transformer | str | Path,
+    out_dir: str | Path,
+    opset: int = DEFAULT_OPSET,
+    last_token_logits: bool = False,
+    dtype: torch.dtype = torch.float32,
+    plugin_impl: str = DEFAULT_PLUGIN_IMPL,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Export MODEL (a Transformer, a checkpoint folder, or `tiny`) to OUT_DIR/model.onnx (+ .data).
 
     One graph for prefill chunks and decode: inputs input_ids [B,S] int64, past_len [B] int64 and
@@ -222,21 +244,39 @@ def export_onnx(model_or_folder: Transformer | str | Path, out_dir: str | Path, 
         config = load_config(model_or_folder)
         folder = resolve_model_dir(model_or_folder)
         if folder is None:
-            raise MistralExportError(f"preset '{model_or_folder}' has shapes only, no weights; pass a checkpoint folder")
+            raise MistralExportError(
+                f"preset '{model_or_folder}' has shapes only, no weights; pass a checkpoint folder"
+            )
         checkpoint = Checkpoint(folder, config)  # validates names and shapes before any tracing
 
         def tensors():
             # Read in the checkpoint's own dtype (no converted copy); write_weights casts block by block.
             yield from checkpoint.tensors(stored_dtype(checkpoint, dtype))
 
-    return export_graph(config, tensors, out_dir, opset=opset, last_token_logits=last_token_logits, dtype=dtype,
-                        plugin_impl=plugin_impl, metadata=metadata)
+    return export_graph(
+        config,
+        tensors,
+        out_dir,
+        opset=opset,
+        last_token_logits=last_token_logits,
+        dtype=dtype,
+        plugin_impl=plugin_impl,
+        metadata=metadata,
+    )
 
 
-def export_graph(config: ModelConfig, tensors, out_dir: str | Path, *, opset: int = DEFAULT_OPSET,
-                 last_token_logits: bool = False, dtype: torch.dtype = torch.float32,
-                 plugin_impl: str = DEFAULT_PLUGIN_IMPL, metadata: dict[str, str] | None = None,
-                 weights=None) -> Path:
+def export_graph(
+    config: ModelConfig,
+    tensors,
+    out_dir: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    last_token_logits: bool = False,
+    dtype: torch.dtype = torch.float32,
+    plugin_impl: str = DEFAULT_PLUGIN_IMPL,
+    metadata: dict[str, str] | None = None,
+    weights=None,
+) -> Path:
     """OUT_DIR/model.onnx (+ .data) of CONFIG's graph traced in DTYPE, its weights streamed from `tensors()`
     ((internal name, tensor) pairs, any order). `weights` (a precision's weight transform: precision/int8.py's
     Int8Weights) chooses each slot's stored dtype, transforms the stream and places what it wrote in the graph."""
@@ -272,8 +312,17 @@ def staged_model(out: Path, model_file: str = MODEL_FILE):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype, opset: int,
-                 last_token_logits: bool, plugin_impl: str, metadata: dict[str, str], weights=None) -> None:
+def _export_into(
+    folder: Path,
+    config: ModelConfig,
+    tensors,
+    dtype: torch.dtype,
+    opset: int,
+    last_token_logits: bool,
+    plugin_impl: str,
+    metadata: dict[str, str],
+    weights=None,
+) -> None:
     model_path, data_path = folder / MODEL_FILE, folder / DATA_FILE
     log.info("tracing %s (%d layers) with the dynamo exporter, opset %d", config.name, config.num_layers, opset)
     traced = _trace(config, dtype, opset, last_token_logits, plugin_impl)
@@ -292,9 +341,14 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
         entries.append((name, source_names, widths, transposed, tuple(graph.initializers[name].shape.numpy())))
     slots = weight_streaming.plan_layout(entries, dtype, weights.slot_dtypes(entries) if weights else None)
     total = sum(slot.length for slot in slots)
-    log.info("streaming %d checkpoint tensors into %d initializers (%.2f GiB, %s) in %s",
-             sum(len(slot.sources) for slot in slots), len(slots), total / 2**30,
-             weights.describe() if weights else str(dtype).removeprefix("torch."), DATA_FILE)
+    log.info(
+        "streaming %d checkpoint tensors into %d initializers (%.2f GiB, %s) in %s",
+        sum(len(slot.sources) for slot in slots),
+        len(slots),
+        total / 2**30,
+        weights.describe() if weights else str(dtype).removeprefix("torch."),
+        DATA_FILE,
+    )
     weight_streaming.write_weights(data_path, slots, weights.stream(tensors()) if weights else tensors())
     for slot in slots:
         external = weight_streaming.external_tensor(slot, data_path)
@@ -305,19 +359,21 @@ def _export_into(folder: Path, config: ModelConfig, tensors, dtype: torch.dtype,
 
     _rename_dims(traced)
     traced.opset_imports[DOMAIN] = VERSION
-    traced.metadata_props.update({
-        "mistral_export.config": json.dumps(config.to_hf_dict()),
-        "mistral_export.model_name": config.name,
-        "mistral_export.cache_capacity": str(config.cache_capacity),
-        # Whether the cache is a ring (a window) or linear (no window: a sequence must not pass the capacity,
-        # which the graph cannot enforce; every consumer reads this and refuses, see op_contract.check_positions).
-        "mistral_export.cache_wraps": str(int(config.sliding_window is not None)),
-        "mistral_export.window": str(config.sliding_window or NO_WINDOW),
-        "mistral_export.plugin_impl": plugin_impl,
-        "mistral_export.last_token_logits": str(int(last_token_logits)),
-        "mistral_export.dtype": str(dtype).removeprefix("torch."),
-        **metadata,
-    })
+    traced.metadata_props.update(
+        {
+            "mistral_export.config": json.dumps(config.to_hf_dict()),
+            "mistral_export.model_name": config.name,
+            "mistral_export.cache_capacity": str(config.cache_capacity),
+            # Whether the cache is a ring (a window) or linear (no window: a sequence must not pass the capacity,
+            # which the graph cannot enforce; every consumer reads this and refuses, see op_contract.check_positions).
+            "mistral_export.cache_wraps": str(int(config.sliding_window is not None)),
+            "mistral_export.window": str(config.sliding_window or NO_WINDOW),
+            "mistral_export.plugin_impl": plugin_impl,
+            "mistral_export.last_token_logits": str(int(last_token_logits)),
+            "mistral_export.dtype": str(dtype).removeprefix("torch."),
+            **metadata,
+        }
+    )
     proto = ir.serde.serialize_model(traced)
     del proto.functions[:]
     proto.functions.extend(function_protos(opset))
@@ -339,8 +395,9 @@ def check_model(model_path: Path) -> None:
     """onnx.checker (full check, by path: external data is not loaded) and strict shape inference."""
     try:
         onnx.checker.check_model(str(model_path), full_check=True)
-        onnx.shape_inference.infer_shapes_path(str(model_path), str(model_path) + ".inferred", strict_mode=True,
-                                              data_prop=True)
+        onnx.shape_inference.infer_shapes_path(
+            str(model_path), str(model_path) + ".inferred", strict_mode=True, data_prop=True
+        )
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise MistralExportError(f"{model_path}: exported graph fails the ONNX checker: {exc}") from None
     finally:

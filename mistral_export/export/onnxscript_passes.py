@@ -20,8 +20,9 @@ def fold_constants_pass(weights: set[str], output_size_limit: int) -> ir.passes.
     def should_fold(node: ir.Node) -> bool | None:
         return False if any(v is not None and v.name in weights for v in node.inputs) else None
 
-    return _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=8192,
-                                               output_size_limit=output_size_limit, should_fold=should_fold)
+    return _constant_folding.FoldConstantsPass(
+        shape_inference=True, input_size_limit=8192, output_size_limit=output_size_limit, should_fold=should_fold
+    )
 
 
 def default_rewrite_pass() -> ir.passes.InPlacePass:

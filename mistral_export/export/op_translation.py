@@ -17,8 +17,15 @@ from onnx.defs import OpSchema
 from onnxscript.values import Opset
 
 from mistral_export.errors import MistralExportError
-from mistral_export.op_contract import (ATTENTION_OP, CACHE_UPDATE_OP, DEFAULT_PLUGIN_IMPL, DOMAIN, PLUGIN_IMPLS,
-                                        PLUGIN_NAMESPACE, VERSION)
+from mistral_export.op_contract import (
+    ATTENTION_OP,
+    CACHE_UPDATE_OP,
+    DEFAULT_PLUGIN_IMPL,
+    DOMAIN,
+    PLUGIN_IMPLS,
+    PLUGIN_NAMESPACE,
+    VERSION,
+)
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
@@ -31,24 +38,43 @@ def _attr(name: str, kind: OpSchema.AttrType, required: bool) -> OpSchema.Attrib
     return OpSchema.Attribute(name, kind, "", required=required)
 
 
-_BINDING_ATTRS = [_attr("plugin_namespace", OpSchema.AttrType.STRING, False), _attr("aot", OpSchema.AttrType.INT, False)]
+_BINDING_ATTRS = [
+    _attr("plugin_namespace", OpSchema.AttrType.STRING, False),
+    _attr("aot", OpSchema.AttrType.INT, False),
+]
 
 SCHEMAS = (
-    OpSchema(ATTENTION_OP, DOMAIN, VERSION,
-             doc="Sliding-window GQA attention over [pre-update cache ∪ new keys] (DESIGN.md, op contract).",
-             inputs=[_param("q", "T"), _param("k", "T"), _param("v", "T"), _param("k_cache", "T"),
-                     _param("v_cache", "T"), _param("past_len", "tensor(int64)")],
-             outputs=[_param("out", "T")],
-             type_constraints=[("T", _FLOATS, "I/O type; accumulation is fp32")],
-             attributes=[_attr("window", OpSchema.AttrType.INT, True), _attr("scale", OpSchema.AttrType.FLOAT, True),
-                         *_BINDING_ATTRS]),
-    OpSchema(CACHE_UPDATE_OP, DOMAIN, VERSION,
-             doc="Rolling cache update: slot (past_len + i) mod C <- new[:, :, i] for the last min(S, C) rows.",
-             inputs=[_param("cache", "T"), _param("new", "T"), _param("past_len", "tensor(int64)"),
-                     _param("after", "T")],
-             outputs=[_param("cache_out", "T")],
-             type_constraints=[("T", _FLOATS, "cache type")],
-             attributes=_BINDING_ATTRS),
+    OpSchema(
+        ATTENTION_OP,
+        DOMAIN,
+        VERSION,
+        doc="Sliding-window GQA attention over [pre-update cache ∪ new keys] (DESIGN.md, op contract).",
+        inputs=[
+            _param("q", "T"),
+            _param("k", "T"),
+            _param("v", "T"),
+            _param("k_cache", "T"),
+            _param("v_cache", "T"),
+            _param("past_len", "tensor(int64)"),
+        ],
+        outputs=[_param("out", "T")],
+        type_constraints=[("T", _FLOATS, "I/O type; accumulation is fp32")],
+        attributes=[
+            _attr("window", OpSchema.AttrType.INT, True),
+            _attr("scale", OpSchema.AttrType.FLOAT, True),
+            *_BINDING_ATTRS,
+        ],
+    ),
+    OpSchema(
+        CACHE_UPDATE_OP,
+        DOMAIN,
+        VERSION,
+        doc="Rolling cache update: slot (past_len + i) mod C <- new[:, :, i] for the last min(S, C) rows.",
+        inputs=[_param("cache", "T"), _param("new", "T"), _param("past_len", "tensor(int64)"), _param("after", "T")],
+        outputs=[_param("cache_out", "T")],
+        type_constraints=[("T", _FLOATS, "cache type")],
+        attributes=_BINDING_ATTRS,
+    ),
 )
 
 
@@ -70,11 +96,14 @@ def translation_table(plugin_impl: str = DEFAULT_PLUGIN_IMPL) -> dict:
     binding = {"plugin_namespace": PLUGIN_NAMESPACE, "aot": PLUGIN_IMPLS[plugin_impl]}
 
     def attention(q, k, v, k_cache, v_cache, past_len, window: int, scale: float):
-        return mistral.SlidingWindowAttention(q, k, v, k_cache, v_cache, past_len, window=window, scale=scale,
-                                              **binding)
+        return mistral.SlidingWindowAttention(
+            q, k, v, k_cache, v_cache, past_len, window=window, scale=scale, **binding
+        )
 
     def cache_update(cache, new, past_len, after):
         return mistral.RollingCacheUpdate(cache, new, past_len, after, **binding)
 
-    return {torch.ops.mistral.sliding_window_attention.default: attention,
-            torch.ops.mistral.rolling_cache_update.default: cache_update}
+    return {
+        torch.ops.mistral.sliding_window_attention.default: attention,
+        torch.ops.mistral.rolling_cache_update.default: cache_update,
+    }

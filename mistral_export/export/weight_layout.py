@@ -64,8 +64,9 @@ def fold_weight_transposes(model: ir.Model, params: set[str]) -> dict[str, tuple
     return sources
 
 
-def fuse_parallel_projections(model: ir.Model, sources: dict[str, tuple[str, bool]]
-                               ) -> dict[str, tuple[tuple[str, ...], bool]]:
+def fuse_parallel_projections(
+    model: ir.Model, sources: dict[str, tuple[str, bool]]
+) -> dict[str, tuple[tuple[str, ...], bool]]:
     """MatMuls reading one activation with stored-transposed weights (wq/wk/wv, w1/w3) → one MatMul over
     the weights side by side, then a Split: fewer, larger GEMMs per step for every runtime.
 
@@ -116,5 +117,5 @@ def side_by_side_name(names: list[str]) -> str:
     tail = 0
     while all(len(p) - tail > head and p[-1 - tail] == parts[0][-1 - tail] for p in parts):
         tail += 1
-    middles = [".".join(p[head:len(p) - tail]) for p in parts]
-    return ".".join([*parts[0][:head], "+".join(middles), *(parts[0][len(parts[0]) - tail:] if tail else [])])
+    middles = [".".join(p[head : len(p) - tail]) for p in parts]
+    return ".".join([*parts[0][:head], "+".join(middles), *(parts[0][len(parts[0]) - tail :] if tail else [])])

@@ -46,8 +46,11 @@ def _torch_to_ir_dtype(dtype: torch.dtype) -> ir.DataType:
     }[dtype]
 
 
-def plan_layout(entries: Iterable[tuple[str, tuple[str, ...], tuple[int, ...], bool, tuple[int, ...]]],
-                dtype: torch.dtype, dtypes: dict[str, torch.dtype] | None = None) -> list[WeightSlot]:
+def plan_layout(
+    entries: Iterable[tuple[str, tuple[str, ...], tuple[int, ...], bool, tuple[int, ...]]],
+    dtype: torch.dtype,
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> list[WeightSlot]:
     """Offsets in the data file for (initializer, sources, widths, transpose, shape) entries, page aligned;
     each slot in `dtype` unless `dtypes` names another for its initializer (int8 weights)."""
     slots, offset = [], 0
@@ -59,8 +62,9 @@ def plan_layout(entries: Iterable[tuple[str, tuple[str, ...], tuple[int, ...], b
         length = itemsize
         for dim in shape:
             length *= dim
-        slots.append(WeightSlot(initializer, tuple(sources), tuple(widths), transpose, tuple(shape), dtype_here,
-                                offset, length))
+        slots.append(
+            WeightSlot(initializer, tuple(sources), tuple(widths), transpose, tuple(shape), dtype_here, offset, length)
+        )
         offset += -(-length // ALIGNMENT) * ALIGNMENT
     return slots
 
@@ -84,7 +88,8 @@ def write_weights(path: Path, slots: list[WeightSlot], tensors: Iterable[tuple[s
                 expected = (*slot.shape[:-1], width)
                 if shape != expected:
                     raise MistralExportError(
-                        f"weight '{name}' has shape {list(shape)}, the traced graph expects {list(expected)}")
+                        f"weight '{name}' has shape {list(shape)}, the traced graph expects {list(expected)}"
+                    )
                 # Row blocks, so no converted or transposed copy of a large tensor is ever whole in memory.
                 rows_of = data.t() if slot.transpose else data
                 if rows_of.dim() < 2:
@@ -95,8 +100,9 @@ def write_weights(path: Path, slots: list[WeightSlot], tensors: Iterable[tuple[s
                 written.add((slot.initializer, name))
                 del data, rows_of
             del tensor  # nothing of it may outlive the loop body: the source computes the next tensor meanwhile
-    missing = [f"{source} ({s.initializer})" for s in slots for source in s.sources
-               if (s.initializer, source) not in written]
+    missing = [
+        f"{source} ({s.initializer})" for s in slots for source in s.sources if (s.initializer, source) not in written
+    ]
     if missing:
         os.unlink(path)
         raise MistralExportError(f"weights missing for: {', '.join(missing[:5])}")
@@ -109,7 +115,7 @@ def _write_rows(handle, slot: WeightSlot, rows_of: Tensor, column: int) -> None:
     whole_rows = rows_of.shape[1] == slot.shape[-1]
     rows = max(1, BLOCK_BYTES // max(1, rows_of.shape[1] * 4))
     for start in range(0, rows_of.shape[0], rows):
-        block = rows_of[start:start + rows].to("cpu", slot.dtype).contiguous()
+        block = rows_of[start : start + rows].to("cpu", slot.dtype).contiguous()
         if whole_rows:
             handle.seek(slot.offset + start * row_bytes)
             _write(handle, block)
@@ -127,6 +133,11 @@ def _write(handle, data: Tensor) -> None:
 
 def external_tensor(slot: WeightSlot, data_file: Path) -> ir.ExternalTensor:
     return ir.ExternalTensor(
-        data_file.name, slot.offset, slot.length, _torch_to_ir_dtype(slot.dtype),
-        shape=ir.Shape(slot.shape), name=slot.initializer, base_dir=str(data_file.parent),
+        data_file.name,
+        slot.offset,
+        slot.length,
+        _torch_to_ir_dtype(slot.dtype),
+        shape=ir.Shape(slot.shape),
+        name=slot.initializer,
+        base_dir=str(data_file.parent),
     )

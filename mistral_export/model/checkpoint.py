@@ -34,8 +34,11 @@ _HF_LAYER = {
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
-_HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-           "lm_head.weight": "output.weight"}
+_HF_TOP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 
 
@@ -128,13 +131,17 @@ class Checkpoint:
             else:
                 self.sources[name] = (path, key)
         if unexpected:
-            raise MistralExportError(f"{folder}: unexpected tensors: {', '.join(unexpected[:5])}"
-                                     + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+            raise MistralExportError(
+                f"{folder}: unexpected tensors: {', '.join(unexpected[:5])}"
+                + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+            )
         missing = [n for n in self.expected if n not in self.sources]
         if missing:
             shown = [internal_to_hf(n) if not self.native else n for n in missing[:5]]
-            raise MistralExportError(f"{folder}: missing tensors: {', '.join(shown)}"
-                                     + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+            raise MistralExportError(
+                f"{folder}: missing tensors: {', '.join(shown)}"
+                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            )
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
         """(internal name, tensor) pairs in checkpoint order, one tensor in memory at a time (each read through its
@@ -205,8 +212,10 @@ def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.
 def save_hf_checkpoint(model: Transformer, folder: Path, dtype: torch.dtype | None = None) -> None:
     """Write config.json and model.safetensors in Hugging Face layout."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {internal_to_hf(name): (p.detach().to(dtype) if dtype else p.detach()).contiguous()
-               for name, p in model.named_parameters()}
+    tensors = {
+        internal_to_hf(name): (p.detach().to(dtype) if dtype else p.detach()).contiguous()
+        for name, p in model.named_parameters()
+    }
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     with written_atomically(folder / "model.safetensors") as tmp:

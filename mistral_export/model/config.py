@@ -44,8 +44,16 @@ class ModelConfig:
         def fail(msg: str) -> None:
             raise MistralExportError(f"invalid model config ({self.name}): {msg}")
 
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                      "num_kv_heads", "head_dim", "max_context"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_context",
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(f"{field} must be a positive integer, got {value!r}")
@@ -166,8 +174,14 @@ def from_native_params(path: Path) -> ModelConfig:
 
 
 _MISTRAL_7B = dict(
-    hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-    head_dim=128, max_context=32768, rms_norm_eps=1e-5,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    max_context=32768,
+    rms_norm_eps=1e-5,
 )
 
 PRESETS: dict[str, dict] = {

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mistral_export.op_contract import (NO_WINDOW, TORCH_ATTENTION, TORCH_CACHE_UPDATE,
-                                        TORCH_CACHE_UPDATE_INPLACE)
+from mistral_export.op_contract import NO_WINDOW, TORCH_ATTENTION, TORCH_CACHE_UPDATE, TORCH_CACHE_UPDATE_INPLACE
 
 
 def cache_positions(past_len: Tensor, capacity: int) -> Tensor:

@@ -54,8 +54,10 @@ def read_tokenizer(path: Path) -> Tokenizer:
     """A `tokenizers.Tokenizer` from tokenizer.json or a SentencePiece model file."""
     path = Path(path)
     if path.name == "tekken.json":
-        raise MistralExportError(f"{path}: Mistral's tekken tokenizer is not supported yet; put the checkpoint's "
-                                 f"{TOKENIZER_JSON} (Hugging Face layout) beside it")
+        raise MistralExportError(
+            f"{path}: Mistral's tekken tokenizer is not supported yet; put the checkpoint's "
+            f"{TOKENIZER_JSON} (Hugging Face layout) beside it"
+        )
     if path.name == TOKENIZER_JSON:
         try:
             return Tokenizer.from_file(str(path))
@@ -94,17 +96,21 @@ def tokenizer_from_sentencepiece(path: Path) -> Tokenizer:
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     unk = proto.pieces[trainer.unk_id].piece
     if trainer.model_type == sp_model.TrainerSpec.BPE:
-        model = models.BPE(vocab, _bpe_merges(proto, vocab), unk_token=unk, fuse_unk=True,
-                           byte_fallback=trainer.byte_fallback)
+        model = models.BPE(
+            vocab, _bpe_merges(proto, vocab), unk_token=unk, fuse_unk=True, byte_fallback=trainer.byte_fallback
+        )
     elif trainer.model_type == sp_model.TrainerSpec.UNIGRAM:
         model = models.Unigram([(p.piece, p.score) for p in proto.pieces], trainer.unk_id, trainer.byte_fallback)
     else:
-        raise MistralExportError(f"{path}: SentencePiece model type {trainer.model_type} is not supported (BPE or Unigram)")
+        raise MistralExportError(
+            f"{path}: SentencePiece model type {trainer.model_type} is not supported (BPE or Unigram)"
+        )
     tokenizer = Tokenizer(model)
     tokenizer.normalizer = _normalizer(norm)
     strip_prefix = [decoders.Strip(content=" ", left=1, right=0)] if norm.add_dummy_prefix else []
-    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           *strip_prefix])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip_prefix]
+    )
     special = [p.piece for p in proto.pieces if p.type in (piece_type.CONTROL, piece_type.UNKNOWN)]
     user = [p.piece for p in proto.pieces if p.type == piece_type.USER_DEFINED]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])

@@ -33,7 +33,7 @@ class RMSNorm(nn.Module):
 def rotary_inv_freq(config: ModelConfig, device: torch.device | str = "cpu") -> Tensor:
     """RoPE frequencies theta^(-2i/D), fp32, [D/2]."""
     exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim
-    return 1.0 / (config.rope_theta ** exponents)
+    return 1.0 / (config.rope_theta**exponents)
 
 
 def rotary_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -62,8 +62,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(h, config.num_kv_heads * d, bias=False)
         self.wo = nn.Linear(config.num_heads * d, h, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past_len: Tensor,
-                cache: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, past_len: Tensor, cache: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         c = self.config
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)
@@ -71,7 +72,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         window = c.sliding_window or ops.NO_WINDOW
-        scale = c.head_dim ** -0.5
+        scale = c.head_dim**-0.5
         if cache is None:
             # Training and scoring: whole sequences, no cache, differentiable reference.
             empty = k.new_zeros(batch, c.num_kv_heads, 0, c.head_dim)
@@ -82,8 +83,10 @@ class Attention(nn.Module):
         if torch.compiler.is_exporting():
             # A traced graph holds no in-place state: the updated caches are new values, ordered after the
             # attention that reads the old ones (a chunk longer than W needs the keys it evicts).
-            present = (torch.ops.mistral.rolling_cache_update(k_cache, k, past_len, out),
-                       torch.ops.mistral.rolling_cache_update(v_cache, v, past_len, out))
+            present = (
+                torch.ops.mistral.rolling_cache_update(k_cache, k, past_len, out),
+                torch.ops.mistral.rolling_cache_update(v_cache, v, past_len, out),
+            )
         else:
             torch.ops.mistral.rolling_cache_update_(k_cache, k, past_len)
             torch.ops.mistral.rolling_cache_update_(v_cache, v, past_len)
@@ -129,8 +132,13 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
 
-    def forward(self, input_ids: Tensor, past_len: Tensor | None = None, cache: KVCache | None = None,
-                last_token_logits: bool = False) -> tuple[Tensor, KVCache | None]:
+    def forward(
+        self,
+        input_ids: Tensor,
+        past_len: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_token_logits: bool = False,
+    ) -> tuple[Tensor, KVCache | None]:
         """Logits [B,S,V] (or [B,1,V]) and the cache after this chunk.
 
         Sequence b's token i sits at absolute position past_len[b] + i. Without a cache the
@@ -154,9 +162,12 @@ class Transformer(nn.Module):
         return logits, (presents if cache is not None else None)
 
 
-def allocate_cache(config: ModelConfig, batch: int, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str = "cpu") -> KVCache:
+def allocate_cache(
+    config: ModelConfig, batch: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> KVCache:
     """Zeroed rolling cache: per layer keys and values of [B, Hkv, C, D], C = config.cache_capacity."""
     shape = (batch, config.num_kv_heads, config.cache_capacity, config.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_layers)]
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(config.num_layers)
+    ]

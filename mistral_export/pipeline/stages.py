@@ -41,8 +41,9 @@ def stat_signature(path: Path) -> dict:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def hash_files(files: Iterable[tuple[str, Path]], known: dict | None = None,
-               on_bytes: Callable[[int], None] | None = None) -> dict[str, dict]:
+def hash_files(
+    files: Iterable[tuple[str, Path]], known: dict | None = None, on_bytes: Callable[[int], None] | None = None
+) -> dict[str, dict]:
     """name -> {size, mtime_ns, sha256}; a file whose size and mtime match `known[name]` keeps its recorded hash."""
     known = known or {}
     result = {}

@@ -26,8 +26,9 @@ import ctypes
 import functools
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 # Targets a release build compiles for: Ampere (A100, A10/RTX 30), Ada (L4/L40/RTX 40), Hopper (H100/H200).
 SUPPORTED_CAPABILITIES = (80, 86, 89, 90)
@@ -42,19 +43,34 @@ MAX_STATIC_SHARED_MEM = 48 * 1024
 
 ATTENTION_INPUTS = ("q_ptr", "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr", "past_len_ptr")
 ATTENTION_SCALARS = (
-    "stride_qb", "stride_qh", "stride_qs",
-    "stride_kb", "stride_kh", "stride_ks",
-    "stride_cb", "stride_ch", "stride_cc",
-    "stride_ob", "stride_oh", "stride_os",
-    "seq_len", "capacity", "window",
+    "stride_qb",
+    "stride_qh",
+    "stride_qs",
+    "stride_kb",
+    "stride_kh",
+    "stride_ks",
+    "stride_cb",
+    "stride_ch",
+    "stride_cc",
+    "stride_ob",
+    "stride_oh",
+    "stride_os",
+    "seq_len",
+    "capacity",
+    "window",
 )
 ATTENTION_OUTPUTS = ("out_ptr",)
 
 CACHE_UPDATE_INPUTS = ("cache_ptr", "new_ptr", "past_len_ptr", "after_ptr")
 CACHE_UPDATE_SCALARS = (
-    "stride_cb", "stride_ch", "stride_cc",
-    "stride_nb", "stride_nh", "stride_ns",
-    "seq_len", "capacity",
+    "stride_cb",
+    "stride_ch",
+    "stride_cc",
+    "stride_nb",
+    "stride_nh",
+    "stride_ns",
+    "seq_len",
+    "capacity",
 )
 CACHE_UPDATE_OUTPUTS = ("cache_out_ptr",)
 
@@ -120,7 +136,7 @@ def isa_of_cuda_version(version: int) -> int:
     return ptx_get_version(f"{version // 1000}.{version % 1000 // 10}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_ptx_isa(capability: int) -> int | None:
     """The ISA Triton writes by default for this target (its bundled ptxas's), or None where that is unknown."""
     try:
@@ -152,8 +168,10 @@ def check_triton(version: str) -> None:
     """A clear error where Triton is older than the AOT compilation needs."""
     found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
     if found < MIN_TRITON:
-        raise RuntimeError(f"compiling the AOT plugin kernels needs triton >= {'.'.join(map(str, MIN_TRITON))} "
-                           f"(ASTSource constexprs/attrs); found {version}: pip install 'triton>=3.3'")
+        raise RuntimeError(
+            f"compiling the AOT plugin kernels needs triton >= {'.'.join(map(str, MIN_TRITON))} "
+            f"(ASTSource constexprs/attrs); found {version}: pip install 'triton>=3.3'"
+        )
 
 
 def _check_dtype(dtype: str) -> None:
@@ -217,7 +235,7 @@ def _strip_unused_trailing_params(ptx: str, name: str, keep: int) -> str:
     if not extra:
         return ptx
     new_block = ",\n\t".join(params[:keep])
-    return ptx[: entry.start(1)] + new_block + ptx[entry.end(1):]
+    return ptx[: entry.start(1)] + new_block + ptx[entry.end(1) :]
 
 
 def ptx_entry_params(ptx: str, name: str) -> list[str]:
@@ -225,8 +243,16 @@ def ptx_entry_params(ptx: str, name: str) -> list[str]:
     return [p.strip() for p in _ptx_entry(ptx, name).group(1).split(",") if p.strip()]
 
 
-def _compile(fn, signature: dict[str, str], constants: dict[str, Any], aligned: Sequence[str],
-             capability: int, num_warps: int, num_stages: int, n_runtime: int) -> AotKernel:
+def _compile(
+    fn,
+    signature: dict[str, str],
+    constants: dict[str, Any],
+    aligned: Sequence[str],
+    capability: int,
+    num_warps: int,
+    num_stages: int,
+    n_runtime: int,
+) -> AotKernel:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -239,16 +265,27 @@ def _compile(fn, signature: dict[str, str], constants: dict[str, Any], aligned: 
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=full_sig, constexprs=constants, attrs=attrs)
     isa = ptx_isa(capability)
-    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages, "ptx_version": isa})
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages, "ptx_version": isa},
+    )
     md = compiled.metadata
     for scratch in ("global_scratch_size", "profile_scratch_size"):
         if getattr(md, scratch, 0):
             raise RuntimeError(f"{md.name} needs {scratch}={getattr(md, scratch)}; TensorRT cannot provide it")
     ptx = _strip_unused_trailing_params(compiled.asm["ptx"], md.name, n_runtime)
     runtime = tuple(n for n in names if n not in constants)
-    return AotKernel(name=md.name, ptx=ptx, num_warps=md.num_warps, ptx_isa=ptx_version_of(ptx), shared_mem=md.shared, params=runtime,
-                     constants=dict(constants), capability=capability)
+    return AotKernel(
+        name=md.name,
+        ptx=ptx,
+        num_warps=md.num_warps,
+        ptx_isa=ptx_version_of(ptx),
+        shared_mem=md.shared,
+        params=runtime,
+        constants=dict(constants),
+        capability=capability,
+    )
 
 
 def compile_chunk_attention(dtype: str, head_dim: int, group: int, scale: float, capability: int) -> AotKernel:
@@ -276,8 +313,9 @@ def compile_chunk_attention(dtype: str, head_dim: int, group: int, scale: float,
     aligned = [n for n in ATTENTION_INPUTS + ATTENTION_OUTPUTS if n != "past_len_ptr"]
     aligned += [n for n in ATTENTION_SCALARS if n.startswith("stride_")]
     n_runtime = len(ATTENTION_INPUTS) + len(ATTENTION_SCALARS) + len(ATTENTION_OUTPUTS)
-    return _compile(chunk_attention_kernel, signature, constants, aligned, capability,
-                    tile.num_warps, tile.num_stages, n_runtime)
+    return _compile(
+        chunk_attention_kernel, signature, constants, aligned, capability, tile.num_warps, tile.num_stages, n_runtime
+    )
 
 
 def chunk_attention_grid(batch, kv_heads: int, seq, group: int, tile: AotTile):
@@ -308,8 +346,9 @@ def compile_rolling_cache_update(dtype: str, head_dim: int, capability: int) -> 
     constants = {"BLOCK_R": CACHE_UPDATE_BLOCK_ROWS, "HEAD_DIM": head_dim, "COPY_ROWS": CACHE_COPY_ROWS}
     aligned = ["cache_ptr", "new_ptr", "cache_out_ptr"] + [n for n in CACHE_UPDATE_SCALARS if n.startswith("stride_")]
     n_runtime = len(CACHE_UPDATE_INPUTS) + len(CACHE_UPDATE_SCALARS) + len(CACHE_UPDATE_OUTPUTS)
-    return _compile(rolling_cache_update_kernel, signature, constants, aligned, capability,
-                    4 if head_dim >= 64 else 1, 1, n_runtime)
+    return _compile(
+        rolling_cache_update_kernel, signature, constants, aligned, capability, 4 if head_dim >= 64 else 1, 1, n_runtime
+    )
 
 
 def rolling_cache_update_grid(batch, kv_heads: int, seq, capacity: int):

@@ -98,14 +98,33 @@ def _window_start(pos, window):
 
 @triton.jit
 def decode_partial_kernel(
-    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, past_len_ptr,
-    part_out_ptr, part_max_ptr, part_sum_ptr,
-    stride_qb, stride_qh,
-    stride_kb, stride_kh,
-    stride_cb, stride_ch, stride_cc,
-    capacity, window, scale_log2, keys_per_split, num_splits,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    past_len_ptr,
+    part_out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_cb,
+    stride_ch,
+    stride_cc,
+    capacity,
+    window,
+    scale_log2,
+    keys_per_split,
+    num_splits,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Partial attention of one decode query per head of a GQA group over one split of its key range.
 
@@ -133,8 +152,9 @@ def decode_partial_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     group_ok = offs_g < GROUP
     q_heads = kv_head * GROUP + offs_g
-    q = tl.load(q_ptr + b * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :],
-                mask=group_ok[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :], mask=group_ok[:, None], other=0.0
+    )
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -168,9 +188,17 @@ def decode_partial_kernel(
 
 @triton.jit
 def decode_merge_kernel(
-    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
-    stride_ob, stride_oh, num_splits,
-    Q_HEADS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
+    part_out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    num_splits,
+    Q_HEADS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Merges the per-split partial softmaxes of one (b, q head) into the normalised output.
 
@@ -186,8 +214,9 @@ def decode_merge_kernel(
     ok = offs_s < num_splits
     m = tl.load(part_max_ptr + row * num_splits + offs_s, mask=ok, other=float("-inf"))
     sums = tl.load(part_sum_ptr + row * num_splits + offs_s, mask=ok, other=0.0)
-    o = tl.load(part_out_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=ok[:, None], other=0.0)
+    o = tl.load(
+        part_out_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0
+    )
     m_max = tl.max(m, 0)  # finite: the split holding the query's own key is never empty
     w = tl.math.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
     total = tl.sum(sums * w, 0)
@@ -197,15 +226,33 @@ def decode_merge_kernel(
 
 @triton.jit
 def chunk_attention_kernel(
-    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, past_len_ptr,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_cb, stride_ch, stride_cc,
-    stride_ob, stride_oh, stride_os,
-    seq_len, capacity, window,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    past_len_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_cb,
+    stride_ch,
+    stride_cc,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    seq_len,
+    capacity,
+    window,
     out_ptr,
     scale_log2,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Attention of a chunk over [pre-update cache ∪ new keys], one program per BLOCK_M query rows.
@@ -230,8 +277,11 @@ def chunk_attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    q = tl.load(q_ptr + b * stride_qb + q_heads[:, None] * stride_qh + i[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + q_heads[:, None] * stride_qh + i[:, None] * stride_qs + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
 
     first_i = (pid_m * BLOCK_M) // GROUP
     last_i = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, seq_len - 1)
@@ -268,18 +318,31 @@ def chunk_attention_kernel(
         m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0 only on padding rows, never stored
-    tl.store(out_ptr + b * stride_ob + q_heads[:, None] * stride_oh + i[:, None] * stride_os + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        out_ptr + b * stride_ob + q_heads[:, None] * stride_oh + i[:, None] * stride_os + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
 
 
 @triton.jit
 def rolling_cache_update_kernel(
-    cache_ptr, new_ptr, past_len_ptr, after_ptr,
-    stride_cb, stride_ch, stride_cc,
-    stride_nb, stride_nh, stride_ns,
-    seq_len, capacity,
+    cache_ptr,
+    new_ptr,
+    past_len_ptr,
+    after_ptr,
+    stride_cb,
+    stride_ch,
+    stride_cc,
+    stride_nb,
+    stride_nh,
+    stride_ns,
+    seq_len,
+    capacity,
     cache_out_ptr,
-    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, COPY_ROWS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    COPY_ROWS: tl.constexpr,
 ):
     """cache_out[b, h, (past + i) mod C] = new[b, h, i] for the last min(S, C) rows i; every other slot of
     cache_out is cache's when the two are different buffers.
@@ -304,11 +367,17 @@ def rolling_cache_update_kernel(
     if pid < update_programs:
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = (rows >= first) & (rows < seq_len)
-        x = tl.load(new_ptr + b * stride_nb + head * stride_nh + rows[:, None] * stride_ns + offs_d[None, :],
-                    mask=ok[:, None], other=0.0)
+        x = tl.load(
+            new_ptr + b * stride_nb + head * stride_nh + rows[:, None] * stride_ns + offs_d[None, :],
+            mask=ok[:, None],
+            other=0.0,
+        )
         slots = (past + rows) % ring
-        tl.store(out_base + slots[:, None] * stride_cc + offs_d[None, :],
-                 x.to(cache_out_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(
+            out_base + slots[:, None] * stride_cc + offs_d[None, :],
+            x.to(cache_out_ptr.dtype.element_ty),
+            mask=ok[:, None],
+        )
     elif cache_ptr.to(tl.int64) != cache_out_ptr.to(tl.int64):  # pointers compare as integers only
         in_base = cache_ptr + b * stride_cb + head * stride_ch
         start = (pid - update_programs) * COPY_ROWS
@@ -325,8 +394,11 @@ def cache_update_grid(batch, kv_heads: int, seq, capacity: int) -> tuple:
     """The grid of `rolling_cache_update_kernel` (torch and TensorRT's AOT launch alike): programs writing the new
     rows, then programs copying the rest of the cache when the output is not the input. `seq` and `batch` may be
     TensorRT shape expressions (only + and // on them)."""
-    return ((seq + (CACHE_UPDATE_BLOCK_ROWS - 1)) // CACHE_UPDATE_BLOCK_ROWS + -(-capacity // CACHE_COPY_ROWS),
-            kv_heads, batch)
+    return (
+        (seq + (CACHE_UPDATE_BLOCK_ROWS - 1)) // CACHE_UPDATE_BLOCK_ROWS + -(-capacity // CACHE_COPY_ROWS),
+        kv_heads,
+        batch,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,8 +437,9 @@ def decode_block_g(group: int) -> int:
     return max(16, triton.next_power_of_2(group))
 
 
-def decode_splits(max_keys: int, work_items: int, num_sms: int, block_n: int,
-                  waves: float = DECODE_WAVES) -> tuple[int, int]:
+def decode_splits(
+    max_keys: int, work_items: int, num_sms: int, block_n: int, waves: float = DECODE_WAVES
+) -> tuple[int, int]:
     """(num_splits, keys_per_split): enough programs to cover ~`waves` waves of the SMs, each a whole number of
     tiles. (`waves` other than the default: benchmarks/decode_sweep.py.)"""
     tiles = triton.cdiv(max_keys, block_n)
@@ -419,7 +492,7 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return a, b
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_device_info(index: int) -> tuple[tuple[int, int], int]:
     """(capability, SM count); cached because launchers run once per layer per token."""
     return torch.cuda.get_device_capability(index), torch.cuda.get_device_properties(index).multi_processor_count
@@ -449,11 +522,15 @@ def _check_attention_inputs(q, k, v, k_cache, v_cache, past_len, window: int) ->
     for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_io_dtype(name, t, q.dtype)
     if k.shape != (batch, kv_heads, seq, head_dim) or v.shape != k.shape:
-        raise ValueError(f"k and v must be [B,Hkv,S,D] = {(batch, kv_heads, seq, head_dim)}; "
-                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must be [B,Hkv,S,D] = {(batch, kv_heads, seq, head_dim)}; "
+            f"got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if v_cache.shape != k_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache and v_cache must be [B,Hkv,C,D] with B={batch}, D={head_dim}; "
-                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"k_cache and v_cache must be [B,Hkv,C,D] with B={batch}, D={head_dim}; "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     if q_heads % kv_heads:
         raise ValueError(f"q heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
     _check_past_len(past_len, batch)
@@ -545,21 +622,51 @@ def _decode(q, k, v, k_cache, v_cache, past_len, window, scale_log2, out, keys_p
     pdl = uses_pdl(q)
     launch = {"launch_pdl": True} if pdl else {}  # only where Triton knows the option (>= 3.4)
     decode_partial_kernel[(splits, kv_heads, batch)](
-        q, k, v, k_cache, v_cache, past_len,
-        part_out, part_max, part_sum,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        capacity, window, scale_log2, keys_per_split, splits,
-        GROUP=group, BLOCK_G=decode_block_g(group), BLOCK_N=block_n, HEAD_DIM=head_dim,
-        DOT_PRECISION=dot_precision(q.dtype), PDL=pdl,
-        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES if q.is_cuda else 1, **launch,
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        past_len,
+        part_out,
+        part_max,
+        part_sum,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        capacity,
+        window,
+        scale_log2,
+        keys_per_split,
+        splits,
+        GROUP=group,
+        BLOCK_G=decode_block_g(group),
+        BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+        DOT_PRECISION=dot_precision(q.dtype),
+        PDL=pdl,
+        num_warps=DECODE_NUM_WARPS,
+        num_stages=DECODE_NUM_STAGES if q.is_cuda else 1,
+        **launch,
     )
     decode_merge_kernel[(batch * q_heads,)](
-        part_out, part_max, part_sum, out,
-        out.stride(0), out.stride(1), splits,
-        Q_HEADS=q_heads, BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim, PDL=pdl,
-        num_warps=4 if head_dim >= 64 else 1, **launch,
+        part_out,
+        part_max,
+        part_sum,
+        out,
+        out.stride(0),
+        out.stride(1),
+        splits,
+        Q_HEADS=q_heads,
+        BLOCK_SPLITS=triton.next_power_of_2(splits),
+        HEAD_DIM=head_dim,
+        PDL=pdl,
+        num_warps=4 if head_dim >= 64 else 1,
+        **launch,
     )
 
 
@@ -568,29 +675,52 @@ def _chunk(q, k, v, k_cache, v_cache, past_len, window, scale_log2, out, cfg: Ch
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
     chunk_attention_kernel[(triton.cdiv(group * seq, cfg.block_m), kv_heads, batch)](
-        q, k, v, k_cache, v_cache, past_len,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        seq, capacity, window,
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        past_len,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        seq,
+        capacity,
+        window,
         out,
         scale_log2,
-        GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GROUP=group,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
-def rolling_cache_update(cache: torch.Tensor, new: torch.Tensor, past_len: torch.Tensor,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+def rolling_cache_update(
+    cache: torch.Tensor, new: torch.Tensor, past_len: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The RollingCacheUpdate contract on Triton into `out` (default: `cache` itself, in place; zero-copy). An `out`
     of its own gets the whole updated cache: the old slots copied from `cache`, then the new rows."""
     _check_cache_update_inputs(cache, new, past_len)
     if out is None:
         out = cache
     elif out.shape != cache.shape or out.dtype != cache.dtype or out.stride() != cache.stride():
-        raise ValueError(f"out must be {tuple(cache.shape)} {cache.dtype} with the strides of cache {cache.stride()}; "
-                         f"got {tuple(out.shape)} {out.dtype} {out.stride()}")
+        raise ValueError(
+            f"out must be {tuple(cache.shape)} {cache.dtype} with the strides of cache {cache.stride()}; "
+            f"got {tuple(out.shape)} {out.dtype} {out.stride()}"
+        )
     new = _last_dim_contiguous(new)
     batch, heads, capacity, head_dim = cache.shape
     seq = new.shape[2]
@@ -601,12 +731,22 @@ def rolling_cache_update(cache: torch.Tensor, new: torch.Tensor, past_len: torch
             out.copy_(cache)
         return out
     rolling_cache_update_kernel[cache_update_grid(batch, heads, seq, capacity)](
-        cache, new, past_len, cache,
-        cache.stride(0), cache.stride(1), cache.stride(2),
-        new.stride(0), new.stride(1), new.stride(2),
-        seq, capacity,
+        cache,
+        new,
+        past_len,
+        cache,
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
+        new.stride(0),
+        new.stride(1),
+        new.stride(2),
+        seq,
+        capacity,
         out,
-        BLOCK_R=CACHE_UPDATE_BLOCK_ROWS, HEAD_DIM=head_dim, COPY_ROWS=CACHE_COPY_ROWS,
+        BLOCK_R=CACHE_UPDATE_BLOCK_ROWS,
+        HEAD_DIM=head_dim,
+        COPY_ROWS=CACHE_COPY_ROWS,
         num_warps=4 if head_dim >= 64 else 1,
     )
     return out

@@ -22,7 +22,7 @@ The AOT target is the GPU the engine is built on (engines are per GPU), or `MIST
 # No `from __future__ import annotations` here: tensorrt.plugin validates these functions' annotations as objects
 # (the register functions' TensorDesc inputs, the aot_impl return type), and string annotations fail its checks.
 # Annotations it does not require are left off.
-from typing import List, Tuple, Union  # noqa: UP035 - tensorrt.plugin checks these typing forms
+from typing import List, Tuple, Union
 
 import tensorrt as trt
 import tensorrt.plugin as trtp
@@ -165,7 +165,9 @@ def _cache_update_impl(cache, new, past_len, after, outputs, stream: int) -> Non
         cache = torch.as_tensor(cache, device="cuda")
         cache_out = torch.as_tensor(outputs[0], device="cuda")
         # In place where TensorRT aliases the output to `cache`; else the kernel copies the old slots too.
-        kernels.rolling_cache_update(cache, torch.as_tensor(new, device="cuda"),
-                                     torch.as_tensor(past_len, device="cuda"),
-                                     out=None if cache_out.data_ptr() == cache.data_ptr() else cache_out)
-
+        kernels.rolling_cache_update(
+            cache,
+            torch.as_tensor(new, device="cuda"),
+            torch.as_tensor(past_len, device="cuda"),
+            out=None if cache_out.data_ptr() == cache.data_ptr() else cache_out,
+        )

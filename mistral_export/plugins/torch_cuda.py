@@ -23,4 +23,3 @@ def _sliding_window_attention_cuda(q, k, v, k_cache, v_cache, past_len, window, 
 @torch.library.register_kernel(TORCH_CACHE_UPDATE_INPLACE, "cuda")
 def _rolling_cache_update_cuda(cache, new, past_len):
     kernels.rolling_cache_update_(cache, new, past_len)
-

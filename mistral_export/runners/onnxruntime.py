@@ -44,6 +44,7 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
 @dataclass
 class _Bound:
     """An I/O binding for one (first slot, count, sequence length), with the host buffers it points at."""
+
     binding: ort.IOBinding
     ids: np.ndarray
     positions: np.ndarray
@@ -65,8 +66,14 @@ class OnnxRuntimeRunner(Runner):
     it in at each step).
     """
 
-    def __init__(self, folder: str | Path, threads: int | None = None,
-                 providers: list[str] | None = None, portable: bool = False, spinning: bool = True):
+    def __init__(
+        self,
+        folder: str | Path,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        portable: bool = False,
+        spinning: bool = True,
+    ):
         folder = Path(folder)
         if folder.suffix == ".onnx":  # a model.onnx path names its folder
             folder = folder.parent
@@ -75,22 +82,27 @@ class OnnxRuntimeRunner(Runner):
             raise MistralExportError(f"{folder}: no ONNX Runtime artifact here (no {DESCRIPTION_FILE}); {hint}")
         self.description = ArtifactDescription.read(folder)
         if self.description.onnxruntime is None:
-            raise MistralExportError(f"{folder / DESCRIPTION_FILE}: a {self.description.backend} artifact, not an ONNX "
-                                     "Runtime one")
+            raise MistralExportError(
+                f"{folder / DESCRIPTION_FILE}: a {self.description.backend} artifact, not an ONNX Runtime one"
+            )
         self.folder = folder
         self.session_path = folder / ("model.onnx" if portable else self.description.onnxruntime.file)
         self.config: ModelConfig = self.description.config
         self.last_token_logits = self.description.last_token_logits
         try:
             self.session = ort.InferenceSession(
-                str(self.session_path), sess_options=session_options(threads, spinning),
-                providers=providers or ["CPUExecutionProvider"])
+                str(self.session_path),
+                sess_options=session_options(threads, spinning),
+                providers=providers or ["CPUExecutionProvider"],
+            )
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise MistralExportError(f"{self.session_path}: ONNX Runtime cannot load the model: {exc}") from None
         source = self.session.get_modelmeta().custom_metadata_map.get(SOURCE_ONNX_KEY)
         if not portable and source != self.description.onnx_sha256:  # both recorded at build: nothing re-hashed
-            raise MistralExportError(f"{self.session_path}: made from another model.onnx than {DESCRIPTION_FILE} records "
-                                     f"(stale); {hint} again")
+            raise MistralExportError(
+                f"{self.session_path}: made from another model.onnx than {DESCRIPTION_FILE} records "
+                f"(stale); {hint} again"
+            )
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.cache_dtype = _NUMPY_DTYPES[inputs["past_key_values.0.key"].type]
         self.logits_dtype = _NUMPY_DTYPES[next(o.type for o in self.session.get_outputs() if o.name == "logits")]
@@ -105,8 +117,9 @@ class OnnxRuntimeRunner(Runner):
     def reset(self, batch_size: int) -> None:
         """A zeroed cache [2 * layers, B, Hkv, C, D]."""
         c = self.config
-        self._cache = np.zeros((2 * self.layers, batch_size, c.num_kv_heads, self.cache_capacity, c.head_dim),
-                               dtype=self.cache_dtype)
+        self._cache = np.zeros(
+            (2 * self.layers, batch_size, c.num_kv_heads, self.cache_capacity, c.head_dim), dtype=self.cache_dtype
+        )
         self._bound = {}  # their pointers are into the old cache
         self.batch_size = batch_size
 
@@ -156,7 +169,7 @@ class OnnxRuntimeRunner(Runner):
         np.copyto(bound.positions, past_len.detach().cpu().numpy(), casting="unsafe")
         self.session.run_with_iobinding(bound.binding)
         if bound.written is not None:
-            self._cache[:, first:first + count] = bound.written
+            self._cache[:, first : first + count] = bound.written
         return torch.from_numpy(bound.logits.astype(np.float32))  # a copy: the buffer is overwritten next step
 
     def _binding(self, first: int, count: int, seq: int) -> _Bound:
@@ -168,16 +181,19 @@ class OnnxRuntimeRunner(Runner):
         c = self.config
         shape = (2 * self.layers, count, *self._cache.shape[2:])
         written = None if self._in_place else np.empty(shape, self.cache_dtype)
-        bound = _Bound(binding=self.session.io_binding(), ids=np.zeros((count, seq), dtype=np.int64),
-                       positions=np.zeros(count, dtype=np.int64),
-                       logits=np.empty((count, 1 if self.last_token_logits else seq, c.vocab_size), self.logits_dtype),
-                       written=written)
+        bound = _Bound(
+            binding=self.session.io_binding(),
+            ids=np.zeros((count, seq), dtype=np.int64),
+            positions=np.zeros(count, dtype=np.int64),
+            logits=np.empty((count, 1 if self.last_token_logits else seq, c.vocab_size), self.logits_dtype),
+            written=written,
+        )
         binding = bound.binding
         binding.bind_input("input_ids", "cpu", 0, np.int64, [count, seq], bound.ids.ctypes.data)
         binding.bind_input("past_len", "cpu", 0, np.int64, [count], bound.positions.ctypes.data)
         binding.bind_output("logits", "cpu", 0, self.logits_dtype, list(bound.logits.shape), bound.logits.ctypes.data)
         for j, (past, present) in enumerate(zip(self._inputs, self._outputs)):
-            view = self._cache[j, first:first + count]
+            view = self._cache[j, first : first + count]
             target = view if written is None else written[j]
             binding.bind_input(past, "cpu", 0, self.cache_dtype, list(view.shape), view.ctypes.data)
             binding.bind_output(present, "cpu", 0, self.cache_dtype, list(target.shape), target.ctypes.data)

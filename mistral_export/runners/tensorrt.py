@@ -52,8 +52,13 @@ class TensorRTRunner(Runner):
         # Scratch memory of every execution context (the largest any profile shape needs), shared (see the class).
         self._scratch = torch.empty(self.engine.device_memory_size_v2, dtype=torch.uint8, device=self.device)
         self.stream = torch.cuda.Stream(self.device)
-        self._torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                             trt.int64: torch.int64, trt.int32: torch.int32}
+        self._torch_dtype = {
+            trt.float32: torch.float32,
+            trt.float16: torch.float16,
+            trt.bfloat16: torch.bfloat16,
+            trt.int64: torch.int64,
+            trt.int32: torch.int32,
+        }
         self.cache_dtype = self._torch_dtype[self.engine.get_tensor_dtype("past_key_values.0.key")]
         self.max_batch, self.max_chunk = tuple(self.engine.get_tensor_profile_shape("input_ids", 0)[2])
         self.cuda_graphs = cuda_graphs
@@ -75,12 +80,15 @@ class TensorRTRunner(Runner):
         import torch
 
         if not 1 <= batch_size <= self.max_batch:
-            raise MistralExportError(f"{self.folder}: this engine runs batches of 1..{self.max_batch} (--max-batch at "
-                                     f"build), got {batch_size}")
+            raise MistralExportError(
+                f"{self.folder}: this engine runs batches of 1..{self.max_batch} (--max-batch at "
+                f"build), got {batch_size}"
+            )
         c = self.config
         shape = (batch_size, c.num_kv_heads, self.cache_capacity, c.head_dim)
-        self.caches = {past: torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-                       for past, _ in self._cache_names()}
+        self.caches = {
+            past: torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for past, _ in self._cache_names()
+        }
         # Per decode key (first slot, count): its context, bound once to buffers at fixed addresses (what its captured
         # graph reads and writes), and the graph (None where capture failed). Rebuilt after each reset (new caches).
         self._contexts = {}
@@ -143,7 +151,7 @@ class TensorRTRunner(Runner):
         ctx.set_tensor_address("input_ids", io["input_ids"].data_ptr())
         ctx.set_tensor_address("past_len", io["past_len"].data_ptr())
         for past, present in self._cache_names():
-            rows = self.caches[past][first:first + batch]
+            rows = self.caches[past][first : first + batch]
             ctx.set_input_shape(past, tuple(rows.shape))
             ctx.set_tensor_address(past, rows.data_ptr())
             ctx.set_tensor_address(present, rows.data_ptr())  # aliased: updated in place
@@ -180,8 +188,10 @@ class TensorRTRunner(Runner):
 
         batch, seq = input_ids.shape
         if seq > self.max_chunk:
-            raise MistralExportError(f"{self.folder}: this engine runs steps of at most {self.max_chunk} tokens "
-                                     f"(--max-chunk at build), got {seq}; prefill in chunks")
+            raise MistralExportError(
+                f"{self.folder}: this engine runs steps of at most {self.max_chunk} tokens "
+                f"(--max-chunk at build), got {seq}; prefill in chunks"
+            )
         with torch.cuda.stream(self.stream):
             if seq > 1:
                 ctx, io = self._context("prefill"), self._io_buffers(batch, seq)

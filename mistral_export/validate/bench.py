@@ -10,25 +10,38 @@ import time
 from pathlib import Path
 
 from mistral_export.artifacts.folder import find_artifacts, read_build
+from mistral_export.errors import MistralExportError
 from mistral_export.files import write_json_atomic
+from mistral_export.model.checkpoint import load_model
 from mistral_export.runners import open_runner
 from mistral_export.runners.base import EagerRunner
-from mistral_export.errors import MistralExportError
-from mistral_export.model.checkpoint import load_model
 from mistral_export.validate import latency
 from mistral_export.validate.cases import boundary
 from mistral_export.validate.console import Phases
 from mistral_export.validate.plots import bench_plot
 from mistral_export.validate.report import environment, finite
-from mistral_export.validate.suite import (busy_machine_warning, check_same_model, default_threads, eager_source,
-                                           runnable_here, torch_threads)
+from mistral_export.validate.suite import (
+    busy_machine_warning,
+    check_same_model,
+    default_threads,
+    eager_source,
+    runnable_here,
+    torch_threads,
+)
 
 EAGER = "eager (torch, fp32)"
 
 
-def bench_build(build_dir: str | Path, batches: list[int] = (1, 4, 16), prompt_lengths: list[int] | None = None,
-                samples: int = 20, model: str | None = None, report_dir: Path | None = None,
-                threads: int | None = None, progress: bool = True) -> dict:
+def bench_build(
+    build_dir: str | Path,
+    batches: list[int] = (1, 4, 16),
+    prompt_lengths: list[int] | None = None,
+    samples: int = 20,
+    model: str | None = None,
+    report_dir: Path | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
     started = time.perf_counter()
     context = environment()
     build_dir = Path(build_dir)
@@ -59,10 +72,19 @@ def bench_build(build_dir: str | Path, batches: list[int] = (1, 4, 16), prompt_l
     report = {
         "format": 1,
         "kind": "bench",
-        "build": {"dir": str(build_dir), "model_name": config.name, "window": config.sliding_window,
-                  "cache_capacity": config.cache_capacity},
-        "grid": {"batches": list(batches), "prompt_lengths": lengths,
-                 "contexts": dict(latency.decode_contexts(config)), "samples": samples, "threads": threads},
+        "build": {
+            "dir": str(build_dir),
+            "model_name": config.name,
+            "window": config.sliding_window,
+            "cache_capacity": config.cache_capacity,
+        },
+        "grid": {
+            "batches": list(batches),
+            "prompt_lengths": lengths,
+            "contexts": dict(latency.decode_contexts(config)),
+            "samples": samples,
+            "threads": threads,
+        },
         **context,
         "runners": [{"label": label, "timings": found} for label, found in timings.items()],
         "skipped": [{"label": a.label, "reason": runnable_here(a)} for a in artifacts if runnable_here(a)],

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mistral_export.runners.base import Runner
 from mistral_export.model.config import ModelConfig
+from mistral_export.runners.base import Runner
 from mistral_export.validate.metrics import PositionRows, aggregate, checks, compare_rows, greedy_match
 from mistral_export.validate.thresholds import THRESHOLDS
 
@@ -59,11 +59,20 @@ class CaseResult:
         found = checks(metrics, precision, self.kind)
         if self.error:
             found.append({"metric": "error", "value": self.error, "bound": None, "kind": "none", "passed": False})
-        return {"name": self.name, "kind": self.kind, "passed": all(c["passed"] for c in found),
-                "detail": self.detail, "metrics": metrics, "checks": found, "error": self.error,
-                "per_position": {"position": self.rows.position,
-                                 "max_abs_diff": [float(f"{d:.4g}") for d in self.rows.max_abs_diff],
-                                 "top1_agree": self.rows.top1_agree}}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "passed": all(c["passed"] for c in found),
+            "detail": self.detail,
+            "metrics": metrics,
+            "checks": found,
+            "error": self.error,
+            "per_position": {
+                "position": self.rows.position,
+                "max_abs_diff": [float(f"{d:.4g}") for d in self.rows.max_abs_diff],
+                "top1_agree": self.rows.top1_agree,
+            },
+        }
 
 
 def boundary(config: ModelConfig) -> int:
@@ -81,6 +90,7 @@ def _at(*positions: int) -> Tensor:
 def prefill_script(name: str, tokens: list[int]) -> Script:
     def steps():
         yield Step(_ids(tokens), _at(0), name)
+
     return Script(1, {name: "prefill"}, steps)
 
 
@@ -90,6 +100,7 @@ def greedy_script(name: str, prompt: list[int], new_tokens: int) -> Script:
         for i in range(new_tokens - 1):
             token = int(logits[0, -1].argmax())
             logits = yield Step(torch.tensor([[token]]), _at(len(prompt) + i), name)
+
     return Script(1, {name: "greedy"}, steps)
 
 
@@ -103,8 +114,9 @@ def decode_script(tokens: list[int], w: int) -> Script:
         for position, name in names.items():
             if position > done:
                 yield Step(_ids(tokens[done:position]), _at(done))
-            yield Step(_ids(tokens[position:position + 1]), _at(position), name)
+            yield Step(_ids(tokens[position : position + 1]), _at(position), name)
             done = position + 1
+
     return Script(1, {name: "decode" for name in names.values()}, steps)
 
 
@@ -114,7 +126,8 @@ def chunked_script(tokens: list[int], chunk: int, w: int) -> Script:
 
     def steps():
         for start in range(0, len(tokens), chunk):
-            yield Step(_ids(tokens[start:start + chunk]), _at(start), name)
+            yield Step(_ids(tokens[start : start + chunk]), _at(start), name)
+
     return Script(1, {name: "chunked"}, steps, {"chunk": chunk})
 
 
@@ -130,11 +143,12 @@ def batched_script(sequences: list[list[int]], targets: list[int], chunk: int, d
     def steps():
         for k in range(chunks):
             starts = [max(0, target - (chunks - k) * chunk) for target in targets]
-            ids = torch.tensor([seq[s:s + chunk] for seq, s in zip(sequences, starts)])
+            ids = torch.tensor([seq[s : s + chunk] for seq, s in zip(sequences, starts)])
             yield Step(ids, torch.tensor(starts))
         for i in range(decode_steps):
             ids = torch.tensor([[seq[t + i]] for seq, t in zip(sequences, targets)])
             yield Step(ids, torch.tensor([t + i for t in targets]), name)
+
     return Script(len(targets), {name: "batched"}, steps)
 
 
@@ -144,7 +158,10 @@ def heldout_script(tokens: list[int], chunk: int) -> Script:
 
     def steps():
         for start in range(0, len(inputs), chunk):
-            yield Step(_ids(inputs[start:start + chunk]), _at(start), name, targets=_ids(targets[start:start + chunk]))
+            yield Step(
+                _ids(inputs[start : start + chunk]), _at(start), name, targets=_ids(targets[start : start + chunk])
+            )
+
     return Script(1, {name: "heldout"}, steps)
 
 
@@ -174,8 +191,10 @@ def scripts(config: ModelConfig, prompts: list[tuple[str, list[int]]], heldout: 
     text = stream(heldout, 3 * w + 5)
     found = [prefill_script(f"prefill {name}", tokens) for name, tokens in prompts]
     new_tokens = greedy_length(quick)
-    found += [greedy_script(f"greedy {new_tokens} tokens after {name}", tokens, new_tokens)
-              for name, tokens in prompts[:1 if quick else None]]
+    found += [
+        greedy_script(f"greedy {new_tokens} tokens after {name}", tokens, new_tokens)
+        for name, tokens in prompts[: 1 if quick else None]
+    ]
     found.append(decode_script(text, w))
     chunks = [w // 2, w + w // 2] if quick else [w // 2, w, w + w // 2]
     found += [chunked_script(text, chunk, w) for chunk in chunks]
@@ -223,7 +242,7 @@ def split_step(runner: Runner, input_ids: Tensor, past_len: Tensor, limit: int |
     seq = input_ids.shape[1]
     if not limit or seq <= limit:
         return runner.step(input_ids, past_len)
-    outputs = [runner.step(input_ids[:, i:i + limit], past_len + i) for i in range(0, seq, limit)]
+    outputs = [runner.step(input_ids[:, i : i + limit], past_len + i) for i in range(0, seq, limit)]
     if outputs[0].shape[1] < limit:  # the runner keeps only each step's last position: the chunk's last is the step's
         return outputs[-1]
     return torch.cat(outputs, dim=1)
@@ -236,8 +255,11 @@ def _score(result: CaseResult, step: Step, got: Tensor, expected: Tensor) -> Non
     for b in range(step.input_ids.shape[0]):
         start = int(step.past_len[b])
         targets = step.targets[b, first:] if step.targets is not None else None
-        result.rows.extend(compare_rows(got[b, first - offset:], expected[b, first:],
-                                        list(range(start + first, start + seq)), targets))
+        result.rows.extend(
+            compare_rows(
+                got[b, first - offset :], expected[b, first:], list(range(start + first, start + seq)), targets
+            )
+        )
 
 
 def pooled(results: list[CaseResult]) -> CaseResult:

@@ -15,8 +15,13 @@ class Phases:
     """One bar per phase on stderr; `enabled=False` shows nothing (library use)."""
 
     def __init__(self, enabled: bool = True):
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=Console(stderr=True, quiet=not enabled))
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True, quiet=not enabled),
+        )
 
     def __enter__(self) -> Phases:
         self.progress.start()
@@ -37,7 +42,9 @@ def print_summary(report: dict, report_dir, console: Console | None = None) -> N
     console = console or Console()
     header, rows = summary_rows(report)
     # One column per artifact: a handful of artifacts fit an 80-column terminal, a dozen metrics would not.
-    table = Table("", *(row[0] for row in rows), title=f"mistral-export validate: {'PASS' if report['passed'] else 'FAIL'}")
+    table = Table(
+        "", *(row[0] for row in rows), title=f"mistral-export validate: {'PASS' if report['passed'] else 'FAIL'}"
+    )
     for i, title in enumerate(header[1:], start=1):
         table.add_row(title, *(row[i] for row in rows))
     console.print(table)
@@ -62,8 +69,14 @@ def print_bench(report: dict, report_dir, console: Console | None = None) -> Non
     table = Table("runner", "measurement", "p50 ms", "p90 ms", "p99 ms", "tokens/s", title="mistral-export bench")
     for runner in report["runners"]:
         for t in runner["timings"]:
-            table.add_row(runner["label"], t["name"], f"{t['p50_ms']:.2f}", f"{t['p90_ms']:.2f}", f"{t['p99_ms']:.2f}",
-                          f"{t['tokens_per_s']:.0f}")
+            table.add_row(
+                runner["label"],
+                t["name"],
+                f"{t['p50_ms']:.2f}",
+                f"{t['p90_ms']:.2f}",
+                f"{t['p99_ms']:.2f}",
+                f"{t['tokens_per_s']:.0f}",
+            )
     console.print(table)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mistral_export.runners.base import Runner
 from mistral_export.model.config import ModelConfig
+from mistral_export.runners.base import Runner
 from mistral_export.validate.cases import boundary, split_step
 
 WARMUP_STEPS = 2
@@ -67,7 +67,9 @@ def validate_plan(config: ModelConfig, quick: bool) -> Plan:
 
 def grid_plan(config: ModelConfig, batches: list[int], prompt_lengths: list[int], samples: int) -> Plan:
     measurements = [Measurement("prefill", b, length) for b in batches for length in prompt_lengths]
-    measurements += [Measurement("decode", b, tokens, label) for b in batches for label, tokens in decode_contexts(config)]
+    measurements += [
+        Measurement("decode", b, tokens, label) for b in batches for label, tokens in decode_contexts(config)
+    ]
     return Plan(measurements, samples=samples, rounds=min(4, samples))
 
 
@@ -109,17 +111,32 @@ def summarize(m: Measurement, times: list[float]) -> dict:
     ms = 1e3 * np.asarray(times)
     p50 = float(np.percentile(ms, 50))
     tokens_per_step = m.batch * (m.tokens if m.kind == "prefill" else 1)
-    return {"name": m.name, "kind": m.kind, "batch": m.batch, "tokens": m.tokens, "label": m.label,
-            "samples": len(times), "p50_ms": p50, "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "min_ms": float(ms.min()),
-            "tokens_per_s": tokens_per_step / (p50 / 1e3)}
+    return {
+        "name": m.name,
+        "kind": m.kind,
+        "batch": m.batch,
+        "tokens": m.tokens,
+        "label": m.label,
+        "samples": len(times),
+        "p50_ms": p50,
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "min_ms": float(ms.min()),
+        "tokens_per_s": tokens_per_step / (p50 / 1e3),
+    }
 
 
-def measure(runners: dict[str, Runner], plan: Plan, advance: Callable[[], None] = lambda: None) -> dict[str, list[dict]]:
+def measure(
+    runners: dict[str, Runner], plan: Plan, advance: Callable[[], None] = lambda: None
+) -> dict[str, list[dict]]:
     """{runner name: one summary per measurement it can run}; `advance` is called after each (measurement, runner,
     round). A measurement past a runner's batch limit (a TensorRT engine's profile) is left out for that runner."""
-    times = {(n, m): [] for n, r in runners.items() for m in plan.measurements
-             if m.batch <= (getattr(r, "max_batch", None) or m.batch)}
+    times = {
+        (n, m): []
+        for n, r in runners.items()
+        for m in plan.measurements
+        if m.batch <= (getattr(r, "max_batch", None) or m.batch)
+    }
     per_round = max(1, plan.samples // plan.rounds)
     for _ in range(plan.rounds):
         for m in plan.measurements:
@@ -154,5 +171,7 @@ def peak_rss_bytes() -> int:
 
 def ratios(artifact: list[dict], eager: list[dict]) -> list[dict]:
     """artifact / eager per measurement: p50 time (below 1: faster) and tokens/s (above 1: faster)."""
-    return [{"name": a["name"], "p50": a["p50_ms"] / e["p50_ms"], "tokens_per_s": a["tokens_per_s"] / e["tokens_per_s"]}
-            for a, e in zip(artifact, eager)]
+    return [
+        {"name": a["name"], "p50": a["p50_ms"] / e["p50_ms"], "tokens_per_s": a["tokens_per_s"] / e["tokens_per_s"]}
+        for a, e in zip(artifact, eager)
+    ]

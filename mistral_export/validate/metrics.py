@@ -21,8 +21,7 @@ from mistral_export.validate.thresholds import GREEDY_TIE_RELATIVE, THRESHOLDS
 MIN_RATE_POSITIONS = 100
 
 # metric -> ("<=" | ">="): the direction of each bar in THRESHOLDS.
-BOUND_KIND = {"max_abs_logit_diff": "<=", "top1_agreement": ">=", "greedy_match_tokens": ">=",
-              "perplexity_ratio": "<="}
+BOUND_KIND = {"max_abs_logit_diff": "<=", "top1_agreement": ">=", "greedy_match_tokens": ">=", "perplexity_ratio": "<="}
 
 
 @dataclass
@@ -93,8 +92,9 @@ def aggregate(rows: PositionRows) -> dict[str, float | int]:
     if rows.ce_eager:
         ppl_eager = math.exp(sum(rows.ce_eager) / len(rows.ce_eager))
         ppl_artifact = _finite_or_nan(rows.ce_artifact, lambda v: math.exp(sum(v) / len(v)))
-        metrics.update(perplexity_eager=ppl_eager, perplexity_artifact=ppl_artifact,
-                       perplexity_ratio=ppl_artifact / ppl_eager)
+        metrics.update(
+            perplexity_eager=ppl_eager, perplexity_artifact=ppl_artifact, perplexity_ratio=ppl_artifact / ppl_eager
+        )
     return metrics
 
 
@@ -119,8 +119,15 @@ def checks(metrics: dict, precision: str, kind: str) -> list[dict]:
     """The bars that apply to a case of KIND with METRICS at PRECISION (thresholds of precisions not in
     THRESHOLDS: none but the non-finite rule)."""
     bars = THRESHOLDS.get(precision, {})
-    result = [{"metric": "nonfinite_logits", "value": metrics["nonfinite_logits"], "bound": 0, "kind": "==",
-               "passed": metrics["nonfinite_logits"] == 0}]
+    result = [
+        {
+            "metric": "nonfinite_logits",
+            "value": metrics["nonfinite_logits"],
+            "bound": 0,
+            "kind": "==",
+            "passed": metrics["nonfinite_logits"] == 0,
+        }
+    ]
     for metric, bound in bars.items():
         if metric not in metrics:
             continue

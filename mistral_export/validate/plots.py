@@ -35,8 +35,15 @@ def _mark_window(axis, window: int | None, upto: float, every: bool = True) -> N
         return
     for k in range(1, 1 + int(upto // window) if every else 2):
         axis.axvline(k * window, color="0.6", linestyle=":", linewidth=1)
-        axis.text(k * window, 1.0, f" {k}W" if k > 1 else " W", transform=axis.get_xaxis_transform(),
-                  va="top", fontsize=8, color="0.4")
+        axis.text(
+            k * window,
+            1.0,
+            f" {k}W" if k > 1 else " W",
+            transform=axis.get_xaxis_transform(),
+            va="top",
+            fontsize=8,
+            color="0.4",
+        )
 
 
 def _log_axes(axis) -> None:
@@ -44,7 +51,9 @@ def _log_axes(axis) -> None:
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
     axis.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+    axis.yaxis.set_minor_formatter(
+        matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else "")
+    )
 
 
 def _context_ticks(axis, timings: list[dict]) -> None:
@@ -57,14 +66,23 @@ def decode_latency_plot(report: dict, path: Path) -> dict:
     title = "decode step latency vs context (batch 1; p50, bar to p90)"
     figure, axis = plt.subplots(figsize=DECODE_SIZE, constrained_layout=True)
     ran = [a for a in report["artifacts"] if a["latency"]]
-    series = [(a["label"], a["latency"]["artifact"]) for a in ran] + [("eager (torch, fp32)", ran[0]["latency"]["eager"])]
+    series = [(a["label"], a["latency"]["artifact"]) for a in ran] + [
+        ("eager (torch, fp32)", ran[0]["latency"]["eager"])
+    ]
     for label, timings in series:
         decode = [t for t in timings if t["kind"] == "decode" and t["batch"] == 1]
         x = [t["tokens"] for t in decode]
         p50 = [t["p50_ms"] for t in decode]
         up = [t["p90_ms"] - t["p50_ms"] for t in decode]
-        axis.errorbar(x, p50, yerr=[[0] * len(up), up], marker="o", capsize=3,
-                      linestyle="--" if label.startswith("eager") else "-", label=label)
+        axis.errorbar(
+            x,
+            p50,
+            yerr=[[0] * len(up), up],
+            marker="o",
+            capsize=3,
+            linestyle="--" if label.startswith("eager") else "-",
+            label=label,
+        )
     _log_axes(axis)
     _context_ticks(axis, [t for t in series[0][1] if t["kind"] == "decode" and t["batch"] == 1])
     axis.set_xlabel("context (tokens already in the sequence)")
@@ -99,29 +117,48 @@ def boundary_plot(report: dict, path: Path) -> dict:
         case = min(chunked, key=lambda c: c["detail"]["chunk"])
         rows = case["per_position"]
         diffs = [d if d is not None and not math.isnan(d) else math.nan for d in rows["max_abs_diff"]]
-        line, = top.plot(rows["position"], [max(d, 1e-12) for d in diffs], linewidth=1,
-                         label=f"{artifact['label']}: {case['name']}")
+        (line,) = top.plot(
+            rows["position"], [max(d, 1e-12) for d in diffs], linewidth=1, label=f"{artifact['label']}: {case['name']}"
+        )
         agree = [1.0 if a else 0.0 for a in rows["top1_agree"]]
-        bottom.plot(rows["position"], _rolling_mean(agree, 8), color=line.get_color(), linewidth=1,
-                    label=f"{artifact['label']} (mean of 8 positions)")
+        bottom.plot(
+            rows["position"],
+            _rolling_mean(agree, 8),
+            color=line.get_color(),
+            linewidth=1,
+            label=f"{artifact['label']} (mean of 8 positions)",
+        )
         decode = [c for c in artifact["cases"] if c["kind"] == "decode"]
         xs = [c["per_position"]["position"][0] for c in decode if c["per_position"]["position"]]
-        ys = [max(c["per_position"]["max_abs_diff"][0] or math.nan, 1e-12) for c in decode if c["per_position"]["position"]]
+        ys = [
+            max(c["per_position"]["max_abs_diff"][0] or math.nan, 1e-12)
+            for c in decode
+            if c["per_position"]["position"]
+        ]
         top.scatter(xs, ys, color=line.get_color(), marker="D", s=18, zorder=3)
         nan_positions = [p for p, d in zip(rows["position"], diffs) if math.isnan(d)]
         if nan_positions:
-            top.scatter(nan_positions, [1.0] * len(nan_positions), transform=top.get_xaxis_transform(),
-                        marker="x", color="red", label=f"{artifact['label']}: NaN/Inf")
+            top.scatter(
+                nan_positions,
+                [1.0] * len(nan_positions),
+                transform=top.get_xaxis_transform(),
+                marker="x",
+                color="red",
+                label=f"{artifact['label']}: NaN/Inf",
+            )
         last = max([last, *rows["position"], *xs])
-        bars.update((k, v, artifact["precision"]) for k, v in artifact["thresholds"].items()
-                    if k in ("max_abs_logit_diff", "top1_agreement"))
+        bars.update(
+            (k, v, artifact["precision"])
+            for k, v in artifact["thresholds"].items()
+            if k in ("max_abs_logit_diff", "top1_agreement")
+        )
     for metric, bound, precision in sorted(bars):
         (top if metric == "max_abs_logit_diff" else bottom).axhline(
-            bound, color="red", linestyle="--", linewidth=0.8, label=f"{precision} bar ({bound:g})")
+            bound, color="red", linestyle="--", linewidth=0.8, label=f"{precision} bar ({bound:g})"
+        )
     top.set_yscale("log")
     top.set_ylabel("max |Δlogit| at the position")
-    top.set_title(f"{title}\nlines: chunked prefill; diamonds: single decode steps; dashed red: the bars",
-                  fontsize=10)
+    top.set_title(f"{title}\nlines: chunked prefill; diamonds: single decode steps; dashed red: the bars", fontsize=10)
     bottom.set_ylabel("top-1 agreement")
     bottom.set_ylim(-0.05, 1.05)
     bottom.set_xlabel("position")
@@ -135,8 +172,10 @@ def boundary_plot(report: dict, path: Path) -> dict:
 def plot_validate(report: dict, report_dir: Path) -> list[dict]:
     if not any(a["latency"] for a in report["artifacts"]):
         return []
-    return [decode_latency_plot(report, Path(report_dir) / "decode_latency.png"),
-            boundary_plot(report, Path(report_dir) / "window_boundary.png")]
+    return [
+        decode_latency_plot(report, Path(report_dir) / "decode_latency.png"),
+        boundary_plot(report, Path(report_dir) / "window_boundary.png"),
+    ]
 
 
 def bench_plot(report: dict, path: Path) -> dict:
@@ -148,8 +187,13 @@ def bench_plot(report: dict, path: Path) -> dict:
             style = "--" if runner["label"].startswith("eager") else "-"
             for axis, kind in ((left, "decode"), (right, "prefill")):
                 points = [t for t in runner["timings"] if t["kind"] == kind and t["batch"] == batch]
-                axis.plot([t["tokens"] for t in points], [t["p50_ms"] for t in points], style, marker="o",
-                          label=f"{runner['label']}, batch {batch}")
+                axis.plot(
+                    [t["tokens"] for t in points],
+                    [t["p50_ms"] for t in points],
+                    style,
+                    marker="o",
+                    label=f"{runner['label']}, batch {batch}",
+                )
     left.set_xlabel("context (tokens)")
     left.set_ylabel("ms per decode step")
     right.set_xlabel("prompt tokens")
@@ -161,6 +205,8 @@ def bench_plot(report: dict, path: Path) -> dict:
     _mark_window(left, report["build"]["window"], 0, every=False)
     for axis, kind in ((left, "decode"), (right, "prefill")):
         first_batch = report["runners"][0]["timings"][0]["batch"]
-        _context_ticks(axis, [t for t in report["runners"][0]["timings"] if t["kind"] == kind and t["batch"] == first_batch])
+        _context_ticks(
+            axis, [t for t in report["runners"][0]["timings"] if t["kind"] == kind and t["batch"] == first_batch]
+        )
     figure.suptitle(title, fontsize=10)
     return _save(figure, path, title)

@@ -57,18 +57,26 @@ def machine() -> dict:
     gpu = None
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
         gpu = sys.modules["torch"].cuda.get_device_name(0)
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "memory_bytes": memory, "gpu": gpu,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": memory,
+        "gpu": gpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
 
 
 def environment() -> dict:
     """When, with what, on what: the header of every report."""
-    return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["mistral-export", *sys.argv[1:]]) if Path(sys.argv[0]).name == "mistral-export" else None,
-            "tool": tool_identity(),
-            "versions": {name: _installed(name) for name in LIBRARIES},
-            "machine": machine()}
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["mistral-export", *sys.argv[1:]]) if Path(sys.argv[0]).name == "mistral-export" else None,
+        "tool": tool_identity(),
+        "versions": {name: _installed(name) for name in LIBRARIES},
+        "machine": machine(),
+    }
 
 
 def finite(document):
@@ -91,7 +99,9 @@ def write_report(report: dict, report_dir: Path) -> None:
     report["plots"] = plot_validate(report, report_dir)
     write_text_atomic(report_dir / "report.md", markdown(report))
     # One line: the per-position arrays (thousands of positions per case) would take a line per number indented.
-    write_text_atomic(report_dir / "report.json", json.dumps(finite(report), separators=(",", ":"), allow_nan=False) + "\n")
+    write_text_atomic(
+        report_dir / "report.json", json.dumps(finite(report), separators=(",", ":"), allow_nan=False) + "\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -151,7 +161,10 @@ def headline_latency(artifact: dict) -> list[tuple[str, str, str]]:
     decode = [t for t in timings if t["kind"] == "decode" and t["batch"] == 1]
     batched = [t for t in timings if t["kind"] == "decode" and t["batch"] > 1]
     at_w = next((t for t in decode if t["label"] == "W"), decode[-1])
-    found = [("decode at W (p50)", at_w["name"], "p50"), (f"decode at {decode[-1]['label']} (p50)", decode[-1]["name"], "p50")]
+    found = [
+        ("decode at W (p50)", at_w["name"], "p50"),
+        (f"decode at {decode[-1]['label']} (p50)", decode[-1]["name"], "p50"),
+    ]
     found.append((f"TTFT {prefill[-1]['tokens']} tokens", prefill[-1]["name"], "p50"))
     if batched:
         found.append((f"tokens/s batch {batched[-1]['batch']}", batched[-1]["name"], "tokens_per_s"))
@@ -164,6 +177,7 @@ def _pooled(artifact: dict) -> dict | None:
 
 def _worst(artifact: dict, metric: str, larger_is_worse: bool) -> dict | None:
     """The case with the worst value of METRIC (NaN is the worst of all)."""
+
     def badness(case: dict) -> float:
         value = case["metrics"][metric]
         if value is None or math.isnan(value):
@@ -176,8 +190,15 @@ def _worst(artifact: dict, metric: str, larger_is_worse: bool) -> dict | None:
 
 def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """The ten-second table: one row per artifact (console and report.md)."""
-    header = ["artifact", "parity", "max |Δlogit|", "top-1 (prompts + held-out)", "greedy match", "perplexity ratio",
-              "NaN/Inf"]
+    header = [
+        "artifact",
+        "parity",
+        "max |Δlogit|",
+        "top-1 (prompts + held-out)",
+        "greedy match",
+        "perplexity ratio",
+        "NaN/Inf",
+    ]
     latency_columns: list[str] = []
     rows = []
     for artifact in report["artifacts"]:
@@ -207,8 +228,11 @@ def _greedy_cell(worst: dict, cases: list[dict]) -> str:
     """'64 (≥ 32) of 64', and the fewest strict matches where a tie resolved the other way counted as one."""
     metrics = worst["metrics"]
     text = f"{cell(worst, 'greedy_match_tokens')} of {metrics['generated_tokens']}"
-    strict = min(c["metrics"].get("greedy_match_tokens_strict", c["metrics"]["greedy_match_tokens"])
-                 for c in cases if c["kind"] == "greedy")
+    strict = min(
+        c["metrics"].get("greedy_match_tokens_strict", c["metrics"]["greedy_match_tokens"])
+        for c in cases
+        if c["kind"] == "greedy"
+    )
     return text if strict >= metrics["greedy_match_tokens"] else f"{text} (strict: {strict}, a tie)"
 
 
@@ -218,10 +242,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
 
 
-CASE_COLUMNS = [("positions", "positions"), ("max |Δlogit|", "max_abs_logit_diff"), ("rel. error", "rel_logit_error"),
-                ("min cosine", "min_cosine"), ("top-1", "top1_agreement"), ("KL mean", "kl_mean"), ("KL max", "kl_max"),
-                ("greedy match", "greedy_match_tokens"), ("strict", "greedy_match_tokens_strict"), ("perplexity ratio", "perplexity_ratio"),
-                ("NaN/Inf", "nonfinite_logits")]
+CASE_COLUMNS = [
+    ("positions", "positions"),
+    ("max |Δlogit|", "max_abs_logit_diff"),
+    ("rel. error", "rel_logit_error"),
+    ("min cosine", "min_cosine"),
+    ("top-1", "top1_agreement"),
+    ("KL mean", "kl_mean"),
+    ("KL max", "kl_max"),
+    ("greedy match", "greedy_match_tokens"),
+    ("strict", "greedy_match_tokens_strict"),
+    ("perplexity ratio", "perplexity_ratio"),
+    ("NaN/Inf", "nonfinite_logits"),
+]
 
 
 def _failures(report: dict) -> list[str]:
@@ -230,8 +263,11 @@ def _failures(report: dict) -> list[str]:
         for case in artifact["cases"]:
             for check in case["checks"]:
                 if not check["passed"]:
-                    what = (str(check["value"]) if check["metric"] == "error" else
-                            f"{check['metric']} {value_text(check['metric'], check['value'])}, bar {bound_text(check)}")
+                    what = (
+                        str(check["value"])
+                        if check["metric"] == "error"
+                        else f"{check['metric']} {value_text(check['metric'], check['value'])}, bar {bound_text(check)}"
+                    )
                     lines.append(f"- **{artifact['label']}** · {case['name']}: {what}")
     return lines
 
@@ -241,10 +277,12 @@ def markdown(report: dict) -> str:
     ran = [a for a in report["artifacts"] if not a["skipped"]]
     lines = [f"# mistral-export validate: {_verdict(report['passed'])}", ""]
     window = f"W={build['window']}" if build["window"] else f"no window, capacity {build['cache_capacity']}"
-    lines.append(f"{len(ran)} artifact(s) of `{build['dir']}` against the fp32 eager model ({build['model_name']}, "
-                 f"{window}){', --quick' if report['options']['quick'] else ''}. A value's bar (validate/thresholds.py) "
-                 "follows it in brackets; latency columns are artifact / eager (time: < 1 is faster; tokens/s: > 1 "
-                 "is faster).")
+    lines.append(
+        f"{len(ran)} artifact(s) of `{build['dir']}` against the fp32 eager model ({build['model_name']}, "
+        f"{window}){', --quick' if report['options']['quick'] else ''}. A value's bar (validate/thresholds.py) "
+        "follows it in brackets; latency columns are artifact / eager (time: < 1 is faster; tokens/s: > 1 "
+        "is faster)."
+    )
     lines.append("")
     header, rows = summary_rows(report)
     lines += _table(header, rows)
@@ -256,23 +294,42 @@ def markdown(report: dict) -> str:
         lines += ["", f"![{plot['title']}]({plot['file']})"]
     for artifact in ran:
         lines += ["", f"## {artifact['label']}", "", "Parity (against the fp32 eager model):", ""]
-        lines += _table(["case"] + [title for title, _ in CASE_COLUMNS] + ["result"],
-                        [[c["name"]] + [cell(c, metric) for _, metric in CASE_COLUMNS] +
-                         [_verdict(c["passed"]) + (f": {c['error']}" if c["error"] else "")] for c in artifact["cases"]])
+        lines += _table(
+            ["case"] + [title for title, _ in CASE_COLUMNS] + ["result"],
+            [
+                [c["name"]]
+                + [cell(c, metric) for _, metric in CASE_COLUMNS]
+                + [_verdict(c["passed"]) + (f": {c['error']}" if c["error"] else "")]
+                for c in artifact["cases"]
+            ],
+        )
         lines += ["", "Latency (p50 / p90 / p99 ms; tokens/s from p50):", ""]
         rows = []
-        for a, e, r in zip(artifact["latency"]["artifact"], artifact["latency"]["eager"], artifact["latency"]["ratios"]):
-            rows.append([a["name"], f"{a['p50_ms']:.2f} / {a['p90_ms']:.2f} / {a['p99_ms']:.2f}",
-                         f"{e['p50_ms']:.2f} / {e['p90_ms']:.2f} / {e['p99_ms']:.2f}", f"{r['p50']:.2f}x",
-                         f"{a['tokens_per_s']:.0f} / {e['tokens_per_s']:.0f}", f"{r['tokens_per_s']:.2f}x"])
-        lines += _table(["measurement", "artifact", "eager", "time ratio", "tokens/s artifact / eager", "tokens/s ratio"],
-                        rows)
+        for a, e, r in zip(
+            artifact["latency"]["artifact"], artifact["latency"]["eager"], artifact["latency"]["ratios"]
+        ):
+            rows.append(
+                [
+                    a["name"],
+                    f"{a['p50_ms']:.2f} / {a['p90_ms']:.2f} / {a['p99_ms']:.2f}",
+                    f"{e['p50_ms']:.2f} / {e['p90_ms']:.2f} / {e['p99_ms']:.2f}",
+                    f"{r['p50']:.2f}x",
+                    f"{a['tokens_per_s']:.0f} / {e['tokens_per_s']:.0f}",
+                    f"{r['tokens_per_s']:.2f}x",
+                ]
+            )
+        lines += _table(
+            ["measurement", "artifact", "eager", "time ratio", "tokens/s artifact / eager", "tokens/s ratio"], rows
+        )
         memory = artifact["memory"]
-        lines += ["", f"Memory: weights {memory['artifact']['weights_bytes'] / MIB:.1f} MiB (eager "
-                  f"{memory['eager']['weights_bytes'] / MIB:.1f} MiB); KV cache per sequence "
-                  f"{memory['artifact']['kv_cache_bytes_per_sequence'] / MIB:.2f} MiB (eager "
-                  f"{memory['eager']['kv_cache_bytes_per_sequence'] / MIB:.2f} MiB); process peak RSS "
-                  f"{memory['process_peak_rss_bytes'] / MIB:.0f} MiB ({memory['peak_scope']}, both models resident)."]
+        lines += [
+            "",
+            f"Memory: weights {memory['artifact']['weights_bytes'] / MIB:.1f} MiB (eager "
+            f"{memory['eager']['weights_bytes'] / MIB:.1f} MiB); KV cache per sequence "
+            f"{memory['artifact']['kv_cache_bytes_per_sequence'] / MIB:.2f} MiB (eager "
+            f"{memory['eager']['kv_cache_bytes_per_sequence'] / MIB:.2f} MiB); process peak RSS "
+            f"{memory['process_peak_rss_bytes'] / MIB:.0f} MiB ({memory['peak_scope']}, both models resident).",
+        ]
     for artifact in report["artifacts"]:
         if artifact["skipped"]:
             lines += ["", f"## {artifact['label']}: skipped ({artifact['skipped']})"]
@@ -282,13 +339,18 @@ def markdown(report: dict) -> str:
 
 def environment_lines(report: dict) -> list[str]:
     m, tool = report["machine"], report["tool"]
-    commit = (tool["git_commit"][:12] + (" (with uncommitted changes)" if tool["git_dirty"] else "")
-              if tool["git_commit"] else "not a checkout")
+    commit = (
+        tool["git_commit"][:12] + (" (with uncommitted changes)" if tool["git_dirty"] else "")
+        if tool["git_commit"]
+        else "not a checkout"
+    )
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
     load = " ".join(f"{x:.2f}" for x in m["load_average"]) if m["load_average"] else "?"
-    return [f"- machine: {m['cpu']}, {m['cpu_count']} cores, {(m['memory_bytes'] or 0) / 2**30:.0f} GiB"
-            f"{', ' + m['gpu'] if m['gpu'] else ''}; load average at start {load}; threads: {report['options']['threads']}",
-            f"- tool: mistral-export {tool['version']}, commit {commit}",
-            f"- versions: {versions}",
-            f"- command: `{report['command'] or 'validate_build(...)'}`; created {report['created']}; "
-            f"{report['seconds']} s; tokens from {report['options']['tokens_from']}"]
+    return [
+        f"- machine: {m['cpu']}, {m['cpu_count']} cores, {(m['memory_bytes'] or 0) / 2**30:.0f} GiB"
+        f"{', ' + m['gpu'] if m['gpu'] else ''}; load average at start {load}; threads: {report['options']['threads']}",
+        f"- tool: mistral-export {tool['version']}, commit {commit}",
+        f"- versions: {versions}",
+        f"- command: `{report['command'] or 'validate_build(...)'}`; created {report['created']}; "
+        f"{report['seconds']} s; tokens from {report['options']['tokens_from']}",
+    ]

@@ -57,15 +57,19 @@ def busy_machine_warning(machine: dict, threads: int) -> list[str]:
     cores = machine.get("cpu_count") or 1
     if load + threads <= cores + 0.5:
         return []
-    return [f"the machine was busy (load average {load:.1f} on {cores} cores; threads: {threads}): latencies "
-            f"and ratios are noisy{'; --threads 1 suffers least' if threads > 1 else ''}"]
+    return [
+        f"the machine was busy (load average {load:.1f} on {cores} cores; threads: {threads}): latencies "
+        f"and ratios are noisy{'; --threads 1 suffers least' if threads > 1 else ''}"
+    ]
 
 
 def eager_source(build_dir: Path, build: dict, model: str | None) -> str:
     source = model or build.get("model", {}).get("source")
     if not source:
-        raise MistralExportError(f"{Path(build_dir) / BUILD_FILE}: built from an in-memory model (no checkpoint "
-                                 f"recorded); pass --model CHECKPOINT for the eager reference")
+        raise MistralExportError(
+            f"{Path(build_dir) / BUILD_FILE}: built from an in-memory model (no checkpoint "
+            f"recorded); pass --model CHECKPOINT for the eager reference"
+        )
     return str(source)
 
 
@@ -75,10 +79,13 @@ def check_same_model(artifact: Artifact, config: ModelConfig, source: str) -> No
     loaded = config.to_hf_dict()
     differing = sorted(k for k in set(recorded) | set(loaded) if recorded.get(k) != loaded.get(k))
     if differing:
-        details = ", ".join(f"{k}: {recorded.get(k)!r} in the artifact, {loaded.get(k)!r} in the checkpoint"
-                            for k in differing)
-        raise MistralExportError(f"checkpoint '{source}' is not the model of {artifact.folder / DESCRIPTION_FILE} "
-                                 f"({details}); pass the checkpoint it was built from with --model")
+        details = ", ".join(
+            f"{k}: {recorded.get(k)!r} in the artifact, {loaded.get(k)!r} in the checkpoint" for k in differing
+        )
+        raise MistralExportError(
+            f"checkpoint '{source}' is not the model of {artifact.folder / DESCRIPTION_FILE} "
+            f"({details}); pass the checkpoint it was built from with --model"
+        )
 
 
 def runnable_here(artifact: Artifact) -> str | None:
@@ -100,8 +107,15 @@ def artifact_weight_bytes(artifact: Artifact) -> int:
     return folder_bytes(artifact.folder, [own or "model.onnx.data"])
 
 
-def validate_artifact(artifact: Artifact, eager: EagerRunner, scripts: list[cases.Script], plan: latency.Plan,
-                      threads: int, phases: Phases, eager_memory: dict) -> dict:
+def validate_artifact(
+    artifact: Artifact,
+    eager: EagerRunner,
+    scripts: list[cases.Script],
+    plan: latency.Plan,
+    threads: int,
+    phases: Phases,
+    eager_memory: dict,
+) -> dict:
     runner = open_runner(artifact, threads=threads)
     plan = latency.fit(plan, runner)
     results: list[cases.CaseResult] = []
@@ -128,22 +142,50 @@ def validate_artifact(artifact: Artifact, eager: EagerRunner, scripts: list[case
         "eager": eager_memory,
     }
     memory["ratios"] = {k: memory["artifact"][k] / memory["eager"][k] for k in memory["eager"]}
-    return artifact_report(artifact, cases=case_reports, memory=memory,
-                           latency={"artifact": timings["artifact"], "eager": timings["eager"],
-                                    "ratios": latency.ratios(timings["artifact"], timings["eager"])})
+    return artifact_report(
+        artifact,
+        cases=case_reports,
+        memory=memory,
+        latency={
+            "artifact": timings["artifact"],
+            "eager": timings["eager"],
+            "ratios": latency.ratios(timings["artifact"], timings["eager"]),
+        },
+    )
 
 
-def artifact_report(artifact: Artifact, *, skipped: str | None = None, cases: list[dict] = (),
-                    latency: dict | None = None, memory: dict | None = None) -> dict:
+def artifact_report(
+    artifact: Artifact,
+    *,
+    skipped: str | None = None,
+    cases: list[dict] = (),
+    latency: dict | None = None,
+    memory: dict | None = None,
+) -> dict:
     """One artifact's entry in report.json: validated (its cases, latency, memory) or skipped, with why; for a
     TensorRT engine also what its build found (the AOT kernels' PTX ISA, the cache copies TensorRT inserted)."""
     section = artifact.description.tensorrt
-    engine = None if section is None else {
-        "ptx_isa": section.ptx_isa, "cache_copies": None if section.cache_copies is None else list(section.cache_copies)}
-    return {"label": artifact.label, "backend": artifact.backend, "precision": artifact.precision,
-            "folder": str(artifact.folder), "skipped": skipped, "passed": all(c["passed"] for c in cases),
-            "thresholds": THRESHOLDS.get(artifact.precision, {}), "cases": list(cases), "latency": latency,
-            "memory": memory, "tensorrt": engine}
+    engine = (
+        None
+        if section is None
+        else {
+            "ptx_isa": section.ptx_isa,
+            "cache_copies": None if section.cache_copies is None else list(section.cache_copies),
+        }
+    )
+    return {
+        "label": artifact.label,
+        "backend": artifact.backend,
+        "precision": artifact.precision,
+        "folder": str(artifact.folder),
+        "skipped": skipped,
+        "passed": all(c["passed"] for c in cases),
+        "thresholds": THRESHOLDS.get(artifact.precision, {}),
+        "cases": list(cases),
+        "latency": latency,
+        "memory": memory,
+        "tensorrt": engine,
+    }
 
 
 def cache_copy_warnings(artifacts: list[Artifact]) -> list[str]:
@@ -157,15 +199,24 @@ def cache_copy_warnings(artifacts: list[Artifact]) -> list[str]:
         if section.cache_copies is None:
             warnings.append(f"{artifact.label}: its build did not record whether TensorRT copies the cache (rebuild)")
         elif section.cache_copies:
-            warnings.append(f"{artifact.label}: TensorRT inserted {len(section.cache_copies)} cop"
-                            f"{'y' if len(section.cache_copies) == 1 else 'ies'} of cache tensors, so each step copies "
-                            f"the cache instead of updating it in place ({', '.join(section.cache_copies)})")
+            warnings.append(
+                f"{artifact.label}: TensorRT inserted {len(section.cache_copies)} cop"
+                f"{'y' if len(section.cache_copies) == 1 else 'ies'} of cache tensors, so each step copies "
+                f"the cache instead of updating it in place ({', '.join(section.cache_copies)})"
+            )
     return warnings
 
 
-def validate_build(build_dir: str | Path, model: str | None = None, precision: str | None = None,
-                   prompts: Path | None = None, report_dir: Path | None = None, quick: bool = False,
-                   threads: int | None = None, progress: bool = True) -> dict:
+def validate_build(
+    build_dir: str | Path,
+    model: str | None = None,
+    precision: str | None = None,
+    prompts: Path | None = None,
+    report_dir: Path | None = None,
+    quick: bool = False,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Validate every artifact of BUILD_DIR (or those of PRECISION); writes the report and returns it."""
     started = time.perf_counter()
     context = environment()  # the machine's load average as the run starts
@@ -180,8 +231,10 @@ def validate_build(build_dir: str | Path, model: str | None = None, precision: s
     with torch_threads(threads):
         eager = EagerRunner(load_model(source))  # fp32: the reference for every precision
         config = eager.config
-        eager_memory = {"weights_bytes": sum(p.numel() * p.element_size() for p in eager.model.parameters()),
-                        "kv_cache_bytes_per_sequence": config.kv_cache_bytes(config.cache_capacity, 4)}
+        eager_memory = {
+            "weights_bytes": sum(p.numel() * p.element_size() for p in eager.model.parameters()),
+            "kv_cache_bytes_per_sequence": config.kv_cache_bytes(config.cache_capacity, 4),
+        }
         for artifact in artifacts:
             check_same_model(artifact, config, source)
         texts = load_texts(build_dir, source, config, prompts, quick)
@@ -191,8 +244,11 @@ def validate_build(build_dir: str | Path, model: str | None = None, precision: s
         with Phases(progress) as phases:
             for artifact in artifacts:
                 reason = runnable_here(artifact)
-                reports.append(artifact_report(artifact, skipped=reason) if reason else
-                               validate_artifact(artifact, eager, scripts, plan, threads, phases, eager_memory))
+                reports.append(
+                    artifact_report(artifact, skipped=reason)
+                    if reason
+                    else validate_artifact(artifact, eager, scripts, plan, threads, phases, eager_memory)
+                )
     warnings = busy_machine_warning(context["machine"], threads) + cache_copy_warnings(artifacts)
     if all(r["skipped"] for r in reports):
         raise MistralExportError(f"{build_dir}: no artifact this machine can run ({reports[0]['skipped']})")
@@ -200,11 +256,22 @@ def validate_build(build_dir: str | Path, model: str | None = None, precision: s
         "format": 1,
         "kind": "validate",
         "passed": all(r["passed"] for r in reports),
-        "build": {"dir": str(build_dir), "model_source": source, "model_name": config.name,
-                  "window": config.sliding_window, "cache_capacity": config.cache_capacity,
-                  "boundary_W": cases.boundary(config), "vocab_size": config.vocab_size},
-        "options": {"quick": quick, "precision": precision, "prompts": str(prompts) if prompts else None,
-                    "threads": threads, "tokens_from": texts.tokenizer},
+        "build": {
+            "dir": str(build_dir),
+            "model_source": source,
+            "model_name": config.name,
+            "window": config.sliding_window,
+            "cache_capacity": config.cache_capacity,
+            "boundary_W": cases.boundary(config),
+            "vocab_size": config.vocab_size,
+        },
+        "options": {
+            "quick": quick,
+            "precision": precision,
+            "prompts": str(prompts) if prompts else None,
+            "threads": threads,
+            "tokens_from": texts.tokenizer,
+        },
         **context,
         "warnings": warnings,
         "artifacts": reports,

@@ -29,9 +29,15 @@ def feeds(config: ModelConfig, cache_dtype: str, max_chunk: int) -> list[dict]:
     dtype = _NUMPY.get(cache_dtype, np.float32)
 
     def feed(seq: int, past: int, random_cache: bool) -> dict:
-        cache = (lambda: generator.standard_normal(shape).astype(dtype)) if random_cache else (lambda: np.zeros(shape, dtype))
-        found = {"input_ids": generator.integers(3, config.vocab_size, (1, seq), dtype=np.int64),
-                 "past_len": np.array([past], dtype=np.int64)}
+        cache = (
+            (lambda: generator.standard_normal(shape).astype(dtype))
+            if random_cache
+            else (lambda: np.zeros(shape, dtype))
+        )
+        found = {
+            "input_ids": generator.integers(3, config.vocab_size, (1, seq), dtype=np.int64),
+            "past_len": np.array([past], dtype=np.int64),
+        }
         for i in range(config.num_layers):
             found[f"past_key_values.{i}.key"], found[f"past_key_values.{i}.value"] = cache(), cache()
         return found
@@ -51,8 +57,10 @@ def compare_with_onnx(artifact: Artifact, runner, onnx_folder: Path) -> dict | N
     if not onnx_path.exists():
         return None
     data = feeds(runner.config, artifact.description.cache.dtype, runner.max_chunk)
-    runners = [TrtRunner(runner.engine),  # a context of its own on the loaded engine
-               OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))]
+    runners = [
+        TrtRunner(runner.engine),  # a context of its own on the loaded engine
+        OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"])),
+    ]
     results = Comparator.run(runners, data_loader=data)
     case = CaseResult(NAME, "comparator")
     (_, engine_outputs), (_, onnx_outputs) = list(results)  # RunResults: (runner name, [outputs per feed])
@@ -64,9 +72,17 @@ def compare_with_onnx(artifact: Artifact, runner, onnx_folder: Path) -> dict | N
     report = case.report(artifact.precision)
     bar = THRESHOLDS.get(artifact.precision, {}).get("max_abs_logit_diff")
     if bar is not None:  # an absolute bar on logits (fp32): Polygraphy's own comparison checks it too
-        accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(
-            atol={"logits": bar, "": np.inf}, rtol={"logits": 0.0, "": np.inf}))
-        report["checks"].append({"metric": "polygraphy_compare_accuracy", "value": bool(accuracy), "bound": bar,
-                                 "kind": "none", "passed": bool(accuracy)})
+        accuracy = Comparator.compare_accuracy(
+            results, compare_func=CompareFunc.simple(atol={"logits": bar, "": np.inf}, rtol={"logits": 0.0, "": np.inf})
+        )
+        report["checks"].append(
+            {
+                "metric": "polygraphy_compare_accuracy",
+                "value": bool(accuracy),
+                "bound": bar,
+                "kind": "none",
+                "passed": bool(accuracy),
+            }
+        )
         report["passed"] = report["passed"] and bool(accuracy)
     return report

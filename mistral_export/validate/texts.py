@@ -57,15 +57,19 @@ def _tokenizer_folder(build_dir: Path, model_source: str | None) -> Path | None:
     return folder if folder is not None and (folder / TOKENIZER_FILE).exists() else None
 
 
-def load_texts(build_dir: Path, model_source: str | None, config: ModelConfig, prompts_file: Path | None,
-               quick: bool) -> Texts:
+def load_texts(
+    build_dir: Path, model_source: str | None, config: ModelConfig, prompts_file: Path | None, quick: bool
+) -> Texts:
     folder = _tokenizer_folder(Path(build_dir), model_source)
     if folder is None:
         if prompts_file is not None:
-            raise MistralExportError(f"--prompts needs a tokenizer: no {TOKENIZER_FILE} in {build_dir} "
-                                     f"or the model's folder")
+            raise MistralExportError(
+                f"--prompts needs a tokenizer: no {TOKENIZER_FILE} in {build_dir} or the model's folder"
+            )
         ids = torch.randint(3, config.vocab_size, (RANDOM_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
-        prompts = [(f"{n} tokens", stream(ids[i * 7:], n)) for i, n in enumerate(default_prompt_lengths(config, quick))]
+        prompts = [
+            (f"{n} tokens", stream(ids[i * 7 :], n)) for i, n in enumerate(default_prompt_lengths(config, quick))
+        ]
         return Texts(prompts, ids, "random token ids (no tokenizer.json in the build folder or the model's folder)")
     tokenizer = load_tokenizer(folder)
     heldout = tokenizer.encode(HELDOUT_FILE.read_text())
@@ -81,6 +85,8 @@ def load_texts(build_dir: Path, model_source: str | None, config: ModelConfig, p
             prompts.append((f"{n} tokens", stream(heldout[:1] + body[offset:] + body[:offset], n)))
     too_large = max(max(ids) for _, ids in prompts + [("held-out", heldout)])
     if too_large >= config.vocab_size:
-        raise MistralExportError(f"{folder / TOKENIZER_FILE}: token id {too_large} is outside the model's vocabulary "
-                                 f"({config.vocab_size}); the tokenizer belongs to another model")
+        raise MistralExportError(
+            f"{folder / TOKENIZER_FILE}: token id {too_large} is outside the model's vocabulary "
+            f"({config.vocab_size}); the tokenizer belongs to another model"
+        )
     return Texts(prompts, heldout, str(folder / TOKENIZER_FILE))

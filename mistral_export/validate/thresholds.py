@@ -27,4 +27,4 @@ THRESHOLDS: dict[str, dict[str, float]] = {
 # logit (2^-10 of its magnitude, about one fp16 ulp). fp16 weights and activations move logits by about that much (max |Δlogit| of
 # the fixture's fp16 build: 6e-3, its top logits about 8), so at such a position eager's own choice is a coin toss for
 # the precision, not a property an artifact can be held to; the strict count is reported beside.
-GREEDY_TIE_RELATIVE = 2.0 ** -10
+GREEDY_TIE_RELATIVE = 2.0**-10

@@ -20,8 +20,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import onnxruntime as ort
 
-from mistral_export.artifacts.description import (DESCRIPTION_FILE, SOURCE_ONNX_KEY, CacheSpec, ArtifactDescription,
-                                                  OnnxRuntimeSection)
+from mistral_export.artifacts.description import (
+    DESCRIPTION_FILE,
+    SOURCE_ONNX_KEY,
+    ArtifactDescription,
+    CacheSpec,
+    OnnxRuntimeSection,
+)
 from mistral_export.engines.graph_io import graph_io
 from mistral_export.engines.onnxruntime import quantized
 from mistral_export.engines.onnxruntime.attention import use_group_query_attention
@@ -42,8 +47,11 @@ def optimize_for_runtime(model: ir.Model) -> ir.Model:
     weights = {name for name, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
     cleanup = [common_passes.CommonSubexpressionEliminationPass(), common_passes.RemoveUnusedNodesPass()]
     ir.passes.Sequential(
-        ir.passes.PassManager([fold_constants_pass(weights, output_size_limit=1 << 20), default_rewrite_pass(),
-                               *cleanup], steps=3, early_stop=True),
+        ir.passes.PassManager(
+            [fold_constants_pass(weights, output_size_limit=1 << 20), default_rewrite_pass(), *cleanup],
+            steps=3,
+            early_stop=True,
+        ),
         common_passes.RemoveUnusedFunctionsPass(),
         common_passes.RemoveUnusedOpsetsPass(),
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
@@ -84,12 +92,22 @@ def write_onnxruntime_artifact(model_path: str | Path) -> ArtifactDescription:
             onnx.save(proto, str(tmp))
     io = graph_io(artifact)
     description = ArtifactDescription(
-        backend="onnxruntime", precision=metadata.get(PRECISION_KEY) or _TRACED.get(metadata.get("mistral_export.dtype"), "fp32"), config=config,
+        backend="onnxruntime",
+        precision=metadata.get(PRECISION_KEY) or _TRACED.get(metadata.get("mistral_export.dtype"), "fp32"),
+        config=config,
         # The artifact's own cache type: the INT8 artifacts run fp32 activations and caches.
-        cache=CacheSpec.of(config, io.input("past_key_values.0.key").dtype), io=io, onnx_sha256=onnx_sha256,
-        last_token_logits=metadata.get("mistral_export.last_token_logits") == "1", tool_version=tool_version(),
+        cache=CacheSpec.of(config, io.input("past_key_values.0.key").dtype),
+        io=io,
+        onnx_sha256=onnx_sha256,
+        last_token_logits=metadata.get("mistral_export.last_token_logits") == "1",
+        tool_version=tool_version(),
         build_seconds=time.perf_counter() - started,
-        onnxruntime=OnnxRuntimeSection(file=ORT_MODEL_FILE, version=ort.__version__, providers=PROVIDERS,
-                                       own_data=ORT_DATA_FILE if is_quantized else None))
+        onnxruntime=OnnxRuntimeSection(
+            file=ORT_MODEL_FILE,
+            version=ort.__version__,
+            providers=PROVIDERS,
+            own_data=ORT_DATA_FILE if is_quantized else None,
+        ),
+    )
     description.write(folder)
     return description

@@ -82,8 +82,15 @@ def _rotate_half_of(value: ir.Value, x: ir.Value) -> bool:
         return False
     half = x.shape[-1] // 2
     upper, lower = (last_axis_slice(v.producer()) for v in concat.inputs)
-    return (upper is not None and lower is not None and upper[0] is x and lower[0] is x
-            and upper[1] == half and upper[2] >= 2 * half and lower[1:] == (0, half))
+    return (
+        upper is not None
+        and lower is not None
+        and upper[0] is x
+        and lower[0] is x
+        and upper[1] == half
+        and upper[2] >= 2 * half
+        and lower[1:] == (0, half)
+    )
 
 
 def _rope(value: ir.Value):
@@ -104,8 +111,17 @@ def _rope(value: ir.Value):
 class _StepInputs:
     """Per-step inputs of the kernels, built once before the first layer and shared by all."""
 
-    def __init__(self, graph: ir.Graph, anchor: ir.Node, past_len: ir.Value, cos: ir.Value, sin: ir.Value,
-                 capacity: int, dtype: ir.DataType, padded: bool):
+    def __init__(
+        self,
+        graph: ir.Graph,
+        anchor: ir.Node,
+        past_len: ir.Value,
+        cos: ir.Value,
+        sin: ir.Value,
+        capacity: int,
+        dtype: ir.DataType,
+        padded: bool,
+    ):
         ids = graph.inputs[0]
         nodes: list[ir.Node] = []
 
@@ -117,8 +133,13 @@ class _StepInputs:
             return add_initializer(graph, f"gqa_{name}", np.asarray(array))
 
         # position_ids 0..B*S-1 index a table of this step's B*S positions (the exporter's cos/sin, [B,1,S,D/2]).
-        self.position_ids = add("Reshape", [add("Range", [const("zero", np.int64(0)), add("Size", [ids]),
-                                                          const("one", np.int64(1))]), add("Shape", [ids])])
+        self.position_ids = add(
+            "Reshape",
+            [
+                add("Range", [const("zero", np.int64(0)), add("Size", [ids]), const("one", np.int64(1))]),
+                add("Shape", [ids]),
+            ],
+        )
         half = cos.shape[-1]
         table_shape = const("table_shape", np.array([-1, half], np.int64))
         self.cos, self.sin = (add("Reshape", [table, table_shape]) for table in (cos, sin))
@@ -164,33 +185,72 @@ def use_group_query_attention(model: ir.Model) -> int:
         update_k, update_v = updates.get((k_cache, k)), updates.get((v_cache, v))
         transpose = _only_use(node.outputs[0], "Transpose", ignored=(update_k, update_v))  # they only order
         merge = _only_use(transpose.outputs[0], "Reshape") if transpose is not None else None  # to [B,S,Hq*D]
-        if (None in (rope_q, rope_k, v_flat, update_k, update_v, merge) or rope_q[1:] != rope_k[1:]
-                or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]):
+        if (
+            None in (rope_q, rope_k, v_flat, update_k, update_v, merge)
+            or rope_q[1:] != rope_k[1:]
+            or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]
+        ):
             raise RuntimeError(f"{node.name}: the graph around the attention is not the exporter's form")
         qkv = _packed_qkv(rope_q[0], rope_k[0], v_flat)
         heads, kv_heads, capacity, head_dim = q.shape[1], k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
         window = node.attributes.get_int("window", NO_WINDOW)
         windowed = window != NO_WINDOW
         if windowed and (window != capacity or qkv is None):
-            raise RuntimeError(f"{node.name}: window {window} with cache capacity {capacity}, or q/k/v not one "
-                               f"projection: GroupQueryAttention's windowed cache is used with capacity = window")
+            raise RuntimeError(
+                f"{node.name}: window {window} with cache capacity {capacity}, or q/k/v not one "
+                f"projection: GroupQueryAttention's windowed cache is used with capacity = window"
+            )
         if step is None:
             step = _StepInputs(graph, node, past_len, rope_q[1], rope_q[2], capacity, q.dtype, padded=windowed)
         if windowed:
-            inputs = [qkv, None, None, k_cache, v_cache, step.seqlens_k, step.total, step.cos, step.sin,
-                      step.position_ids]
+            inputs = [
+                qkv,
+                None,
+                None,
+                k_cache,
+                v_cache,
+                step.seqlens_k,
+                step.total,
+                step.cos,
+                step.sin,
+                step.position_ids,
+            ]
         else:
-            rotated = [ir.node("RotaryEmbedding", [flat, step.position_ids, step.cos, step.sin],
-                               {"num_heads": count, "rotary_embedding_dim": head_dim}, domain=MS_DOMAIN)
-                       for flat, count in ((rope_q[0], heads), (rope_k[0], kv_heads))]
+            rotated = [
+                ir.node(
+                    "RotaryEmbedding",
+                    [flat, step.position_ids, step.cos, step.sin],
+                    {"num_heads": count, "rotary_embedding_dim": head_dim},
+                    domain=MS_DOMAIN,
+                )
+                for flat, count in ((rope_q[0], heads), (rope_k[0], kv_heads))
+            ]
             graph.insert_before(node, rotated)
-            inputs = [*(r.outputs[0] for r in rotated), v_flat, k_cache, v_cache, step.seqlens_k, step.total,
-                      None, None, None]
-        gqa = ir.node("GroupQueryAttention", [*inputs, *[None] * 6, step.query_seqlens],
-                      {"num_heads": heads, "kv_num_heads": kv_heads, "scale": node.attributes.get_float("scale"),
-                       "local_window_size": window if windowed else -1, "sliding_window_cache": int(windowed),
-                       "do_rotary": int(windowed)},
-                      domain=MS_DOMAIN, num_outputs=3)
+            inputs = [
+                *(r.outputs[0] for r in rotated),
+                v_flat,
+                k_cache,
+                v_cache,
+                step.seqlens_k,
+                step.total,
+                None,
+                None,
+                None,
+            ]
+        gqa = ir.node(
+            "GroupQueryAttention",
+            [*inputs, *[None] * 6, step.query_seqlens],
+            {
+                "num_heads": heads,
+                "kv_num_heads": kv_heads,
+                "scale": node.attributes.get_float("scale"),
+                "local_window_size": window if windowed else -1,
+                "sliding_window_cache": int(windowed),
+                "do_rotary": int(windowed),
+            },
+            domain=MS_DOMAIN,
+            num_outputs=3,
+        )
         graph.insert_before(node, gqa)
         out = gqa.outputs[0]  # [B,S,Hq*D]: what the Transpose and Reshape after the attention made
         out.type, out.shape = merge.outputs[0].type, merge.outputs[0].shape

@@ -76,19 +76,33 @@ def fuse_rms_norms(model: ir.Model) -> int:
         y = mul.outputs[0]
         residual = x.producer()
         others = [u for u in x.uses() if u.node not in pattern]
-        if residual is not None and residual.op_type == "Add" and residual.domain == "" \
-                and not x.is_graph_output() and all(v is not None and v.shape == x.shape for v in residual.inputs):
+        if (
+            residual is not None
+            and residual.op_type == "Add"
+            and residual.domain == ""
+            and not x.is_graph_output()
+            and all(v is not None and v.shape == x.shape for v in residual.inputs)
+        ):
             outputs = [ir.Value(name=f"{y.name}_fused"), ir.Value(name=""), ir.Value(name="")]  # no mean, inv_std
             outputs.append(ir.Value(name=f"{x.name}_sum") if others else ir.Value(name=""))
-            node = ir.node("SkipSimplifiedLayerNormalization", [*residual.inputs, weight], {"epsilon": eps},
-                           domain=MS_DOMAIN, outputs=outputs)
+            node = ir.node(
+                "SkipSimplifiedLayerNormalization",
+                [*residual.inputs, weight],
+                {"epsilon": eps},
+                domain=MS_DOMAIN,
+                outputs=outputs,
+            )
             anchor, removed = residual, [*pattern, residual]
             if others:
                 outputs[3].shape, outputs[3].type = x.shape, x.type
                 x.replace_all_uses_with(outputs[3])
         else:
-            node = ir.node("SimplifiedLayerNormalization", [x, weight], {"axis": -1, "epsilon": eps, "stash_type": 1},
-                           num_outputs=1)
+            node = ir.node(
+                "SimplifiedLayerNormalization",
+                [x, weight],
+                {"axis": -1, "epsilon": eps, "stash_type": 1},
+                num_outputs=1,
+            )
             anchor, removed = mul, pattern
         graph.insert_before(anchor, node)
         node.outputs[0].shape, node.outputs[0].type = y.shape, y.type

@@ -39,6 +39,8 @@ def block_size(k: int) -> int:
     """MatMulNBits' block for a reduction of K: the largest power of two dividing K, within 16..512 (no padding
     unless K is not a multiple of 16)."""
     return max(16, min(MAX_BLOCK_SIZE, k & -k))
+
+
 ACCURACY_LEVEL = 4  # int8 compute; the default (0) is ten times slower than fp32 on CPU
 
 
@@ -52,8 +54,12 @@ def to_float32_activations(model: ir.Model) -> None:
     f16, f32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
     for name, value in list(graph.initializers.items()):
         if value.dtype == f16 and value.const_value is not None:
-            value.const_value = _lazy(lambda source=value.const_value: _released(source, source.numpy().astype(
-                np.float32)), f32, value.const_value.shape, name)
+            value.const_value = _lazy(
+                lambda source=value.const_value: _released(source, source.numpy().astype(np.float32)),
+                f32,
+                value.const_value.shape,
+                name,
+            )
             value.type = ir.TensorType(f32)
     values = [*graph.inputs, *graph.outputs, *(out for node in graph for out in node.outputs)]
     for value in values:
@@ -104,8 +110,10 @@ def _signed_values(weight: ir.TensorProtocol) -> np.ndarray:
 def _lazy(make, dtype: ir.DataType, shape, name: str) -> ir.LazyTensor:
     """A tensor computed when it is written (one at a time), its source's mapping released after: the artifact is
     written without any weight of the model held in memory."""
+
     def evaluate():
         return ir.tensor(make(), name=name)
+
     return ir.LazyTensor(evaluate, dtype, ir.Shape(list(shape)), name=name)
 
 
@@ -147,14 +155,23 @@ def to_matmul_nbits(model: ir.Model) -> int:
         name = node.inputs[1].producer().inputs[0].name or f"matmul{converted}"
         packed_shape = (n, blocks, block * bits // 8)
         b = ir.Value(name=f"{name}.nbits", shape=ir.Shape(list(packed_shape)), type=ir.TensorType(ir.DataType.UINT8))
-        b.const_value = _lazy(lambda weight=weight, block=block, bits=bits: _released(weight, pack_nbits(
-            _signed_values(weight), block, bits)), ir.DataType.UINT8, packed_shape, b.name)
+        b.const_value = _lazy(
+            lambda weight=weight, block=block, bits=bits: _released(
+                weight, pack_nbits(_signed_values(weight), block, bits)
+            ),
+            ir.DataType.UINT8,
+            packed_shape,
+            b.name,
+        )
         graph.register_initializer(b)
         per_block = np.repeat(scale, blocks, axis=0) if bits == 8 else scale  # [blocks, N]
         s = add_initializer(graph, f"{name}.nbits_scales", np.ascontiguousarray(per_block.T).reshape(-1))
-        matmul = ir.node("MatMulNBits", [_activation_source(node.inputs[0]), b, s],
-                         {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL},
-                         domain=MS_DOMAIN)
+        matmul = ir.node(
+            "MatMulNBits",
+            [_activation_source(node.inputs[0]), b, s],
+            {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL},
+            domain=MS_DOMAIN,
+        )
         graph.insert_before(node, matmul)
         out = node.outputs[0]
         matmul.outputs[0].shape, matmul.outputs[0].type = out.shape, out.type

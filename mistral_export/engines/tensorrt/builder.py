@@ -31,7 +31,9 @@ from mistral_export.plugins import aot
 from mistral_export.tensorrt_lib import require_tensorrt, this_gpu
 
 PLAN_FILE = "model.plan"
-DEFAULT_TIMING_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mistral-export" / "tensorrt.timing-cache"
+DEFAULT_TIMING_CACHE = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mistral-export" / "tensorrt.timing-cache"
+)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -53,7 +55,9 @@ class EngineOptions:
         if self.max_batch < 1:
             raise MistralExportError(f"--max-batch must be at least 1, got {self.max_batch}")
         if not 1 <= self.opt_batch <= self.max_batch:
-            raise MistralExportError(f"--opt-batch must be between 1 and --max-batch ({self.max_batch}), got {self.opt_batch}")
+            raise MistralExportError(
+                f"--opt-batch must be between 1 and --max-batch ({self.max_batch}), got {self.opt_batch}"
+            )
         if self.max_chunk < 1:
             raise MistralExportError(f"--max-chunk must be at least 1, got {self.max_chunk}")
         level = self.builder_optimization_level
@@ -62,8 +66,12 @@ class EngineOptions:
 
     def key(self) -> dict:
         """The options that change the engine (the timing cache only makes building faster)."""
-        return {"max_batch": self.max_batch, "opt_batch": self.opt_batch, "max_chunk": self.max_chunk,
-                "builder_optimization_level": self.builder_optimization_level}
+        return {
+            "max_batch": self.max_batch,
+            "opt_batch": self.opt_batch,
+            "max_chunk": self.max_chunk,
+            "builder_optimization_level": self.builder_optimization_level,
+        }
 
 
 def profile_shapes(config: ModelConfig, options: EngineOptions) -> dict[str, dict[str, list[int]]]:
@@ -117,29 +125,54 @@ class _BuildMonitor:
         return Monitor()
 
 
-def tensorrt_description(onnx_path: Path, gpu: GpuDescription, *, precision: str, options: EngineOptions,
-                         plugin_impl: str, build_seconds: float, ptx_isa: int | None = None,
-                         cache_copies: tuple[str, ...] | None = None) -> ArtifactDescription:
+def tensorrt_description(
+    onnx_path: Path,
+    gpu: GpuDescription,
+    *,
+    precision: str,
+    options: EngineOptions,
+    plugin_impl: str,
+    build_seconds: float,
+    ptx_isa: int | None = None,
+    cache_copies: tuple[str, ...] | None = None,
+) -> ArtifactDescription:
     """The artifact.json of an engine built from ONNX_PATH for GPU: model, cache and I/O read from that ONNX; the AOT
     kernels' PTX ISA (XY) and the cache copies TensorRT inserted, as the build found them."""
     config, metadata = read_export_config(onnx_path)
     io = graph_io(onnx_path)
     return ArtifactDescription(
-        backend="tensorrt", precision=precision, config=config,
-        cache=CacheSpec.of(config, io.input(cache_input(0, "key")).dtype), io=io,
+        backend="tensorrt",
+        precision=precision,
+        config=config,
+        cache=CacheSpec.of(config, io.input(cache_input(0, "key")).dtype),
+        io=io,
         onnx_sha256=file_sha256(onnx_path),
-        last_token_logits=metadata.get("mistral_export.last_token_logits") == "1", tool_version=tool_version(),
+        last_token_logits=metadata.get("mistral_export.last_token_logits") == "1",
+        tool_version=tool_version(),
         build_seconds=build_seconds,
-        tensorrt=TensorRTSection(file=PLAN_FILE, version=gpu.tensorrt_version, gpu=gpu.name, gpu_slug=gpu.slug,
-                                 compute_capability=gpu.compute_capability, cuda_version=gpu.cuda_version,
-                                 plugins=plugin_impl, profiles=(profile_shapes(config, options),),
-                                 options=options.key(),
-                                 ptx_isa=None if ptx_isa is None else f"{ptx_isa // 10}.{ptx_isa % 10}",
-                                 cache_copies=cache_copies))
+        tensorrt=TensorRTSection(
+            file=PLAN_FILE,
+            version=gpu.tensorrt_version,
+            gpu=gpu.name,
+            gpu_slug=gpu.slug,
+            compute_capability=gpu.compute_capability,
+            cuda_version=gpu.cuda_version,
+            plugins=plugin_impl,
+            profiles=(profile_shapes(config, options),),
+            options=options.key(),
+            ptx_isa=None if ptx_isa is None else f"{ptx_isa // 10}.{ptx_isa % 10}",
+            cache_copies=cache_copies,
+        ),
+    )
 
 
-def builder_config(profiles: list, *, timing_cache: str | None = None, builder_optimization_level: int | None = None,
-                   progress_monitor=None):
+def builder_config(
+    profiles: list,
+    *,
+    timing_cache: str | None = None,
+    builder_optimization_level: int | None = None,
+    progress_monitor=None,
+):
     """Polygraphy's CreateConfig for every engine of the project: the product's builds and the GPU tests' networks
     (tests/test_tensorrt_plugins.py), so a test never passes or fails for a configuration the product does not use.
 
@@ -151,14 +184,20 @@ def builder_config(profiles: list, *, timing_cache: str | None = None, builder_o
     trt = require_tensorrt("configuring a TensorRT build")
     from polygraphy.backend.trt import CreateConfig
 
-    return CreateConfig(profiles=profiles, tf32=False, load_timing_cache=timing_cache,
-                        builder_optimization_level=builder_optimization_level,
-                        preview_features=[trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03],
-                        profiling_verbosity=trt.ProfilingVerbosity.DETAILED, progress_monitor=progress_monitor)
+    return CreateConfig(
+        profiles=profiles,
+        tf32=False,
+        load_timing_cache=timing_cache,
+        builder_optimization_level=builder_optimization_level,
+        preview_features=[trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03],
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
+        progress_monitor=progress_monitor,
+    )
 
 
-def build_engine(onnx_path: Path, out_dir: Path, *, precision: str, options: EngineOptions, plugin_impl: str,
-                 progress=None) -> tuple[Path, ArtifactDescription]:
+def build_engine(
+    onnx_path: Path, out_dir: Path, *, precision: str, options: EngineOptions, plugin_impl: str, progress=None
+) -> tuple[Path, ArtifactDescription]:
     """Build ONNX_PATH into OUT_DIR/model.plan for this GPU; returns the plan's path and its engine description
     (written by the caller after the plan is in place)."""
     require_tensorrt("building a TensorRT engine")
@@ -174,9 +213,11 @@ def build_engine(onnx_path: Path, out_dir: Path, *, precision: str, options: Eng
     if timing_cache:
         Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
     create_config = builder_config(
-        [profile], timing_cache=timing_cache if timing_cache and Path(timing_cache).exists() else None,
+        [profile],
+        timing_cache=timing_cache if timing_cache and Path(timing_cache).exists() else None,
         builder_optimization_level=options.builder_optimization_level,
-        progress_monitor=_BuildMonitor(progress) if progress is not None else None)
+        progress_monitor=_BuildMonitor(progress) if progress is not None else None,
+    )
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = out_dir / PLAN_FILE
@@ -184,6 +225,13 @@ def build_engine(onnx_path: Path, out_dir: Path, *, precision: str, options: Eng
     engine = SaveEngine(EngineFromNetwork(network, create_config, save_timing_cache=timing_cache), str(plan))()
     seconds = time.perf_counter() - started
     isa = aot.ptx_isa(aot.target_capability()) if plugin_impl == "aot" else None
-    return plan, tensorrt_description(onnx_path, this_gpu(), precision=precision, options=options,
-                                      plugin_impl=plugin_impl, build_seconds=seconds, ptx_isa=isa,
-                                      cache_copies=engine_cache_copies(engine, config.num_layers))
+    return plan, tensorrt_description(
+        onnx_path,
+        this_gpu(),
+        precision=precision,
+        options=options,
+        plugin_impl=plugin_impl,
+        build_seconds=seconds,
+        ptx_isa=isa,
+        cache_copies=engine_cache_copies(engine, config.num_layers),
+    )

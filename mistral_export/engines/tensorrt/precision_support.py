@@ -16,4 +16,5 @@ def check_tensorrt_precision(precision: str, gpu_name: str, compute_capability: 
         raise MistralExportError(
             f"--precision {precision} --backend tensorrt needs a GPU of compute capability "
             f"{needed[0]}.{needed[1]} or later (Ada, Hopper: FP8 tensor cores); {gpu_name} is sm {compute_capability}. "
-            f"Build --backend onnxruntime, or another precision (fp16, int8, int4-awq) for this GPU")
+            f"Build --backend onnxruntime, or another precision (fp16, int8, int4-awq) for this GPU"
+        )

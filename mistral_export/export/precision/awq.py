@@ -69,8 +69,11 @@ def collect_layer_inputs(model: Transformer, steps: Iterator[Step]) -> list[dict
     hooks = []
     for i, block in enumerate(model.layers):
         for name in GROUP_INPUTS:
-            hooks.append(block.get_submodule(name).register_forward_pre_hook(
-                lambda module, args, inputs=collected[i][name]: inputs.add(args[0])))
+            hooks.append(
+                block.get_submodule(name).register_forward_pre_hook(
+                    lambda module, args, inputs=collected[i][name]: inputs.add(args[0])
+                )
+            )
     try:
         for _ in steps:  # the generator runs the model on each step after yielding it
             pass
@@ -80,8 +83,7 @@ def collect_layer_inputs(model: Transformer, steps: Iterator[Step]) -> list[dict
     return collected
 
 
-def best_scales(x_mean: Tensor, x: Tensor, weight: Tensor, block_size: int,
-                expand=lambda s: s) -> tuple[Tensor, float]:
+def best_scales(x_mean: Tensor, x: Tensor, weight: Tensor, block_size: int, expand=lambda s: s) -> tuple[Tensor, float]:
     """AWQ's grid search for one group: (scales over x's channels, the exponent chosen).
 
     `weight` [N, K] is the group's weights side by side; `expand` maps a candidate scale vector onto K
@@ -103,25 +105,33 @@ def best_scales(x_mean: Tensor, x: Tensor, weight: Tensor, block_size: int,
 
 
 @torch.no_grad()
-def search_layer(block: Block, inputs: dict[str, LayerInputs], config: ModelConfig,
-                 block_size: int) -> dict[str, Tensor]:
+def search_layer(
+    block: Block, inputs: dict[str, LayerInputs], config: ModelConfig, block_size: int
+) -> dict[str, Tensor]:
     """The AWQ scales of one decoder layer's four projection groups, keyed by GROUP_INPUTS (not applied)."""
     attention, ffn = block.attention, block.feed_forward
     scales = {}
     qkv = torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight])
-    scales["attention.wq"], _ = best_scales(inputs["attention.wq"].mean(), inputs["attention.wq"].sample(), qkv,
-                                            block_size)
+    scales["attention.wq"], _ = best_scales(
+        inputs["attention.wq"].mean(), inputs["attention.wq"].sample(), qkv, block_size
+    )
     w13 = torch.cat([ffn.w1.weight, ffn.w3.weight])
-    scales["feed_forward.w1"], _ = best_scales(inputs["feed_forward.w1"].mean(), inputs["feed_forward.w1"].sample(),
-                                               w13, block_size)
-    scales["feed_forward.w2"], _ = best_scales(inputs["feed_forward.w2"].mean(), inputs["feed_forward.w2"].sample(),
-                                               ffn.w2.weight, block_size)
+    scales["feed_forward.w1"], _ = best_scales(
+        inputs["feed_forward.w1"].mean(), inputs["feed_forward.w1"].sample(), w13, block_size
+    )
+    scales["feed_forward.w2"], _ = best_scales(
+        inputs["feed_forward.w2"].mean(), inputs["feed_forward.w2"].sample(), ffn.w2.weight, block_size
+    )
     # wo's input channel (h, d) is v's channel (g, d) of h's kv group g: one factor per kv channel.
     hkv, group, d = config.num_kv_heads, config.group_size, config.head_dim
     kv_mean = inputs["attention.wo"].mean().view(hkv, group, d).mean(1).flatten()
     scales["attention.wo"], _ = best_scales(
-        kv_mean, inputs["attention.wo"].sample(), attention.wo.weight, block_size,
-        expand=lambda s: s.view(hkv, 1, d).expand(hkv, group, d).reshape(-1))
+        kv_mean,
+        inputs["attention.wo"].sample(),
+        attention.wo.weight,
+        block_size,
+        expand=lambda s: s.view(hkv, 1, d).expand(hkv, group, d).reshape(-1),
+    )
     return scales
 
 

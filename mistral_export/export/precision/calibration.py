@@ -36,12 +36,18 @@ class CalibrationOptions:
     data: Path | None = None  # plain text, or JSONL with a "text" field per line; None: the shipped text
     samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
-    tokenizer: Path | None = None  # folder with tokenizer.json; None: the checkpoint's own (needed for in-memory models)
+    tokenizer: Path | None = (
+        None  # folder with tokenizer.json; None: the checkpoint's own (needed for in-memory models)
+    )
     device: str = "cpu"  # where the layer-by-layer calibration runs ("cuda": a GPU); not part of the result
 
     def describe(self) -> dict:
-        return {"data": Path(self.data).name if self.data else "calibration_text.txt (shipped default)",
-                "samples": self.samples, "seq_len": self.seq_len, "decode_steps_per_sample": DECODE_STEPS}
+        return {
+            "data": Path(self.data).name if self.data else "calibration_text.txt (shipped default)",
+            "samples": self.samples,
+            "seq_len": self.seq_len,
+            "decode_steps_per_sample": DECODE_STEPS,
+        }
 
 
 def read_documents(path: Path) -> list[str]:
@@ -61,7 +67,7 @@ def read_documents(path: Path) -> list[str]:
         except json.JSONDecodeError as exc:
             raise MistralExportError(f"--calib-data {path}, line {number}: not JSON ({exc.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise MistralExportError(f"--calib-data {path}, line {number}: expected an object with a \"text\" string")
+            raise MistralExportError(f'--calib-data {path}, line {number}: expected an object with a "text" string')
         documents.append(record["text"])
     return documents
 
@@ -69,20 +75,22 @@ def read_documents(path: Path) -> list[str]:
 def calibration_samples(options: CalibrationOptions, tokenizer) -> list[list[int]]:
     """`samples` consecutive windows of `seq_len` tokens from the documents (each starting with BOS)."""
     if options.samples < 1 or options.seq_len < 2:
-        raise MistralExportError(f"--calib-samples must be >= 1 and --calib-seq-len >= 2, got {options.samples} "
-                                 f"and {options.seq_len}")
+        raise MistralExportError(
+            f"--calib-samples must be >= 1 and --calib-seq-len >= 2, got {options.samples} and {options.seq_len}"
+        )
     path = Path(options.data) if options.data else DEFAULT_TEXT
     if not path.is_file():
         raise MistralExportError(f"--calib-data {path}: no such file")
     stream: list[int] = []
     for document in read_documents(path):
         stream += tokenizer.encode(document)
-    windows = [stream[i:i + options.seq_len] for i in range(0, len(stream) - options.seq_len + 1, options.seq_len)]
+    windows = [stream[i : i + options.seq_len] for i in range(0, len(stream) - options.seq_len + 1, options.seq_len)]
     if len(windows) < options.samples:
         raise MistralExportError(
             f"--calib-data {path}: {len(stream)} tokens make {len(windows)} samples of {options.seq_len} tokens, "
-            f"{options.samples} requested; give more text or lower --calib-samples / --calib-seq-len")
-    return windows[:options.samples]
+            f"{options.samples} requested; give more text or lower --calib-samples / --calib-seq-len"
+        )
+    return windows[: options.samples]
 
 
 def step_plan(seq_len: int, capacity: int) -> list[tuple[int, int]]:
@@ -111,7 +119,7 @@ def calibration_steps(model: Transformer, samples: list[list[int]], progress=Non
             for sample, plan in zip(samples, plans):
                 cache = allocate_cache(model.config, 1, dtype)
                 for start, length in plan:
-                    ids = torch.tensor([sample[start:start + length]], dtype=torch.int64)
+                    ids = torch.tensor([sample[start : start + length]], dtype=torch.int64)
                     past_len = torch.tensor([start], dtype=torch.int64)
                     yield Step(ids, past_len, cache)
                     model(ids, past_len, cache)  # writes this step into the cache, in place

@@ -49,8 +49,13 @@ def activation_ranges(source: Path, steps: Iterator[Step], inputs: set[str]) -> 
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
     with tempfile.TemporaryDirectory(dir=source.parent) as scratch, quiet_root_logger():
-        calibrator = create_calibrator(str(source), ["MatMul"], str(Path(scratch) / "augmented.onnx"),
-                                       CalibrationMethod.MinMax, use_external_data_format=True)
+        calibrator = create_calibrator(
+            str(source),
+            ["MatMul"],
+            str(Path(scratch) / "augmented.onnx"),
+            CalibrationMethod.MinMax,
+            use_external_data_format=True,
+        )
         calibrator.collect_data(calibration_feeds(steps))
         ranges = calibrator.compute_data()
         del calibrator  # its session holds the augmented model's files

@@ -36,8 +36,9 @@ LM_HEAD = "output."  # the output projection's weight name prefix (kept at 8 bit
 
 def check_block_size(block_size: int) -> None:
     if block_size not in BLOCK_SIZES:
-        raise MistralExportError(f"--int4-block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, "
-                                 f"got {block_size}")
+        raise MistralExportError(
+            f"--int4-block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}"
+        )
 
 
 def block_scales(blocks: np.ndarray) -> np.ndarray:
@@ -75,8 +76,10 @@ def quantize_int4_weights(source: Path, target: Path, block_size: int = DEFAULT_
             dequantize_int8(model.graph, node, weight, values)
             continue
         if values.shape[0] % block_size:
-            raise MistralExportError(f"{name}: K = {values.shape[0]} is not a multiple of --int4-block-size "
-                                     f"{block_size}; choose one of {', '.join(map(str, BLOCK_SIZES))} dividing it")
+            raise MistralExportError(
+                f"{name}: K = {values.shape[0]} is not a multiple of --int4-block-size "
+                f"{block_size}; choose one of {', '.join(map(str, BLOCK_SIZES))} dividing it"
+            )
         quantized, scale = quantize_blockwise(values, block_size)
         q = add_initializer(model.graph, f"{name}_quantized", quantized.astype(ml_dtypes.int4))
         s = add_initializer(model.graph, f"{name}_scale", scale.astype(values.dtype))

@@ -44,11 +44,11 @@ def quantize_per_output_channel(weight: Tensor) -> tuple[Tensor, np.ndarray]:
     scales = np.empty(rows, dtype=np.float16)
     step = max(1, BLOCK_ELEMENTS // max(1, cols))
     for start in range(0, rows, step):
-        w16 = weight[start:start + step].detach().to("cpu", torch.float16)
+        w16 = weight[start : start + step].detach().to("cpu", torch.float16)
         block_scales = symmetric_scales(w16.abs().amax(1).numpy())
         divided = w16.float().div_(torch.from_numpy(block_scales.astype(np.float32)).unsqueeze(1))
-        quantized[start:start + step] = divided.round_().clamp_(-INT8_MAX - 1, INT8_MAX).to(torch.int8)
-        scales[start:start + step] = block_scales
+        quantized[start : start + step] = divided.round_().clamp_(-INT8_MAX - 1, INT8_MAX).to(torch.int8)
+        scales[start : start + step] = block_scales
     return quantized, scales
 
 
@@ -105,7 +105,10 @@ def _quantize_activation(graph: ir.Graph, matmul: ir.Node, scale: np.ndarray, na
     zero = add_initializer(graph, f"{name}_input_zero_point", np.zeros((), dtype=np.int8))
     q = ir.node("QuantizeLinear", [x, s, zero])
     dq = ir.node("DequantizeLinear", [q.outputs[0], s, zero])
-    q.outputs[0].name, dq.outputs[0].name = f"{name}_input_QuantizeLinear_Output", f"{name}_input_DequantizeLinear_Output"
+    q.outputs[0].name, dq.outputs[0].name = (
+        f"{name}_input_QuantizeLinear_Output",
+        f"{name}_input_DequantizeLinear_Output",
+    )
     q.outputs[0].shape, q.outputs[0].type = x.shape, ir.TensorType(ir.DataType.INT8)
     dq.outputs[0].shape, dq.outputs[0].type = x.shape, x.type
     graph.insert_before(matmul, [q, dq])

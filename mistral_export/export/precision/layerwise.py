@@ -73,8 +73,9 @@ class CalibratedLayer:
 class LayerByLayer:
     """Runs calibration samples (token ids, all of one length) through a model one decoder layer at a time."""
 
-    def __init__(self, source: TensorSource, config: ModelConfig, samples: list[list[int]], device: str = "cpu",
-                 progress=None):
+    def __init__(
+        self, source: TensorSource, config: ModelConfig, samples: list[list[int]], device: str = "cpu", progress=None
+    ):
         if len({len(s) for s in samples}) != 1:
             raise AssertionError("calibration samples must have one length")
         self.source, self.config, self.device, self.progress = source, config, torch.device(device), progress
@@ -97,8 +98,11 @@ class LayerByLayer:
             hidden = embedding[self.ids].to(self.device, torch.float32)
             del embedding
         started = time.perf_counter()
-        task = None if self.progress is None else self.progress.add_task(
-            f"calibration: layer 1/{c.num_layers}", total=c.num_layers)
+        task = (
+            None
+            if self.progress is None
+            else self.progress.add_task(f"calibration: layer 1/{c.num_layers}", total=c.num_layers)
+        )
         try:
             for index in range(c.num_layers):
                 block = self._load_block(index)
@@ -116,8 +120,11 @@ class LayerByLayer:
                 eta = _minutes(elapsed / done * (c.num_layers - done))
                 log.info("calibrated layer %d/%d (%s elapsed, ETA %s)", done, c.num_layers, _minutes(elapsed), eta)
                 if task is not None:
-                    self.progress.update(task, advance=1, description=(
-                        f"calibration: layer {min(done + 1, c.num_layers)}/{c.num_layers}, ETA {eta}"))
+                    self.progress.update(
+                        task,
+                        advance=1,
+                        description=(f"calibration: layer {min(done + 1, c.num_layers)}/{c.num_layers}, ETA {eta}"),
+                    )
         finally:
             if task is not None:
                 self.progress.remove_task(task)
@@ -148,6 +155,7 @@ class LayerByLayer:
         def replay(block: Block) -> Tensor:
             with torch.inference_mode():
                 return self._run(block, hidden, [])
+
         return replay
 
     def _run(self, block: Block, hidden: Tensor, hooks: list) -> Tensor:
@@ -156,9 +164,11 @@ class LayerByLayer:
         handles = []
         for name, module in block.named_modules():
             if isinstance(module, nn.Linear):
+
                 def observe(module, args, name=name):
                     for hook in hooks:
                         hook.observe(name, args[0])
+
                 handles.append(module.register_forward_pre_hook(observe))
         outputs = torch.empty_like(hidden)
         shape = (c.num_kv_heads, c.cache_capacity, c.head_dim)
@@ -172,13 +182,13 @@ class LayerByLayer:
                     span = slice(start, start + length)
                     # Prefill chunks one sample at a time (attention scores of a chunk are the large buffer here);
                     # decode steps of the whole group at once.
-                    for part in ([slice(i, i + 1) for i in range(count)] if length > 1 else [slice(0, count)]):
+                    for part in [slice(i, i + 1) for i in range(count)] if length > 1 else [slice(0, count)]:
                         x = hidden[rows][part, span]
                         past_len = torch.full((x.shape[0],), start, dtype=torch.int64, device=self.device)
                         positions = past_len.unsqueeze(1) + torch.arange(length, device=self.device)
                         cos, sin = rotary_cos_sin(positions, self.inv_freq, x.dtype)
                         out, _ = block(x, cos, sin, past_len, (keys[part], values[part]))
-                        outputs[rows.start + part.start:rows.start + part.stop, span] = out
+                        outputs[rows.start + part.start : rows.start + part.stop, span] = out
         finally:
             for handle in handles:
                 handle.remove()

@@ -16,8 +16,11 @@ def matmul_weights(model: ir.Model) -> list[tuple[ir.Node, ir.Value]]:
     for node in model.graph:
         if node.op_type == "MatMul" and node.domain == "":
             weight = node.inputs[1]
-            if weight is not None and weight.is_initializer() and weight.dtype in (ir.DataType.FLOAT16,
-                                                                                  ir.DataType.FLOAT):
+            if (
+                weight is not None
+                and weight.is_initializer()
+                and weight.dtype in (ir.DataType.FLOAT16, ir.DataType.FLOAT)
+            ):
                 found.append((node, weight))
     return found
 

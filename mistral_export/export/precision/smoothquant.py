@@ -39,8 +39,9 @@ def smooth(model: Transformer, maxima: dict[str, Tensor], alpha: float) -> None:
     """
     for i, block in enumerate(model.layers):
         prefix = f"layers.{i}."
-        smooth_block(block, {k.removeprefix(prefix): v for k, v in maxima.items() if k.startswith(prefix)},
-                     alpha, model.config)
+        smooth_block(
+            block, {k.removeprefix(prefix): v for k, v in maxima.items() if k.startswith(prefix)}, alpha, model.config
+        )
 
 
 def column_abs_max(weight: Tensor) -> Tensor:
@@ -58,8 +59,9 @@ def smooth_block(block: Block, maxima: dict[str, Tensor], alpha: float, c: Model
     """
     attention, ffn = block.attention, block.feed_forward
     divisors = {}
-    s = smoothing_factors(maxima["attention.wq"], [attention.wq.weight, attention.wk.weight, attention.wv.weight],
-                          alpha)
+    s = smoothing_factors(
+        maxima["attention.wq"], [attention.wq.weight, attention.wk.weight, attention.wv.weight], alpha
+    )
     _fold(block.attention_norm.weight, s, [attention.wq.weight, attention.wk.weight, attention.wv.weight])
     divisors.update({"attention.wq": s, "attention.wk": s, "attention.wv": s})
 

@@ -26,9 +26,17 @@ class W8A8Statistics:
     smoothing: dict[str, Tensor] = field(default_factory=dict)  # Linear → its input's divisor per channel
 
 
-def smoothquant_tensors(source: TensorSource, config: ModelConfig, samples: list[list[int]], alpha: float | None,
-                        statistics: W8A8Statistics, *, last_token_logits: bool = False, device: str = "cpu",
-                        progress=None) -> Iterator[tuple[str, Tensor]]:
+def smoothquant_tensors(
+    source: TensorSource,
+    config: ModelConfig,
+    samples: list[list[int]],
+    alpha: float | None,
+    statistics: W8A8Statistics,
+    *,
+    last_token_logits: bool = False,
+    device: str = "cpu",
+    progress=None,
+) -> Iterator[tuple[str, Tensor]]:
     """(name, fp32 tensor) of every parameter, each layer smoothed after its calibration; fills `statistics`."""
     yield "tok_embeddings.weight", source("tok_embeddings.weight")
     layers = LayerByLayer(source, config, samples, device, progress)
