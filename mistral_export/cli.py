@@ -52,6 +52,8 @@ CalibDataOpt = Annotated[Optional[Path], typer.Option(help="int8: calibration te
                                                            "field); default: the packaged calibration text.")]
 CalibSamplesOpt = Annotated[int, typer.Option(min=1, help="int8: calibration samples.")]
 CalibSeqLenOpt = Annotated[int, typer.Option(min=2, help="int8: tokens per calibration sample.")]
+NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Refuse, instead of waiting, when another process is "
+                                                           "writing into the output folder.")]
 
 
 @contextlib.contextmanager
@@ -161,6 +163,7 @@ def build(
                                                                                 "level (default: TensorRT's, 3).")] = None,
     timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache, reused across builds "
                                                               "(default ~/.cache/mistral-export/).")] = None,
+    no_wait: NoWaitOpt = False,
 ) -> None:
     """Checkpoint to serving artifacts in one folder: tokenizer, ONNX of the precision, then a TensorRT engine for
     this GPU or the ONNX Runtime artifact. Stages whose inputs did not change are skipped."""
@@ -176,7 +179,7 @@ def build(
     with user_errors():
         out = run_build(model, output, precision.value, backend.value, opset=opset, last_token_logits=last_token_logits,
                         plugin_impl=plugin_impl.value, precision_options=precision_options,
-                        engine_options=engine_options, progress=progress)
+                        engine_options=engine_options, progress=progress, wait=not no_wait)
     _print_build_summary(out)
 
 
@@ -201,8 +204,10 @@ def generate(
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 64,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Prefill the prompt in chunks of this many tokens.")] = None,
-    backend: Annotated[RunBackend, typer.Option(help="eager: the PyTorch reference model; onnxruntime: an ONNX Runtime "
-                                                  "artifact (--build) or export (--onnx); tensorrt: an engine (--build).")] = RunBackend.eager,
+    backend: Annotated[Optional[RunBackend], typer.Option(
+        help="eager: the PyTorch reference model; onnxruntime: an ONNX Runtime artifact (--build) or export (--onnx); "
+             "tensorrt: an engine (--build). Default: with --build as `build --backend auto` picks (a TensorRT engine "
+             "for this GPU where TensorRT imports, else ONNX Runtime), with --onnx onnxruntime, else eager.")] = None,
     build_dir: Annotated[Optional[Path], typer.Option("--build", help="A build folder (from `build`) for --backend "
                                                                       "onnxruntime|tensorrt.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Which precision of the build folder to run.")] = None,
@@ -215,6 +220,7 @@ def generate(
     from mistral_export.model.tokenizer import find_tokenizer_source, load_tokenizer
 
     with user_errors():
+        backend = _run_backend(backend, build_dir, onnx, precision)
         runner = _make_runner(model, backend, build_dir, precision, onnx, device, attention)
         folder = resolve_model_dir(model) if model else None
         if build_dir is not None and find_tokenizer_source(build_dir):
@@ -224,6 +230,28 @@ def generate(
                                      (f" ('{model}' has shapes only)" if model else ""))
         tokenizer = load_tokenizer(folder)
         _stream(runner, tokenizer, prompt, max_new_tokens, chunk_size)
+
+
+def _run_backend(requested: RunBackend | None, build_dir: Path | None, onnx: Path | None,
+                 precision: str | None) -> RunBackend:
+    """--backend, or the default: for --build what `build --backend auto` would build (said on stderr)."""
+    from mistral_export.artifacts.folder import find_artifacts, is_build_folder
+
+    if onnx is not None and is_build_folder(onnx):
+        raise MistralExportError(f"--onnx {onnx}: this is a build folder (it has build.json), not an export folder; "
+                                 f"run it with --build {onnx}")
+    if requested is not None:
+        return requested
+    if build_dir is None:
+        return RunBackend.onnxruntime if onnx is not None else RunBackend.eager
+    from mistral_export.pipeline.build import choose_backend
+
+    chosen, _, why = choose_backend("auto")
+    if chosen == "tensorrt" and not any(a.backend == "tensorrt" for a in find_artifacts(build_dir, precision)):
+        why = f"{why}, but {build_dir} holds no TensorRT engine" + (f" of {precision}" if precision else "")
+        chosen = "onnxruntime"
+    typer.echo(f"[generate] backend: {chosen} ({why}; --backend overrides)", err=True)
+    return RunBackend(chosen)
 
 
 def _make_runner(model: str | None, backend: RunBackend, build_dir: Path | None, precision: str | None, onnx: Path | None,
@@ -274,23 +302,26 @@ def _providers(device: Device) -> list[str]:
 
 
 def _stream(runner, tokenizer, prompt: str, max_new_tokens: int, chunk_size: int | None) -> None:
-    from mistral_export.runners.base import greedy_tokens
+    from mistral_export.runners.base import check_generation_fits, greedy_tokens
 
     prompt_ids = tokenizer.encode(prompt)
+    check_generation_fits(runner, len(prompt_ids), max_new_tokens)  # refused before anything is printed
     typer.echo(prompt, nl=False)
     generated: list[int] = []
     shown = ""
     started = time.perf_counter()
     first_token_at = None
-    for token in greedy_tokens(runner, prompt_ids, max_new_tokens, chunk_size, stop_id=tokenizer.eos_id):
-        first_token_at = first_token_at or time.perf_counter()
-        generated.append(token)
-        text = tokenizer.decode(generated)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    typer.echo("")
+    try:
+        for token in greedy_tokens(runner, prompt_ids, max_new_tokens, chunk_size, stop_id=tokenizer.eos_id):
+            first_token_at = first_token_at or time.perf_counter()
+            generated.append(token)
+            text = tokenizer.decode(generated)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+    finally:  # the streamed text ends its line, whatever ends it: an error after it starts on a line of its own
+        typer.echo("")
     if len(generated) > 1:
         decode_seconds = time.perf_counter() - first_token_at
         typer.echo(f"[generate] {len(prompt_ids)} prompt tokens, first token after "
@@ -366,13 +397,15 @@ def package(
     backend: Annotated[Optional[DeployBackend], typer.Option(help="Which artifact to serve (default: TensorRT "
                                                                   "engines if the build has them, else ONNX Runtime).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Which precision, when the build has several.")] = None,
+    no_wait: NoWaitOpt = False,
 ) -> None:
     """Write a Triton Inference Server model repository (text generation, streaming, in-flight batching)."""
     from mistral_export.deploy.repository import package as write_repository
 
     with user_errors():
         written = write_repository(build_dir, output, name=name, max_batch=max_batch, instances=instances,
-                                   backend=backend.value if backend else None, precision=precision)
+                                   backend=backend.value if backend else None, precision=precision,
+                                   wait=not no_wait)
     for folder in written:
         typer.echo(f"wrote {folder}")
     typer.echo(f"start it with: mistral-export serve {output}")

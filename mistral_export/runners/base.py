@@ -90,9 +90,22 @@ def prefill(runner: Runner, prompt_ids: Tensor, chunk_size: int | None = None) -
     return torch.cat(outputs, dim=1)
 
 
+def check_generation_fits(runner: Runner, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse, before any step, a generation that would pass a linear (window-less) cache: the prompt and every new
+    token but the last are run (the last is chosen, never run)."""
+    end = prompt_tokens + max_new_tokens - 1
+    if not runner.cache_wraps and end > runner.cache_capacity:
+        fits = runner.cache_capacity - prompt_tokens + 1
+        raise MistralExportError(
+            f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} needs {end} cache slots, more "
+            f"than the cache capacity {runner.cache_capacity} of this model without sliding window; "
+            + (f"ask for at most {fits} new tokens" if fits > 0 else "shorten the prompt"))
+
+
 def greedy_tokens(runner: Runner, prompt_ids: list[int], max_new_tokens: int,
                   chunk_size: int | None = None, stop_id: int | None = None) -> Iterator[int]:
-    """Greedy continuation of one prompt, yielded token by token."""
+    """Greedy continuation of one prompt, yielded token by token (refused before any step if it cannot fit)."""
+    check_generation_fits(runner, len(prompt_ids), max_new_tokens)
     runner.reset(1)
     logits = prefill(runner, torch.tensor([prompt_ids], dtype=torch.int64), chunk_size)
     position = len(prompt_ids)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ TRACE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.floa
 DEFAULT_SMOOTHQUANT_ALPHA = 0.5
 PRECISION_KEY = "mistral_export.precision"
 QUANTIZATION_KEY = "mistral_export.quantization"
+
+log = logging.getLogger(__name__)
 
 
 def check_precision(precision: str) -> None:
@@ -102,6 +105,7 @@ def _quantize_w8a8(model_or_folder, staging: Path, options: dict, calibration: C
         "weights": "int8, symmetric, one scale per output channel",
         "activations": "int8, symmetric, one static scale per tensor (MinMax over the calibration steps)",
         "calibration": calibration.describe()})
+    log.info("calibration: %d samples of %d tokens", len(samples), calibration.seq_len)
     with _progress_bars(progress) as bars:
         if alpha is not None:
             maxima = input_channel_maxima(model, calibration_steps(model, samples, bars))
