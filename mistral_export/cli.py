@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import sys
 import time
@@ -64,6 +65,17 @@ def user_errors():
     except MistralExportError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except OSError as exc:
+        if exc.errno not in _OUT_OF_SPACE:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        typer.echo(f"error: out of space{where}: {exc.strerror} (free disk space, or raise the file size limit, then "
+                   f"run the command again: what it finished is kept, nothing half-written is)", err=True)
+        raise typer.Exit(2) from None
+
+
+# A full disk, a quota, or a file size limit (RLIMIT_FSIZE) reached: the machine's state, not a bug to trace back.
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @app.command()
@@ -424,15 +436,17 @@ def serve(
 
     from mistral_export.deploy.server import Ports, running_server
 
+    # `kill` stops it as cleanly as Ctrl-C, from the first instant: a SIGTERM while the server loads must stop it too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     ports = Ports(http_port, grpc_port, metrics_port)
-    with user_errors(), running_server(repository, ports, host) as process:
-        typer.echo(f"ready: HTTP http://{host}:{ports.http}  gRPC {host}:{ports.grpc}  "
-                   f"metrics http://{host}:{ports.metrics}/metrics  (Ctrl-C stops)", err=True)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
-        try:
+    try:
+        with user_errors(), running_server(repository, ports, host) as process:
+            typer.echo(f"ready: HTTP http://{host}:{ports.http}  gRPC {host}:{ports.grpc}  "
+                       f"metrics http://{host}:{ports.metrics}/metrics  (Ctrl-C stops)", err=True)
             process.wait()
-        except KeyboardInterrupt:
-            typer.echo("stopping tritonserver", err=True)
+    except KeyboardInterrupt:
+        typer.echo("stopped tritonserver", err=True)
+        return
     if process.returncode not in (0, -signal.SIGTERM):
         raise typer.Exit(1)
 

@@ -5,10 +5,17 @@ the `nvidia-pytriton` wheel ships (Python backend only, enough for the ONNX Runt
 needs a backend folder holding the Python stub built for the running Python, so `serve` assembles a
 writable copy of the wheel's backends with the matching stub. The stub's embedded Python finds
 packages through the `python3` on PATH, so the server starts with this environment's bin first.
+
+Shutdown: the server runs in a process group of its own (with its Python stubs), so a terminal's Ctrl-C reaches only
+`serve`, which stops it once: SIGTERM (Triton's clean shutdown: no new requests, in-flight ones get
+EXIT_TIMEOUT_S to finish, the models' finalize fails the rest with an error their clients see), then SIGKILL to
+the whole group after STOP_TIMEOUT_S or at a second signal. The server gets SIGTERM from the kernel if `serve`
+itself dies (PR_SET_PDEATHSIG, SIGTERM): no server is left behind without its `serve`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -25,7 +32,9 @@ from pathlib import Path
 from mistral_export.errors import MistralExportError
 
 READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
+EXIT_TIMEOUT_S = 5  # Triton waits this long for in-flight requests after SIGTERM (its default, 30 s, outlasts users)
+STOP_TIMEOUT_S = 10.0  # then the server's group is killed
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ def server_command(repository: Path, ports: Ports, host: str, work: Path) -> tup
     command = [binary, f"--model-repository={repository}", *extra,
                f"--http-address={host}", f"--http-port={ports.http}",
                f"--grpc-address={host}", f"--grpc-port={ports.grpc}",
-               f"--metrics-address={host}", f"--metrics-port={ports.metrics}"]
+               f"--metrics-address={host}", f"--metrics-port={ports.metrics}", f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
     return command, env
 
 
@@ -101,15 +110,45 @@ def wait_ready(process: subprocess.Popen, host: str, port: int, timeout: float =
 
 
 def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
-    """SIGTERM (Triton's clean shutdown: in-flight requests finish, models unload), then SIGKILL if stuck."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+    """SIGTERM (Triton's clean shutdown), then SIGKILL to the server's process group if it is still running after
+    TIMEOUT or a second signal interrupts the wait. Returns the server's exit code.
+
+    The group is killed once more after the server has exited but before it is reaped (its pid, and so the group's
+    id, cannot be reused yet): a Python stub that outlived its server goes with it."""
+    if process.returncode is None:
         try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
+            process.send_signal(signal.SIGTERM)
+            _wait_unreaped(process.pid, timeout)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            _kill_group(process.pid)
+            _wait_unreaped(process.pid, None)
+        _kill_group(process.pid)
+    return process.wait()
+
+
+def _wait_unreaped(pid: int, timeout: float | None) -> None:
+    """Until process PID has exited, leaving it a zombie (os.waitid WNOWAIT): Popen.wait reaps it afterwards."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(str(pid), timeout)
+        time.sleep(0.05)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before exec: the kernel sends it SIGTERM (a clean shutdown, stubs included) when
+    `serve` dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: serve's own handlers still stop it
+        pass
 
 
 @contextmanager
@@ -122,7 +161,7 @@ def running_server(repository: Path, ports: Ports, host: str = "127.0.0.1", log=
     with tempfile.TemporaryDirectory(prefix="mistral-export-triton-") as work:
         command, env = server_command(repository, ports, host, Path(work))
         # Its own session: Ctrl-C reaches only us, and we stop the server once (a second signal kills it).
-        process = subprocess.Popen(command, env=env, start_new_session=True,
+        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent,
                                    stdout=log, stderr=subprocess.STDOUT if log is not None else None)
         try:
             wait_ready(process, host, ports.http)
