@@ -434,7 +434,7 @@ def serve(
     """Start Triton Inference Server on REPOSITORY; Ctrl-C shuts it down cleanly."""
     import signal
 
-    from mistral_export.deploy.server import Ports, running_server
+    from mistral_export.deploy.server import Ports, ServerFault, running_server, supervise
 
     # `kill` stops it as cleanly as Ctrl-C, from the first instant: a SIGTERM while the server loads must stop it too.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -443,11 +443,16 @@ def serve(
         with user_errors(), running_server(repository, ports, host) as process:
             typer.echo(f"ready: HTTP http://{host}:{ports.http}  gRPC {host}:{ports.grpc}  "
                        f"metrics http://{host}:{ports.metrics}/metrics  (Ctrl-C stops)", err=True)
-            process.wait()
+            try:
+                supervise(process)
+            except ServerFault as fault:
+                typer.echo(f"error: {fault}; stopping the server (restart `mistral-export serve`)", err=True)
+                raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("stopped tritonserver", err=True)
         return
     if process.returncode not in (0, -signal.SIGTERM):
+        typer.echo(f"error: tritonserver exited with code {process.returncode} (its log above says why)", err=True)
         raise typer.Exit(1)
 
 

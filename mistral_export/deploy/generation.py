@@ -178,7 +178,9 @@ class Sink:
     def send(self, text: str, final: bool) -> None:
         raise NotImplementedError
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, unavailable: bool = False) -> None:
+        """End the request with an error. `unavailable`: the server, not the request, is why (it is shutting
+        down): the client may retry elsewhere."""
         raise NotImplementedError
 
     def cancelled(self) -> bool:
@@ -246,7 +248,7 @@ class Generation:
             self.sink.send(text if r.exclude_input else r.prompt + text, final=True)
         return self.done
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, unavailable: bool = False) -> None:
         self.done = True
-        self.sink.fail(message)
+        self.sink.fail(message, unavailable)
 

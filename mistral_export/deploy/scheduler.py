@@ -6,7 +6,8 @@ next turns), and then runs one decode step that serves every decoding sequence a
 (the graph takes past_len per sequence). A request whose prefill is done
 joins the decoding batch; a finished or cancelled one leaves it, and the last decoding sequence moves
 into its slot, so the decoding sequences always sit in slots 0..n-1 and a step binds them as one block.
-Requests beyond the batch wait in arrival order.
+Requests beyond the batch wait in arrival order. Closing (the model unloads: the server is shutting down) ends
+every request not finished yet with an error, so no client mistakes a cut generation for a complete one.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class InFlightBatcher:
             self._closed = True
             self._wake.notify()
         self._thread.join()
+        for generation in [*self._waiting, *filter(None, [self._prefilling]), *self._decoding]:
+            generation.fail(f"the server is shutting down: generation cut after {len(generation.tokens)} of "
+                            f"{generation.request.max_tokens} tokens", unavailable=True)
+        self._waiting, self._prefilling, self._decoding = deque(), None, []
 
     @property
     def active(self) -> int:

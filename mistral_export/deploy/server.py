@@ -11,6 +11,12 @@ Shutdown: the server runs in a process group of its own (with its Python stubs),
 EXIT_TIMEOUT_S to finish, the models' finalize fails the rest with an error their clients see), then SIGKILL to
 the whole group after STOP_TIMEOUT_S or at a second signal. The server gets SIGTERM from the kernel if `serve`
 itself dies (PR_SET_PDEATHSIG, SIGTERM): no server is left behind without its `serve`.
+
+A model's Python stub dying (killed, out of memory) is fatal: Triton's Python backend neither answers the dead
+stub's in-flight requests (their clients would wait forever) nor reports the model unready; it restarts the stub
+only when the next request arrives. So `serve` watches the stubs (`supervise`) and, when one dies, stops the
+server (its health endpoints say not ready, in-flight requests end with an error as their connections close) and
+exits with code 1 and a message: a process supervisor (systemd, Kubernetes) restarts it whole, with a fresh stub.
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ READY_TIMEOUT_S = 120.0
 EXIT_TIMEOUT_S = 5  # Triton waits this long for in-flight requests after SIGTERM (its default, 30 s, outlasts users)
 STOP_TIMEOUT_S = 10.0  # then the server's group is killed
 PR_SET_PDEATHSIG = 1
+STUB_NAME = "triton_python_backend_stub"
+WATCH_INTERVAL_S = 0.5
+
+
+class ServerFault(Exception):
+    """The server can no longer serve a model (its backend process died): `serve` stops it and exits 1."""
 
 
 @dataclass(frozen=True)
@@ -115,9 +127,9 @@ def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
 
     The group is killed once more after the server has exited but before it is reaped (its pid, and so the group's
     id, cannot be reused yet): a Python stub that outlived its server goes with it."""
-    if process.returncode is None:
+    if process.returncode is None:  # not reaped yet: its pid, and its group's id, are still the server's
         try:
-            process.send_signal(signal.SIGTERM)
+            os.kill(process.pid, signal.SIGTERM)  # not Popen.send_signal: that reaps an exited server first
             _wait_unreaped(process.pid, timeout)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             _kill_group(process.pid)
@@ -129,10 +141,13 @@ def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
 def _wait_unreaped(pid: int, timeout: float | None) -> None:
     """Until process PID has exited, leaving it a zombie (os.waitid WNOWAIT): Popen.wait reaps it afterwards."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        if deadline is not None and time.monotonic() > deadline:
-            raise subprocess.TimeoutExpired(str(pid), timeout)
-        time.sleep(0.05)
+    try:
+        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(pid), timeout)
+            time.sleep(0.05)
+    except ChildProcessError:  # already reaped (Popen.poll): nothing left to wait for
+        pass
 
 
 def _kill_group(pgid: int) -> None:
@@ -140,6 +155,47 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def supervise(process: subprocess.Popen, interval: float = WATCH_INTERVAL_S) -> None:
+    """Return when the server exits; raise ServerFault when one of its Python stubs dies first."""
+    stubs: dict[int, str] = {}
+    while True:
+        try:
+            _wait_unreaped(process.pid, interval)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        for pid, model in stubs.items():
+            if not _running(pid):
+                raise ServerFault(f"the Python backend stub of model '{model}' (pid {pid}) died: its requests can "
+                                  f"no longer be answered")
+        stubs.update(_stubs(process.pid))  # stubs start while models load (and again if Triton restarts one)
+
+
+def _stubs(server_pid: int) -> dict[int, str]:
+    """pid -> model name of the server's Python stubs (their command line: STUB model_repository/NAME/1/model.py ...).
+
+    Read from /proc by hand: psutil would be a dependency for these few lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == server_pid and command and command[0].endswith(STUB_NAME.encode()) and len(command) > 1:
+            found[int(entry.name)] = Path(command[1].decode()).parent.parent.name
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _die_with_parent() -> None:
