@@ -7,9 +7,12 @@ writable copy of the wheel's backends with the matching stub. The stub's embedde
 packages through the `python3` on PATH, so the server starts with this environment's bin first.
 
 Shutdown: the server runs in a process group of its own (with its Python stubs), so a terminal's Ctrl-C reaches only
-`serve`, which stops it once: SIGTERM (Triton's clean shutdown: no new requests, in-flight ones get
-EXIT_TIMEOUT_S to finish, the models' finalize fails the rest with an error their clients see), then SIGKILL to
-the whole group after STOP_TIMEOUT_S or at a second signal. The server gets SIGTERM from the kernel if `serve`
+`serve`, which stops it once. First it announces the shutdown to the models (it creates the file the server's
+environment names in SHUTDOWN_FILE_ENV; the generate model ends its running requests with an error when it appears:
+Triton itself keeps a model ready while it waits for open HTTP streams, then exits with them open, and an HTTP
+stream cut that way looks finished to its client). Then SIGTERM (Triton's clean shutdown: no new requests,
+in-flight ones get EXIT_TIMEOUT_S to finish), then SIGKILL to the whole group after STOP_TIMEOUT_S or at a second
+signal. The server gets SIGTERM from the kernel if `serve`
 itself dies (PR_SET_PDEATHSIG, SIGTERM): no server is left behind without its `serve`.
 
 A model's Python stub dying (killed, out of memory) is fatal: Triton's Python backend neither answers the dead
@@ -41,8 +44,10 @@ READY_TIMEOUT_S = 120.0
 EXIT_TIMEOUT_S = 5  # Triton waits this long for in-flight requests after SIGTERM (its default, 30 s, outlasts users)
 STOP_TIMEOUT_S = 10.0  # then the server's group is killed
 PR_SET_PDEATHSIG = 1
+SHUTDOWN_FILE_ENV = "MISTRAL_EXPORT_SHUTDOWN_FILE"  # the server's models see the shutdown begin when it exists
 STUB_NAME = "triton_python_backend_stub"
 WATCH_INTERVAL_S = 0.5
+FAULT_STOP_TIMEOUT_S = 2.0
 
 
 class ServerFault(Exception):
@@ -87,7 +92,8 @@ def server_command(repository: Path, ports: Ports, host: str, work: Path) -> tup
     The environment puts this Python's bin first on PATH (the stub imports mistral_export through it);
     with the wheel's server also its bundled libraries on LD_LIBRARY_PATH (the stub links against them).
     """
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               **{SHUTDOWN_FILE_ENV: str(shutdown_file(work))})
     binary = shutil.which("tritonserver")
     extra: list[str] = []
     if binary is None:
@@ -121,14 +127,21 @@ def wait_ready(process: subprocess.Popen, host: str, port: int, timeout: float =
     raise MistralExportError(f"tritonserver was not ready after {timeout:.0f} s")
 
 
-def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
-    """SIGTERM (Triton's clean shutdown), then SIGKILL to the server's process group if it is still running after
-    TIMEOUT or a second signal interrupts the wait. Returns the server's exit code.
+def shutdown_file(work: Path) -> Path:
+    return Path(work) / "shutting-down"
+
+
+def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S, announce: Path | None = None) -> int:
+    """Create ANNOUNCE (the models end their requests), SIGTERM (Triton's clean shutdown), then SIGKILL to the
+    server's process group if it is still running after TIMEOUT or a second signal interrupts the wait. Returns the
+    server's exit code.
 
     The group is killed once more after the server has exited but before it is reaped (its pid, and so the group's
     id, cannot be reused yet): a Python stub that outlived its server goes with it."""
     if process.returncode is None:  # not reaped yet: its pid, and its group's id, are still the server's
         try:
+            if announce is not None:
+                announce.touch()
             os.kill(process.pid, signal.SIGTERM)  # not Popen.send_signal: that reaps an exited server first
             _wait_unreaped(process.pid, timeout)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
@@ -158,36 +171,54 @@ def _kill_group(pgid: int) -> None:
 
 
 def supervise(process: subprocess.Popen, interval: float = WATCH_INTERVAL_S) -> None:
-    """Return when the server exits; raise ServerFault when one of its Python stubs dies first."""
+    """Return when the server exits; when one of its Python stubs dies first, stop the server and raise ServerFault."""
     stubs: dict[int, str] = {}
     while True:
         try:
             _wait_unreaped(process.pid, interval)
-            return
+            exited = True
         except subprocess.TimeoutExpired:
-            pass
+            exited = False
         for pid, model in stubs.items():
-            if not _running(pid):
-                raise ServerFault(f"the Python backend stub of model '{model}' (pid {pid}) died: its requests can "
-                                  f"no longer be answered")
-        stubs.update(_stubs(process.pid))  # stubs start while models load (and again if Triton restarts one)
+            if not _running(pid):  # the server may abort with it (a lock the stub held in shared memory)
+                # No clean shutdown to wait for: Triton cannot unload a model whose stub is gone.
+                stop(process, timeout=FAULT_STOP_TIMEOUT_S)
+                raise ServerFault(f"the Python backend stub {model} (pid {pid}) died"
+                                  + (", and the server with it" if exited else ": its requests can no longer be answered"))
+        if exited:
+            return
+        stubs.update(_stubs(process.pid, stubs))  # stubs start while models load (and again if Triton restarts one)
 
 
-def _stubs(server_pid: int) -> dict[int, str]:
-    """pid -> model name of the server's Python stubs (their command line: STUB model_repository/NAME/1/model.py ...).
-
-    Read from /proc by hand: psutil would be a dependency for these few lines."""
-    found = {}
+def _stubs(server_pid: int, known: dict[int, str]) -> dict[int, str]:
+    """pid -> which model ("of model 'NAME'") of the server's Python stubs: its descendants running the stub program (the backend may
+    start them through a shell). Names come from /proc/PID/stat (no lock on the process's memory, unlike cmdline:
+    reading a busy process's cmdline can wait for seconds); a new stub's cmdline is read once, for its model (argv:
+    STUB model_repository/NAME/1/model.py ...). By hand: psutil would be a dependency for these few lines."""
+    parents, names = {}, {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                names[int(entry.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
+            except (OSError, IndexError, ValueError):
+                continue
+    tree = {server_pid}
+    for _ in range(4):  # the stub sits one or two levels below the server
+        tree |= {pid for pid, parent in parents.items() if parent in tree}
+    found = {}
+    for pid in tree - {server_pid}:
+        if names.get(pid) != STUB_NAME[:15]:  # the kernel keeps 15 characters of a program's name
+            continue
+        if pid in known:
+            found[pid] = known[pid]
             continue
         try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == server_pid and command and command[0].endswith(STUB_NAME.encode()) and len(command) > 1:
-            found[int(entry.name)] = Path(command[1].decode()).parent.parent.name
+            command = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            found[pid] = f"of model '{Path(command[1].decode()).parent.parent.name}'"
+        except (OSError, IndexError, UnicodeDecodeError):  # its command line may read empty: name no model
+            found[pid] = "of a model"
     return found
 
 
@@ -223,4 +254,4 @@ def running_server(repository: Path, ports: Ports, host: str = "127.0.0.1", log=
             wait_ready(process, host, ports.http)
             yield process
         finally:
-            stop(process)
+            stop(process, announce=shutdown_file(Path(work)))
