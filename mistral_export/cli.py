@@ -230,6 +230,7 @@ def generate(
     """Greedy generation, tokens streamed to the terminal as they come."""
     from mistral_export.model.config import resolve_model_dir
     from mistral_export.model.tokenizer import find_tokenizer_source, load_tokenizer
+    from mistral_export.runners.base import check_generation_fits
 
     with user_errors():
         backend = _run_backend(backend, build_dir, onnx, precision)
@@ -241,6 +242,8 @@ def generate(
             raise MistralExportError("no tokenizer: pass a checkpoint folder or 'tiny' as MODEL" +
                                      (f" ('{model}' has shapes only)" if model else ""))
         tokenizer = load_tokenizer(folder)
+        prompt_ids = tokenizer.encode(prompt)
+        check_generation_fits(runner, len(prompt_ids), max_new_tokens)  # refused before anything is printed
         _stream(runner, tokenizer, prompt, max_new_tokens, chunk_size)
 
 
@@ -314,10 +317,9 @@ def _providers(device: Device) -> list[str]:
 
 
 def _stream(runner, tokenizer, prompt: str, max_new_tokens: int, chunk_size: int | None) -> None:
-    from mistral_export.runners.base import check_generation_fits, greedy_tokens
+    from mistral_export.runners.base import greedy_tokens
 
     prompt_ids = tokenizer.encode(prompt)
-    check_generation_fits(runner, len(prompt_ids), max_new_tokens)  # refused before anything is printed
     typer.echo(prompt, nl=False)
     generated: list[int] = []
     shown = ""
