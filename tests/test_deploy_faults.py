@@ -41,8 +41,7 @@ def repository(tiny_build, tmp_path_factory):
 
 
 def process_tree(root: int) -> dict[int, str]:
-    """pid -> command of ROOT's descendants, from /proc (cmdline read for those only: reading a busy process's
-    cmdline can wait on its memory lock)."""
+    """pid -> command of ROOT's descendants, from /proc."""
     parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

@@ -9,10 +9,10 @@ into its slot, so the decoding sequences always sit in slots 0..n-1 and a step b
 Requests beyond the batch wait in arrival order.
 
 Shutdown: Triton unloads a model only once its requests are done, and after its exit timeout it exits with their
-streams open (an HTTP stream then simply stops: its client cannot tell it from a finished one). So while sequences
-run, the loop asks `serving()` (the model's readiness, which Triton drops as soon as shutdown begins) a few times
-a second, and when it turns false ends every request not finished yet with an error saying so; `close` does the
-same for whatever is left.
+streams open (an HTTP stream then simply stops: its client cannot tell it from a finished one). So while requests
+run, the loop asks `serving()` a few times a second (the generate model answers from `mistral-export serve`'s
+announcement of the shutdown and the model's readiness), and when it turns false ends every request not finished
+yet with an error saying so; `close` does the same for whatever is left.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ environment names in SHUTDOWN_FILE_ENV; the generate model ends its running requ
 Triton itself keeps a model ready while it waits for open HTTP streams, then exits with them open, and an HTTP
 stream cut that way looks finished to its client). Then SIGTERM (Triton's clean shutdown: no new requests,
 in-flight ones get EXIT_TIMEOUT_S to finish), then SIGKILL to the whole group after STOP_TIMEOUT_S or at a second
-signal. The server gets SIGTERM from the kernel if `serve`
-itself dies (PR_SET_PDEATHSIG, SIGTERM): no server is left behind without its `serve`.
+signal. The server gets SIGTERM from the kernel if `serve` itself dies (PR_SET_PDEATHSIG): no server is left
+behind without its `serve`.
 
 A model's Python stub dying (killed, out of memory) is fatal: Triton's Python backend neither answers the dead
 stub's in-flight requests (their clients would wait forever) nor reports the model unready; it restarts the stub
@@ -191,10 +191,10 @@ def supervise(process: subprocess.Popen, interval: float = WATCH_INTERVAL_S) -> 
 
 
 def _stubs(server_pid: int, known: dict[int, str]) -> dict[int, str]:
-    """pid -> which model ("of model 'NAME'") of the server's Python stubs: its descendants running the stub program (the backend may
-    start them through a shell). Names come from /proc/PID/stat (no lock on the process's memory, unlike cmdline:
-    reading a busy process's cmdline can wait for seconds); a new stub's cmdline is read once, for its model (argv:
-    STUB model_repository/NAME/1/model.py ...). By hand: psutil would be a dependency for these few lines."""
+    """pid -> which model ("of model 'NAME'") for the server's Python stubs: its descendants whose program name
+    (/proc/PID/stat) is the stub's; the backend may start them through a shell. A new stub's command line (STUB
+    model_repository/NAME/1/model.py ...) is read once for the model's name; seen from `serve` it sometimes reads
+    empty, and the stub is watched all the same. By hand: psutil would be a dependency for these few lines."""
     parents, names = {}, {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
