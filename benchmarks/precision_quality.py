@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "precision_quality")
     args = parser.parse_args()
     origin = provenance(("torch", "onnx", "onnxruntime"))
-    from test_precision import outlier_model
+    from helpers import outlier_model
 
     tiny = load_model("tiny")
     ids = held_out_ids()

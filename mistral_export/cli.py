@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import sys
 import time
@@ -59,6 +60,8 @@ CalibDataOpt = Annotated[Optional[Path], typer.Option(help="int8, int4-awq, fp8:
 CalibSamplesOpt = Annotated[int, typer.Option(min=1, help="int8, int4-awq, fp8: calibration samples.")]
 CalibSeqLenOpt = Annotated[int, typer.Option(min=2, help="int8, int4-awq, fp8: tokens per calibration sample.")]
 CalibDeviceOpt = Annotated[Device, typer.Option(help="int8: where the layer-by-layer calibration runs.")]
+NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Refuse, instead of waiting, when another process is "
+                                                           "writing into the output folder.")]
 
 
 @contextlib.contextmanager
@@ -69,6 +72,17 @@ def user_errors():
     except MistralExportError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except OSError as exc:
+        if exc.errno not in _OUT_OF_SPACE:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        typer.echo(f"error: out of space{where}: {exc.strerror} (free disk space, or raise the file size limit, then "
+                   f"run the command again: what it finished is kept, nothing half-written is)", err=True)
+        raise typer.Exit(2) from None
+
+
+# A full disk, a quota, or a file size limit (RLIMIT_FSIZE) reached: the machine's state, not a bug to trace back.
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @app.command()
@@ -176,6 +190,7 @@ def build(
                                                                                 "level (default: TensorRT's, 3).")] = None,
     timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache, reused across builds "
                                                               "(default ~/.cache/mistral-export/).")] = None,
+    no_wait: NoWaitOpt = False,
 ) -> None:
     """Checkpoint to serving artifacts in one folder: tokenizer, ONNX of the precision, then a TensorRT engine for
     this GPU or the ONNX Runtime artifact. Stages whose inputs did not change are skipped."""
@@ -192,7 +207,7 @@ def build(
     with user_errors():
         out = run_build(model, output, precision.value, backend.value, opset=opset, last_token_logits=last_token_logits,
                         plugin_impl=plugin_impl.value, precision_options=precision_options,
-                        engine_options=engine_options, progress=progress)
+                        engine_options=engine_options, progress=progress, wait=not no_wait)
     _print_build_summary(out)
 
 
@@ -217,8 +232,10 @@ def generate(
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 64,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Prefill the prompt in chunks of this many tokens.")] = None,
-    backend: Annotated[RunBackend, typer.Option(help="eager: the PyTorch reference model; onnxruntime: an ONNX Runtime "
-                                                  "artifact (--build) or export (--onnx); tensorrt: an engine (--build).")] = RunBackend.eager,
+    backend: Annotated[Optional[RunBackend], typer.Option(
+        help="eager: the PyTorch reference model; onnxruntime: an ONNX Runtime artifact (--build) or export (--onnx); "
+             "tensorrt: an engine (--build). Default: with --build as `build --backend auto` picks (a TensorRT engine "
+             "for this GPU where TensorRT imports, else ONNX Runtime), with --onnx onnxruntime, else eager.")] = None,
     build_dir: Annotated[Optional[Path], typer.Option("--build", help="A build folder (from `build`) for --backend "
                                                                       "onnxruntime|tensorrt.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Which precision of the build folder to run.")] = None,
@@ -229,8 +246,10 @@ def generate(
     """Greedy generation, tokens streamed to the terminal as they come."""
     from mistral_export.model.config import resolve_model_dir
     from mistral_export.model.tokenizer import find_tokenizer_source, load_tokenizer
+    from mistral_export.runners.base import check_generation_fits
 
     with user_errors():
+        backend = _run_backend(backend, build_dir, onnx, precision)
         runner = _make_runner(model, backend, build_dir, precision, onnx, device, attention)
         folder = resolve_model_dir(model) if model else None
         if build_dir is not None and find_tokenizer_source(build_dir):
@@ -239,7 +258,31 @@ def generate(
             raise MistralExportError("no tokenizer: pass a checkpoint folder or 'tiny' as MODEL" +
                                      (f" ('{model}' has shapes only)" if model else ""))
         tokenizer = load_tokenizer(folder)
+        prompt_ids = tokenizer.encode(prompt)
+        check_generation_fits(runner, len(prompt_ids), max_new_tokens)  # refused before anything is printed
         _stream(runner, tokenizer, prompt, max_new_tokens, chunk_size)
+
+
+def _run_backend(requested: RunBackend | None, build_dir: Path | None, onnx: Path | None,
+                 precision: str | None) -> RunBackend:
+    """--backend, or the default: for --build what `build --backend auto` would build (said on stderr)."""
+    from mistral_export.artifacts.folder import find_artifacts, is_build_folder
+
+    if onnx is not None and is_build_folder(onnx):
+        raise MistralExportError(f"--onnx {onnx}: this is a build folder (it has build.json), not an export folder; "
+                                 f"run it with --build {onnx}")
+    if requested is not None:
+        return requested
+    if build_dir is None:
+        return RunBackend.onnxruntime if onnx is not None else RunBackend.eager
+    from mistral_export.pipeline.build import choose_backend
+
+    chosen, _, why = choose_backend("auto")
+    if chosen == "tensorrt" and not any(a.backend == "tensorrt" for a in find_artifacts(build_dir, precision)):
+        why = f"{why}, but {build_dir} holds no TensorRT engine" + (f" of {precision}" if precision else "")
+        chosen = "onnxruntime"
+    typer.echo(f"[generate] backend: {chosen} ({why}; --backend overrides)", err=True)
+    return RunBackend(chosen)
 
 
 def _make_runner(model: str | None, backend: RunBackend, build_dir: Path | None, precision: str | None, onnx: Path | None,
@@ -298,15 +341,17 @@ def _stream(runner, tokenizer, prompt: str, max_new_tokens: int, chunk_size: int
     shown = ""
     started = time.perf_counter()
     first_token_at = None
-    for token in greedy_tokens(runner, prompt_ids, max_new_tokens, chunk_size, stop_id=tokenizer.eos_id):
-        first_token_at = first_token_at or time.perf_counter()
-        generated.append(token)
-        text = tokenizer.decode(generated)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    typer.echo("")
+    try:
+        for token in greedy_tokens(runner, prompt_ids, max_new_tokens, chunk_size, stop_id=tokenizer.eos_id):
+            first_token_at = first_token_at or time.perf_counter()
+            generated.append(token)
+            text = tokenizer.decode(generated)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+    finally:  # the streamed text ends its line, whatever ends it: an error after it starts on a line of its own
+        typer.echo("")
     if len(generated) > 1:
         decode_seconds = time.perf_counter() - first_token_at
         typer.echo(f"[generate] {len(prompt_ids)} prompt tokens, first token after "
@@ -390,6 +435,7 @@ def package(
                                                       "NAME:latest, built from kubernetes/Dockerfile).")] = None,
     replicas: Annotated[int, typer.Option(min=1, help="--kubernetes: replicas at start, the autoscaler's minimum.")] = 1,
     max_replicas: Annotated[int, typer.Option(min=1, help="--kubernetes: the autoscaler's maximum.")] = 4,
+    no_wait: NoWaitOpt = False,
 ) -> None:
     """Write a Triton Inference Server model repository (text generation, streaming, in-flight batching)."""
     from mistral_export.deploy.kubernetes import write_manifests
@@ -399,7 +445,7 @@ def package(
     with user_errors():
         written = write_repository(build_dir, output, name=name, max_batch=max_batch, instances=instances,
                                    backend=backend.value if backend else None, precision=precision,
-                                   prefill_chunk=prefill_chunk)
+                                   prefill_chunk=prefill_chunk, wait=not no_wait)
         if kubernetes:  # the first model written is the one clients call
             written += write_manifests(output, written[0].name, gpu=serves_on_gpu(written[0]), image=image,
                                        replicas=replicas, max_replicas=max_replicas)
@@ -423,12 +469,12 @@ def serve(
     import signal
     from contextlib import nullcontext
 
-    from mistral_export.deploy.server import Ports, running_server
+    from mistral_export.deploy.server import Ports, ServerFault, running_server, supervise
 
+    # `kill` stops it as cleanly as Ctrl-C, from the first instant: a SIGTERM while the server loads must stop it too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     ports = Ports(http_port, grpc_port, metrics_port)
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # where the frontend reaches Triton's gRPC
-    # From the start: `kill` while the server loads stops it as cleanly as Ctrl-C (nothing left running).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with user_errors(), running_server(repository, ports, host) as process:
             if openai_port:
@@ -441,11 +487,16 @@ def serve(
                 openai = f"  OpenAI http://{host}:{openai_port}/v1" if openai_port else ""
                 typer.echo(f"ready: HTTP http://{host}:{ports.http}  gRPC {host}:{ports.grpc}  "
                            f"metrics http://{host}:{ports.metrics}/metrics{openai}  (Ctrl-C stops)", err=True)
-                process.wait()
+                try:
+                    supervise(process)
+                except ServerFault as fault:
+                    typer.echo(f"error: {fault}; stopping the server (restart `mistral-export serve`)", err=True)
+                    raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        typer.echo("stopped", err=True)
+        typer.echo("stopped tritonserver", err=True)
         return
     if process.returncode not in (0, -signal.SIGTERM):
+        typer.echo(f"error: tritonserver exited with code {process.returncode} (its log above says why)", err=True)
         raise typer.Exit(1)
 
 

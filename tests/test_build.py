@@ -16,6 +16,7 @@ from mistral_export.cli import app
 from mistral_export.artifacts.folder import find_artifacts, read_build, select_artifact
 from mistral_export.engines.onnxruntime import artifact as onnxruntime_artifact
 from mistral_export.errors import MistralExportError
+from mistral_export.folder_lock import LOCK_FILE
 from mistral_export.model.checkpoint import load_model, random_model, save_hf_checkpoint
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
@@ -31,7 +32,7 @@ def last_run(out: Path) -> dict[str, str]:
 
 def mtimes(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file()
-            and p.name != "build.json"}
+            and p.name not in ("build.json", LOCK_FILE)}
 
 
 @pytest.fixture(scope="module")

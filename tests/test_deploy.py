@@ -34,6 +34,8 @@ from helpers import PROMPTS, eager_text
 pytest.importorskip("tritonclient.grpc", reason="the deploy extra (tritonclient) is not installed")
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
+from mistral_export.folder_lock import LOCK_FILE  # noqa: E402
+
 
 class Collector(Sink):
     """The test's end of a generation: what a client would receive."""
@@ -42,6 +44,7 @@ class Collector(Sink):
         self.pieces: list[str] = []
         self.final = threading.Event()
         self.error: str | None = None
+        self.unavailable = False
         self.cancel_after = cancel_after
 
     def send(self, text, final):
@@ -49,8 +52,9 @@ class Collector(Sink):
         if final:
             self.final.set()
 
-    def fail(self, message):
+    def fail(self, message, unavailable=False):
         self.error = message
+        self.unavailable = unavailable
         self.final.set()
 
     def cancelled(self):
@@ -161,6 +165,24 @@ def test_cancelled_request_frees_its_slot(tiny_build, tokenizer):
     assert later.pieces == [eager_text(PROMPTS[2], 20)]
 
 
+def test_closing_the_batcher_ends_unfinished_requests_with_an_error(tiny_build, tokenizer):
+    """What the model's finalize does at shutdown: a generation cut short, and one still waiting, each get an error
+    saying so (never a final response that looks complete)."""
+    runner = open_runner(find_artifacts(tiny_build)[0], threads=1)
+    batcher = InFlightBatcher(runner, max_batch=1, prefill_chunk=256)
+    running, waiting = Collector(), Collector()
+    batcher.submit(Generation(request(tokenizer, PROMPTS[0], 4000, stream=[[True]]), tokenizer, running))
+    batcher.submit(Generation(request(tokenizer, PROMPTS[1], 10, stream=[[True]]), tokenizer, waiting))
+    deadline = time.monotonic() + 60
+    while len(running.pieces) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batcher.close()
+    assert running.final.is_set() and waiting.final.is_set()
+    assert running.unavailable and "shutting down: generation cut after" in running.error
+    assert waiting.unavailable and waiting.pieces == [] and "cut after 0 of 10 tokens" in waiting.error
+    assert len(running.pieces) < 4000
+
+
 def test_detokenizer_never_splits_a_character(tokenizer):
     text = "x = 'é€😀 naïve 日本語'  # ünïcödé"
     ids = tokenizer.encode(text, add_bos=False)
@@ -231,7 +253,7 @@ def test_onnxruntime_repository(tiny_build, tmp_path):
     served = served_artifact(written / "1" / ARTIFACTS_FOLDER, None)  # what the generate model runs: from artifact.json
     assert served.backend == "onnxruntime" and served.folder == written / "1" / ARTIFACTS_FOLDER
     assert "mistral-export serve" in (repository / "README.md").read_text()
-    assert not [p for p in repository.iterdir() if p.name.startswith(".")]  # no staging left behind
+    assert not [p for p in repository.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]  # no staging left
 
 
 def tensorrt_build(tiny_build, out, gpus, options=EngineOptions()):

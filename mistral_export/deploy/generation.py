@@ -190,7 +190,9 @@ class Sink:
         """One response; `final` (how it ended) with the last one, None before."""
         raise NotImplementedError
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, unavailable: bool = False) -> None:
+        """End the request with an error. `unavailable`: the server, not the request, is why (it is shutting
+        down): the client may retry elsewhere."""
         raise NotImplementedError
 
     def cancelled(self) -> bool:
@@ -274,7 +276,7 @@ class Generation:
             self.sink.send(text if r.exclude_input else r.prompt + text, finish)
         return self.done
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, unavailable: bool = False) -> None:
         self.done = True
-        self.sink.fail(message)
+        self.sink.fail(message, unavailable)
 

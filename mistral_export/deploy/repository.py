@@ -16,6 +16,7 @@ TensorRT in the Python environment the server's Python backend runs (the runner 
 
 Each model folder is assembled under a temporary name and renamed into place when complete; large
 files are hard-linked when the repository is on the build folder's file system, copied otherwise.
+One `package` at a time writes into a repository (folder_lock: a second one waits, or refuses).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from mistral_export.deploy.served import ARTIFACTS_FOLDER
 from mistral_export.deploy.chat_template import TOKENIZER_CONFIG
 from mistral_export.errors import MistralExportError
 from mistral_export.files import write_text_atomic
+from mistral_export.folder_lock import folder_lock
 
 TEMPLATES = Path(__file__).parent / "triton_models"
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per prefill step: bounds how long one prefill stalls the decoding batch
@@ -74,8 +77,10 @@ def _stage(repository: Path, name: str) -> Path:
 
 def package(build_dir: Path, repository: Path, name: str | None = None, max_batch: int = 8, instances: int = 1,
             backend: str | None = None, precision: str | None = None,
-            prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[Path]:
-    """Write the model of BUILD_DIR's artifact into REPOSITORY; returns the model folders written."""
+            prefill_chunk: int = DEFAULT_PREFILL_CHUNK, wait: bool = True) -> list[Path]:
+    """Write the model of BUILD_DIR's artifact into REPOSITORY; returns the model folders written.
+
+    Another `package` writing into REPOSITORY: wait for it (said on stderr), or with wait=False refuse."""
     build_dir, repository = Path(build_dir), Path(repository)
     build = read_build(build_dir)
     if max_batch < 1 or instances < 1 or prefill_chunk < 1:
@@ -93,13 +98,14 @@ def package(build_dir: Path, repository: Path, name: str | None = None, max_batc
     repository.mkdir(parents=True, exist_ok=True)
     if backend == "tensorrt":
         check_engine_limits(artifacts, max_batch, prefill_chunk)
-    try:
-        written = [_package(build_dir, artifacts, repository, name, max_batch, instances, prefill_chunk,
-                             chat_config)]
-    finally:  # an interrupted or refused packaging leaves no half-written model folder
-        for staging in repository.glob(f".{name}*.staging-*"):
-            shutil.rmtree(staging, ignore_errors=True)
-    _write_readme(repository, name, backend)
+    with folder_lock(repository, "package", wait=wait, on_wait=lambda message: print(message, file=sys.stderr)):
+        try:
+            written = [_package(build_dir, artifacts, repository, name, max_batch, instances, prefill_chunk,
+                                 chat_config)]
+        finally:  # an interrupted or refused packaging leaves no half-written model folder
+            for staging in repository.glob(f".{name}*.staging-*"):
+                shutil.rmtree(staging, ignore_errors=True)
+        _write_readme(repository, name, backend)
     return written
 
 

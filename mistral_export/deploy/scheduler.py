@@ -8,12 +8,19 @@ next turns), and then runs one decode step that serves every decoding sequence a
 joins the decoding batch; a finished or cancelled one leaves it, and the last decoding sequence moves
 into its slot, so the decoding sequences always sit in slots 0..n-1 and a step binds them as one block.
 Requests beyond the batch wait in arrival order.
+
+Shutdown: Triton unloads a model only once its requests are done, and after its exit timeout it exits with their
+streams open (an HTTP stream then simply stops: its client cannot tell it from a finished one). So while requests
+run, the loop asks `serving()` a few times a second (the generate model answers from `mistral-export serve`'s
+announcement of the shutdown and the model's readiness), and when it turns false ends every request not finished
+yet with an error saying so; `close` does the same for whatever is left.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -23,16 +30,22 @@ from mistral_export.deploy.generation import Generation
 
 log = logging.getLogger(__name__)
 
+SERVING_CHECK_S = 0.25  # how often a running batch asks whether the server is still serving
+
 
 class InFlightBatcher:
     def __init__(self, runner, max_batch: int, prefill_chunk: int,
-                 report: Callable[[int, int], None] = lambda running, waiting: None):
+                 report: Callable[[int, int], None] = lambda running, waiting: None,
+                 serving: Callable[[], bool] = lambda: True):
         """`report(running, waiting)` is told the sequence counts when they change (the served model's metrics;
-        each report crosses to Triton's process, so not every step)."""
+        each report crosses to Triton's process, so not every step). `serving()` says whether the server still
+        serves (false: the shutdown has begun)."""
         self.runner = runner
         self._report = report
         self._reported = (0, 0)
         self._report_lock = threading.Lock()  # submit (Triton's thread) and the loop both report
+        self.serving = serving
+        self._serving_checked = time.monotonic()
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         runner.reset(max_batch)
@@ -63,6 +76,27 @@ class InFlightBatcher:
             self._closed = True
             self._wake.notify()
         self._thread.join()
+        self._end_all()
+
+    def _end_all(self) -> None:
+        """Every request not finished yet ends with an error (the server is going away)."""
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+        for generation in [*waiting, *filter(None, [self._prefilling]), *self._decoding]:
+            generation.fail(f"the server is shutting down: generation cut after {len(generation.tokens)} of "
+                            f"{generation.request.max_tokens} tokens", unavailable=True)
+        self._prefilling, self._decoding = None, []
+
+    def _still_serving(self) -> bool:
+        now = time.monotonic()
+        if now - self._serving_checked < SERVING_CHECK_S:
+            return True
+        self._serving_checked = now
+        try:
+            return self.serving()
+        except Exception:  # a failed question is no answer: keep serving
+            log.exception("could not ask whether the server is still serving")
+            return True
 
     @property
     def active(self) -> int:
@@ -76,6 +110,9 @@ class InFlightBatcher:
                 if self._closed:
                     return
             try:
+                if not self._still_serving():
+                    self._end_all()
+                    continue
                 self._drop_cancelled()
                 self._prefill()
                 if self._decoding:

@@ -5,10 +5,26 @@ the `nvidia-pytriton` wheel ships (Python backend only, enough for the ONNX Runt
 needs a backend folder holding the Python stub built for the running Python, so `serve` assembles a
 writable copy of the wheel's backends with the matching stub. The stub's embedded Python finds
 packages through the `python3` on PATH, so the server starts with this environment's bin first.
+
+Shutdown: the server runs in a process group of its own (with its Python stubs), so a terminal's Ctrl-C reaches only
+`serve`, which stops it once. First it announces the shutdown to the models (it creates the file the server's
+environment names in SHUTDOWN_FILE_ENV; the generate model ends its running requests with an error when it appears:
+Triton itself keeps a model ready while it waits for open HTTP streams, then exits with them open, and an HTTP
+stream cut that way looks finished to its client). Then SIGTERM (Triton's clean shutdown: no new requests,
+in-flight ones get EXIT_TIMEOUT_S to finish), then SIGKILL to the whole group after STOP_TIMEOUT_S or at a second
+signal. The server gets SIGTERM from the kernel if `serve` itself dies (PR_SET_PDEATHSIG): no server is left
+behind without its `serve`.
+
+A model's Python stub dying (killed, out of memory) is fatal: Triton's Python backend neither answers the dead
+stub's in-flight requests (their clients would wait forever) nor reports the model unready; it restarts the stub
+only when the next request arrives. So `serve` watches the stubs (`supervise`) and, when one dies, stops the
+server (its health endpoints say not ready, in-flight requests end with an error as their connections close) and
+exits with code 1 and a message: a process supervisor (systemd, Kubernetes) restarts it whole, with a fresh stub.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -25,7 +41,17 @@ from pathlib import Path
 from mistral_export.errors import MistralExportError
 
 READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
+EXIT_TIMEOUT_S = 5  # Triton waits this long for in-flight requests after SIGTERM (its default, 30 s, outlasts users)
+STOP_TIMEOUT_S = 10.0  # then the server's group is killed
+PR_SET_PDEATHSIG = 1
+SHUTDOWN_FILE_ENV = "MISTRAL_EXPORT_SHUTDOWN_FILE"  # the server's models see the shutdown begin when it exists
+STUB_NAME = "triton_python_backend_stub"
+WATCH_INTERVAL_S = 0.5
+FAULT_STOP_TIMEOUT_S = 2.0
+
+
+class ServerFault(Exception):
+    """The server can no longer serve a model (its backend process died): `serve` stops it and exits 1."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +92,8 @@ def server_command(repository: Path, ports: Ports, host: str, work: Path) -> tup
     The environment puts this Python's bin first on PATH (the stub imports mistral_export through it);
     with the wheel's server also its bundled libraries on LD_LIBRARY_PATH (the stub links against them).
     """
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               **{SHUTDOWN_FILE_ENV: str(shutdown_file(work))})
     binary = shutil.which("tritonserver")
     extra: list[str] = []
     if binary is None:
@@ -76,7 +103,7 @@ def server_command(repository: Path, ports: Ports, host: str, work: Path) -> tup
     command = [binary, f"--model-repository={repository}", *extra,
                f"--http-address={host}", f"--http-port={ports.http}",
                f"--grpc-address={host}", f"--grpc-port={ports.grpc}",
-               f"--metrics-address={host}", f"--metrics-port={ports.metrics}"]
+               f"--metrics-address={host}", f"--metrics-port={ports.metrics}", f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
     return command, env
 
 
@@ -100,16 +127,115 @@ def wait_ready(process: subprocess.Popen, host: str, port: int, timeout: float =
     raise MistralExportError(f"tritonserver was not ready after {timeout:.0f} s")
 
 
-def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
-    """SIGTERM (Triton's clean shutdown: in-flight requests finish, models unload), then SIGKILL if stuck."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+def shutdown_file(work: Path) -> Path:
+    return Path(work) / "shutting-down"
+
+
+def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S, announce: Path | None = None) -> int:
+    """Create ANNOUNCE (the models end their requests), SIGTERM (Triton's clean shutdown), then SIGKILL to the
+    server's process group if it is still running after TIMEOUT or a second signal interrupts the wait. Returns the
+    server's exit code.
+
+    The group is killed once more after the server has exited but before it is reaped (its pid, and so the group's
+    id, cannot be reused yet): a Python stub that outlived its server goes with it."""
+    if process.returncode is None:  # not reaped yet: its pid, and its group's id, are still the server's
         try:
-            process.wait(timeout)
+            if announce is not None:
+                announce.touch()
+            os.kill(process.pid, signal.SIGTERM)  # not Popen.send_signal: that reaps an exited server first
+            _wait_unreaped(process.pid, timeout)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            _kill_group(process.pid)
+            _wait_unreaped(process.pid, None)
+        _kill_group(process.pid)
+    return process.wait()
+
+
+def _wait_unreaped(pid: int, timeout: float | None) -> None:
+    """Until process PID has exited, leaving it a zombie (os.waitid WNOWAIT): Popen.wait reaps it afterwards."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(pid), timeout)
+            time.sleep(0.05)
+    except ChildProcessError:  # already reaped (Popen.poll): nothing left to wait for
+        pass
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def supervise(process: subprocess.Popen, interval: float = WATCH_INTERVAL_S) -> None:
+    """Return when the server exits; when one of its Python stubs dies first, stop the server and raise ServerFault."""
+    stubs: dict[int, str] = {}
+    while True:
+        try:
+            _wait_unreaped(process.pid, interval)
+            exited = True
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
+            exited = False
+        for pid, model in stubs.items():
+            if not _running(pid):  # the server may abort with it (a lock the stub held in shared memory)
+                # No clean shutdown to wait for: Triton cannot unload a model whose stub is gone.
+                stop(process, timeout=FAULT_STOP_TIMEOUT_S)
+                raise ServerFault(f"the Python backend stub {model} (pid {pid}) died"
+                                  + (", and the server with it" if exited else ": its requests can no longer be answered"))
+        if exited:
+            return
+        stubs.update(_stubs(process.pid, stubs))  # stubs start while models load (and again if Triton restarts one)
+
+
+def _stubs(server_pid: int, known: dict[int, str]) -> dict[int, str]:
+    """pid -> which model ("of model 'NAME'") for the server's Python stubs: its descendants whose program name
+    (/proc/PID/stat) is the stub's; the backend may start them through a shell. A new stub's command line (STUB
+    model_repository/NAME/1/model.py ...) is read once for the model's name; seen from `serve` it sometimes reads
+    empty, and the stub is watched all the same. By hand: psutil would be a dependency for these few lines."""
+    parents, names = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                names[int(entry.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
+            except (OSError, IndexError, ValueError):
+                continue
+    tree = {server_pid}
+    for _ in range(4):  # the stub sits one or two levels below the server
+        tree |= {pid for pid, parent in parents.items() if parent in tree}
+    found = {}
+    for pid in tree - {server_pid}:
+        if names.get(pid) != STUB_NAME[:15]:  # the kernel keeps 15 characters of a program's name
+            continue
+        if pid in known:
+            found[pid] = known[pid]
+            continue
+        try:
+            command = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            found[pid] = f"of model '{Path(command[1].decode()).parent.parent.name}'"
+        except (OSError, IndexError, UnicodeDecodeError):  # its command line may read empty: name no model
+            found[pid] = "of a model"
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before exec: the kernel sends it SIGTERM (a clean shutdown, stubs included) when
+    `serve` dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: serve's own handlers still stop it
+        pass
 
 
 @contextmanager
@@ -122,10 +248,10 @@ def running_server(repository: Path, ports: Ports, host: str = "127.0.0.1", log=
     with tempfile.TemporaryDirectory(prefix="mistral-export-triton-") as work:
         command, env = server_command(repository, ports, host, Path(work))
         # Its own session: Ctrl-C reaches only us, and we stop the server once (a second signal kills it).
-        process = subprocess.Popen(command, env=env, start_new_session=True,
+        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent,
                                    stdout=log, stderr=subprocess.STDOUT if log is not None else None)
         try:
             wait_ready(process, host, ports.http)
             yield process
         finally:
-            stop(process)
+            stop(process, announce=shutdown_file(Path(work)))

@@ -30,8 +30,9 @@ class TritonSink(Sink):
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final is not None else 0
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
 
-    def fail(self, message: str) -> None:
-        code = pb_utils.TritonError.CANCELLED if self.cancelled() else pb_utils.TritonError.INVALID_ARG
+    def fail(self, message: str, unavailable: bool = False) -> None:
+        code = pb_utils.TritonError.CANCELLED if self.cancelled() else \
+            pb_utils.TritonError.UNAVAILABLE if unavailable else pb_utils.TritonError.INVALID_ARG
         response = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
         self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 

@@ -13,7 +13,9 @@ Stages (recorded in DIR/build.json with the key of their inputs and the signatur
 
 A stage whose key and outputs are unchanged is skipped; a stage writes under temporary names and renames when
 complete, its artifact.json last; build.json is rewritten (atomically) after every stage, so an interrupted build
-keeps what it finished. One build folder holds one checkpoint and any number of precisions and engines: artifacts
+keeps what it finished. One build at a time writes into a folder (folder_lock: a second one waits, or with
+wait=False refuses), and each save re-reads build.json and changes only the stages this build touched, so no
+writer's record is ever lost. One build folder holds one checkpoint and any number of precisions and engines: artifacts
 made from another checkpoint are removed when the checkpoint changes. Layout: artifacts/folder.py; artifact.json:
 artifacts/description.py.
 """
@@ -31,6 +33,7 @@ import onnxruntime as ort
 import torch
 
 from mistral_export import tensorrt_lib
+from mistral_export.folder_lock import folder_lock
 from mistral_export.artifacts.description import BACKENDS, DESCRIPTION_FILE
 from mistral_export.artifacts.folder import BUILD_FILE, TOKENIZER_FILE, onnx_dir, tensorrt_dir
 from mistral_export.engines.onnxruntime.artifact import ORT_MODEL_FILE, ORT_DATA_FILE, write_onnxruntime_artifact
@@ -98,10 +101,11 @@ def choose_backend(requested: str) -> tuple[str, str | None, str]:
 def build(model: Transformer | str | Path, out_dir: str | Path, precision: str = "fp32", backend: str = "onnxruntime",
           *, opset: int | None = None, last_token_logits: bool = False, plugin_impl: str = DEFAULT_PLUGIN_IMPL,
           precision_options: PrecisionOptions | None = None, engine_options: EngineOptions | None = None,
-          progress: BuildProgress | None = None) -> Path:
+          progress: BuildProgress | None = None, wait: bool = True) -> Path:
     """Build MODEL (a checkpoint folder, `tiny`, or an in-memory Transformer) into OUT_DIR; returns OUT_DIR.
 
-    build.json's `last_run` lists each stage of this call as built or skipped.
+    build.json's `last_run` lists each stage of this call as built or skipped. Another build writing into OUT_DIR:
+    wait for it (and say so), or with wait=False raise a MistralExportError.
     """
     check_precision(precision)
     engine_options = engine_options or EngineOptions()
@@ -117,8 +121,9 @@ def build(model: Transformer | str | Path, out_dir: str | Path, precision: str =
     if out.exists() and not out.is_dir():
         raise MistralExportError(f"{out}: the build folder is a file")
     out.mkdir(parents=True, exist_ok=True)
-    stages.remove_stale_staging(out)
-    with progress or BuildProgress(quiet=True) as shown:
+    shown = progress or BuildProgress(quiet=True)
+    with folder_lock(out, "build", wait=wait, on_wait=shown.note), shown:
+        stages.remove_stale_staging(out)  # under the lock: another build's staging files are live
         if backend == "auto":
             shown.note(f"backend: {chosen} ({why})")
         pipeline = _Pipeline(model, out, shown)
@@ -148,9 +153,8 @@ class _Pipeline:
         self.folder = None if self.in_memory else resolve_model_dir(model)
         if not self.in_memory and self.folder is None:
             raise MistralExportError(f"preset '{model}' has shapes only, no weights; pass a checkpoint folder or 'tiny'")
-        previous = read_json(out / BUILD_FILE, BUILD_FILE) if (out / BUILD_FILE).exists() else {}
-        self.record = previous if previous.get("format") == BUILD_FORMAT else {}
-        self.record.setdefault("stages", {})
+        self.record = self._read_record()
+        self.changed: set[str] = set()  # stages this build wrote or removed: the only ones its saves change
         self._fingerprint_checkpoint()
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
@@ -176,6 +180,12 @@ class _Pipeline:
                                 "checkpoint_sha256": checkpoint, "files": files}
         self.checkpoint = checkpoint
 
+    def _read_record(self) -> dict:
+        previous = read_json(self.out / BUILD_FILE, BUILD_FILE) if (self.out / BUILD_FILE).exists() else {}
+        record = previous if previous.get("format") == BUILD_FORMAT else {}
+        record.setdefault("stages", {})
+        return record
+
     def _drop(self, which: Callable[[str, dict], bool], why: str) -> None:
         """Remove the recorded stages WHICH selects, and their outputs (artifact.json first: the completeness marker)."""
         for name, entry in list(self.record["stages"].items()):
@@ -184,10 +194,20 @@ class _Pipeline:
             for output in sorted(entry.get("outputs", {}), key=lambda o: not o.endswith(DESCRIPTION_FILE)):
                 (self.out / output).unlink(missing_ok=True)
             del self.record["stages"][name]
+            self.changed.add(name)
             self.progress.note(f"[yellow]removed {name}[/yellow] ({why})")
 
     def save(self) -> None:
-        stages_done = self.record["stages"]
+        # Re-read, then apply only this build's changes: build.json is never rewritten from a stale copy (the folder
+        # lock makes builds take turns; this keeps a record written by anyone else between two saves).
+        ours = self.record["stages"]
+        stages_done = self._read_record()["stages"]
+        for name in self.changed:
+            if name in ours:
+                stages_done[name] = ours[name]
+            else:
+                stages_done.pop(name, None)
+        self.record["stages"] = stages_done
         artifacts = sorted({str(Path(o).parent) for e in stages_done.values() for o in e["outputs"]
                             if o.endswith(DESCRIPTION_FILE)})
         precisions: dict[str, dict] = {}
@@ -218,12 +238,14 @@ class _Pipeline:
         with self.progress.stage(name, what):
             if previous:  # its outputs are about to be replaced: never leave them recorded as current
                 del self.record["stages"][name]
+                self.changed.add(name)
                 self.save()
             outputs, produced = make()
         seconds = round(time.perf_counter() - started, 2)
         entry = {"key": key, **details, "inputs": inputs, "outputs": stages.record_outputs(self.out, outputs),
                  "seconds": seconds, **produced}
         self.record["stages"][name] = entry
+        self.changed.add(name)
         self.run_log.append({"stage": name, "action": "built", "seconds": seconds})
         self.save()
         return entry

@@ -1,5 +1,8 @@
 """What `build` shows while it works: one line per stage (built or skipped, and how long), a spinner or a bar while a
-stage runs (rich, on stderr), the pipeline's log messages as the running stage's description."""
+stage runs (rich, on stderr), the pipeline's log messages as the running stage's description.
+
+On a stderr that is not a terminal (a CI log, a pipe) rich shows no spinner, so a stage's start and each log message
+are printed as lines instead: a log says what a long stage is doing, and a script can tell which stage runs."""
 
 from __future__ import annotations
 
@@ -30,6 +33,11 @@ class BuildProgress:
     def note(self, message: str) -> None:
         self.console.print(message, highlight=False)
 
+    def line(self, message: str) -> None:
+        """MESSAGE as a line of its own where no live display shows it (stderr is not a terminal)."""
+        if not self.console.is_terminal:
+            self.console.print(message, highlight=False, markup=False, soft_wrap=True)
+
     def skipped(self, stage: str, why: str = "inputs unchanged") -> None:
         self.console.print(f"[dim]- {stage}: {why}, skipped[/dim]", highlight=False)
 
@@ -37,6 +45,7 @@ class BuildProgress:
     def stage(self, stage: str, what: str):
         """A running stage: a spinner with its description (updated by the pipeline's log messages)."""
         task = self.bars.add_task(f"{stage}: {what}", total=None)
+        self.line(f"… {stage}: {what}")
         previous, self._stage_task = self._stage_task, task
         handler = _DescriptionHandler(self, task, stage)
         logger = logging.getLogger("mistral_export")
@@ -70,3 +79,4 @@ class _DescriptionHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.progress.bars.update(self.task, description=f"{self.stage}: {record.getMessage()}")
+        self.progress.line(f"  {self.stage}: {record.getMessage()}")

@@ -99,9 +99,22 @@ def prefill(runner: Runner, prompt_ids: Tensor, chunk_size: int | None = None) -
     return torch.cat(outputs, dim=1)
 
 
+def check_generation_fits(runner: Runner, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse, before any step, a generation that would pass a linear (window-less) cache: greedy_tokens runs the
+    prompt and every new token (the server's limit is the same: prompt + max_tokens <= capacity)."""
+    end = prompt_tokens + max_new_tokens
+    if not runner.cache_wraps and end > runner.cache_capacity:
+        fits = runner.cache_capacity - prompt_tokens
+        raise MistralExportError(
+            f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} needs {end} cache slots, more "
+            f"than the cache capacity {runner.cache_capacity} of this model without sliding window; "
+            + (f"ask for at most {fits} new tokens" if fits > 0 else "shorten the prompt"))
+
+
 def greedy_tokens(runner: Runner, prompt_ids: list[int], max_new_tokens: int,
                   chunk_size: int | None = None, stop_id: int | None = None) -> Iterator[int]:
-    """Greedy continuation of one prompt, yielded token by token."""
+    """Greedy continuation of one prompt, yielded token by token (check_generation_fits first, to refuse one that
+    cannot fit before any token, rather than at the step that passes the cache)."""
     runner.reset(1)
     logits = prefill(runner, torch.tensor([prompt_ids], dtype=torch.int64), chunk_size)
     position = len(prompt_ids)

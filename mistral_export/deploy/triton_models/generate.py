@@ -10,11 +10,15 @@ thread and returns; responses stream from that thread.
 """
 
 import json
+import os
 from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
 
 from mistral_export.deploy.generation import Generation, Limits, RequestError
 from mistral_export.deploy.scheduler import InFlightBatcher
 from mistral_export.deploy.served import ARTIFACTS_FOLDER, open_served_runner
+from mistral_export.deploy.server import SHUTDOWN_FILE_ENV
 from mistral_export.deploy.triton_python import LlmMetrics, TritonSink, parse_triton_request, string_parameters
 from mistral_export.model.tokenizer import load_tokenizer
 
@@ -31,8 +35,18 @@ class TritonPythonModel:
         self.metrics = LlmMetrics(args)
         slots = int(json.loads(args["model_config"])["max_batch_size"])  # the runner's cache: a sequence per slot
         self.metrics.sequences(0, 0, slots)
+        # The shutdown begins when `mistral-export serve` creates its file, or (a server started by hand) when Triton
+        # unloads the model: the batcher then ends the running requests with an error instead of letting the
+        # shutdown cut their streams silently (deploy/server.py).
+        name, version = args["model_name"], args["model_version"]
+        announced = Path(os.environ[SHUTDOWN_FILE_ENV]) if os.environ.get(SHUTDOWN_FILE_ENV) else None
+
+        def serving() -> bool:
+            return not (announced and announced.exists()) and pb_utils.is_model_ready(name, version)
+
         self.batcher = InFlightBatcher(runner, max_batch=slots, prefill_chunk=int(parameters["prefill_chunk"]),
-                                       report=lambda running, waiting: self.metrics.sequences(running, waiting, slots))
+                                       report=lambda running, waiting: self.metrics.sequences(running, waiting, slots),
+                                       serving=serving)
 
     def execute(self, requests):
         for request in requests:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -49,6 +50,8 @@ CALIBRATED = ("int8", "int4-awq", "fp8")  # the precisions that read calibration
 DEFAULT_SMOOTHQUANT_ALPHA = 0.5
 PRECISION_KEY = "mistral_export.precision"
 QUANTIZATION_KEY = "mistral_export.quantization"
+
+log = logging.getLogger(__name__)
 
 
 def check_precision(precision: str) -> None:
@@ -124,6 +127,7 @@ def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | P
                        "calibrated layer by layer)",
         "calibration": calibration.describe()})
     statistics = W8A8Statistics()
+    log.info("calibration: %d samples of %d tokens", len(samples), calibration.seq_len)
     with _progress_bars(progress) as bars:
         def smoothed():
             return smoothquant_tensors(source, config, samples, smoothquant_alpha, statistics,
