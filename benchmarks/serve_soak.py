@@ -36,7 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.provenance import markdown as provenance_markdown, provenance  # noqa: E402
+from benchmarks.provenance import markdown as provenance_markdown  # noqa: E402
+from benchmarks.provenance import provenance
 from mistral_export.artifacts.folder import find_artifacts  # noqa: E402
 from mistral_export.deploy.repository import package  # noqa: E402
 from mistral_export.deploy.server import STUB_NAME, Ports, free_port  # noqa: E402
@@ -59,7 +60,7 @@ def prompt_pool(tokenizer, window: int, rng: random.Random) -> list[str]:
     while len(prompts) < PROMPT_POOL:
         length = rng.randint(1, 3 * window - 1)
         start = rng.randrange(0, len(ids) - length)
-        text = tokenizer.decode(ids[start:start + length])
+        text = tokenizer.decode(ids[start : start + length])
         if text.strip() and len(tokenizer.encode(text)) + 2 * window <= 4096:
             prompts.append(text)
     return prompts
@@ -79,7 +80,7 @@ def server_rss(serve_pid: int) -> int:
             try:
                 stat = (entry / "stat").read_text()
                 parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-                names[int(entry.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
+                names[int(entry.name)] = stat[stat.index("(") + 1 : stat.rindex(")")]
             except (OSError, ValueError, IndexError):
                 continue
     tree = {serve_pid}
@@ -110,8 +111,18 @@ class Stats:
             self.gaps.setdefault(minute, []).append(seconds)
 
 
-def client(ports: Ports, prompts, references, tokenizer, stats: Stats, started: float, deadline: float,
-           window: int, disconnect: float, seed: int) -> None:
+def client(
+    ports: Ports,
+    prompts,
+    references,
+    tokenizer,
+    stats: Stats,
+    started: float,
+    deadline: float,
+    window: int,
+    disconnect: float,
+    seed: int,
+) -> None:
     import tritonclient.grpc as grpcclient
 
     rng = random.Random(seed)
@@ -121,14 +132,18 @@ def client(ports: Ports, prompts, references, tokenizer, stats: Stats, started: 
         max_tokens = rng.randint(1, 2 * window)
         cut_after = rng.randint(1, max(1, max_tokens // 2)) if rng.random() < disconnect else None
         inputs = []
-        for name, value, dtype in (("text_input", np.array([[prompt.encode()]], dtype=object), "BYTES"),
-                                   ("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
-                                   ("stream", np.array([[True]]), "BOOL")):
+        for name, value, dtype in (
+            ("text_input", np.array([[prompt.encode()]], dtype=object), "BYTES"),
+            ("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
+            ("stream", np.array([[True]]), "BOOL"),
+        ):
             tensor = grpcclient.InferInput(name, [1, 1], dtype)
             tensor.set_data_from_numpy(value)
             inputs.append(tensor)
         results = queue.Queue()
-        connection.start_stream(callback=lambda result, error: results.put((time.monotonic(), result, error)))
+        connection.start_stream(
+            callback=lambda result, error, results=results: results.put((time.monotonic(), result, error))
+        )
         connection.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
         pieces, last, outcome = [], None, None
         try:
@@ -157,8 +172,9 @@ def client(ports: Ports, prompts, references, tokenizer, stats: Stats, started: 
                 stats.completed += 1
                 expected = tokenizer.decode(references[prompt][:max_tokens])
                 if "".join(pieces) != expected:
-                    stats.mismatches.append({"prompt": prompt, "max_tokens": max_tokens, "got": "".join(pieces),
-                                             "expected": expected})
+                    stats.mismatches.append(
+                        {"prompt": prompt, "max_tokens": max_tokens, "got": "".join(pieces), "expected": expected}
+                    )
             elif outcome[0] == "cancelled":
                 stats.cancelled += 1
             else:
@@ -207,18 +223,47 @@ def main() -> None:
         package(build_dir, repository, name=MODEL, max_batch=args.concurrency)
         ports = Ports(free_port(), free_port(), free_port())
         log = open(Path(work) / "serve.log", "w")
-        serve = subprocess.Popen([sys.executable, "-m", "mistral_export.cli", "serve", str(repository),
-                                  "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
-                                  "--metrics-port", str(ports.metrics)], stdout=log, stderr=subprocess.STDOUT,
-                                 cwd=ROOT)
+        serve = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mistral_export.cli",
+                "serve",
+                str(repository),
+                "--http-port",
+                str(ports.http),
+                "--grpc-port",
+                str(ports.grpc),
+                "--metrics-port",
+                str(ports.metrics),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
         try:
             wait_ready(ports, serve)
             stats = Stats()
             started = time.monotonic()
             deadline = started + 60 * args.minutes
-            threads = [threading.Thread(target=client, args=(ports, prompts, references, tokenizer, stats, started,
-                                                             deadline, window, args.disconnect, args.seed + i))
-                       for i in range(args.concurrency)]
+            threads = [
+                threading.Thread(
+                    target=client,
+                    args=(
+                        ports,
+                        prompts,
+                        references,
+                        tokenizer,
+                        stats,
+                        started,
+                        deadline,
+                        window,
+                        args.disconnect,
+                        args.seed + i,
+                    ),
+                )
+                for i in range(args.concurrency)
+            ]
             for thread in threads:
                 thread.start()
             rss = {}
@@ -237,16 +282,31 @@ def main() -> None:
             serve_log = (Path(work) / "serve.log").read_text()
     load_after = os.getloadavg()
     minutes = sorted(stats.gaps)
-    per_minute = [{"minute": m + 1, "gaps": len(stats.gaps[m]), "p50_ms": round(1e3 * percentile(stats.gaps[m], 50), 2),
-                   "p99_ms": round(1e3 * percentile(stats.gaps[m], 99), 2)} for m in minutes]
+    per_minute = [
+        {
+            "minute": m + 1,
+            "gaps": len(stats.gaps[m]),
+            "p50_ms": round(1e3 * percentile(stats.gaps[m], 50), 2),
+            "p99_ms": round(1e3 * percentile(stats.gaps[m], 99), 2),
+        }
+        for m in minutes
+    ]
     growth = rss["at the end"] / rss["after warm-up"] - 1
     document = {
-        "provenance": found, "settings": vars(args) | {"out": str(args.out), "window": window, "prompts": PROMPT_POOL},
+        "provenance": found,
+        "settings": vars(args) | {"out": str(args.out), "window": window, "prompts": PROMPT_POOL},
         "load_average": {"before": load_before, "after": load_after},
-        "completed": stats.completed, "cancelled_by_client": stats.cancelled, "error_responses": len(stats.errors),
-        "errors": stats.errors[:20], "server_rss_bytes": rss, "rss_growth": growth, "inter_token_per_minute": per_minute,
-        "texts_equal": stats.completed - len(stats.mismatches), "texts_different": len(stats.mismatches),
-        "mismatches": stats.mismatches[:5], "serve_exit_code": stopped,
+        "completed": stats.completed,
+        "cancelled_by_client": stats.cancelled,
+        "error_responses": len(stats.errors),
+        "errors": stats.errors[:20],
+        "server_rss_bytes": rss,
+        "rss_growth": growth,
+        "inter_token_per_minute": per_minute,
+        "texts_equal": stats.completed - len(stats.mismatches),
+        "texts_different": len(stats.mismatches),
+        "mismatches": stats.mismatches[:5],
+        "serve_exit_code": stopped,
         "serve_stderr_errors": [line for line in serve_log.splitlines() if line.startswith("error:")],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -254,15 +314,19 @@ def main() -> None:
     met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     p50s = [m["p50_ms"] for m in per_minute]
     lines = [
-        "# Soak: `mistral-export serve` on tiny", "",
+        "# Soak: `mistral-export serve` on tiny",
+        "",
         provenance_markdown(found).rstrip("\n"),
         f"Load average (1/5/15 min) before {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, after "
         f"{load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f}: other engineers' jobs shared the 2 cores with "
-        "the server and the clients (latencies are the shared machine's, not the server's alone).", "",
+        "the server and the clients (latencies are the shared machine's, not the server's alone).",
+        "",
         f"{args.minutes:g} minutes, {args.concurrency} gRPC streaming clients, prompts of 1..{3 * window - 1} tokens "
         f"({PROMPT_POOL} held-out slices), max_tokens 1..{2 * window}, {args.disconnect:.0%} of requests "
-        f"disconnecting mid-stream; `--max-batch {args.concurrency}`, fp32 ONNX Runtime artifact.", "",
-        "| what | value | target |", "|---|---|---|",
+        f"disconnecting mid-stream; `--max-batch {args.concurrency}`, fp32 ONNX Runtime artifact.",
+        "",
+        "| what | value | target |",
+        "|---|---|---|",
         f"| requests completed | {stats.completed} | |",
         f"| cancelled by their client (disconnect) | {stats.cancelled} | |",
         f"| error responses | {len(stats.errors)} | 0: {met(not stats.errors)} |",
@@ -271,10 +335,15 @@ def main() -> None:
         f"| server RSS after warm-up / at the end | {rss['after warm-up'] / 2**20:.1f} / "
         f"{rss['at the end'] / 2**20:.1f} MiB ({growth:+.1%}) | <= +5%: {met(growth <= 0.05)} |",
         f"| inter-token p50 per minute, max / min | {max(p50s):.2f} / {min(p50s):.2f} ms "
-        f"({max(p50s) / min(p50s):.2f}x) | flat |" if p50s else "| inter-token latency | no data | |",
-        f"| serve's exit code after SIGTERM | {stopped} | 0: {met(stopped == 0)} |", "",
-        "| minute | inter-token gaps | p50 (ms) | p99 (ms) |", "|---|---|---|---|",
-        *[f"| {m['minute']} | {m['gaps']} | {m['p50_ms']} | {m['p99_ms']} |" for m in per_minute], "",
+        f"({max(p50s) / min(p50s):.2f}x) | flat |"
+        if p50s
+        else "| inter-token latency | no data | |",
+        f"| serve's exit code after SIGTERM | {stopped} | 0: {met(stopped == 0)} |",
+        "",
+        "| minute | inter-token gaps | p50 (ms) | p99 (ms) |",
+        "|---|---|---|---|",
+        *[f"| {m['minute']} | {m['gaps']} | {m['p50_ms']} | {m['p99_ms']} |" for m in per_minute],
+        "",
         "Inter-token latency: the time between two consecutive streamed responses of one request, counted in the "
         "minute (since the start) the second one arrived; the last minute holds the requests finishing after the "
         "deadline. Cancelled requests are the clients' own disconnects (their requests end on the server with a "

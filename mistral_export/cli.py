@@ -23,11 +23,20 @@ from mistral_export.export.precision.int4 import OPSET as INT4_OPSET
 from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL, PLUGIN_IMPLS
 from mistral_export.pipeline.build import BUILD_BACKENDS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Turn a Mistral checkpoint into ONNX / TensorRT engines and a Triton model repository.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn a Mistral checkpoint into ONNX / TensorRT engines and a Triton model repository.",
+)
 
-ModelArg = Annotated[str, typer.Argument(help="A checkpoint folder (HF config.json or native params.json), "
-                                              "or a preset: tiny, mistral-7b-v0.1, mistral-7b-v0.3.")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A checkpoint folder (HF config.json or native params.json), "
+        "or a preset: tiny, mistral-7b-v0.1, mistral-7b-v0.3."
+    ),
+]
 
 
 def _choices(name: str, values) -> type[Enum]:
@@ -44,24 +53,49 @@ Attention = _choices("Attention", ("reference", "triton"))
 Device = _choices("Device", ("cpu", "cuda"))
 
 # Options `export` and `build` share (the export and precision stage's options), with the defaults their owners set.
-PrecisionOpt = Annotated[Precision, typer.Option(help="fp32, fp16, int8 (W8A8, SmoothQuant), int8-wo (W8A16), "
-                                                      "int4-awq (W4A16, AWQ) or fp8 (E4M3 weights and activations).")]
-OpsetOpt = Annotated[Optional[int], typer.Option(min=MIN_OPSET, max=MAX_OPSET, help=f"ONNX opset of the standard ops "
-                                                 f"(default {DEFAULT_OPSET}; int4-awq {INT4_OPSET}).")]
+PrecisionOpt = Annotated[
+    Precision,
+    typer.Option(
+        help="fp32, fp16, int8 (W8A8, SmoothQuant), int8-wo (W8A16), "
+        "int4-awq (W4A16, AWQ) or fp8 (E4M3 weights and activations)."
+    ),
+]
+OpsetOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        min=MIN_OPSET,
+        max=MAX_OPSET,
+        help=f"ONNX opset of the standard ops (default {DEFAULT_OPSET}; int4-awq {INT4_OPSET}).",
+    ),
+]
 LastTokenLogitsOpt = Annotated[bool, typer.Option(help="Keep only the last position's logits ([B,1,V]).")]
-PluginImplOpt = Annotated[PluginImpl, typer.Option(help="TensorRT plugin implementation the mistral nodes ask for "
-                                                        "(node attribute aot=1 or 0); ONNX Runtime ignores it.")]
+PluginImplOpt = Annotated[
+    PluginImpl,
+    typer.Option(
+        help="TensorRT plugin implementation the mistral nodes ask for "
+        "(node attribute aot=1 or 0); ONNX Runtime ignores it."
+    ),
+]
 SmoothQuantAlphaOpt = Annotated[float, typer.Option(help="int8: SmoothQuant migration strength alpha.")]
 NoSmoothQuantOpt = Annotated[bool, typer.Option("--no-smoothquant", help="int8: plain W8A8, no smoothing.")]
 NoAwqOpt = Annotated[bool, typer.Option("--no-awq", help="int4-awq: plain round-to-nearest, no AWQ scales.")]
 Int4BlockSizeOpt = Annotated[int, typer.Option(help="int4-awq: weights per fp16 scale along K (32, 64 or 128).")]
-CalibDataOpt = Annotated[Optional[Path], typer.Option(help="int8, int4-awq, fp8: calibration text (plain text, or JSONL with a `text` "
-                                                           "field); default: the packaged calibration text.")]
+CalibDataOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="int8, int4-awq, fp8: calibration text (plain text, or JSONL with a `text` "
+        "field); default: the packaged calibration text."
+    ),
+]
 CalibSamplesOpt = Annotated[int, typer.Option(min=1, help="int8, int4-awq, fp8: calibration samples.")]
 CalibSeqLenOpt = Annotated[int, typer.Option(min=2, help="int8, int4-awq, fp8: tokens per calibration sample.")]
 CalibDeviceOpt = Annotated[Device, typer.Option(help="int8: where the layer-by-layer calibration runs.")]
-NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Refuse, instead of waiting, when another process is "
-                                                           "writing into the output folder.")]
+NoWaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-wait", help="Refuse, instead of waiting, when another process is writing into the output folder."
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -76,8 +110,11 @@ def user_errors():
         if exc.errno not in _OUT_OF_SPACE:
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
-        typer.echo(f"error: out of space{where}: {exc.strerror} (free disk space, or raise the file size limit, then "
-                   f"run the command again: what it finished is kept, nothing half-written is)", err=True)
+        typer.echo(
+            f"error: out of space{where}: {exc.strerror} (free disk space, or raise the file size limit, then "
+            f"run the command again: what it finished is kept, nothing half-written is)",
+            err=True,
+        )
         raise typer.Exit(2) from None
 
 
@@ -86,13 +123,20 @@ _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @app.command()
-def inspect(model: Annotated[str, typer.Argument(help="A build folder (from `build`), a checkpoint folder, or a preset: "
-                                                     "tiny, mistral-7b-v0.1, mistral-7b-v0.3.")],
-            context: Annotated[int, typer.Option(help="Context length for the KV-cache estimate.")] = 32768) -> None:
+def inspect(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A build folder (from `build`), a checkpoint folder, or a preset: "
+            "tiny, mistral-7b-v0.1, mistral-7b-v0.3."
+        ),
+    ],
+    context: Annotated[int, typer.Option(help="Context length for the KV-cache estimate.")] = 32768,
+) -> None:
     """A build folder: what was built (precisions, backends, GPU, sizes, options). A model: config, parameter count,
     weight bytes per dtype and KV-cache bytes per sequence."""
-    from mistral_export.artifacts.folder import is_build_folder
     from mistral_export.artifacts.describe import describe_build
+    from mistral_export.artifacts.folder import is_build_folder
     from mistral_export.model.config import load_config
     from mistral_export.model.summary import describe
 
@@ -123,7 +167,9 @@ def _log_to_stderr(pattern: str):
 @app.command()
 def export(
     model: ModelArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for model.onnx, model.onnx.data and model.ort.onnx.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for model.onnx, model.onnx.data and model.ort.onnx.")
+    ],
     precision: PrecisionOpt = Precision.fp32,
     opset: OpsetOpt = None,
     last_token_logits: LastTokenLogitsOpt = False,
@@ -143,35 +189,78 @@ def export(
     from mistral_export.pipeline.progress import BuildProgress
 
     started = time.perf_counter()
-    options = _precision_options(smoothquant_alpha, no_smoothquant, no_awq, int4_block_size, calib_data, calib_samples,
-                                 calib_seq_len, calib_device)
+    options = _precision_options(
+        smoothquant_alpha,
+        no_smoothquant,
+        no_awq,
+        int4_block_size,
+        calib_data,
+        calib_samples,
+        calib_seq_len,
+        calib_device,
+    )
     with user_errors(), _log_to_stderr("[export] %(message)s") as logger:
-        path = export_with_options(model, output, precision.value, opset, last_token_logits, plugin_impl.value, options,
-                                   BuildProgress(quiet=True))
+        path = export_with_options(
+            model,
+            output,
+            precision.value,
+            opset,
+            last_token_logits,
+            plugin_impl.value,
+            options,
+            BuildProgress(quiet=True),
+        )
         logger.info("writing the ONNX Runtime artifact model.ort.onnx (GroupQueryAttention, cache updated in place)")
         write_onnxruntime_artifact(path)
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model."))
-    typer.echo(f"wrote {path} ({precision.value}; + model.onnx.data, model.ort.onnx; {size / 2**20:.1f} MiB) "
-               f"in {time.perf_counter() - started:.1f} s")
+    typer.echo(
+        f"wrote {path} ({precision.value}; + model.onnx.data, model.ort.onnx; {size / 2**20:.1f} MiB) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
 
 
-def _precision_options(smoothquant_alpha: float, no_smoothquant: bool, no_awq: bool, int4_block_size: int,
-                       calib_data: Path | None, calib_samples: int, calib_seq_len: int, calib_device):
+def _precision_options(
+    smoothquant_alpha: float,
+    no_smoothquant: bool,
+    no_awq: bool,
+    int4_block_size: int,
+    calib_data: Path | None,
+    calib_samples: int,
+    calib_seq_len: int,
+    calib_device,
+):
     from mistral_export.pipeline.build import PrecisionOptions
 
-    return PrecisionOptions(smoothquant_alpha=None if no_smoothquant else smoothquant_alpha, awq=not no_awq,
-                            int4_block_size=int4_block_size, calib_data=calib_data, calib_samples=calib_samples,
-                            calib_seq_len=calib_seq_len, calib_device=calib_device.value)
+    return PrecisionOptions(
+        smoothquant_alpha=None if no_smoothquant else smoothquant_alpha,
+        awq=not no_awq,
+        int4_block_size=int4_block_size,
+        calib_data=calib_data,
+        calib_samples=calib_samples,
+        calib_seq_len=calib_seq_len,
+        calib_device=calib_device.value,
+    )
 
 
 @app.command()
 def build(
     model: ModelArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The build folder (created; stages already built there "
-                                                                "with the same inputs are skipped).")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The build folder (created; stages already built there with the same inputs are skipped).",
+        ),
+    ],
     precision: PrecisionOpt = Precision.fp32,
-    backend: Annotated[BuildBackend, typer.Option(help="tensorrt: an engine for this GPU; onnxruntime: the ONNX Runtime "
-                                                       "artifact; auto: TensorRT where TensorRT and a GPU are present.")] = BuildBackend.auto,
+    backend: Annotated[
+        BuildBackend,
+        typer.Option(
+            help="tensorrt: an engine for this GPU; onnxruntime: the ONNX Runtime "
+            "artifact; auto: TensorRT where TensorRT and a GPU are present."
+        ),
+    ] = BuildBackend.auto,
     opset: OpsetOpt = None,
     last_token_logits: LastTokenLogitsOpt = False,
     plugin_impl: PluginImplOpt = PluginImpl[DEFAULT_PLUGIN_IMPL],
@@ -186,10 +275,13 @@ def build(
     max_batch: Annotated[int, typer.Option(min=1, help="TensorRT: largest batch the engine runs.")] = 8,
     opt_batch: Annotated[int, typer.Option(min=1, help="TensorRT: batch the engine is tuned for.")] = 1,
     max_chunk: Annotated[int, typer.Option(min=1, help="TensorRT: longest prefill chunk one step runs.")] = 512,
-    builder_opt_level: Annotated[Optional[int], typer.Option(min=0, max=5, help="TensorRT builder optimization "
-                                                                                "level (default: TensorRT's, 3).")] = None,
-    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache, reused across builds "
-                                                              "(default ~/.cache/mistral-export/).")] = None,
+    builder_opt_level: Annotated[
+        Optional[int], typer.Option(min=0, max=5, help="TensorRT builder optimization level (default: TensorRT's, 3).")
+    ] = None,
+    timing_cache: Annotated[
+        Optional[Path],
+        typer.Option(help="TensorRT timing cache, reused across builds (default ~/.cache/mistral-export/)."),
+    ] = None,
     no_wait: NoWaitOpt = False,
 ) -> None:
     """Checkpoint to serving artifacts in one folder: tokenizer, ONNX of the precision, then a TensorRT engine for
@@ -198,16 +290,38 @@ def build(
     from mistral_export.pipeline.build import build as run_build
     from mistral_export.pipeline.progress import BuildProgress
 
-    precision_options = _precision_options(smoothquant_alpha, no_smoothquant, no_awq, int4_block_size, calib_data,
-                                           calib_samples, calib_seq_len, calib_device)
-    engine_options = EngineOptions(max_batch=max_batch, opt_batch=opt_batch, max_chunk=max_chunk,
-                                   builder_optimization_level=builder_opt_level,
-                                   timing_cache=timing_cache or DEFAULT_TIMING_CACHE)
+    precision_options = _precision_options(
+        smoothquant_alpha,
+        no_smoothquant,
+        no_awq,
+        int4_block_size,
+        calib_data,
+        calib_samples,
+        calib_seq_len,
+        calib_device,
+    )
+    engine_options = EngineOptions(
+        max_batch=max_batch,
+        opt_batch=opt_batch,
+        max_chunk=max_chunk,
+        builder_optimization_level=builder_opt_level,
+        timing_cache=timing_cache or DEFAULT_TIMING_CACHE,
+    )
     progress = BuildProgress()
     with user_errors():
-        out = run_build(model, output, precision.value, backend.value, opset=opset, last_token_logits=last_token_logits,
-                        plugin_impl=plugin_impl.value, precision_options=precision_options,
-                        engine_options=engine_options, progress=progress, wait=not no_wait)
+        out = run_build(
+            model,
+            output,
+            precision.value,
+            backend.value,
+            opset=opset,
+            last_token_logits=last_token_logits,
+            plugin_impl=plugin_impl.value,
+            precision_options=precision_options,
+            engine_options=engine_options,
+            progress=progress,
+            wait=not no_wait,
+        )
     _print_build_summary(out)
 
 
@@ -227,21 +341,37 @@ def _print_build_summary(out: Path) -> None:
 
 @app.command()
 def generate(
-    model: Annotated[Optional[str], typer.Argument(help="A checkpoint folder or `tiny` (eager and --onnx runs; "
-                                                        "not needed with --build).")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Argument(help="A checkpoint folder or `tiny` (eager and --onnx runs; not needed with --build)."),
+    ] = None,
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 64,
-    chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Prefill the prompt in chunks of this many tokens.")] = None,
-    backend: Annotated[Optional[RunBackend], typer.Option(
-        help="eager: the PyTorch reference model; onnxruntime: an ONNX Runtime artifact (--build) or export (--onnx); "
-             "tensorrt: an engine (--build). Default: with --build as `build --backend auto` picks (a TensorRT engine "
-             "for this GPU where TensorRT imports, else ONNX Runtime), with --onnx onnxruntime, else eager.")] = None,
-    build_dir: Annotated[Optional[Path], typer.Option("--build", help="A build folder (from `build`) for --backend "
-                                                                      "onnxruntime|tensorrt.")] = None,
+    chunk_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Prefill the prompt in chunks of this many tokens.")
+    ] = None,
+    backend: Annotated[
+        Optional[RunBackend],
+        typer.Option(
+            help="eager: the PyTorch reference model; onnxruntime: an ONNX Runtime artifact (--build) or export (--onnx); "
+            "tensorrt: an engine (--build). Default: with --build as `build --backend auto` picks (a TensorRT engine "
+            "for this GPU where TensorRT imports, else ONNX Runtime), with --onnx onnxruntime, else eager."
+        ),
+    ] = None,
+    build_dir: Annotated[
+        Optional[Path],
+        typer.Option("--build", help="A build folder (from `build`) for --backend onnxruntime|tensorrt."),
+    ] = None,
     precision: Annotated[Optional[str], typer.Option(help="Which precision of the build folder to run.")] = None,
-    onnx: Annotated[Optional[Path], typer.Option(help="A plain export folder (model.onnx) for --backend onnxruntime.")] = None,
-    device: Annotated[Device, typer.Option(help="onnxruntime: CPU or CUDA execution provider (onnxruntime-gpu).")] = Device.cpu,
-    attention: Annotated[Attention, typer.Option(help="Eager attention kernels: reference (torch) or triton (CUDA).")] = Attention.reference,
+    onnx: Annotated[
+        Optional[Path], typer.Option(help="A plain export folder (model.onnx) for --backend onnxruntime.")
+    ] = None,
+    device: Annotated[
+        Device, typer.Option(help="onnxruntime: CPU or CUDA execution provider (onnxruntime-gpu).")
+    ] = Device.cpu,
+    attention: Annotated[
+        Attention, typer.Option(help="Eager attention kernels: reference (torch) or triton (CUDA).")
+    ] = Attention.reference,
 ) -> None:
     """Greedy generation, tokens streamed to the terminal as they come."""
     from mistral_export.model.config import resolve_model_dir
@@ -255,22 +385,27 @@ def generate(
         if build_dir is not None and find_tokenizer_source(build_dir):
             folder = build_dir  # the build folder carries the tokenizer.json converted at build
         if folder is None:
-            raise MistralExportError("no tokenizer: pass a checkpoint folder or 'tiny' as MODEL" +
-                                     (f" ('{model}' has shapes only)" if model else ""))
+            raise MistralExportError(
+                "no tokenizer: pass a checkpoint folder or 'tiny' as MODEL"
+                + (f" ('{model}' has shapes only)" if model else "")
+            )
         tokenizer = load_tokenizer(folder)
         prompt_ids = tokenizer.encode(prompt)
         check_generation_fits(runner, len(prompt_ids), max_new_tokens)  # refused before anything is printed
         _stream(runner, tokenizer, prompt, max_new_tokens, chunk_size)
 
 
-def _run_backend(requested: RunBackend | None, build_dir: Path | None, onnx: Path | None,
-                 precision: str | None) -> RunBackend:
+def _run_backend(
+    requested: RunBackend | None, build_dir: Path | None, onnx: Path | None, precision: str | None
+) -> RunBackend:
     """--backend, or the default: for --build what `build --backend auto` would build (said on stderr)."""
     from mistral_export.artifacts.folder import find_artifacts, is_build_folder
 
     if onnx is not None and is_build_folder(onnx):
-        raise MistralExportError(f"--onnx {onnx}: this is a build folder (it has build.json), not an export folder; "
-                                 f"run it with --build {onnx}")
+        raise MistralExportError(
+            f"--onnx {onnx}: this is a build folder (it has build.json), not an export folder; "
+            f"run it with --build {onnx}"
+        )
     if requested is not None:
         return requested
     if build_dir is None:
@@ -285,10 +420,17 @@ def _run_backend(requested: RunBackend | None, build_dir: Path | None, onnx: Pat
     return RunBackend(chosen)
 
 
-def _make_runner(model: str | None, backend: RunBackend, build_dir: Path | None, precision: str | None, onnx: Path | None,
-                 device: Device, attention: Attention):
-    from mistral_export.runners.base import EagerRunner
+def _make_runner(
+    model: str | None,
+    backend: RunBackend,
+    build_dir: Path | None,
+    precision: str | None,
+    onnx: Path | None,
+    device: Device,
+    attention: Attention,
+):
     from mistral_export.model.checkpoint import load_model
+    from mistral_export.runners.base import EagerRunner
 
     if backend is not RunBackend.eager and build_dir is not None:
         from mistral_export.artifacts.folder import select_artifact
@@ -297,14 +439,17 @@ def _make_runner(model: str | None, backend: RunBackend, build_dir: Path | None,
         artifact = select_artifact(build_dir, backend.value, precision)
         return open_runner(artifact, providers=_providers(device) if backend is RunBackend.onnxruntime else None)
     if backend is RunBackend.tensorrt:
-        raise MistralExportError("--backend tensorrt needs --build DIR (from `mistral-export build MODEL -o DIR "
-                                 "--backend tensorrt`)")
+        raise MistralExportError(
+            "--backend tensorrt needs --build DIR (from `mistral-export build MODEL -o DIR --backend tensorrt`)"
+        )
     if backend is RunBackend.onnxruntime:
         from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
 
         if onnx is None:
-            raise MistralExportError("--backend onnxruntime needs --build DIR (from `mistral-export build`) or "
-                                     "--onnx DIR (from `mistral-export export`)")
+            raise MistralExportError(
+                "--backend onnxruntime needs --build DIR (from `mistral-export build`) or "
+                "--onnx DIR (from `mistral-export export`)"
+            )
         return OnnxRuntimeRunner(onnx, providers=_providers(device))
     if model is None:
         raise MistralExportError("--backend eager needs MODEL (a checkpoint folder or 'tiny')")
@@ -326,9 +471,11 @@ def _providers(device: Device) -> list[str]:
     if device is Device.cpu:
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise MistralExportError("--device cuda needs ONNX Runtime's CUDA execution provider (pip install "
-                                 "'mistral-export[gpu]', which brings onnxruntime-gpu); this ONNX Runtime has "
-                                 f"{', '.join(ort.get_available_providers())}")
+        raise MistralExportError(
+            "--device cuda needs ONNX Runtime's CUDA execution provider (pip install "
+            "'mistral-export[gpu]', which brings onnxruntime-gpu); this ONNX Runtime has "
+            f"{', '.join(ort.get_available_providers())}"
+        )
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -347,29 +494,41 @@ def _stream(runner, tokenizer, prompt: str, max_new_tokens: int, chunk_size: int
             generated.append(token)
             text = tokenizer.decode(generated)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(shown):])
+                sys.stdout.write(text[len(shown) :])
                 sys.stdout.flush()
                 shown = text
     finally:  # the streamed text ends its line, whatever ends it: an error after it starts on a line of its own
         typer.echo("")
     if len(generated) > 1:
         decode_seconds = time.perf_counter() - first_token_at
-        typer.echo(f"[generate] {len(prompt_ids)} prompt tokens, first token after "
-                   f"{first_token_at - started:.3f} s; {len(generated) - 1} more at "
-                   f"{(len(generated) - 1) / decode_seconds:.1f} tokens/s", err=True)
+        typer.echo(
+            f"[generate] {len(prompt_ids)} prompt tokens, first token after "
+            f"{first_token_at - started:.3f} s; {len(generated) - 1} more at "
+            f"{(len(generated) - 1) / decode_seconds:.1f} tokens/s",
+            err=True,
+        )
 
 
-ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="Threads for the artifact and the eager model "
-                                                               "(default: every core this process may use).")]
+ThreadsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1, help="Threads for the artifact and the eager model (default: every core this process may use)."
+    ),
+]
 
 
 @app.command()
 def validate(
-    build_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A build folder (`mistral-export build MODEL -o DIR`).")],
-    model: Annotated[Optional[str], typer.Option(help="Checkpoint for the eager reference (default: the one build.json "
-                                                     "records).")] = None,
+    build_dir: Annotated[
+        Path, typer.Argument(metavar="DIR", help="A build folder (`mistral-export build MODEL -o DIR`).")
+    ],
+    model: Annotated[
+        Optional[str], typer.Option(help="Checkpoint for the eager reference (default: the one build.json records).")
+    ] = None,
     precision: Annotated[Optional[str], typer.Option(help="Validate only the artifacts of this precision.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option(help="Prompts: a JSON list of strings (*.json) or one per line.")] = None,
+    prompts: Annotated[
+        Optional[Path], typer.Option(help="Prompts: a JSON list of strings (*.json) or one per line.")
+    ] = None,
     report_dir: Annotated[Optional[Path], typer.Option(help="Where the report goes (default: DIR/report).")] = None,
     quick: Annotated[bool, typer.Option(help="A smaller case set and fewer timed steps, same report.")] = False,
     threads: ThreadsOption = None,
@@ -379,8 +538,15 @@ def validate(
     from mistral_export.validate.suite import validate_build
 
     with user_errors():
-        report = validate_build(build_dir, model=model, precision=precision, prompts=prompts, report_dir=report_dir,
-                                quick=quick, threads=threads)
+        report = validate_build(
+            build_dir,
+            model=model,
+            precision=precision,
+            prompts=prompts,
+            report_dir=report_dir,
+            quick=quick,
+            threads=threads,
+        )
     print_summary(report, report_dir or build_dir / "report")
     if not report["passed"]:
         raise typer.Exit(1)
@@ -398,12 +564,20 @@ def _int_list(text: str, option: str) -> list[int]:
 
 @app.command()
 def bench(
-    build_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A build folder (`mistral-export build MODEL -o DIR`).")],
+    build_dir: Annotated[
+        Path, typer.Argument(metavar="DIR", help="A build folder (`mistral-export build MODEL -o DIR`).")
+    ],
     batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,4,16",
-    prompt_lengths: Annotated[Optional[str], typer.Option(help="Prefill lengths, comma-separated (default: W/4, W, 4W).")] = None,
+    prompt_lengths: Annotated[
+        Optional[str], typer.Option(help="Prefill lengths, comma-separated (default: W/4, W, 4W).")
+    ] = None,
     samples: Annotated[int, typer.Option(min=1, help="Timed steps (decode) or prefills per grid point.")] = 20,
-    model: Annotated[Optional[str], typer.Option(help="Checkpoint for the eager baseline (default: build.json's).")] = None,
-    report_dir: Annotated[Optional[Path], typer.Option(help="Where bench.json and bench.png go (default: DIR/report).")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="Checkpoint for the eager baseline (default: build.json's).")
+    ] = None,
+    report_dir: Annotated[
+        Optional[Path], typer.Option(help="Where bench.json and bench.png go (default: DIR/report).")
+    ] = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Latency alone, over a grid (batch x context x prompt length), for every artifact in DIR and the eager model."""
@@ -411,9 +585,15 @@ def bench(
     from mistral_export.validate.console import print_bench
 
     with user_errors():
-        report = bench_build(build_dir, batches=_int_list(batches, "--batches"),
-                             prompt_lengths=_int_list(prompt_lengths, "--prompt-lengths") if prompt_lengths else None,
-                             samples=samples, model=model, report_dir=report_dir, threads=threads)
+        report = bench_build(
+            build_dir,
+            batches=_int_list(batches, "--batches"),
+            prompt_lengths=_int_list(prompt_lengths, "--prompt-lengths") if prompt_lengths else None,
+            samples=samples,
+            model=model,
+            report_dir=report_dir,
+            threads=threads,
+        )
     print_bench(report, report_dir or build_dir / "report")
 
 
@@ -424,16 +604,33 @@ def package(
     name: Annotated[Optional[str], typer.Option(help="Model name (default: the build's model name).")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Sequences generated together per model instance.")] = 8,
     instances: Annotated[int, typer.Option(min=1, help="Model instances (each holds its own batch).")] = 1,
-    backend: Annotated[Optional[DeployBackend], typer.Option(help="Which artifact to serve (default: TensorRT "
-                                                                  "engines if the build has them, else ONNX Runtime).")] = None,
+    backend: Annotated[
+        Optional[DeployBackend],
+        typer.Option(
+            help="Which artifact to serve (default: TensorRT engines if the build has them, else ONNX Runtime)."
+        ),
+    ] = None,
     precision: Annotated[Optional[str], typer.Option(help="Which precision, when the build has several.")] = None,
-    prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens per prefill step (a TensorRT engine's "
-                                                           "--max-chunk at most).")] = 256,
-    kubernetes: Annotated[bool, typer.Option(help="Also write OUTPUT/kubernetes/: Deployment, Service, "
-                                                  "HorizontalPodAutoscaler and the image's Dockerfile.")] = False,
-    image: Annotated[Optional[str], typer.Option(help="--kubernetes: the image the pods run (default: mistral-export-"
-                                                      "NAME:latest, built from kubernetes/Dockerfile).")] = None,
-    replicas: Annotated[int, typer.Option(min=1, help="--kubernetes: replicas at start, the autoscaler's minimum.")] = 1,
+    prefill_chunk: Annotated[
+        int, typer.Option(min=1, help="Prompt tokens per prefill step (a TensorRT engine's --max-chunk at most).")
+    ] = 256,
+    kubernetes: Annotated[
+        bool,
+        typer.Option(
+            help="Also write OUTPUT/kubernetes/: Deployment, Service, "
+            "HorizontalPodAutoscaler and the image's Dockerfile."
+        ),
+    ] = False,
+    image: Annotated[
+        Optional[str],
+        typer.Option(
+            help="--kubernetes: the image the pods run (default: mistral-export-"
+            "NAME:latest, built from kubernetes/Dockerfile)."
+        ),
+    ] = None,
+    replicas: Annotated[
+        int, typer.Option(min=1, help="--kubernetes: replicas at start, the autoscaler's minimum.")
+    ] = 1,
     max_replicas: Annotated[int, typer.Option(min=1, help="--kubernetes: the autoscaler's maximum.")] = 4,
     no_wait: NoWaitOpt = False,
 ) -> None:
@@ -443,12 +640,26 @@ def package(
     from mistral_export.deploy.repository import serves_on_gpu
 
     with user_errors():
-        written = write_repository(build_dir, output, name=name, max_batch=max_batch, instances=instances,
-                                   backend=backend.value if backend else None, precision=precision,
-                                   prefill_chunk=prefill_chunk, wait=not no_wait)
+        written = write_repository(
+            build_dir,
+            output,
+            name=name,
+            max_batch=max_batch,
+            instances=instances,
+            backend=backend.value if backend else None,
+            precision=precision,
+            prefill_chunk=prefill_chunk,
+            wait=not no_wait,
+        )
         if kubernetes:  # the first model written is the one clients call
-            written += write_manifests(output, written[0].name, gpu=serves_on_gpu(written[0]), image=image,
-                                       replicas=replicas, max_replicas=max_replicas)
+            written += write_manifests(
+                output,
+                written[0].name,
+                gpu=serves_on_gpu(written[0]),
+                image=image,
+                replicas=replicas,
+                max_replicas=max_replicas,
+            )
     for folder in written:
         typer.echo(f"wrote {folder}")
     typer.echo(f"start it with: mistral-export serve {output}")
@@ -461,8 +672,10 @@ def serve(
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 to accept other machines).")] = "127.0.0.1",
-    openai_port: Annotated[int, typer.Option(help="OpenAI-compatible API port (/v1/completions, /v1/chat/completions, "
-                                                  "/v1/models); 0: none.")] = 9000,
+    openai_port: Annotated[
+        int,
+        typer.Option(help="OpenAI-compatible API port (/v1/completions, /v1/chat/completions, /v1/models); 0: none."),
+    ] = 9000,
 ) -> None:
     """Start Triton Inference Server on REPOSITORY, and the OpenAI-compatible API in front of it; Ctrl-C shuts
     both down cleanly."""
@@ -485,8 +698,11 @@ def serve(
                 frontend = nullcontext()
             with frontend:
                 openai = f"  OpenAI http://{host}:{openai_port}/v1" if openai_port else ""
-                typer.echo(f"ready: HTTP http://{host}:{ports.http}  gRPC {host}:{ports.grpc}  "
-                           f"metrics http://{host}:{ports.metrics}/metrics{openai}  (Ctrl-C stops)", err=True)
+                typer.echo(
+                    f"ready: HTTP http://{host}:{ports.http}  gRPC {host}:{ports.grpc}  "
+                    f"metrics http://{host}:{ports.metrics}/metrics{openai}  (Ctrl-C stops)",
+                    err=True,
+                )
                 try:
                     supervise(process)
                 except ServerFault as fault:

@@ -21,8 +21,9 @@ LOCK_FILE = ".mistral-export.lock"
 
 
 @contextmanager
-def folder_lock(folder: Path, what: str, wait: bool = True,
-                on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+def folder_lock(
+    folder: Path, what: str, wait: bool = True, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
     """Hold FOLDER's lock for the block. Held by another process: wait for it (telling `on_wait` once, with who
     holds it), or with wait=False raise a MistralExportError naming the holder. WHAT names the writer ("build")."""
     folder = Path(folder)
@@ -33,8 +34,10 @@ def folder_lock(folder: Path, what: str, wait: bool = True,
         except BlockingIOError:
             holder = _holder(handle)
             if not wait:
-                raise MistralExportError(f"{folder}: another {what} is writing here ({holder}); wait for it to "
-                                         f"finish, or run without --no-wait to wait for it") from None
+                raise MistralExportError(
+                    f"{folder}: another {what} is writing here ({holder}); wait for it to "
+                    f"finish, or run without --no-wait to wait for it"
+                ) from None
             if on_wait is not None:
                 on_wait(f"waiting for another {what} writing into {folder} ({holder}) to finish")
             fcntl.flock(handle, fcntl.LOCK_EX)

@@ -11,9 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import needs_tiny, small_config, train_sentencepiece
-from mistral_export.cli import app
 from mistral_export.artifacts.folder import find_artifacts, read_build, select_artifact
+from mistral_export.cli import app
 from mistral_export.engines.onnxruntime import artifact as onnxruntime_artifact
 from mistral_export.errors import MistralExportError
 from mistral_export.folder_lock import LOCK_FILE
@@ -25,21 +24,28 @@ from mistral_export.runners import open_runner
 from mistral_export.runners.base import EagerRunner, greedy_tokens
 from mistral_export.tensorrt_lib import unavailable_reason
 
+from conftest import needs_tiny, small_config, train_sentencepiece
+
 
 def last_run(out: Path) -> dict[str, str]:
     return {run["stage"]: run["action"] for run in read_build(out)["last_run"]}
 
 
 def mtimes(out: Path) -> dict[str, int]:
-    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file()
-            and p.name not in ("build.json", LOCK_FILE)}
+    return {
+        str(p.relative_to(out)): p.stat().st_mtime_ns
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in ("build.json", LOCK_FILE)
+    }
 
 
 @pytest.fixture(scope="module")
 def cli_build(tmp_path_factory):
     """`mistral-export build tiny` through the command line, with what it printed."""
     out = tmp_path_factory.mktemp("tiny-build")
-    result = CliRunner().invoke(app, ["build", "tiny", "-o", str(out), "--precision", "fp32", "--backend", "onnxruntime"])
+    result = CliRunner().invoke(
+        app, ["build", "tiny", "-o", str(out), "--precision", "fp32", "--backend", "onnxruntime"]
+    )
     assert result.exit_code == 0, result.output
     return out, result
 
@@ -56,16 +62,25 @@ def small_checkpoint(tmp_path) -> Path:
 @needs_tiny
 def test_build_writes_the_layout_and_a_summary(cli_build):
     out, result = cli_build
-    assert set(mtimes(out)) == {"tokenizer.json", "onnx/fp32/model.onnx", "onnx/fp32/model.onnx.data",
-                                "onnx/fp32/model.ort.onnx", "onnx/fp32/artifact.json"}  # and nothing half-written
+    assert set(mtimes(out)) == {
+        "tokenizer.json",
+        "onnx/fp32/model.onnx",
+        "onnx/fp32/model.onnx.data",
+        "onnx/fp32/model.ort.onnx",
+        "onnx/fp32/artifact.json",
+    }  # and nothing half-written
     assert (out / "build.json").is_file()
     record = read_build(out)
     assert record["model"]["source"] == "tiny" and record["artifacts"] == ["onnx/fp32"]
     assert record["precisions"] == {"fp32": {"onnx": ["onnx/fp32"], "onnxruntime": ["onnx/fp32"]}}
     assert last_run(out) == {"tokenizer": "built", "onnx/fp32": "built", "onnxruntime/fp32": "built"}
     engine = json.loads((out / "onnx/fp32/artifact.json").read_text())
-    assert engine["backend"] == "onnxruntime" and engine["cache"] == {"capacity": 64, "window": 64, "wraps": True,
-                                                                      "dtype": "float32"}
+    assert engine["backend"] == "onnxruntime" and engine["cache"] == {
+        "capacity": 64,
+        "window": 64,
+        "wraps": True,
+        "dtype": "float32",
+    }
     # progress per stage on stderr, the summary table on stdout
     assert "✓ onnx/fp32" in result.stderr and "onnxruntime/fp32" in result.stdout and "MiB" in result.stdout
 
@@ -82,9 +97,21 @@ def test_build_then_generate_matches_eager_for_4w_tokens(cli_build):
     built = open_runner(select_artifact(out, "onnxruntime", "fp32"))
     assert list(greedy_tokens(built, prompt, 4 * window)) == expected and len(expected) == 4 * window
     if tokenizer.eos_id in expected:  # the command stops at the end-of-sequence token
-        expected = expected[:expected.index(tokenizer.eos_id) + 1]
-    from_build = CliRunner().invoke(app, ["generate", "--backend", "onnxruntime", "--build", str(out),
-                                          "--prompt", prompt_text, "--max-new-tokens", str(4 * window)])
+        expected = expected[: expected.index(tokenizer.eos_id) + 1]
+    from_build = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--backend",
+            "onnxruntime",
+            "--build",
+            str(out),
+            "--prompt",
+            prompt_text,
+            "--max-new-tokens",
+            str(4 * window),
+        ],
+    )
     assert from_build.exit_code == 0, from_build.output
     assert from_build.stdout == prompt_text + tokenizer.decode(expected) + "\n"
 

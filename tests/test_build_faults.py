@@ -12,16 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
-from conftest import needs_tiny
 from mistral_export.artifacts.folder import read_build
 from mistral_export.cli import app
 from mistral_export.deploy.repository import package
 from mistral_export.files import file_sha256
 from mistral_export.folder_lock import LOCK_FILE, folder_lock
 from mistral_export.pipeline import stages
+
+from conftest import needs_tiny
 
 CLI = [sys.executable, "-m", "mistral_export.cli"]
 
@@ -42,15 +42,21 @@ def test_two_builds_into_one_folder_take_turns_and_both_are_recorded(tmp_path):
     out = tmp_path / "build"
     logs = {p: tmp_path / f"{p}.log" for p in ("fp32", "fp16")}
     with folder_lock(out, "test"):  # both builds start while the folder is taken, then race for it
-        builds = {p: subprocess.Popen(build_command("tiny", out, p), stdout=subprocess.DEVNULL,
-                                      stderr=logs[p].open("w")) for p in logs}
-        wait_for(lambda: all("waiting for another build" in log.read_text() for log in logs.values()), 120,
-                 "both builds to say they wait")
+        builds = {
+            p: subprocess.Popen(build_command("tiny", out, p), stdout=subprocess.DEVNULL, stderr=logs[p].open("w"))
+            for p in logs
+        }
+        wait_for(
+            lambda: all("waiting for another build" in log.read_text() for log in logs.values()),
+            120,
+            "both builds to say they wait",
+        )
         assert f"pid {os.getpid()}" in logs["fp32"].read_text()  # they name who holds the folder
         refused = CliRunner().invoke(app, ["build", "tiny", "-o", str(out), "--no-wait"])
         assert refused.exit_code == 2
         assert [line for line in refused.output.splitlines() if line.startswith("error:")] == [
-            line for line in refused.output.splitlines() if line.strip()]
+            line for line in refused.output.splitlines() if line.strip()
+        ]
         assert "another build is writing here" in refused.output
     for precision, process in builds.items():
         assert process.wait(timeout=300) == 0, logs[precision].read_text()
@@ -73,8 +79,11 @@ def test_package_into_a_taken_repository_waits_or_refuses(tiny_build, tmp_path):
     repository = tmp_path / "repository"
     with folder_lock(repository, "test"):
         log = tmp_path / "package.log"
-        waiting = subprocess.Popen([*CLI, "package", str(tiny_build), "-o", str(repository), "--name", "tiny"],
-                                   stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        waiting = subprocess.Popen(
+            [*CLI, "package", str(tiny_build), "-o", str(repository), "--name", "tiny"],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+        )
         wait_for(lambda: "waiting for another package" in log.read_text(), 120, "package to say it waits")
         assert not (repository / "tiny").exists()
         refused = CliRunner().invoke(app, ["package", str(tiny_build), "-o", str(repository), "--no-wait"])
@@ -128,8 +137,12 @@ def test_build_killed_in_each_stage_resumes_to_the_same_artifacts(tmp_path):
     command = build_command("tiny", out, "int8", *calibration)
     # Each stage announces its start ("… STAGE: ...") and its log lines ("  STAGE: ...") where stderr is a pipe.
     interrupted_in = {}
-    for marker, stage in [("… tokenizer", "tokenizer"), ("onnx/int8: calibration", "onnx/int8"),
-                          ("onnx/int8: tracing", "onnx/int8"), ("… onnxruntime/int8", "onnxruntime/int8")]:
+    for marker, stage in [
+        ("… tokenizer", "tokenizer"),
+        ("onnx/int8: calibration", "onnx/int8"),
+        ("onnx/int8: tracing", "onnx/int8"),
+        ("… onnxruntime/int8", "onnxruntime/int8"),
+    ]:
         build_killed_at(command, marker)
         recorded = read_build(out)["stages"] if (out / "build.json").exists() else {}
         interrupted_in[marker] = stage not in recorded  # the 20 ms tokenizer stage may finish before the kill lands
@@ -145,14 +158,16 @@ def limit_file_size(limit: int):
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
 @needs_tiny
 def test_a_write_failing_for_lack_of_space_is_one_error_line_and_leaves_no_final_name(tmp_path):
     out = tmp_path / "build"
-    result = subprocess.run(build_command("tiny", out, "fp32"), capture_output=True, text=True,
-                            preexec_fn=limit_file_size(2 << 20))  # tokenizer.json fits, model.onnx.data (12.8 MiB) not
+    result = subprocess.run(
+        build_command("tiny", out, "fp32"), capture_output=True, text=True, preexec_fn=limit_file_size(2 << 20)
+    )  # tokenizer.json fits, model.onnx.data (12.8 MiB) not
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

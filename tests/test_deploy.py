@@ -70,7 +70,10 @@ NO_LIMIT = Limits(4096, True)
 
 
 def request(tokenizer, prompt, max_tokens, limits=NO_LIMIT, **inputs):
-    tensors = {"text_input": np.array([[prompt.encode()]], dtype=object), "max_tokens": np.array([[max_tokens]], np.int32)}
+    tensors = {
+        "text_input": np.array([[prompt.encode()]], dtype=object),
+        "max_tokens": np.array([[max_tokens]], np.int32),
+    }
     tensors.update({k: np.asarray(v) for k, v in inputs.items()})
     return parse_request(tensors, {}, tokenizer, limits)
 
@@ -97,8 +100,9 @@ def test_in_flight_batching_matches_eager(tiny_build, tokenizer):
         assert "".join(sink.pieces) == eager_text(prompt, max_tokens), prompt
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("tensorrt", marks=[pytest.mark.tensorrt,
-                                                                                     pytest.mark.gpu])])
+@pytest.mark.parametrize(
+    "backend", ["onnxruntime", pytest.param("tensorrt", marks=[pytest.mark.tensorrt, pytest.mark.gpu])]
+)
 def test_runner_slots_keep_each_sequence_apart(tiny_build, tmp_path, backend):
     """A runner's slot steps (OnnxRuntimeRunner; TensorRTRunner where TensorRT runs) against one-sequence steps: a
     prefill (in chunks) in the slot after the decoding ones between decode steps, a sequence leaving (the last one
@@ -120,13 +124,14 @@ def test_runner_slots_keep_each_sequence_apart(tiny_build, tmp_path, backend):
     pos = dict.fromkeys(seqs, 0)
 
     def prefill(slot, name, n):
-        logits = runner.prefill_slot(slot, seqs[name][None, pos[name]:pos[name] + n], torch.tensor([pos[name]]))
-        torch.testing.assert_close(logits[0], reference[name][pos[name]:pos[name] + n], atol=1e-4, rtol=0)
+        logits = runner.prefill_slot(slot, seqs[name][None, pos[name] : pos[name] + n], torch.tensor([pos[name]]))
+        torch.testing.assert_close(logits[0], reference[name][pos[name] : pos[name] + n], atol=1e-4, rtol=0)
         pos[name] += n
 
     def decode(*names):
-        logits = runner.step_slots(torch.stack([seqs[n][pos[n]:pos[n] + 1] for n in names]),
-                                   torch.tensor([pos[n] for n in names]))
+        logits = runner.step_slots(
+            torch.stack([seqs[n][pos[n] : pos[n] + 1] for n in names]), torch.tensor([pos[n] for n in names])
+        )
         for row, name in enumerate(names):
             torch.testing.assert_close(logits[row, 0], reference[name][pos[name]], atol=1e-4, rtol=0)
             pos[name] += 1
@@ -155,7 +160,9 @@ def test_cancelled_request_frees_its_slot(tiny_build, tokenizer):
         batcher.submit(Generation(request(tokenizer, PROMPTS[0], 200, stream=[[True]]), tokenizer, gone))
         batcher.submit(Generation(request(tokenizer, PROMPTS[1], 30), tokenizer, kept))
         assert gone.final.wait(120) and kept.final.wait(120)
-        batcher.submit(Generation(request(tokenizer, PROMPTS[2], 20, exclude_input_in_output=[[True]]), tokenizer, later))
+        batcher.submit(
+            Generation(request(tokenizer, PROMPTS[2], 20, exclude_input_in_output=[[True]]), tokenizer, later)
+        )
         assert later.final.wait(120)
         assert batcher.active == 0
     finally:
@@ -205,8 +212,12 @@ def test_sampling_rules(tokenizer):
     assert generation.choose(logits) == tokenizer.eos_id
     generation = Generation(request(tokenizer, "a", 3, bad_words=[[b" return"]], min_length=[[1]]), tokenizer, sink)
     assert generation.request.bad_words_ids == [[word]] and generation.choose(logits) == 9
-    draws = [Generation(request(tokenizer, "a", 3, temperature=[[1.0]], top_k=[[2]], seed=[[s]]), tokenizer, sink)
-             .choose(logits) for s in range(40)]
+    draws = [
+        Generation(request(tokenizer, "a", 3, temperature=[[1.0]], top_k=[[2]], seed=[[s]]), tokenizer, sink).choose(
+            logits
+        )
+        for s in range(40)
+    ]
     assert set(draws) == {tokenizer.eos_id, word}  # top_k 2: only the two most likely
     again = Generation(request(tokenizer, "a", 3, temperature=[[1.0]], top_k=[[2]], seed=[[3]]), tokenizer, sink)
     assert again.choose(logits) == draws[3]  # a seed repeats
@@ -222,21 +233,32 @@ def test_stop_words_end_the_generation(tokenizer):
     assert "".join(sink.pieces).endswith("return") and sink.final.is_set()
 
 
-@pytest.mark.parametrize("case, inputs, parameters, message", [
-    ("empty prompt", {"text_input": [[b""]], "max_tokens": [[4]]}, {}, "text_input is empty"),
-    ("max_tokens 0", {"text_input": [[b"x"]], "max_tokens": [[0]]}, {}, "at least 1"),
-    ("max_tokens over", {"text_input": [[b"x"]], "max_tokens": [[100]]}, {}, "over the limit 63"),
-    ("prompt too long", {"text_input": [[b"x " * 80]], "max_tokens": [[1]]}, {}, "longer than this model allows"),
-    ("sum too long", {"text_input": [[b"x " * 30]], "max_tokens": [[40]]}, {}, "exceeds the limit 64 of this model "
-                                                                           ".a model without sliding window"),
-    ("unknown parameter", {"text_input": [[b"x"]], "max_tokens": [[4]]}, {"beam_width": 2}, "unknown parameter"),
-    ("min_length", {"text_input": [[b"x"]], "max_tokens": [[4]], "min_length": [[5]]}, {}, "min_length"),
-])
+@pytest.mark.parametrize(
+    "case, inputs, parameters, message",
+    [
+        ("empty prompt", {"text_input": [[b""]], "max_tokens": [[4]]}, {}, "text_input is empty"),
+        ("max_tokens 0", {"text_input": [[b"x"]], "max_tokens": [[0]]}, {}, "at least 1"),
+        ("max_tokens over", {"text_input": [[b"x"]], "max_tokens": [[100]]}, {}, "over the limit 63"),
+        ("prompt too long", {"text_input": [[b"x " * 80]], "max_tokens": [[1]]}, {}, "longer than this model allows"),
+        (
+            "sum too long",
+            {"text_input": [[b"x " * 30]], "max_tokens": [[40]]},
+            {},
+            "exceeds the limit 64 of this model .a model without sliding window",
+        ),
+        ("unknown parameter", {"text_input": [[b"x"]], "max_tokens": [[4]]}, {"beam_width": 2}, "unknown parameter"),
+        ("min_length", {"text_input": [[b"x"]], "max_tokens": [[4]], "min_length": [[5]]}, {}, "min_length"),
+    ],
+)
 def test_bad_requests_are_refused(tokenizer, case, inputs, parameters, message):
     no_window = Limits(max_total_tokens=64, cache_wraps=False)
     with pytest.raises(RequestError, match=message):
-        parse_request({k: np.array(v, dtype=object if isinstance(v[0][0], bytes) else None) for k, v in inputs.items()},
-                      parameters, tokenizer, no_window)
+        parse_request(
+            {k: np.array(v, dtype=object if isinstance(v[0][0], bytes) else None) for k, v in inputs.items()},
+            parameters,
+            tokenizer,
+            no_window,
+        )
 
 
 def test_onnxruntime_repository(tiny_build, tmp_path):
@@ -247,8 +269,13 @@ def test_onnxruntime_repository(tiny_build, tmp_path):
     assert config.instance_group[0].count == 2
     assert [i.name for i in config.input if not i.optional] == ["text_input", "max_tokens"]
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
-    for file in ("1/model.py", "1/tokenizer.json", "1/artifacts/model.ort.onnx", "1/artifacts/model.onnx.data",
-                 "1/artifacts/artifact.json"):
+    for file in (
+        "1/model.py",
+        "1/tokenizer.json",
+        "1/artifacts/model.ort.onnx",
+        "1/artifacts/model.onnx.data",
+        "1/artifacts/artifact.json",
+    ):
         assert (written / file).is_file(), file
     served = served_artifact(written / "1" / ARTIFACTS_FOLDER, None)  # what the generate model runs: from artifact.json
     assert served.backend == "onnxruntime" and served.folder == written / "1" / ARTIFACTS_FOLDER
@@ -256,7 +283,7 @@ def test_onnxruntime_repository(tiny_build, tmp_path):
     assert not [p for p in repository.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]  # no staging left
 
 
-def tensorrt_build(tiny_build, out, gpus, options=EngineOptions()):
+def tensorrt_build(tiny_build, out, gpus, options=None):
     """A build folder as the TensorRT build writes it: artifact.json per GPU from the build's own writer, I/O as the
     ONNX graph has it. (No TensorRT here: model.plan is a placeholder that is only copied, never loaded.)"""
     out.mkdir()
@@ -266,8 +293,16 @@ def tensorrt_build(tiny_build, out, gpus, options=EngineOptions()):
         folder = tensorrt_dir(out, gpu.folder_name, "fp32")
         folder.mkdir(parents=True)
         (folder / "model.plan").write_bytes(f"placeholder for {gpu.name}: not an engine".encode())
-        tensorrt_description(tiny_build / "onnx/fp32/model.onnx", gpu, precision="fp32", options=options,
-                             plugin_impl="aot", build_seconds=1.0, ptx_isa=80, cache_copies=()).write(folder)
+        tensorrt_description(
+            tiny_build / "onnx/fp32/model.onnx",
+            gpu,
+            precision="fp32",
+            options=options or EngineOptions(),
+            plugin_impl="aot",
+            build_seconds=1.0,
+            ptx_isa=80,
+            cache_copies=(),
+        ).write(folder)
     return out
 
 
@@ -292,20 +327,27 @@ def test_tensorrt_repository(tiny_build, tmp_path):
     assert (written / "1/tokenizer.json").is_file()
     artifacts = written / "1" / ARTIFACTS_FOLDER
     for gpu in (H200, A100):
-        assert (artifacts / gpu.folder_name / "model.plan").read_bytes() == f"placeholder for {gpu.name}: not an engine".encode()
+        assert (
+            artifacts / gpu.folder_name / "model.plan"
+        ).read_bytes() == f"placeholder for {gpu.name}: not an engine".encode()
     chosen = served_artifact(artifacts, "9.0")
     assert chosen.backend == "tensorrt" and chosen.folder == artifacts / H200.folder_name
     assert served_artifact(artifacts, "8.0").description.tensorrt.gpu == A100.name
-    with pytest.raises(MistralExportError, match=r"no engine for this GPU's compute capability 8.9 \(engines for 8.0, 9.0\)"):
+    with pytest.raises(
+        MistralExportError, match=r"no engine for this GPU's compute capability 8.9 \(engines for 8.0, 9.0\)"
+    ):
         served_artifact(artifacts, "8.9")
     with pytest.raises(MistralExportError, match="need a GPU"):
         served_artifact(artifacts, None)
 
 
-@pytest.mark.parametrize("max_batch, prefill_chunk, message", [
-    (8, 64, r"--max-batch 8 \(Triton's max_batch_size\) is larger than the engine's batch limit 4 .*--max-batch 4"),
-    (4, 256, r"--prefill-chunk 256 is longer than the engine's longest step 128 .*--max-chunk 128"),
-])
+@pytest.mark.parametrize(
+    "max_batch, prefill_chunk, message",
+    [
+        (8, 64, r"--max-batch 8 \(Triton's max_batch_size\) is larger than the engine's batch limit 4 .*--max-batch 4"),
+        (4, 256, r"--prefill-chunk 256 is longer than the engine's longest step 128 .*--max-chunk 128"),
+    ],
+)
 def test_package_refuses_limits_outside_the_engine_profile(tiny_build, tmp_path, max_batch, prefill_chunk, message):
     build = tensorrt_build(tiny_build, tmp_path / "build", [H200], EngineOptions(max_batch=4, max_chunk=128))
     with pytest.raises(MistralExportError, match=message):

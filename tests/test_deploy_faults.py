@@ -23,6 +23,7 @@ import pytest
 
 from mistral_export.deploy.repository import package
 from mistral_export.deploy.server import Ports, free_port
+
 from helpers import PROMPTS
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the deploy extra (tritonclient) is not installed")
@@ -76,9 +77,22 @@ class Serve:
         self.ports = Ports(free_port(), free_port(), free_port())
         self.log = log
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mistral_export.cli", "serve", str(repository), "--http-port", str(self.ports.http),
-             "--grpc-port", str(self.ports.grpc), "--metrics-port", str(self.ports.metrics)],
-            stdout=subprocess.DEVNULL, stderr=log.open("w"))
+            [
+                sys.executable,
+                "-m",
+                "mistral_export.cli",
+                "serve",
+                str(repository),
+                "--http-port",
+                str(self.ports.http),
+                "--grpc-port",
+                str(self.ports.grpc),
+                "--metrics-port",
+                str(self.ports.metrics),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+        )
         self.tree: dict[int, str] = {}
 
     def look(self) -> dict[int, str]:
@@ -104,8 +118,11 @@ class Serve:
     def stub(self) -> int:
         """The model's Python stub: the process running the stub program (the backend also runs short shell
         commands naming it)."""
-        return next(pid for pid, command in self.look().items()
-                    if command.split(" ")[0].endswith("/triton_python_backend_stub") and running(pid))
+        return next(
+            pid
+            for pid, command in self.look().items()
+            if command.split(" ")[0].endswith("/triton_python_backend_stub") and running(pid)
+        )
 
     def exited_within(self, bound: float, since: float) -> int:
         """serve's exit code; it exited BOUND seconds after SINCE at most, and left no process of its tree."""
@@ -198,13 +215,16 @@ class HttpStream(threading.Thread):
 
     def run(self) -> None:
         body = json.dumps({"text_input": self.prompt, "max_tokens": self.max_tokens, "stream": True}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.ports.http}/v2/models/{MODEL}/generate_stream",
-                                         data=body, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports.http}/v2/models/{MODEL}/generate_stream",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 for line in response:
                     if line.startswith(b"data: "):
-                        event = json.loads(line[len(b"data: "):])
+                        event = json.loads(line[len(b"data: ") :])
                         if "error" in event:
                             self.error = event["error"]
                             return
@@ -248,8 +268,10 @@ def test_sigterm_mid_stream_ends_every_stream_with_an_error_then_a_second_sigter
         stream.join(EXIT_BOUND_S)
         assert not stream.is_alive(), f"{type(stream).__name__} got neither an end nor an error"
     for stream in streams:  # the model's own error, sent before the server goes (not a connection reset)
-        assert stream.error is not None and "the server is shutting down: generation cut after" in stream.error, \
-            (type(stream).__name__, stream.error)
+        assert stream.error is not None and "the server is shutting down: generation cut after" in stream.error, (
+            type(stream).__name__,
+            stream.error,
+        )
         assert len(stream.pieces) < LONG
     assert server.process.poll() is None  # still shutting down (the model unloads): a second SIGTERM ends it now
     server.process.send_signal(signal.SIGTERM)

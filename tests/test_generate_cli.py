@@ -9,14 +9,15 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from conftest import needs_tiny, small_config
-from helpers import PROMPTS, eager_text
 from mistral_export.cli import _stream, app
 from mistral_export.errors import MistralExportError
 from mistral_export.model.checkpoint import load_model, random_model, save_hf_checkpoint
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
 from mistral_export.runners.base import EagerRunner
+
+from conftest import needs_tiny, small_config
+from helpers import PROMPTS, eager_text
 
 CAPACITY = 48
 
@@ -32,28 +33,52 @@ def windowless_checkpoint(tmp_path_factory):
 
 @needs_tiny
 def test_generate_build_picks_its_backend_and_says_which(tiny_build):
-    result = CliRunner().invoke(app, ["generate", "--build", str(tiny_build), "--prompt", PROMPTS[0],
-                                      "--max-new-tokens", "12"])
+    result = CliRunner().invoke(
+        app, ["generate", "--build", str(tiny_build), "--prompt", PROMPTS[0], "--max-new-tokens", "12"]
+    )
     assert result.exit_code == 0, result.output
     assert "backend: onnxruntime (TensorRT" in result.stderr  # this machine has no TensorRT: it says so, and why
     assert result.stdout == PROMPTS[0] + eager_text(PROMPTS[0], 12) + "\n"
-    forced = CliRunner().invoke(app, ["generate", "--build", str(tiny_build), "--prompt", PROMPTS[0],
-                                      "--max-new-tokens", "12", "--backend", "eager"])
+    forced = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--build",
+            str(tiny_build),
+            "--prompt",
+            PROMPTS[0],
+            "--max-new-tokens",
+            "12",
+            "--backend",
+            "eager",
+        ],
+    )
     assert forced.exit_code == 2 and "--backend eager needs MODEL" in forced.output  # --backend still overrides
 
 
 def test_windowless_model_past_its_cache_is_refused_before_anything_is_printed(windowless_checkpoint):
-    result = CliRunner().invoke(app, ["generate", str(windowless_checkpoint), "--prompt", "def f(",
-                                      "--max-new-tokens", "60"])
+    result = CliRunner().invoke(
+        app, ["generate", str(windowless_checkpoint), "--prompt", "def f(", "--max-new-tokens", "60"]
+    )
     assert result.exit_code == 2
     assert result.stdout == ""
     prompt_tokens = len(load_tokenizer(windowless_checkpoint).encode("def f("))
     assert result.stderr.strip() == (
         f"error: the prompt ({prompt_tokens} tokens) + --max-new-tokens 60 needs {prompt_tokens + 60} cache slots, "
         f"more than the cache capacity {CAPACITY} of this model without sliding window; ask for at most "
-        f"{CAPACITY - prompt_tokens} new tokens")
-    fits = CliRunner().invoke(app, ["generate", str(windowless_checkpoint), "--prompt", "def f(",
-                                    "--max-new-tokens", str(CAPACITY - prompt_tokens)])
+        f"{CAPACITY - prompt_tokens} new tokens"
+    )
+    fits = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            str(windowless_checkpoint),
+            "--prompt",
+            "def f(",
+            "--max-new-tokens",
+            str(CAPACITY - prompt_tokens),
+        ],
+    )
     assert fits.exit_code == 0, fits.output  # the largest request it names runs
 
 
@@ -72,5 +97,7 @@ def test_error_after_streamed_text_starts_on_its_own_line(windowless_checkpoint,
 def test_onnx_option_on_a_build_folder_names_the_build_option(tiny_build):
     result = CliRunner().invoke(app, ["generate", "--onnx", str(tiny_build), "--prompt", "x"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == (f"error: --onnx {tiny_build}: this is a build folder (it has build.json), not an "
-                                     f"export folder; run it with --build {tiny_build}")
+    assert result.stderr.strip() == (
+        f"error: --onnx {tiny_build}: this is a build folder (it has build.json), not an "
+        f"export folder; run it with --build {tiny_build}"
+    )

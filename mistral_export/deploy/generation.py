@@ -72,14 +72,20 @@ class Limits:
         if max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {max_tokens}")
         if prompt_tokens >= self.max_total_tokens:
-            raise RequestError(f"text_input is {prompt_tokens} tokens, longer than this model allows "
-                               f"({self.max_total_tokens - 1} tokens{why})")
+            raise RequestError(
+                f"text_input is {prompt_tokens} tokens, longer than this model allows "
+                f"({self.max_total_tokens - 1} tokens{why})"
+            )
         if max_tokens > self.max_total_tokens - 1:
-            raise RequestError(f"max_tokens {max_tokens} is over the limit {self.max_total_tokens - 1} of this model{why}")
+            raise RequestError(
+                f"max_tokens {max_tokens} is over the limit {self.max_total_tokens - 1} of this model{why}"
+            )
         if prompt_tokens + max_tokens > self.max_total_tokens:
-            raise RequestError(f"text_input ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
-                               f"{prompt_tokens + max_tokens} tokens exceeds the limit {self.max_total_tokens} "
-                               f"of this model{why}; shorten the prompt or lower max_tokens")
+            raise RequestError(
+                f"text_input ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+                f"{prompt_tokens + max_tokens} tokens exceeds the limit {self.max_total_tokens} "
+                f"of this model{why}; shorten the prompt or lower max_tokens"
+            )
 
 
 @dataclass
@@ -115,31 +121,44 @@ def _text(value) -> str:
         raise RequestError("text inputs must be UTF-8") from None
 
 
-def parse_request(inputs: Mapping[str, np.ndarray], parameters: Mapping[str, object], tokenizer: TextTokenizer,
-                  limits: Limits) -> GenerateRequest:
+def parse_request(
+    inputs: Mapping[str, np.ndarray], parameters: Mapping[str, object], tokenizer: TextTokenizer, limits: Limits
+) -> GenerateRequest:
     """The request's input tensors (numpy, as Triton hands them over) checked and tokenized."""
     unknown = sorted(k for k in parameters if not k.startswith(TRITON_PARAMETER_PREFIX))
     if unknown:
-        raise RequestError(f"unknown parameter(s) {', '.join(unknown)}; this model takes the inputs "
-                           f"{', '.join(INPUTS)}")
+        raise RequestError(
+            f"unknown parameter(s) {', '.join(unknown)}; this model takes the inputs {', '.join(INPUTS)}"
+        )
     prompt = _text(_scalar(inputs, "text_input", b""))
     if not prompt:
         raise RequestError("text_input is empty: give a prompt to continue")
     request = GenerateRequest(
-        prompt=prompt, prompt_ids=tokenizer.encode(prompt), max_tokens=int(_scalar(inputs, "max_tokens")),
-        stream=bool(_scalar(inputs, "stream", False)), exclude_input=bool(_scalar(inputs, "exclude_input_in_output", False)),
-        min_length=int(_scalar(inputs, "min_length", 0)), temperature=float(_scalar(inputs, "temperature", 0.0)),
-        top_k=int(_scalar(inputs, "top_k", 0)), top_p=float(_scalar(inputs, "top_p", 1.0)))
+        prompt=prompt,
+        prompt_ids=tokenizer.encode(prompt),
+        max_tokens=int(_scalar(inputs, "max_tokens")),
+        stream=bool(_scalar(inputs, "stream", False)),
+        exclude_input=bool(_scalar(inputs, "exclude_input_in_output", False)),
+        min_length=int(_scalar(inputs, "min_length", 0)),
+        temperature=float(_scalar(inputs, "temperature", 0.0)),
+        top_k=int(_scalar(inputs, "top_k", 0)),
+        top_p=float(_scalar(inputs, "top_p", 1.0)),
+    )
     seed = _scalar(inputs, "seed")
     request.seed = None if seed is None else int(seed)
     limits.check(len(request.prompt_ids), request.max_tokens)
     if not 0 <= request.min_length <= request.max_tokens:
-        raise RequestError(f"min_length must be between 0 and max_tokens ({request.max_tokens}), got {request.min_length}")
+        raise RequestError(
+            f"min_length must be between 0 and max_tokens ({request.max_tokens}), got {request.min_length}"
+        )
     if request.temperature < 0 or request.top_k < 0 or not 0 <= request.top_p <= 1:
-        raise RequestError(f"sampling needs temperature >= 0, top_k >= 0 and 0 <= top_p <= 1, got "
-                           f"{request.temperature}, {request.top_k}, {request.top_p}")
-    words = {name: [_text(w) for w in np.asarray(inputs[name]).reshape(-1)] if name in inputs else []
-             for name in LIST_INPUTS}
+        raise RequestError(
+            f"sampling needs temperature >= 0, top_k >= 0 and 0 <= top_p <= 1, got "
+            f"{request.temperature}, {request.top_k}, {request.top_p}"
+        )
+    words = {
+        name: [_text(w) for w in np.asarray(inputs[name]).reshape(-1)] if name in inputs else [] for name in LIST_INPUTS
+    }
     request.stop_words = [w for w in words["stop_words"] if w]
     request.bad_words_ids = [ids for ids in (tokenizer.encode(w, add_bos=False) for w in words["bad_words"]) if ids]
     return request
@@ -168,12 +187,12 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        context = self._tokenizer.decode(self._ids[self._prefix:self._read])
-        text = self._tokenizer.decode(self._ids[self._prefix:])
+        context = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
         if len(text) <= len(context) or (text.endswith("\ufffd") and not final):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
-        return text[len(context):]
+        return text[len(context) :]
 
 
 @dataclass(frozen=True)
@@ -206,11 +225,15 @@ class TokenObserver:
         """`seconds`: since the request arrived for the first token, since the previous token otherwise."""
 
 
+IGNORED = TokenObserver()  # a generation nobody measures
+
+
 class Generation:
     """One request's tokens, sampling and output, whatever runs the model."""
 
-    def __init__(self, request: GenerateRequest, tokenizer: TextTokenizer, sink: Sink,
-                 observer: TokenObserver = TokenObserver()):
+    def __init__(
+        self, request: GenerateRequest, tokenizer: TextTokenizer, sink: Sink, observer: TokenObserver = IGNORED
+    ):
         self.request = request
         self.sink = sink
         self.observer = observer
@@ -233,7 +256,7 @@ class Generation:
         logits = np.array(logits, dtype=np.float32)
         context = r.prompt_ids + self.tokens if r.bad_words_ids else []  # not copied per token when unused
         for ids in r.bad_words_ids:
-            if len(ids) == 1 or context[len(context) - len(ids) + 1:] == ids[:-1]:
+            if len(ids) == 1 or context[len(context) - len(ids) + 1 :] == ids[:-1]:
                 logits[ids[-1]] = -np.inf
         if len(self.tokens) < r.min_length and self.eos_id is not None:
             logits[self.eos_id] = -np.inf
@@ -242,7 +265,7 @@ class Generation:
         logits = logits / r.temperature
         order = np.argsort(-logits, kind="stable")
         if r.top_k:
-            order = order[:r.top_k]
+            order = order[: r.top_k]
         probs = np.exp(logits[order] - logits[order[0]])
         probs /= probs.sum()
         if 0 < r.top_p < 1:
@@ -261,7 +284,7 @@ class Generation:
         stopped = False
         if delta and r.stop_words:  # the text is joined only to look for a stop word
             text_so_far = "".join(self._text) + delta
-            stopped = any(w in text_so_far[-(len(w) + len(delta)):] for w in r.stop_words)
+            stopped = any(w in text_so_far[-(len(w) + len(delta)) :] for w in r.stop_words)
         self.done = stopped or token == self.eos_id or len(self.tokens) >= r.max_tokens
         finish = None
         if self.done:
@@ -279,4 +302,3 @@ class Generation:
     def fail(self, message: str, unavailable: bool = False) -> None:
         self.done = True
         self.sink.fail(message, unavailable)
-

@@ -36,9 +36,9 @@ from mistral_export.artifacts.folder import (
     find_artifacts,
     read_build,
 )
+from mistral_export.deploy.chat_template import TOKENIZER_CONFIG
 from mistral_export.deploy.configs import parse_config, text_interface_config
 from mistral_export.deploy.served import ARTIFACTS_FOLDER
-from mistral_export.deploy.chat_template import TOKENIZER_CONFIG
 from mistral_export.errors import MistralExportError
 from mistral_export.files import write_text_atomic
 from mistral_export.folder_lock import folder_lock
@@ -75,23 +75,36 @@ def _stage(repository: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=repository))
 
 
-def package(build_dir: Path, repository: Path, name: str | None = None, max_batch: int = 8, instances: int = 1,
-            backend: str | None = None, precision: str | None = None,
-            prefill_chunk: int = DEFAULT_PREFILL_CHUNK, wait: bool = True) -> list[Path]:
+def package(
+    build_dir: Path,
+    repository: Path,
+    name: str | None = None,
+    max_batch: int = 8,
+    instances: int = 1,
+    backend: str | None = None,
+    precision: str | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    wait: bool = True,
+) -> list[Path]:
     """Write the model of BUILD_DIR's artifact into REPOSITORY; returns the model folders written.
 
     Another `package` writing into REPOSITORY: wait for it (said on stderr), or with wait=False refuse."""
     build_dir, repository = Path(build_dir), Path(repository)
     build = read_build(build_dir)
     if max_batch < 1 or instances < 1 or prefill_chunk < 1:
-        raise MistralExportError(f"--max-batch, --instances and --prefill-chunk must be at least 1, got {max_batch}, "
-                                 f"{instances} and {prefill_chunk}")
+        raise MistralExportError(
+            f"--max-batch, --instances and --prefill-chunk must be at least 1, got {max_batch}, "
+            f"{instances} and {prefill_chunk}"
+        )
     if not (build_dir / TOKENIZER_FILE).exists():
-        raise MistralExportError(f"{build_dir / TOKENIZER_FILE}: missing; the served model needs the tokenizer "
-                                 f"(build from a checkpoint folder that has a tokenizer.json)")
+        raise MistralExportError(
+            f"{build_dir / TOKENIZER_FILE}: missing; the served model needs the tokenizer "
+            f"(build from a checkpoint folder that has a tokenizer.json)"
+        )
     if backend is None:
-        backend = "tensorrt" if any(a.backend == "tensorrt" for a in find_artifacts(build_dir, precision)) \
-            else "onnxruntime"
+        backend = (
+            "tensorrt" if any(a.backend == "tensorrt" for a in find_artifacts(build_dir, precision)) else "onnxruntime"
+        )
     artifacts = artifacts_of_one_precision(build_dir, backend, precision)
     chat_config = _tokenizer_config(build_dir, build)
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", build["model"]["name"])
@@ -100,8 +113,9 @@ def package(build_dir: Path, repository: Path, name: str | None = None, max_batc
         check_engine_limits(artifacts, max_batch, prefill_chunk)
     with folder_lock(repository, "package", wait=wait, on_wait=lambda message: print(message, file=sys.stderr)):
         try:
-            written = [_package(build_dir, artifacts, repository, name, max_batch, instances, prefill_chunk,
-                                 chat_config)]
+            written = [
+                _package(build_dir, artifacts, repository, name, max_batch, instances, prefill_chunk, chat_config)
+            ]
         finally:  # an interrupted or refused packaging leaves no half-written model folder
             for staging in repository.glob(f".{name}*.staging-*"):
                 shutil.rmtree(staging, ignore_errors=True)
@@ -116,13 +130,17 @@ def check_engine_limits(artifacts: list[Artifact], max_batch: int, prefill_chunk
         section = artifact.description.tensorrt
         where = f"{artifact.folder}/{DESCRIPTION_FILE}"
         if max_batch > section.max_batch:
-            raise MistralExportError(f"--max-batch {max_batch} (Triton's max_batch_size) is larger than the engine's "
-                                     f"batch limit {section.max_batch} ({where}: built with --max-batch "
-                                     f"{section.max_batch}); package with --max-batch {section.max_batch} or rebuild")
+            raise MistralExportError(
+                f"--max-batch {max_batch} (Triton's max_batch_size) is larger than the engine's "
+                f"batch limit {section.max_batch} ({where}: built with --max-batch "
+                f"{section.max_batch}); package with --max-batch {section.max_batch} or rebuild"
+            )
         if prefill_chunk > section.max_chunk:
-            raise MistralExportError(f"--prefill-chunk {prefill_chunk} is longer than the engine's longest step "
-                                     f"{section.max_chunk} ({where}: built with --max-chunk {section.max_chunk}); "
-                                     f"package with --prefill-chunk {section.max_chunk} or rebuild")
+            raise MistralExportError(
+                f"--prefill-chunk {prefill_chunk} is longer than the engine's longest step "
+                f"{section.max_chunk} ({where}: built with --max-chunk {section.max_chunk}); "
+                f"package with --prefill-chunk {section.max_chunk} or rebuild"
+            )
 
 
 def _tokenizer_config(build_dir: Path, build: dict) -> Path | None:
@@ -141,17 +159,27 @@ def serves_on_gpu(model_folder: Path) -> bool:
     return any(group.kind == group.KIND_GPU for group in config.instance_group)
 
 
-def _package(build_dir: Path, artifacts: list[Artifact], repository: Path, name: str, max_batch: int,
-             instances: int, prefill_chunk: int, chat_config: Path | None) -> Path:
+def _package(
+    build_dir: Path,
+    artifacts: list[Artifact],
+    repository: Path,
+    name: str,
+    max_batch: int,
+    instances: int,
+    prefill_chunk: int,
+    chat_config: Path | None,
+) -> Path:
     tensorrt = artifacts[0].backend == "tensorrt"
     if tensorrt:
         seen: dict[str, Artifact] = {}
         for artifact in artifacts:
             capability = artifact.description.tensorrt.compute_capability
             if capability in seen:
-                raise MistralExportError(f"{build_dir}: two engines for compute capability {capability} "
-                                         f"({seen[capability].folder.parent.name}, {artifact.folder.parent.name}); "
-                                         f"the server picks an engine by capability: keep one")
+                raise MistralExportError(
+                    f"{build_dir}: two engines for compute capability {capability} "
+                    f"({seen[capability].folder.parent.name}, {artifact.folder.parent.name}); "
+                    f"the server picks an engine by capability: keep one"
+                )
             seen[capability] = artifact
             plan = artifact.folder / artifact.description.file
             if not plan.exists():
@@ -179,12 +207,16 @@ def _package(build_dir: Path, artifacts: list[Artifact], repository: Path, name:
 
 def _write_readme(repository: Path, name: str, backend: str) -> None:
     if backend == "onnxruntime":
-        server = ("This layout needs only Triton's Python backend: `mistral-export serve` runs the `tritonserver`\n"
-                  "of the nvidia-pytriton wheel (`pip install 'mistral-export[deploy]'`), or any full server image.")
+        server = (
+            "This layout needs only Triton's Python backend: `mistral-export serve` runs the `tritonserver`\n"
+            "of the nvidia-pytriton wheel (`pip install 'mistral-export[deploy]'`), or any full server image."
+        )
     else:
-        server = (f"`{name}` runs the TensorRT engine built for its instance's GPU inside Triton's Python backend:\n"
-                  f"the Python environment first on PATH needs `mistral-export[tensorrt]` (the TensorRT version the\n"
-                  f"engines were built with) and a CUDA torch. Its rolling cache stays on the GPU, updated in place.")
+        server = (
+            f"`{name}` runs the TensorRT engine built for its instance's GPU inside Triton's Python backend:\n"
+            f"the Python environment first on PATH needs `mistral-export[tensorrt]` (the TensorRT version the\n"
+            f"engines were built with) and a CUDA torch. Its rolling cache stays on the GPU, updated in place."
+        )
     text = f"""# Triton model repository for `{name}`
 
 Written by `mistral-export package`. Start the server:

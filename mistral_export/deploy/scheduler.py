@@ -34,9 +34,14 @@ SERVING_CHECK_S = 0.25  # how often a running batch asks whether the server is s
 
 
 class InFlightBatcher:
-    def __init__(self, runner, max_batch: int, prefill_chunk: int,
-                 report: Callable[[int, int], None] = lambda running, waiting: None,
-                 serving: Callable[[], bool] = lambda: True):
+    def __init__(
+        self,
+        runner,
+        max_batch: int,
+        prefill_chunk: int,
+        report: Callable[[int, int], None] = lambda running, waiting: None,
+        serving: Callable[[], bool] = lambda: True,
+    ):
         """`report(running, waiting)` is told the sequence counts when they change (the served model's metrics;
         each report crosses to Triton's process, so not every step). `serving()` says whether the server still
         serves (false: the shutdown has begun)."""
@@ -83,8 +88,11 @@ class InFlightBatcher:
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
         for generation in [*waiting, *filter(None, [self._prefilling]), *self._decoding]:
-            generation.fail(f"the server is shutting down: generation cut after {len(generation.tokens)} of "
-                            f"{generation.request.max_tokens} tokens", unavailable=True)
+            generation.fail(
+                f"the server is shutting down: generation cut after {len(generation.tokens)} of "
+                f"{generation.request.max_tokens} tokens",
+                unavailable=True,
+            )
         self._prefilling, self._decoding = None, []
 
     def _still_serving(self) -> bool:
@@ -156,9 +164,8 @@ class InFlightBatcher:
     def _prefill_chunk(self, budget: int) -> int:
         generation = self._prefilling
         ids = generation.request.prompt_ids
-        chunk = ids[self._prefilled:self._prefilled + budget]
-        logits = self.runner.prefill_slot(len(self._decoding), torch.tensor([chunk]),
-                                          torch.tensor([self._prefilled]))
+        chunk = ids[self._prefilled : self._prefilled + budget]
+        logits = self.runner.prefill_slot(len(self._decoding), torch.tensor([chunk]), torch.tensor([self._prefilled]))
         self._prefilled += len(chunk)
         if self._prefilled == len(ids):
             self._prefilling = None

@@ -73,13 +73,17 @@ def _server_from_wheel(work: Path) -> tuple[Path, Path, Path]:
     try:
         import pytriton
     except ImportError:
-        raise MistralExportError("no `tritonserver` on PATH and the nvidia-pytriton wheel is not installed: "
-                                 "pip install 'mistral-export[deploy]', or run inside Triton's server image") from None
+        raise MistralExportError(
+            "no `tritonserver` on PATH and the nvidia-pytriton wheel is not installed: "
+            "pip install 'mistral-export[deploy]', or run inside Triton's server image"
+        ) from None
     root = Path(pytriton.__file__).parent / "tritonserver"
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / python / "triton_python_backend_stub"
     if not stub.exists():
-        raise MistralExportError(f"{stub.parent.parent}: nvidia-pytriton ships no Python backend stub for Python {python}")
+        raise MistralExportError(
+            f"{stub.parent.parent}: nvidia-pytriton ships no Python backend stub for Python {python}"
+        )
     backends = work / "backends"
     shutil.copytree(root / "backends", backends)
     shutil.copy2(stub, backends / "python" / stub.name)
@@ -92,18 +96,29 @@ def server_command(repository: Path, ports: Ports, host: str, work: Path) -> tup
     The environment puts this Python's bin first on PATH (the stub imports mistral_export through it);
     with the wheel's server also its bundled libraries on LD_LIBRARY_PATH (the stub links against them).
     """
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               **{SHUTDOWN_FILE_ENV: str(shutdown_file(work))})
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **{SHUTDOWN_FILE_ENV: str(shutdown_file(work))},
+    )
     binary = shutil.which("tritonserver")
     extra: list[str] = []
     if binary is None:
         server, backends, libs = _server_from_wheel(work)
         binary, extra = str(server), [f"--backend-directory={backends}"]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), os.environ.get("LD_LIBRARY_PATH")]))
-    command = [binary, f"--model-repository={repository}", *extra,
-               f"--http-address={host}", f"--http-port={ports.http}",
-               f"--grpc-address={host}", f"--grpc-port={ports.grpc}",
-               f"--metrics-address={host}", f"--metrics-port={ports.metrics}", f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
+    command = [
+        binary,
+        f"--model-repository={repository}",
+        *extra,
+        f"--http-address={host}",
+        f"--http-port={ports.http}",
+        f"--grpc-address={host}",
+        f"--grpc-port={ports.grpc}",
+        f"--metrics-address={host}",
+        f"--metrics-port={ports.metrics}",
+        f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+    ]
     return command, env
 
 
@@ -119,8 +134,9 @@ def wait_ready(process: subprocess.Popen, host: str, port: int, timeout: float =
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise MistralExportError(f"tritonserver exited with code {process.returncode} before it was ready "
-                                     f"(its log above says why)")
+            raise MistralExportError(
+                f"tritonserver exited with code {process.returncode} before it was ready (its log above says why)"
+            )
         if _ready(host, port):
             return
         time.sleep(0.2)
@@ -183,8 +199,10 @@ def supervise(process: subprocess.Popen, interval: float = WATCH_INTERVAL_S) -> 
             if not _running(pid):  # the server may abort with it (a lock the stub held in shared memory)
                 # No clean shutdown to wait for: Triton cannot unload a model whose stub is gone.
                 stop(process, timeout=FAULT_STOP_TIMEOUT_S)
-                raise ServerFault(f"the Python backend stub {model} (pid {pid}) died"
-                                  + (", and the server with it" if exited else ": its requests can no longer be answered"))
+                raise ServerFault(
+                    f"the Python backend stub {model} (pid {pid}) died"
+                    + (", and the server with it" if exited else ": its requests can no longer be answered")
+                )
         if exited:
             return
         stubs.update(_stubs(process.pid, stubs))  # stubs start while models load (and again if Triton restarts one)
@@ -201,7 +219,7 @@ def _stubs(server_pid: int, known: dict[int, str]) -> dict[int, str]:
             try:
                 stat = (entry / "stat").read_text()
                 parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-                names[int(entry.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
+                names[int(entry.name)] = stat[stat.index("(") + 1 : stat.rindex(")")]
             except (OSError, IndexError, ValueError):
                 continue
     tree = {server_pid}
@@ -243,13 +261,21 @@ def running_server(repository: Path, ports: Ports, host: str = "127.0.0.1", log=
     """A started, ready server (the process) for the duration of the block; stopped cleanly after."""
     repository = Path(repository).resolve()
     if not (repository.is_dir() and any(repository.glob("*/config.pbtxt"))):
-        raise MistralExportError(f"{repository}: not a model repository (no */config.pbtxt; "
-                                 f"`mistral-export package BUILD -o REPO` writes one)")
+        raise MistralExportError(
+            f"{repository}: not a model repository (no */config.pbtxt; "
+            f"`mistral-export package BUILD -o REPO` writes one)"
+        )
     with tempfile.TemporaryDirectory(prefix="mistral-export-triton-") as work:
         command, env = server_command(repository, ports, host, Path(work))
         # Its own session: Ctrl-C reaches only us, and we stop the server once (a second signal kills it).
-        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent,
-                                   stdout=log, stderr=subprocess.STDOUT if log is not None else None)
+        process = subprocess.Popen(
+            command,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            stdout=log,
+            stderr=subprocess.STDOUT if log is not None else None,
+        )
         try:
             wait_ready(process, host, ports.http)
             yield process

@@ -9,8 +9,17 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mistral_export.deploy.generation import (FINISH_OUTPUTS, INPUTS, OUTPUT, Finish, GenerateRequest, Limits, Sink,
-                                              TokenObserver, parse_request)
+from mistral_export.deploy.generation import (
+    FINISH_OUTPUTS,
+    INPUTS,
+    OUTPUT,
+    Finish,
+    GenerateRequest,
+    Limits,
+    Sink,
+    TokenObserver,
+    parse_request,
+)
 
 # Seconds; from a few ms (a small model's step) to a long prefill queue.
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
@@ -23,16 +32,26 @@ class TritonSink(Sink):
     def send(self, text: str, final: Finish | None) -> None:
         tensors = [pb_utils.Tensor(OUTPUT, np.array([[text.encode("utf-8")]], dtype=np.object_))]
         if final is not None:
-            values = {"finish_reason": final.reason.encode(), "prompt_tokens": final.prompt_tokens,
-                      "completion_tokens": final.completion_tokens}
-            tensors += [pb_utils.Tensor(n, np.array([[values[n]]], np.object_ if t == "TYPE_STRING" else np.int32))
-                        for n, t in FINISH_OUTPUTS.items()]
+            values = {
+                "finish_reason": final.reason.encode(),
+                "prompt_tokens": final.prompt_tokens,
+                "completion_tokens": final.completion_tokens,
+            }
+            tensors += [
+                pb_utils.Tensor(n, np.array([[values[n]]], np.object_ if t == "TYPE_STRING" else np.int32))
+                for n, t in FINISH_OUTPUTS.items()
+            ]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final is not None else 0
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
 
     def fail(self, message: str, unavailable: bool = False) -> None:
-        code = pb_utils.TritonError.CANCELLED if self.cancelled() else \
-            pb_utils.TritonError.UNAVAILABLE if unavailable else pb_utils.TritonError.INVALID_ARG
+        code = (
+            pb_utils.TritonError.CANCELLED
+            if self.cancelled()
+            else pb_utils.TritonError.UNAVAILABLE
+            if unavailable
+            else pb_utils.TritonError.INVALID_ARG
+        )
         response = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
         self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
@@ -57,23 +76,32 @@ class LlmMetrics(TokenObserver):
             return self._families[-1]
 
         self._families = []  # kept alive: a metric outliving its family is an error in the stub
-        histogram, counter, gauge = (pb_utils.MetricFamily.HISTOGRAM, pb_utils.MetricFamily.COUNTER,
-                                     pb_utils.MetricFamily.GAUGE)
-        self.ttft = family("mistral_export_time_to_first_token_seconds",
-                           "Time from a request's arrival at the model to its first generated token", histogram
-                           ).Metric(labels=labels, buckets=LATENCY_BUCKETS)
-        self.inter_token = family("mistral_export_inter_token_latency_seconds",
-                                  "Time between two generated tokens of a sequence", histogram
-                                  ).Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        histogram, counter, gauge = (
+            pb_utils.MetricFamily.HISTOGRAM,
+            pb_utils.MetricFamily.COUNTER,
+            pb_utils.MetricFamily.GAUGE,
+        )
+        self.ttft = family(
+            "mistral_export_time_to_first_token_seconds",
+            "Time from a request's arrival at the model to its first generated token",
+            histogram,
+        ).Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.inter_token = family(
+            "mistral_export_inter_token_latency_seconds", "Time between two generated tokens of a sequence", histogram
+        ).Metric(labels=labels, buckets=LATENCY_BUCKETS)
         self.tokens = family("mistral_export_generated_tokens_total", "Tokens generated", counter).Metric(labels=labels)
-        self.running = family("mistral_export_running_sequences", "Sequences holding a cache slot (prefill or decode)",
-                              gauge).Metric(labels=labels)
-        self.waiting = family("mistral_export_waiting_sequences", "Sequences waiting for a cache slot",
-                              gauge).Metric(labels=labels)
-        self.slots_used = family("mistral_export_cache_slots_in_use", "KV-cache slots (one per sequence) in use",
-                                 gauge).Metric(labels=labels)
-        self.slots = family("mistral_export_cache_slots", "KV-cache slots (one per sequence) in all",
-                            gauge).Metric(labels=labels)
+        self.running = family(
+            "mistral_export_running_sequences", "Sequences holding a cache slot (prefill or decode)", gauge
+        ).Metric(labels=labels)
+        self.waiting = family("mistral_export_waiting_sequences", "Sequences waiting for a cache slot", gauge).Metric(
+            labels=labels
+        )
+        self.slots_used = family(
+            "mistral_export_cache_slots_in_use", "KV-cache slots (one per sequence) in use", gauge
+        ).Metric(labels=labels)
+        self.slots = family("mistral_export_cache_slots", "KV-cache slots (one per sequence) in all", gauge).Metric(
+            labels=labels
+        )
 
     def token(self, first: bool, seconds: float) -> None:
         (self.ttft if first else self.inter_token).observe(seconds)

@@ -33,21 +33,26 @@ import onnxruntime as ort
 import torch
 
 from mistral_export import tensorrt_lib
-from mistral_export.folder_lock import folder_lock
 from mistral_export.artifacts.description import BACKENDS, DESCRIPTION_FILE
 from mistral_export.artifacts.folder import BUILD_FILE, TOKENIZER_FILE, onnx_dir, tensorrt_dir
-from mistral_export.engines.onnxruntime.artifact import ORT_MODEL_FILE, ORT_DATA_FILE, write_onnxruntime_artifact
+from mistral_export.engines.onnxruntime.artifact import ORT_DATA_FILE, ORT_MODEL_FILE, write_onnxruntime_artifact
 from mistral_export.engines.tensorrt.builder import PLAN_FILE, EngineOptions
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import DATA_FILE, MODEL_FILE
-from mistral_export.export.precision import (CALIBRATED, DEFAULT_SMOOTHQUANT_ALPHA, calibration_options,
-                                             check_precision, export_precision)
+from mistral_export.export.precision import (
+    CALIBRATED,
+    DEFAULT_SMOOTHQUANT_ALPHA,
+    calibration_options,
+    check_precision,
+    export_precision,
+)
 from mistral_export.export.precision.int4 import DEFAULT_BLOCK_SIZE
+from mistral_export.files import file_sha256, package_version, read_json, tool_version, write_json_atomic
+from mistral_export.folder_lock import folder_lock
 from mistral_export.model.checkpoint import find_weight_files
 from mistral_export.model.config import load_config, resolve_model_dir
 from mistral_export.model.tokenizer import find_tokenizer_source, write_tokenizer_json
 from mistral_export.model.transformer import Transformer
-from mistral_export.files import file_sha256, package_version, read_json, tool_version, write_json_atomic
 from mistral_export.op_contract import DEFAULT_PLUGIN_IMPL
 from mistral_export.pipeline import stages
 from mistral_export.pipeline.progress import BuildProgress
@@ -74,8 +79,11 @@ class PrecisionOptions:
         data = Path(self.calib_data) if self.calib_data else None
         if data is not None and not data.is_file():
             raise MistralExportError(f"--calib-data {data}: no such file")
-        key = {"calib_samples": self.calib_samples, "calib_seq_len": self.calib_seq_len,
-               "calib_data_sha256": file_sha256(data) if data else None}
+        key = {
+            "calib_samples": self.calib_samples,
+            "calib_seq_len": self.calib_seq_len,
+            "calib_data_sha256": file_sha256(data) if data else None,
+        }
         if precision == "int8":
             key["smoothquant_alpha"] = self.smoothquant_alpha
         if precision == "int4-awq":
@@ -98,10 +106,20 @@ def choose_backend(requested: str) -> tuple[str, str | None, str]:
     return "onnxruntime", None, f"{problem}; the ONNX Runtime artifact runs anywhere"
 
 
-def build(model: Transformer | str | Path, out_dir: str | Path, precision: str = "fp32", backend: str = "onnxruntime",
-          *, opset: int | None = None, last_token_logits: bool = False, plugin_impl: str = DEFAULT_PLUGIN_IMPL,
-          precision_options: PrecisionOptions | None = None, engine_options: EngineOptions | None = None,
-          progress: BuildProgress | None = None, wait: bool = True) -> Path:
+def build(
+    model: Transformer | str | Path,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    backend: str = "onnxruntime",
+    *,
+    opset: int | None = None,
+    last_token_logits: bool = False,
+    plugin_impl: str = DEFAULT_PLUGIN_IMPL,
+    precision_options: PrecisionOptions | None = None,
+    engine_options: EngineOptions | None = None,
+    progress: BuildProgress | None = None,
+    wait: bool = True,
+) -> Path:
     """Build MODEL (a checkpoint folder, `tiny`, or an in-memory Transformer) into OUT_DIR; returns OUT_DIR.
 
     build.json's `last_run` lists each stage of this call as built or skipped. Another build writing into OUT_DIR:
@@ -135,7 +153,8 @@ def build(model: Transformer | str | Path, out_dir: str | Path, precision: str =
             pipeline.save()
             raise MistralExportError(
                 f"--backend tensorrt: {problem}; install it with {tensorrt_lib.INSTALL_HINT} (the ONNX stage's output "
-                f"{onnx_dir(out, precision)} is kept)")
+                f"{onnx_dir(out, precision)} is kept)"
+            )
         else:
             pipeline.tensorrt(precision, onnx_entry, engine_options, plugin_impl)
         pipeline.save()
@@ -152,7 +171,9 @@ class _Pipeline:
         self.config = model.config if self.in_memory else load_config(model)
         self.folder = None if self.in_memory else resolve_model_dir(model)
         if not self.in_memory and self.folder is None:
-            raise MistralExportError(f"preset '{model}' has shapes only, no weights; pass a checkpoint folder or 'tiny'")
+            raise MistralExportError(
+                f"preset '{model}' has shapes only, no weights; pass a checkpoint folder or 'tiny'"
+            )
         self.record = self._read_record()
         self.changed: set[str] = set()  # stages this build wrote or removed: the only ones its saves change
         self._fingerprint_checkpoint()
@@ -176,8 +197,13 @@ class _Pipeline:
         source = None if self.in_memory else ("tiny" if str(self.model) == "tiny" else str(Path(self.model).resolve()))
         if self.record.get("model", {}).get("checkpoint_sha256") not in (None, checkpoint):
             self._drop(lambda name, entry: name != "tokenizer", "made from another checkpoint")
-        self.record["model"] = {"source": source, "name": self.config.name, "config": self.config.to_hf_dict(),
-                                "checkpoint_sha256": checkpoint, "files": files}
+        self.record["model"] = {
+            "source": source,
+            "name": self.config.name,
+            "config": self.config.to_hf_dict(),
+            "checkpoint_sha256": checkpoint,
+            "files": files,
+        }
         self.checkpoint = checkpoint
 
     def _read_record(self) -> dict:
@@ -208,26 +234,31 @@ class _Pipeline:
             else:
                 stages_done.pop(name, None)
         self.record["stages"] = stages_done
-        artifacts = sorted({str(Path(o).parent) for e in stages_done.values() for o in e["outputs"]
-                            if o.endswith(DESCRIPTION_FILE)})
+        artifacts = sorted(
+            {str(Path(o).parent) for e in stages_done.values() for o in e["outputs"] if o.endswith(DESCRIPTION_FILE)}
+        )
         precisions: dict[str, dict] = {}
         for entry in stages_done.values():
             if "precision" in entry:
                 slot = precisions.setdefault(entry["precision"], {})
                 folder = str(Path(next(iter(entry["outputs"]))).parent)
                 slot.setdefault(entry["kind"], []).append(folder)
-        write_json_atomic(self.out / BUILD_FILE, {
-            "format": BUILD_FORMAT,
-            "tool_version": tool_version(),
-            "model": self.record["model"],
-            "artifacts": artifacts,
-            "precisions": precisions,
-            "stages": stages_done,
-            "last_run": self.run_log,
-        })
+        write_json_atomic(
+            self.out / BUILD_FILE,
+            {
+                "format": BUILD_FORMAT,
+                "tool_version": tool_version(),
+                "model": self.record["model"],
+                "artifacts": artifacts,
+                "precisions": precisions,
+                "stages": stages_done,
+                "last_run": self.run_log,
+            },
+        )
 
-    def _stage(self, name: str, inputs: dict, what: str, make: Callable[[], tuple[list[Path], dict]],
-               **details) -> dict:
+    def _stage(
+        self, name: str, inputs: dict, what: str, make: Callable[[], tuple[list[Path], dict]], **details
+    ) -> dict:
         key = stages.key_of(inputs)
         previous = self.record["stages"].get(name)
         if previous and previous.get("key") == key and stages.outputs_intact(self.out, previous["outputs"]):
@@ -242,8 +273,14 @@ class _Pipeline:
                 self.save()
             outputs, produced = make()
         seconds = round(time.perf_counter() - started, 2)
-        entry = {"key": key, **details, "inputs": inputs, "outputs": stages.record_outputs(self.out, outputs),
-                 "seconds": seconds, **produced}
+        entry = {
+            "key": key,
+            **details,
+            "inputs": inputs,
+            "outputs": stages.record_outputs(self.out, outputs),
+            "seconds": seconds,
+            **produced,
+        }
         self.record["stages"][name] = entry
         self.changed.add(name)
         self.run_log.append({"stage": name, "action": "built", "seconds": seconds})
@@ -256,8 +293,13 @@ class _Pipeline:
         source = None if self.in_memory else find_tokenizer_source(self.folder)
         if source is None:
             return
-        inputs = {"source": source.name, "sha256": file_sha256(source), "tool": stages.tool_fingerprint(),
-                  "tokenizers": package_version("tokenizers"), "sentencepiece": package_version("sentencepiece")}
+        inputs = {
+            "source": source.name,
+            "sha256": file_sha256(source),
+            "tool": stages.tool_fingerprint(),
+            "tokenizers": package_version("tokenizers"),
+            "sentencepiece": package_version("sentencepiece"),
+        }
 
         def make():
             target = self.out / TOKENIZER_FILE
@@ -266,26 +308,47 @@ class _Pipeline:
 
         self._stage("tokenizer", inputs, f"{TOKENIZER_FILE} from {source.name}", make)
 
-    def onnx(self, precision: str, opset: int | None, last_token_logits: bool, plugin_impl: str,
-             precision_options: PrecisionOptions) -> dict:
+    def onnx(
+        self,
+        precision: str,
+        opset: int | None,
+        last_token_logits: bool,
+        plugin_impl: str,
+        precision_options: PrecisionOptions,
+    ) -> dict:
         folder = onnx_dir(self.out, precision)
-        inputs = {"checkpoint": self.checkpoint, "config": self.config.to_hf_dict(), "precision": precision,
-                  "opset": opset, "last_token_logits": last_token_logits, "plugin_impl": plugin_impl,
-                  "precision_options": precision_options.key(precision), "tool": stages.tool_fingerprint(),
-                  "torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": package_version("onnxscript")}
+        inputs = {
+            "checkpoint": self.checkpoint,
+            "config": self.config.to_hf_dict(),
+            "precision": precision,
+            "opset": opset,
+            "last_token_logits": last_token_logits,
+            "plugin_impl": plugin_impl,
+            "precision_options": precision_options.key(precision),
+            "tool": stages.tool_fingerprint(),
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxscript": package_version("onnxscript"),
+        }
 
         def make():
             for dependent in (DESCRIPTION_FILE, ORT_MODEL_FILE, ORT_DATA_FILE):  # they describe the ONNX being replaced
                 (folder / dependent).unlink(missing_ok=True)
-            model_path = export_with_options(self.model, folder, precision, opset, last_token_logits, plugin_impl,
-                                             precision_options, self.progress)
+            model_path = export_with_options(
+                self.model, folder, precision, opset, last_token_logits, plugin_impl, precision_options, self.progress
+            )
             return [model_path, folder / DATA_FILE], {"onnx_sha256": file_sha256(model_path)}
 
-        entry = self._stage(f"onnx/{precision}", inputs, f"export and {precision}", make,
-                            kind="onnx", precision=precision)
+        entry = self._stage(
+            f"onnx/{precision}", inputs, f"export and {precision}", make, kind="onnx", precision=precision
+        )
         # Engines built from an earlier ONNX of this precision (other options, another GPU's build) are stale now.
-        self._drop(lambda name, e: e.get("upstream") == f"onnx/{precision}" and e.get("inputs", {}).get("onnx") != entry["key"],
-                   f"built from an earlier onnx/{precision}")
+        self._drop(
+            lambda name, e: (
+                e.get("upstream") == f"onnx/{precision}" and e.get("inputs", {}).get("onnx") != entry["key"]
+            ),
+            f"built from an earlier onnx/{precision}",
+        )
         return entry
 
     def onnxruntime(self, precision: str, onnx_entry: dict) -> dict:
@@ -297,8 +360,15 @@ class _Pipeline:
             own_data = description.onnxruntime.own_data
             return [folder / ORT_MODEL_FILE, *([folder / own_data] if own_data else []), folder / DESCRIPTION_FILE], {}
 
-        return self._stage(f"onnxruntime/{precision}", inputs, f"ONNX Runtime artifact {ORT_MODEL_FILE}", make,
-                           kind="onnxruntime", precision=precision, upstream=f"onnx/{precision}")
+        return self._stage(
+            f"onnxruntime/{precision}",
+            inputs,
+            f"ONNX Runtime artifact {ORT_MODEL_FILE}",
+            make,
+            kind="onnxruntime",
+            precision=precision,
+            upstream=f"onnx/{precision}",
+        )
 
     def tensorrt(self, precision: str, onnx_entry: dict, options: EngineOptions, plugin_impl: str) -> dict:
         from mistral_export.engines.tensorrt import builder
@@ -306,24 +376,41 @@ class _Pipeline:
         gpu = tensorrt_lib.this_gpu()
         folder = tensorrt_dir(self.out, gpu.folder_name, precision)
         model_path = onnx_dir(self.out, precision) / MODEL_FILE
-        inputs = {"onnx": onnx_entry["key"], "engine": options.key(), "gpu": gpu.name,
-                  "compute_capability": gpu.compute_capability, "tensorrt": gpu.tensorrt_version,
-                  "tool": stages.tool_fingerprint()}
+        inputs = {
+            "onnx": onnx_entry["key"],
+            "engine": options.key(),
+            "gpu": gpu.name,
+            "compute_capability": gpu.compute_capability,
+            "tensorrt": gpu.tensorrt_version,
+            "tool": stages.tool_fingerprint(),
+        }
 
         def make():
             for stale in (DESCRIPTION_FILE, PLAN_FILE):
                 (folder / stale).unlink(missing_ok=True)
             with stages.staging_folder(self.out / "engines", gpu.folder_name) as staging:
-                plan, description = builder.build_engine(model_path, staging, precision=precision, options=options,
-                                                         plugin_impl=plugin_impl, progress=self.progress.bars)
+                plan, description = builder.build_engine(
+                    model_path,
+                    staging,
+                    precision=precision,
+                    options=options,
+                    plugin_impl=plugin_impl,
+                    progress=self.progress.bars,
+                )
                 folder.mkdir(parents=True, exist_ok=True)
                 os.replace(plan, folder / PLAN_FILE)
             description.write(folder)
             return [folder / PLAN_FILE, folder / DESCRIPTION_FILE], {}
 
-        return self._stage(f"tensorrt/{gpu.folder_name}/{precision}", inputs,
-                           f"TensorRT engine for {gpu.name} ({precision})", make,
-                           kind="tensorrt", precision=precision, upstream=f"onnx/{precision}")
+        return self._stage(
+            f"tensorrt/{gpu.folder_name}/{precision}",
+            inputs,
+            f"TensorRT engine for {gpu.name} ({precision})",
+            make,
+            kind="tensorrt",
+            precision=precision,
+            upstream=f"onnx/{precision}",
+        )
 
 
 def file_bytes_sha256(tensor: torch.Tensor) -> str:
@@ -333,12 +420,29 @@ def file_bytes_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(str((tuple(tensor.shape), str(tensor.dtype))).encode() + data).hexdigest()
 
 
-def export_with_options(model, folder: Path, precision: str, opset: int | None, last_token_logits: bool, plugin_impl: str,
-                        options: PrecisionOptions, progress: BuildProgress) -> Path:
+def export_with_options(
+    model,
+    folder: Path,
+    precision: str,
+    opset: int | None,
+    last_token_logits: bool,
+    plugin_impl: str,
+    options: PrecisionOptions,
+    progress: BuildProgress,
+) -> Path:
     """The export + precision stage as `export` and `build` both run it."""
-    return export_precision(model, folder, precision, opset=opset, last_token_logits=last_token_logits,
-                            plugin_impl=plugin_impl, progress=progress.bars,
-                            smoothquant_alpha=options.smoothquant_alpha, awq=options.awq,
-                            int4_block_size=options.int4_block_size,
-                            calibration=calibration_options(options.calib_data, options.calib_samples,
-                                                            options.calib_seq_len, options.calib_device))
+    return export_precision(
+        model,
+        folder,
+        precision,
+        opset=opset,
+        last_token_logits=last_token_logits,
+        plugin_impl=plugin_impl,
+        progress=progress.bars,
+        smoothquant_alpha=options.smoothquant_alpha,
+        awq=options.awq,
+        int4_block_size=options.int4_block_size,
+        calibration=calibration_options(
+            options.calib_data, options.calib_samples, options.calib_seq_len, options.calib_device
+        ),
+    )

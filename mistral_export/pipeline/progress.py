@@ -19,8 +19,15 @@ class BuildProgress:
 
     def __init__(self, quiet: bool = False, console: Console | None = None):
         self.console = console or Console(stderr=True, quiet=quiet)
-        self.bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                             TimeElapsedColumn(), console=self.console, transient=True)
+        self.bars = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
         self._stage_task = None
 
     def __enter__(self) -> BuildProgress:

@@ -53,7 +53,8 @@ class Runner(ABC):
         if input_ids.ndim != 2 or input_ids.shape[0] != batch or tuple(past_len.shape) != (batch,):
             raise MistralExportError(
                 f"step expects input_ids [{batch}, S] and past_len [{batch}] "
-                f"({which}), got {list(input_ids.shape)} and {list(past_len.shape)}")
+                f"({which}), got {list(input_ids.shape)} and {list(past_len.shape)}"
+            )
         check_positions(past_len.tolist(), input_ids.shape[1], self.cache_capacity, self.cache_wraps)
 
     @abstractmethod
@@ -66,8 +67,9 @@ class Runner(ABC):
         if not self.batch_size:
             raise MistralExportError(f"{type(self).__name__}: slot step before reset(batch_size)")
         if first < 0 or count < 1 or first + count > self.batch_size:
-            raise MistralExportError(f"slots {first}..{first + count - 1} are outside the batch of {self.batch_size} "
-                                     f"that reset allocated")
+            raise MistralExportError(
+                f"slots {first}..{first + count - 1} are outside the batch of {self.batch_size} that reset allocated"
+            )
 
 
 class EagerRunner(Runner):
@@ -95,7 +97,7 @@ def prefill(runner: Runner, prompt_ids: Tensor, chunk_size: int | None = None) -
     outputs = []
     for start in range(0, length, chunk):
         past_len = torch.full((batch,), start, dtype=torch.int64)
-        outputs.append(runner.step(prompt_ids[:, start:start + chunk], past_len))
+        outputs.append(runner.step(prompt_ids[:, start : start + chunk], past_len))
     return torch.cat(outputs, dim=1)
 
 
@@ -108,11 +110,17 @@ def check_generation_fits(runner: Runner, prompt_tokens: int, max_new_tokens: in
         raise MistralExportError(
             f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} needs {end} cache slots, more "
             f"than the cache capacity {runner.cache_capacity} of this model without sliding window; "
-            + (f"ask for at most {fits} new tokens" if fits > 0 else "shorten the prompt"))
+            + (f"ask for at most {fits} new tokens" if fits > 0 else "shorten the prompt")
+        )
 
 
-def greedy_tokens(runner: Runner, prompt_ids: list[int], max_new_tokens: int,
-                  chunk_size: int | None = None, stop_id: int | None = None) -> Iterator[int]:
+def greedy_tokens(
+    runner: Runner,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    chunk_size: int | None = None,
+    stop_id: int | None = None,
+) -> Iterator[int]:
     """Greedy continuation of one prompt, yielded token by token (check_generation_fits first, to refuse one that
     cannot fit before any token, rather than at the step that passes the cache)."""
     runner.reset(1)
@@ -125,4 +133,3 @@ def greedy_tokens(runner: Runner, prompt_ids: list[int], max_new_tokens: int,
             return
         logits = runner.step(torch.tensor([[token]]), torch.tensor([position]))
         position += 1
-

@@ -29,8 +29,9 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"]
         self.tokenizer = load_tokenizer(folder)
         device = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
-        runner, description = open_served_runner(folder / ARTIFACTS_FOLDER, device,
-                                                 threads=int(parameters["threads"]) or None)
+        runner, description = open_served_runner(
+            folder / ARTIFACTS_FOLDER, device, threads=int(parameters["threads"]) or None
+        )
         self.limits = Limits.of(description)
         self.metrics = LlmMetrics(args)
         slots = int(json.loads(args["model_config"])["max_batch_size"])  # the runner's cache: a sequence per slot
@@ -44,9 +45,13 @@ class TritonPythonModel:
         def serving() -> bool:
             return not (announced and announced.exists()) and pb_utils.is_model_ready(name, version)
 
-        self.batcher = InFlightBatcher(runner, max_batch=slots, prefill_chunk=int(parameters["prefill_chunk"]),
-                                       report=lambda running, waiting: self.metrics.sequences(running, waiting, slots),
-                                       serving=serving)
+        self.batcher = InFlightBatcher(
+            runner,
+            max_batch=slots,
+            prefill_chunk=int(parameters["prefill_chunk"]),
+            report=lambda running, waiting: self.metrics.sequences(running, waiting, slots),
+            serving=serving,
+        )
 
     def execute(self, requests):
         for request in requests:

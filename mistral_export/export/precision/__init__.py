@@ -32,8 +32,14 @@ from pathlib import Path
 import torch
 
 from mistral_export.errors import MistralExportError
-from mistral_export.export.onnx_export import (MODEL_FILE, check_exportable, check_model, export_graph, export_onnx,
-                                               staged_model)
+from mistral_export.export.onnx_export import (
+    MODEL_FILE,
+    check_exportable,
+    check_model,
+    export_graph,
+    export_onnx,
+    staged_model,
+)
 from mistral_export.export.precision.calibration import CalibrationOptions, calibration_samples, calibration_steps
 from mistral_export.export.precision.int4 import DEFAULT_BLOCK_SIZE, check_block_size
 from mistral_export.export.precision.int4 import OPSET as INT4_OPSET
@@ -59,22 +65,36 @@ def check_precision(precision: str) -> None:
         raise MistralExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
 
 
-def calibration_options(data: Path | None = None, samples: int | None = None,
-                        seq_len: int | None = None, device: str | None = None) -> CalibrationOptions:
+def calibration_options(
+    data: Path | None = None, samples: int | None = None, seq_len: int | None = None, device: str | None = None
+) -> CalibrationOptions:
     """CalibrationOptions from the command line's --calib-data/--calib-samples/--calib-seq-len/--calib-device
     (None: default)."""
     defaults = CalibrationOptions()
     if device not in (None, "cpu", "cuda"):
         raise MistralExportError(f"--calib-device must be cpu or cuda, got '{device}'")
-    return CalibrationOptions(data=data, samples=samples or defaults.samples, seq_len=seq_len or defaults.seq_len,
-                              device=device or defaults.device)
+    return CalibrationOptions(
+        data=data,
+        samples=samples or defaults.samples,
+        seq_len=seq_len or defaults.seq_len,
+        device=device or defaults.device,
+    )
 
 
-def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | Path, precision: str = "fp32", *,
-                     opset: int | None = None, last_token_logits: bool = False,
-                     plugin_impl: str = DEFAULT_PLUGIN_IMPL, calibration: CalibrationOptions | None = None,
-                     smoothquant_alpha: float | None = DEFAULT_SMOOTHQUANT_ALPHA, awq: bool = True,
-                     int4_block_size: int = DEFAULT_BLOCK_SIZE, progress=None) -> Path:
+def export_precision(
+    model_or_folder: Transformer | str | Path,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    *,
+    opset: int | None = None,
+    last_token_logits: bool = False,
+    plugin_impl: str = DEFAULT_PLUGIN_IMPL,
+    calibration: CalibrationOptions | None = None,
+    smoothquant_alpha: float | None = DEFAULT_SMOOTHQUANT_ALPHA,
+    awq: bool = True,
+    int4_block_size: int = DEFAULT_BLOCK_SIZE,
+    progress=None,
+) -> Path:
     """OUT_DIR/model.onnx (+ .data) of MODEL in PRECISION; returns the path of model.onnx.
 
     `calibration` (int8, int4-awq, fp8): the text, sample count and length; default the shipped text.
@@ -88,13 +108,19 @@ def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | P
     if precision == "int4-awq":
         check_block_size(int4_block_size)
         if opset is not None and opset < INT4_OPSET:
-            raise MistralExportError(f"--precision int4-awq needs --opset {INT4_OPSET} or later (DequantizeLinear's "
-                                     f"block_size and INT4), got {opset}")
+            raise MistralExportError(
+                f"--precision int4-awq needs --opset {INT4_OPSET} or later (DequantizeLinear's "
+                f"block_size and INT4), got {opset}"
+            )
         opset = opset or INT4_OPSET
     if isinstance(model_or_folder, Transformer):
         check_exportable(model_or_folder)
-    options = {"last_token_logits": last_token_logits, "plugin_impl": plugin_impl,
-               "dtype": TRACE_DTYPES[precision], "metadata": {PRECISION_KEY: precision}}
+    options = {
+        "last_token_logits": last_token_logits,
+        "plugin_impl": plugin_impl,
+        "dtype": TRACE_DTYPES[precision],
+        "metadata": {PRECISION_KEY: precision},
+    }
     if opset is not None:
         options["opset"] = opset
     if precision in ("fp32", "fp16"):
@@ -102,17 +128,28 @@ def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | P
 
     config, stream, source = _weights(model_or_folder)
     if precision == "int8-wo":
-        options["metadata"][QUANTIZATION_KEY] = json.dumps({
-            "method": "W8A16 weight-only", "weights": "int8, symmetric, one scale per output channel",
-            "activations": "float16"})
+        options["metadata"][QUANTIZATION_KEY] = json.dumps(
+            {
+                "method": "W8A16 weight-only",
+                "weights": "int8, symmetric, one scale per output channel",
+                "activations": "float16",
+            }
+        )
         return export_graph(config, stream, out_dir, weights=Int8Weights(), **options)
 
     if precision in ("int4-awq", "fp8"):
         out = Path(out_dir)
         with staged_model(out) as staging:
             if precision == "int4-awq":
-                _quantize_w4a16(model_or_folder, staging, options, calibration or CalibrationOptions(), awq,
-                                int4_block_size, progress)
+                _quantize_w4a16(
+                    model_or_folder,
+                    staging,
+                    options,
+                    calibration or CalibrationOptions(),
+                    awq,
+                    int4_block_size,
+                    progress,
+                )
             else:
                 _quantize_fp8(model_or_folder, staging, options, calibration or CalibrationOptions(), progress)
             check_model(staging / MODEL_FILE)
@@ -120,32 +157,58 @@ def export_precision(model_or_folder: Transformer | str | Path, out_dir: str | P
 
     calibration = calibration or CalibrationOptions()
     samples = calibration_samples(calibration, _tokenizer(model_or_folder, calibration))
-    options["metadata"][QUANTIZATION_KEY] = json.dumps({
-        "method": "W8A8 SmoothQuant" if smoothquant_alpha is not None else "W8A8", "smoothquant_alpha": smoothquant_alpha,
-        "weights": "int8, symmetric, one scale per output channel",
-        "activations": "int8, symmetric, one static scale per tensor (max |x| over the calibration steps, fp32, "
-                       "calibrated layer by layer)",
-        "calibration": calibration.describe()})
+    options["metadata"][QUANTIZATION_KEY] = json.dumps(
+        {
+            "method": "W8A8 SmoothQuant" if smoothquant_alpha is not None else "W8A8",
+            "smoothquant_alpha": smoothquant_alpha,
+            "weights": "int8, symmetric, one scale per output channel",
+            "activations": "int8, symmetric, one static scale per tensor (max |x| over the calibration steps, fp32, "
+            "calibrated layer by layer)",
+            "calibration": calibration.describe(),
+        }
+    )
     statistics = W8A8Statistics()
     log.info("calibration: %d samples of %d tokens", len(samples), calibration.seq_len)
     with _progress_bars(progress) as bars:
+
         def smoothed():
-            return smoothquant_tensors(source, config, samples, smoothquant_alpha, statistics,
-                                       last_token_logits=last_token_logits, device=calibration.device, progress=bars)
+            return smoothquant_tensors(
+                source,
+                config,
+                samples,
+                smoothquant_alpha,
+                statistics,
+                last_token_logits=last_token_logits,
+                device=calibration.device,
+                progress=bars,
+            )
+
         return export_graph(config, smoothed, out_dir, weights=Int8Weights(statistics.activation_max), **options)
 
 
-def _quantize_w4a16(model_or_folder, staging: Path, options: dict, calibration: CalibrationOptions, use_awq: bool,
-                    block_size: int, progress) -> None:
+def _quantize_w4a16(
+    model_or_folder,
+    staging: Path,
+    options: dict,
+    calibration: CalibrationOptions,
+    use_awq: bool,
+    block_size: int,
+    progress,
+) -> None:
     from mistral_export.export.precision.awq import awq
     from mistral_export.export.precision.int4 import quantize_int4_weights
 
-    options["metadata"][QUANTIZATION_KEY] = json.dumps({
-        "method": "W4A16 AWQ" if use_awq else "W4A16 round-to-nearest", "awq": use_awq,
-        "weights": f"int4, symmetric, one fp16 scale per block of {block_size} along K and output channel; "
-                   "lm_head int8, one scale per output channel",
-        "block_size": block_size, "activations": "float16",
-        **({"calibration": calibration.describe()} if use_awq else {})})
+    options["metadata"][QUANTIZATION_KEY] = json.dumps(
+        {
+            "method": "W4A16 AWQ" if use_awq else "W4A16 round-to-nearest",
+            "awq": use_awq,
+            "weights": f"int4, symmetric, one fp16 scale per block of {block_size} along K and output channel; "
+            "lm_head int8, one scale per output channel",
+            "block_size": block_size,
+            "activations": "float16",
+            **({"calibration": calibration.describe()} if use_awq else {}),
+        }
+    )
     model = model_or_folder  # round-to-nearest: a checkpoint folder streams into the export as for fp16
     if use_awq:
         model = _whole_model(model_or_folder)
@@ -161,10 +224,14 @@ def _quantize_fp8(model_or_folder, staging: Path, options: dict, calibration: Ca
 
     model = _whole_model(model_or_folder)
     samples = calibration_samples(calibration, _tokenizer(model_or_folder, calibration))
-    options["metadata"][QUANTIZATION_KEY] = json.dumps({
-        "method": "FP8 E4M3", "weights": "float8e4m3fn, one scale per output channel (max |w| / 448)",
-        "activations": "float8e4m3fn, one static scale per tensor (max |x| / 448 over the calibration steps)",
-        "calibration": calibration.describe()})
+    options["metadata"][QUANTIZATION_KEY] = json.dumps(
+        {
+            "method": "FP8 E4M3",
+            "weights": "float8e4m3fn, one scale per output channel (max |w| / 448)",
+            "activations": "float8e4m3fn, one static scale per tensor (max |x| / 448 over the calibration steps)",
+            "calibration": calibration.describe(),
+        }
+    )
     source = export_onnx(model, staging / "fp16", **options)
     with _progress_bars(progress) as bars:
         quantize_fp8(source, staging / MODEL_FILE, calibration_steps(model, samples, bars))
@@ -184,8 +251,11 @@ def _weights(model_or_folder):
     """(config, the weights as stored one by one, one tensor by name: a copy the caller may change)."""
     if isinstance(model_or_folder, Transformer):
         params = dict(model_or_folder.named_parameters())
-        return (model_or_folder.config, lambda: iter(params.items()),
-                lambda name: params[name].detach().to(torch.float32, copy=True))
+        return (
+            model_or_folder.config,
+            lambda: iter(params.items()),
+            lambda name: params[name].detach().to(torch.float32, copy=True),
+        )
     from mistral_export.export.onnx_export import stored_dtype
     from mistral_export.model.checkpoint import Checkpoint
     from mistral_export.model.config import load_config, resolve_model_dir
@@ -207,8 +277,10 @@ def _tokenizer(model_or_folder, calibration: CalibrationOptions):
     if not isinstance(model_or_folder, Transformer):
         folder = folder or resolve_model_dir(model_or_folder)
     if folder is None:
-        raise MistralExportError("calibration of an in-memory model needs its tokenizer: "
-                                 "CalibrationOptions(tokenizer=FOLDER with tokenizer.json)")
+        raise MistralExportError(
+            "calibration of an in-memory model needs its tokenizer: "
+            "CalibrationOptions(tokenizer=FOLDER with tokenizer.json)"
+        )
     return load_tokenizer(Path(folder))
 
 
@@ -220,6 +292,12 @@ def _progress_bars(progress):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as bars:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bars:
         yield bars
