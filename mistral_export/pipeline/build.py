@@ -45,6 +45,7 @@ from mistral_export.export.precision import (
     calibration_options,
     check_precision,
     export_precision,
+    opset_for,
 )
 from mistral_export.export.precision.int4 import DEFAULT_BLOCK_SIZE
 from mistral_export.files import file_sha256, package_version, read_json, tool_version, write_json_atomic
@@ -126,6 +127,7 @@ def build(
     wait for it (and say so), or with wait=False raise a MistralExportError.
     """
     check_precision(precision)
+    opset = opset_for(precision, opset)  # recorded as the number it is
     engine_options = engine_options or EngineOptions()
     engine_options.check()
     precision_options = precision_options or PrecisionOptions()

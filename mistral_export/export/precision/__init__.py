@@ -33,6 +33,7 @@ import torch
 
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import (
+    DEFAULT_OPSET,
     MODEL_FILE,
     check_exportable,
     check_model,
@@ -58,6 +59,16 @@ PRECISION_KEY = "mistral_export.precision"
 QUANTIZATION_KEY = "mistral_export.quantization"
 
 log = logging.getLogger(__name__)
+
+
+def opset_for(precision: str, opset: int | None = None) -> int:
+    """The opset PRECISION exports at: OPSET if given (int4-awq refuses one below 21), else the precision's default."""
+    if precision == "int4-awq" and opset is not None and opset < INT4_OPSET:
+        raise MistralExportError(
+            f"--precision int4-awq needs --opset {INT4_OPSET} or later (DequantizeLinear's block_size and INT4), "
+            f"got {opset}"
+        )
+    return opset or (INT4_OPSET if precision == "int4-awq" else DEFAULT_OPSET)
 
 
 def check_precision(precision: str) -> None:
@@ -107,12 +118,7 @@ def export_precision(
         raise MistralExportError(f"--smoothquant-alpha must be within [0, 1], got {smoothquant_alpha}")
     if precision == "int4-awq":
         check_block_size(int4_block_size)
-        if opset is not None and opset < INT4_OPSET:
-            raise MistralExportError(
-                f"--precision int4-awq needs --opset {INT4_OPSET} or later (DequantizeLinear's "
-                f"block_size and INT4), got {opset}"
-            )
-        opset = opset or INT4_OPSET
+    opset = opset_for(precision, opset)
     if isinstance(model_or_folder, Transformer):
         check_exportable(model_or_folder)
     options = {
@@ -121,8 +127,7 @@ def export_precision(
         "dtype": TRACE_DTYPES[precision],
         "metadata": {PRECISION_KEY: precision},
     }
-    if opset is not None:
-        options["opset"] = opset
+    options["opset"] = opset
     if precision in ("fp32", "fp16"):
         return export_onnx(model_or_folder, out_dir, **options)
 
