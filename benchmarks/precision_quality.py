@@ -17,7 +17,6 @@ Then the fixture with activation-outlier channels injected (fp32 function unchan
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -25,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,31 +35,13 @@ from mistral_export.export.precision import fp8 as fp8_module
 from mistral_export.export.precision import int4 as int4_module
 from mistral_export.model.checkpoint import load_model
 from mistral_export.model.config import TINY_DIR
-from mistral_export.model.tokenizer import load_tokenizer
 from mistral_export.runners.base import EagerRunner, prefill
 from mistral_export.runners.onnxruntime import OnnxRuntimeRunner
 from mistral_export.validate.thresholds import THRESHOLDS
 
+from helpers import CHUNK, held_out_ids, outlier_model, perplexity
 from provenance import markdown as provenance_markdown
 from provenance import provenance
-
-CHUNK = 64  # tiny's window
-
-
-def held_out_ids(files: int = 3, length: int = 384) -> torch.Tensor:
-    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "tools" / "train_tiny.py")
-    train_tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tiny)
-    held = [f for i, f in enumerate(train_tiny.stdlib_files()) if i % train_tiny.HELD_OUT_EVERY == 0]
-    tokenizer = load_tokenizer(TINY_DIR)
-    rows = [
-        ids[:length] for ids in (tokenizer.encode(f.read_text(errors="replace")) for f in held) if len(ids) >= length
-    ]
-    return torch.tensor(rows[:files])
-
-
-def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    return float(torch.exp(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())))
 
 
 def measure(runner, reference: torch.Tensor, ids: torch.Tensor) -> dict:
@@ -110,7 +90,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "precision_quality")
     args = parser.parse_args()
     origin = provenance(("torch", "onnx", "onnxruntime"))
-    from helpers import outlier_model
 
     tiny = load_model("tiny")
     ids = held_out_ids()
