@@ -40,10 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mistral_export.engines.onnxruntime.artifact import (
-    onnxruntime_artifact_for,
-    write_onnxruntime_artifact,
-)
+from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import export_onnx
 from mistral_export.export.precision import PRECISIONS, CalibrationOptions, export_precision
@@ -285,7 +282,7 @@ def export_all(name: str, model, precisions, seed: int) -> dict[str, Path]:
         folder = cached_folder(f"{name}-{precision}", code_key(model.config, seed, precision, calibration))
         path = folder / "model.onnx"
         try:
-            onnxruntime_artifact_for(path)
+            OnnxRuntimeRunner(folder)  # a complete artifact (its artifact.json and model.ort.onnx agree)
             print(f"{name} {precision}: export reused from {folder}", flush=True)
         except MistralExportError:  # none yet, or incomplete
             t = time.perf_counter()
