@@ -63,9 +63,10 @@ class Mutation:
         return text
 
 
-GQA_BODY_IN = (
-    "grouped = op.Reshape(op.Cast(q, to=FLOAT.dtype), op.Concat(keep, kv_heads, "
-    "op.Constant(value_ints=[-1]), keep, axis=0))"
+GQA_BODY_IN = (  # as the formatter writes it
+    "grouped = op.Reshape(\n"
+    "        op.Cast(q, to=FLOAT.dtype), op.Concat(keep, kv_heads, op.Constant(value_ints=[-1]), keep, axis=0)\n"
+    "    )"
 )
 GQA_BODY_OUT = "out = op.Reshape(op.MatMul(op.Softmax(op.Add(scores, bias), axis=-1), values), op.Shape(q))"
 
@@ -367,8 +368,8 @@ MUTATIONS = [
         "kernel-slot-arithmetic",
         KERNELS,
         "update writes slot (past_len + i) mod C",
-        "slots = (past + rows) % tl.maximum(capacity, 1)",
-        "slots = (past + rows + 1) % tl.maximum(capacity, 1)",
+        "slots = (past + rows) % ring",
+        "slots = (past + rows + 1) % ring",
     ),
     Mutation(
         "kernel-int32-positions",
