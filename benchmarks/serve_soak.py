@@ -36,16 +36,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.provenance import markdown as provenance_markdown  # noqa: E402
+from benchmarks.provenance import markdown as provenance_markdown
 from benchmarks.provenance import provenance
-from mistral_export.artifacts.folder import find_artifacts  # noqa: E402
-from mistral_export.deploy.repository import package  # noqa: E402
-from mistral_export.deploy.server import STUB_NAME, Ports, free_port  # noqa: E402
-from mistral_export.model.config import TINY_DIR  # noqa: E402
-from mistral_export.model.tokenizer import load_tokenizer  # noqa: E402
-from mistral_export.pipeline.build import build  # noqa: E402
-from mistral_export.runners import open_runner  # noqa: E402
-from mistral_export.runners.base import greedy_tokens  # noqa: E402
+from mistral_export.artifacts.folder import find_artifacts
+from mistral_export.deploy.processes import PROC, descendants
+from mistral_export.deploy.repository import package
+from mistral_export.deploy.server import STUB_NAME, Ports, free_port
+from mistral_export.model.config import TINY_DIR
+from mistral_export.model.tokenizer import load_tokenizer
+from mistral_export.pipeline.build import build
+from mistral_export.runners import open_runner
+from mistral_export.runners.base import greedy_tokens
 
 RESULTS = ROOT / "benchmarks" / "results"
 HELDOUT = ROOT / "mistral_export" / "validate" / "heldout.txt"
@@ -74,23 +75,11 @@ def reference_ids(artifact, tokenizer, prompts: list[str], max_tokens: int) -> d
 
 def server_rss(serve_pid: int) -> int:
     """Resident bytes of serve's tritonserver and the stubs below it."""
-    parents, names = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-                names[int(entry.name)] = stat[stat.index("(") + 1 : stat.rindex(")")]
-            except (OSError, ValueError, IndexError):
-                continue
-    tree = {serve_pid}
-    for _ in range(4):
-        tree |= {pid for pid, parent in parents.items() if parent in tree}
     total = 0
-    for pid in tree:
-        if names.get(pid) in ("tritonserver", STUB_NAME[:15]):
+    for pid, name in descendants(serve_pid).items():
+        if name in ("tritonserver", STUB_NAME[:15]):
             try:
-                status = (Path("/proc") / str(pid) / "status").read_text()
+                status = (PROC / str(pid) / "status").read_text()
                 total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) * 1024
             except (OSError, StopIteration):
                 continue

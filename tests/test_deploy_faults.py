@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mistral_export.deploy.processes import PROC, descendants, running
 from mistral_export.deploy.repository import package
 from mistral_export.deploy.server import Ports, free_port
 
@@ -43,31 +44,13 @@ def repository(tiny_build, tmp_path_factory):
 
 def process_tree(root: int) -> dict[int, str]:
     """pid -> command of ROOT's descendants, from /proc."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, todo = {}, [root]
-    while todo:
-        parent = todo.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in found:
-                try:
-                    found[pid] = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                except OSError:
-                    found[pid] = ""
-                todo.append(pid)
+    found = {}
+    for pid in descendants(root):
+        try:
+            found[pid] = (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            found[pid] = ""
     return found
-
-
-def running(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 class Serve:

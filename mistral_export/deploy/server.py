@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from mistral_export.deploy.processes import PROC, descendants, running
 from mistral_export.errors import MistralExportError
 
 READY_TIMEOUT_S = 120.0
@@ -196,7 +197,7 @@ def supervise(process: subprocess.Popen, interval: float = WATCH_INTERVAL_S) -> 
         except subprocess.TimeoutExpired:
             exited = False
         for pid, model in stubs.items():
-            if not _running(pid):  # the server may abort with it (a lock the stub held in shared memory)
+            if not running(pid):  # the server may abort with it (a lock the stub held in shared memory)
                 # No clean shutdown to wait for: Triton cannot unload a model whose stub is gone.
                 stop(process, timeout=FAULT_STOP_TIMEOUT_S)
                 raise ServerFault(
@@ -212,39 +213,20 @@ def _stubs(server_pid: int, known: dict[int, str]) -> dict[int, str]:
     """pid -> which model ("of model 'NAME'") for the server's Python stubs: its descendants whose program name
     (/proc/PID/stat) is the stub's; the backend may start them through a shell. A new stub's command line (STUB
     model_repository/NAME/1/model.py ...) is read once for the model's name; seen from `serve` it sometimes reads
-    empty, and the stub is watched all the same. By hand: psutil would be a dependency for these few lines."""
-    parents, names = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-                names[int(entry.name)] = stat[stat.index("(") + 1 : stat.rindex(")")]
-            except (OSError, IndexError, ValueError):
-                continue
-    tree = {server_pid}
-    for _ in range(4):  # the stub sits one or two levels below the server
-        tree |= {pid for pid, parent in parents.items() if parent in tree}
+    empty, and the stub is watched all the same."""
     found = {}
-    for pid in tree - {server_pid}:
-        if names.get(pid) != STUB_NAME[:15]:  # the kernel keeps 15 characters of a program's name
+    for pid, name in descendants(server_pid).items():
+        if name != STUB_NAME[:15]:  # the kernel keeps 15 characters of a program's name
             continue
         if pid in known:
             found[pid] = known[pid]
             continue
         try:
-            command = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            command = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")
             found[pid] = f"of model '{Path(command[1].decode()).parent.parent.name}'"
         except (OSError, IndexError, UnicodeDecodeError):  # its command line may read empty: name no model
             found[pid] = "of a model"
     return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def _die_with_parent() -> None:
