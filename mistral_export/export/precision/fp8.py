@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from mistral_export.export.precision.calibration import Step
 from mistral_export.export.precision.int4 import LM_HEAD
-from mistral_export.export.precision.onnx_weights import add_initializer, matmul_weights
+from mistral_export.export.precision.onnx_weights import add_initializer, behind_dequantize, matmul_weights
 
 E4M3_MAX = 448.0
 
@@ -71,19 +71,10 @@ def quantize_fp8(source: Path, target: Path, steps: Iterator[Step]) -> None:
     zero = add_initializer(graph, "fp8_zero_point", np.zeros((), dtype=ml_dtypes.float8_e4m3fn))
     dequantized: dict[str, ir.Value] = {}  # one Q/DQ pair per activation, whatever number of MatMuls read it
     for node, weight in found:
-        name, values = weight.name, weight.const_value.numpy()
+        values = weight.const_value.numpy()
         dtype = values.dtype
         scale = _scale(np.abs(values.astype(np.float32)).max(axis=0), dtype)
-        w = add_initializer(graph, f"{name}_quantized", to_e4m3(values, scale))
-        s = add_initializer(graph, f"{name}_scale", scale)
-        z = add_initializer(graph, f"{name}_zero_point", np.zeros(scale.shape, dtype=ml_dtypes.float8_e4m3fn))
-        dq = ir.node("DequantizeLinear", [w, s, z], {"axis": 1})
-        dq.outputs[0].name = f"{name}_DequantizeLinear_Output"
-        dq.outputs[0].shape, dq.outputs[0].type = weight.shape, weight.type
-        graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
-        if not weight.uses():
-            graph.initializers.pop(name)
+        behind_dequantize(graph, node, weight, to_e4m3(values, scale), scale)
 
         x = node.inputs[0]
         if x.name not in dequantized:

@@ -30,10 +30,18 @@ def dequantize_int8(graph: ir.Graph, node: ir.Node, weight: ir.Value, values: np
     scale = np.abs(values.astype(np.float32)).max(axis=0) / INT8_MAX
     scale = np.where(scale > 0, scale, 1.0).astype(weight.dtype.numpy())
     quantized = np.clip(np.rint(values.astype(np.float32) / scale.astype(np.float32)), -INT8_MAX, INT8_MAX)
+    behind_dequantize(graph, node, weight, quantized.astype(np.int8), scale)
+
+
+def behind_dequantize(
+    graph: ir.Graph, node: ir.Node, weight: ir.Value, quantized: np.ndarray, scale: np.ndarray
+) -> None:
+    """NODE's weight input becomes DequantizeLinear(QUANTIZED, SCALE per output channel, zero points of QUANTIZED's
+    type); the float weight goes when nothing else reads it."""
     name = weight.name
-    q = add_initializer(graph, f"{name}_quantized", quantized.astype(np.int8))
+    q = add_initializer(graph, f"{name}_quantized", quantized)
     s = add_initializer(graph, f"{name}_scale", scale)
-    zero = add_initializer(graph, f"{name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
+    zero = add_initializer(graph, f"{name}_zero_point", np.zeros(scale.shape, dtype=quantized.dtype))
     dq = ir.node("DequantizeLinear", [q, s, zero], {"axis": 1})
     dq.outputs[0].name = f"{name}_DequantizeLinear_Output"
     dq.outputs[0].shape, dq.outputs[0].type = weight.shape, weight.type
