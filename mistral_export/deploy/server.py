@@ -189,7 +189,9 @@ def _kill_group(pgid: int) -> None:
 
 def supervise(process: subprocess.Popen, interval: float = WATCH_INTERVAL_S) -> None:
     """Return when the server exits; when one of its Python stubs dies first, stop the server and raise ServerFault."""
-    stubs: dict[int, str] = {}
+    # The stubs are there once the server is ready: known from the start, a stub killed before the first interval
+    # ends (and the server aborting with it) is still reported as the stub's death.
+    stubs = _stubs(process.pid, {})
     while True:
         try:
             _wait_unreaped(process.pid, interval)
