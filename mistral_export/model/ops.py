@@ -43,6 +43,14 @@ def sliding_window_attention_reference(
     group = q_heads // kv_heads
 
     new_pos = past_len.to(torch.int64).unsqueeze(1) + torch.arange(seq, device=q.device)  # [B,S]
+    if capacity and past_len.numel() and not torch.compiler.is_compiling():
+        # Until the ring first wraps, slot s holds position s, so slots past the longest prefix are empty for every
+        # row: attending over them only adds exact zeros (a prefill from an empty cache of 4096 slots otherwise
+        # spends most of its time on them).
+        filled = int(past_len.max())
+        if filled < capacity:
+            capacity = filled
+            k_cache, v_cache = k_cache[:, :, :filled], v_cache[:, :, :filled]
     if capacity:
         old_pos = cache_positions(past_len, capacity)  # [B,C]
         key_pos = torch.cat([old_pos, new_pos], dim=1)
