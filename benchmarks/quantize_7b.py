@@ -8,7 +8,7 @@ artifact) runs in a child process per precision; its peak RSS is the child's ru_
 anonymous and file-backed parts sampled from /proc every 0.2 s. The run is stopped if the machine's available
 memory drops below --min-available GB (a shared machine).
 
-    python benchmarks/quantize_7b.py [--work /tmp/quantize7b] [--precisions fp16,int8-wo,int8]
+    python benchmarks/quantize_7b.py [--work /tmp/quantize7b] [--precisions fp16,int8-wo,int8,int4-awq,fp8]
                                      [--calib-samples 32] [--calib-seq-len 256] [--layers 32] [--keep]
                                      [--checkpoint DIR] [--baseline-commit REV]
 
@@ -45,6 +45,8 @@ from provenance import markdown as provenance_markdown
 TARGET_PEAK_OVER_CHECKPOINT = 0.25
 TARGET_FP16_OVER_CHECKPOINT = 0.087  # the fp16 export's measured ratio before this benchmark (issue 21)
 TARGET_INT8_SECONDS = 30 * 60
+TARGET_INT4_OVER_FP16 = 0.3  # issue 19: int4-awq's weight bytes
+CALIBRATED = ("int8", "int4-awq", "fp8")
 
 
 def write_checkpoint(folder: Path, config, seed: int = 0) -> int:
@@ -145,7 +147,7 @@ def run_measured(command: list[str], min_available: float, log_path: Path, env: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantize7b"))
-    parser.add_argument("--precisions", default="fp16,int8-wo,int8")
+    parser.add_argument("--precisions", default="fp16,int8-wo,int8,int4-awq,fp8")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seq-len", type=int, default=256)
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32: Mistral 7B)")
@@ -181,7 +183,7 @@ def main() -> None:
             for label, env in codes:
                 out = args.work / precision
                 command = [cli, "export", str(checkpoint), "-o", str(out), "--precision", precision]
-                if precision == "int8":
+                if precision in CALIBRATED:
                     command += ["--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len)]
                 print(f"{precision}{label}: {' '.join(command)}", flush=True)
                 run = run_measured(
@@ -190,7 +192,11 @@ def main() -> None:
                 run["command"] = " ".join(["mistral-export", *command[1:]])
                 run["load_average_1min_after"] = os.getloadavg()[0]  # a shared machine: how busy it was
                 run["files"] = {f.name: f.stat().st_size for f in sorted(out.glob("model.*"))} if out.exists() else {}
-                run["weight_bytes"] = sum(size for name, size in run["files"].items() if name.endswith(".data"))
+                # The portable model (what TensorRT builds from) and the ONNX Runtime artifact beside it, apart.
+                run["weight_bytes"] = sum(size for name, size in run["files"].items() if name.startswith("model.onnx"))
+                run["artifact_bytes"] = sum(
+                    size for name, size in run["files"].items() if name.startswith("model.ort.onnx")
+                )
                 run["peak_over_checkpoint"] = run["peak_rss_bytes"] / checkpoint_bytes
                 runs[precision + label] = run
                 print(json.dumps({k: v for k, v in run.items() if k != "output_tail"}), flush=True)
@@ -213,6 +219,7 @@ def write_results(args, checkpoint_bytes: int, write_seconds: float, runs: dict,
             "peak_over_checkpoint": TARGET_PEAK_OVER_CHECKPOINT,
             "fp16_peak_over_checkpoint": TARGET_FP16_OVER_CHECKPOINT,
             "int8_seconds_at_32x256": TARGET_INT8_SECONDS,
+            "int4_awq_weight_bytes_over_fp16": TARGET_INT4_OVER_FP16,
         },
         "runs": runs,
         "provenance": origin,
@@ -238,7 +245,8 @@ def markdown(r: dict) -> str:
             f"| {precision} | {status} | {run['seconds']:.0f} s | {run['peak_rss_bytes'] / gb:.2f} GB | "
             f"{run['peak_rss_anon_bytes'] / gb:.2f} / {run['peak_rss_file_bytes'] / gb:.2f} GB | "
             f"**{run['peak_over_checkpoint']:.3f}x** (target <= {target}x: {verdict}) | "
-            f"{run['weight_bytes'] / gb:.2f} GB |"
+            f"{run['weight_bytes'] / gb:.2f} GB ({run['weight_bytes'] / r['checkpoint_bytes']:.3f}x) | "
+            f"{run.get('artifact_bytes', 0) / gb:.2f} GB | {run.get('load_average_1min_after', float('nan')):.1f} |"
         )
     c = r["calibration"]
     written = (
@@ -247,10 +255,27 @@ def markdown(r: dict) -> str:
         else "written by an earlier run"
     )
     calibration = (
-        f" int8 calibration: {c['samples']} samples x {c['seq_len']} tokens (the default is 32 x 256)."
-        if any(p.startswith("int8 ") or p == "int8" for p in r["runs"])
+        f" Calibration (int8, int4-awq, fp8): {c['samples']} samples x {c['seq_len']} tokens (the default is 32 x 256)."
+        if any(p.split(" ")[0] in CALIBRATED for p in r["runs"])
         else ""
     )
+    checks = []
+    int8 = r["runs"].get("int8")
+    if int8 and not int8["returncode"]:
+        default = (c["samples"], c["seq_len"]) == (32, 256)
+        verdict = "met" if int8["seconds"] <= TARGET_INT8_SECONDS else "missed"
+        checks.append(
+            f"- int8 in {int8['seconds'] / 60:.1f} min with {c['samples']} x {c['seq_len']} calibration "
+            f"(target <= 30 min with the default 32 x 256{': ' + verdict if default else ': not the default, no verdict'})."
+        )
+    int4 = r["runs"].get("int4-awq")
+    if int4 and not int4["returncode"]:
+        ratio = int4["weight_bytes"] / r["checkpoint_bytes"]  # a bf16 checkpoint holds the fp16 model's bytes
+        verdict = "met" if ratio <= TARGET_INT4_OVER_FP16 else "missed"
+        checks.append(
+            f"- int4-awq weight bytes (model.onnx + its data) {ratio:.3f}x the 16-bit weights "
+            f"(issue 19's target <= {TARGET_INT4_OVER_FP16}x: {verdict})."
+        )
     return f"""# Quantizing a Mistral-7B-shaped checkpoint in bounded memory
 
 {r["config"]}: checkpoint {r["checkpoint_bytes"] / gb:.2f} GB ({written}).
@@ -259,9 +284,11 @@ in a child process; peak RSS is the child's ru_maxrss, the anonymous / file-back
 (file-backed: mapped checkpoint and ONNX data pages, reclaimable but counted in RSS). The machine is shared: each
 run's 1-minute load average after it is in the .json.{calibration}
 
-| precision | result | wall time | peak RSS | anon / file peak | peak / checkpoint bytes | weight bytes written |
-| --- | --- | --- | --- | --- | --- | --- |
+| precision | result | wall time | peak RSS | anon / file peak | peak / checkpoint bytes | model.onnx + data (/ checkpoint) | ONNX Runtime artifact | load avg after |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
+
+{chr(10).join(checks)}
 
 {provenance_markdown(r["provenance"])}"""
 

@@ -38,3 +38,29 @@ def whole_model_maxima(model, samples) -> dict[str, torch.Tensor]:
     for hook in hooks:
         hook.remove()
     return maxima
+
+
+def whole_model_group_inputs(model, samples) -> list:
+    """Per layer, AWQ's statistics (awq.GroupInputs) over every step of the whole model, each row told its token
+    index in the calibration set."""
+    from mistral_export.export.precision.awq import GROUP_INPUTS, GroupInputs
+
+    seq_len = len(samples[0])
+    collected = [GroupInputs(len(samples) * seq_len) for _ in model.layers]
+    tokens = {}
+    hooks = [
+        block.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, group=group, name=name: group.observe(name, args[0], tokens["now"])
+        )
+        for block, group in zip(model.layers, collected)
+        for name in GROUP_INPUTS
+    ]
+    with torch.inference_mode():
+        for index, sample in enumerate(samples):
+            cache = allocate_cache(model.config, 1)
+            for start, length in step_plan(seq_len, model.config.cache_capacity):
+                tokens["now"] = index * seq_len + torch.arange(start, start + length).unsqueeze(0)
+                model(torch.tensor([sample[start : start + length]]), torch.tensor([start]), cache)
+    for hook in hooks:
+        hook.remove()
+    return collected

@@ -178,28 +178,27 @@ def test_int8_model_equals_quantize_static_of_the_whole_smoothed_model(tiny, sam
 
 
 class InputsOf:
-    """A LayerHook as AWQ would use one: every input of one Linear, kept."""
+    """A LayerHook that keeps every input of one Linear, with its rows' token indices."""
 
     def __init__(self, linear: str):
-        self.linear, self.inputs = linear, []
+        self.linear, self.inputs, self.tokens = linear, [], []
 
-    def observe(self, linear, x):
+    def observe(self, linear, x, tokens):
         if linear == self.linear:
             self.inputs.append(x.clone())
+            self.tokens.append(tokens.clone())
 
 
 @needs_tiny
-def test_layer_hooks_see_every_step_and_replay_reproduces_the_layer(tiny, samples):
+def test_layer_hooks_see_every_token_once(tiny, samples):
     params = dict(tiny.named_parameters())
     layers = LayerByLayer(lambda name: params[name].detach().clone(), tiny.config, samples[:2])
-    previous = None
     for layer in layers.layers([ChannelMaxima, lambda: InputsOf("feed_forward.w2")]):
-        if previous is not None:
-            assert torch.equal(layer.inputs, previous)  # the last layer's outputs are this one's inputs
-        previous = layer.replay(layer.block)
         maxima, w2 = layer.hooks
-        tokens = sum(x.shape[0] * x.shape[1] for x in w2.inputs)
-        assert tokens == 2 * 160  # every token of every sample once: prefill chunks, then decode steps
+        tokens = torch.cat([t.flatten() for t in w2.tokens])
+        # Every token of every sample once (prefill chunks, then decode steps), each row told its index.
+        assert sorted(tokens.tolist()) == list(range(2 * 160))
+        assert [x.shape[:2] for x in w2.inputs] == [t.shape for t in w2.tokens]
         expected = torch.cat([x.flatten(0, 1) for x in w2.inputs]).abs().amax(0)
         assert torch.equal(maxima.maxima["feed_forward.w2"], expected)
     # After the last layer: the final norm's output over every token, as the whole model computes it.

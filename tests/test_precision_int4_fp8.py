@@ -3,6 +3,7 @@ fp32 eager model, the portable graphs' form, the MatMulNBits 4-bit artifact's we
 
 from __future__ import annotations
 
+import copy
 import json
 
 import ml_dtypes
@@ -11,6 +12,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+from calibration_reference import whole_model_group_inputs, whole_model_maxima
 from typer.testing import CliRunner
 
 from mistral_export.cli import app
@@ -19,9 +21,10 @@ from mistral_export.engines.onnxruntime.quantized import pack_nbits
 from mistral_export.engines.tensorrt.precision_support import check_tensorrt_precision
 from mistral_export.errors import MistralExportError
 from mistral_export.export.precision import CalibrationOptions, export_precision
-from mistral_export.export.precision.awq import apply_layer, collect_layer_inputs, search_layer
-from mistral_export.export.precision.calibration import calibration_samples, calibration_steps
-from mistral_export.export.precision.int4 import fake_quantize
+from mistral_export.export.precision.awq import apply_layer, awq_tensors, search_layer
+from mistral_export.export.precision.calibration import calibration_samples
+from mistral_export.export.precision.fp8 import fp8_scale
+from mistral_export.export.precision.int4 import round_to_grid_
 from mistral_export.model.config import TINY_DIR
 from mistral_export.model.tokenizer import load_tokenizer
 from mistral_export.runners.base import EagerRunner, prefill
@@ -94,13 +97,13 @@ def test_int4_graph_and_its_matmulnbits_artifact_hold_the_same_weights(build_dir
         assert attrs == {"axis": 0, "block_size": 64} and scales.dtype == np.float16
         assert scales.shape == (values.shape[0] // 64, values.shape[1]) and (scales > 0).all()
         assert values.min() >= -7 and values.max() <= 7
-    # What AWQ's search rounds (fake_quantize) is what the graph holds, for a weight read back from the graph.
+    # What AWQ's search rounds (round_to_grid_) is what the graph holds, for a weight read back from the graph.
     node = int4[0]
     weight = (
         inits[node.input[0]].astype(np.float32).reshape(-1, 64, inits[node.input[0]].shape[1])
         * inits[node.input[1]].astype(np.float32)[:, None, :]
     ).reshape(inits[node.input[0]].shape)
-    np.testing.assert_array_equal(fake_quantize(torch.from_numpy(weight.T.copy()), 64).numpy(), weight.T)
+    np.testing.assert_array_equal(round_to_grid_(torch.from_numpy(weight.T.copy()), 64).numpy(), weight.T)
     # The artifact: one MatMulNBits of 4 bits per INT4 weight, same values (packed) and scales; accuracy level 4.
     artifact = onnx.load(str(folder / "model.ort.onnx"), load_external_data=False)
     packed = initializers(folder / "model.ort.onnx")
@@ -145,15 +148,61 @@ def test_fp8_graph_form(build_dir):
 
 
 @needs_tiny
+def test_awq_layer_by_layer_equals_the_whole_model_search(tiny):
+    samples = calibration_samples(
+        CalibrationOptions(samples=3, seq_len=160, tokenizer=TINY_DIR), load_tokenizer(TINY_DIR)
+    )
+    params = dict(tiny.named_parameters())
+    streamed = dict(awq_tensors(lambda name: params[name].detach().clone(), tiny.config, samples, 64))
+    assert sorted(streamed) == sorted(params)  # every parameter once
+    # The reference: the whole fp32 model run step by step, then each layer searched and folded.
+    whole = copy.deepcopy(tiny)
+    for block, group in zip(whole.layers, whole_model_group_inputs(tiny, samples)):
+        apply_layer(block, search_layer(block, group.inputs, tiny.config, 64), tiny.config)
+    changed = 0
+    for name, expected in whole.named_parameters():
+        torch.testing.assert_close(streamed[name], expected.detach(), rtol=1e-5, atol=1e-7, msg=name)
+        changed += not torch.equal(expected, params[name])
+    assert changed >= 4 * 7  # the search moved every layer's norms and projections
+
+
+@needs_tiny
+def test_fp8_activation_scales_are_the_whole_model_ranges(build_dir):
+    """The fp8 graph's static activation scales are max |x| / 448 of each GEMM input over the whole fp32 model's
+    calibration steps (the build's 8 x 96 samples), though calibrated one layer at a time."""
+    from mistral_export.model.checkpoint import load_model
+
+    options = CalibrationOptions(samples=8, seq_len=96, tokenizer=TINY_DIR)
+    maxima = whole_model_maxima(load_model("tiny"), calibration_samples(options, load_tokenizer(TINY_DIR)))
+    inits = initializers(build_dir / "onnx" / "fp8" / "model.onnx")
+    expected = {
+        "layers.{}.attention.wq": "attention.wq",  # the fused QKV MatMul reads the wq input
+        "layers.{}.attention.wo": "attention.wo",
+        "layers.{}.feed_forward.w1": "feed_forward.w1",
+        "layers.{}.feed_forward.w2": "feed_forward.w2",
+    }
+    scales = {name: value for name, value in inits.items() if name.endswith("_input_scale")}
+    assert len(scales) == 4 * 4
+    for layer in range(4):
+        for pattern, linear in expected.items():
+            matching = [v for k, v in scales.items() if f"layers.{layer}." in k and linear.split(".")[1] in k]
+            assert len(matching) == 1, (layer, linear, sorted(scales))
+            amax = maxima[pattern.format(layer)].max()
+            np.testing.assert_allclose(
+                matching[0].astype(np.float32), fp8_scale(amax).float().numpy(), rtol=1e-3, err_msg=pattern
+            )
+
+
+@needs_tiny
 def test_awq_beats_round_to_nearest_on_activation_outliers(tiny, held_out, tmp_path):
     ids, reference = held_out
     model = outlier_model(tiny)
     calibration = CalibrationOptions(samples=4, seq_len=96, tokenizer=TINY_DIR)
     # The search and fold alone, layer by layer: the fp32 function is unchanged.
+    params = dict(model.named_parameters())
+    samples = calibration_samples(calibration, load_tokenizer(TINY_DIR))
     scaled = outlier_model(tiny)
-    steps = calibration_steps(scaled, calibration_samples(calibration, load_tokenizer(TINY_DIR)))
-    for block, inputs in zip(scaled.layers, collect_layer_inputs(scaled, steps)):
-        apply_layer(block, search_layer(block, inputs, scaled.config, 128), scaled.config)
+    scaled.load_state_dict(dict(awq_tensors(lambda name: params[name].detach().clone(), model.config, samples, 128)))
     eager = EagerRunner(scaled)
     eager.reset(ids.shape[0])
     assert (prefill(eager, ids, CHUNK) - reference).abs().max() <= 1e-3 * max(1.0, float(reference.abs().max()))

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from torch import Tensor
@@ -43,7 +44,15 @@ def _torch_to_ir_dtype(dtype: torch.dtype) -> ir.DataType:
         torch.float16: ir.DataType.FLOAT16,
         torch.bfloat16: ir.DataType.BFLOAT16,
         torch.int8: ir.DataType.INT8,
+        torch.int4: ir.DataType.INT4,
+        torch.float8_e4m3fn: ir.DataType.FLOAT8E4M3FN,
     }[dtype]
+
+
+def _storage(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    """(the dtype of the bytes written, elements per stored item). INT4 is stored as ONNX packs it, two values a byte
+    along the last axis (low nibble first); its source tensors arrive packed already, as uint8 (int4.Int4Weights)."""
+    return (torch.uint8, 2) if dtype == torch.int4 else (dtype, 1)
 
 
 def plan_layout(
@@ -56,12 +65,15 @@ def plan_layout(
     slots, offset = [], 0
     for initializer, sources, widths, transpose, shape in entries:
         dtype_here = (dtypes or {}).get(initializer, dtype)
-        itemsize = torch.empty((), dtype=dtype_here).element_size()
+        stored, per_item = _storage(dtype_here)
         if sum(widths) != shape[-1]:
             raise AssertionError(f"{initializer}: source widths {widths} do not fill its last dim {shape[-1]}")
-        length = itemsize
+        if per_item > 1 and any(width % per_item for width in widths):
+            raise AssertionError(f"{initializer}: packed source widths {widths} must be multiples of {per_item}")
+        length = torch.empty((), dtype=stored).element_size()
         for dim in shape:
             length *= dim
+        length //= per_item
         slots.append(
             WeightSlot(initializer, tuple(sources), tuple(widths), transpose, tuple(shape), dtype_here, offset, length)
         )
@@ -85,7 +97,7 @@ def write_weights(path: Path, slots: list[WeightSlot], tensors: Iterable[tuple[s
             for slot, column, width in parts.get(name, ()):
                 data = tensor.detach()
                 shape = tuple(data.t().shape) if slot.transpose else tuple(data.shape)
-                expected = (*slot.shape[:-1], width)
+                expected = (*slot.shape[:-1], width // _storage(slot.dtype)[1])
                 if shape != expected:
                     raise MistralExportError(
                         f"weight '{name}' has shape {list(shape)}, the traced graph expects {list(expected)}"
@@ -94,7 +106,7 @@ def write_weights(path: Path, slots: list[WeightSlot], tensors: Iterable[tuple[s
                 rows_of = data.t() if slot.transpose else data
                 if rows_of.dim() < 2:
                     handle.seek(slot.offset)
-                    _write(handle, rows_of.to("cpu", slot.dtype).contiguous())
+                    _write(handle, rows_of.to("cpu", _storage(slot.dtype)[0]).contiguous())
                 else:
                     _write_rows(handle, slot, rows_of, column)
                 written.add((slot.initializer, name))
@@ -109,13 +121,15 @@ def write_weights(path: Path, slots: list[WeightSlot], tensors: Iterable[tuple[s
 
 
 def _write_rows(handle, slot: WeightSlot, rows_of: Tensor, column: int) -> None:
-    """Rows of a 2-D source into its slot, at `column` of each of the slot's rows."""
-    itemsize = torch.empty((), dtype=slot.dtype).element_size()
-    row_bytes = slot.shape[-1] * itemsize
-    whole_rows = rows_of.shape[1] == slot.shape[-1]
+    """Rows of a 2-D source into its slot, at `column` (in elements) of each of the slot's rows."""
+    stored, per_item = _storage(slot.dtype)
+    itemsize = torch.empty((), dtype=stored).element_size()
+    row_bytes = slot.shape[-1] // per_item * itemsize
+    column //= per_item
+    whole_rows = rows_of.shape[1] == slot.shape[-1] // per_item
     rows = max(1, BLOCK_BYTES // max(1, rows_of.shape[1] * 4))
     for start in range(0, rows_of.shape[0], rows):
-        block = rows_of[start : start + rows].to("cpu", slot.dtype).contiguous()
+        block = rows_of[start : start + rows].to("cpu", stored).contiguous()
         if whole_rows:
             handle.seek(slot.offset + start * row_bytes)
             _write(handle, block)
@@ -139,5 +153,23 @@ def external_tensor(slot: WeightSlot, data_file: Path) -> ir.ExternalTensor:
         _torch_to_ir_dtype(slot.dtype),
         shape=ir.Shape(slot.shape),
         name=slot.initializer,
+        base_dir=str(data_file.parent),
+    )
+
+
+def append_external(data_file: Path, array: np.ndarray, name: str) -> ir.ExternalTensor:
+    """ARRAY written at the next aligned offset past the end of DATA_FILE (after the planned slots: values computed
+    while the weights streamed, such as INT4's block scales), as an external tensor."""
+    with open(data_file, "r+b") as handle:
+        offset = -(-handle.seek(0, os.SEEK_END) // ALIGNMENT) * ALIGNMENT
+        handle.seek(offset)
+        handle.write(np.ascontiguousarray(array).tobytes())
+    return ir.ExternalTensor(
+        data_file.name,
+        offset,
+        array.nbytes,
+        ir.DataType.from_numpy(array.dtype),
+        shape=ir.Shape(array.shape),
+        name=name,
         base_dir=str(data_file.parent),
     )

@@ -9,11 +9,14 @@
   GEMM: the weights quantized as they stream, the activation ranges from the calibration (w8a8.py, int8.py).
 - int8-wo (W8A16): traced in fp16, int8 weights quantized as they stream from the checkpoint, behind
   DequantizeLinear. Neither INT8 precision writes or holds an fp16 copy of the model.
-- int4-awq (W4A16): AWQ's activation-aware scales folded into the eager model's weights (awq.py; `awq=False`:
-  plain round-to-nearest, streamed from the checkpoint), traced in fp16 at opset 21, then INT4 weights blockwise along
-  K behind DequantizeLinear (int4.py). Calibrated on the whole model (not yet layer by layer).
-- fp8: traced in fp16, then E4M3 Q/DQ on every GEMM's weight (per output channel) and activation (per tensor,
-  static scales from calibration) (fp8.py). Calibrated on the whole model (not yet layer by layer).
+- int4-awq (W4A16): AWQ's activation-aware scales searched and folded one decoder layer at a time (awq.py;
+  `awq=False`: plain round-to-nearest, streamed from the checkpoint), traced in fp16 at opset 21, INT4 weights
+  blockwise along K quantized as they stream, behind DequantizeLinear (int4.py).
+- fp8: traced in fp16, E4M3 Q/DQ on every GEMM's weight (per output channel, as they stream) and activation (per
+  tensor, static scales from the layer-by-layer calibration) (fp8.py).
+
+Every precision streams: the whole model is never in memory, in fp32 or any other dtype (quantized_weights.py,
+layerwise.py).
 
 The quantized variants are fp16 everywhere else, so a TensorRT engine built from them is too; the norms'
 statistics and the softmax run in fp32 through the graph's explicit casts. `model.onnx`'s
@@ -24,7 +27,6 @@ was quantized (`mistral_export.quantization`, JSON).
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 from pathlib import Path
@@ -32,17 +34,11 @@ from pathlib import Path
 import torch
 
 from mistral_export.errors import MistralExportError
-from mistral_export.export.onnx_export import (
-    DEFAULT_OPSET,
-    MODEL_FILE,
-    check_exportable,
-    check_model,
-    export_graph,
-    export_onnx,
-    staged_model,
-)
-from mistral_export.export.precision.calibration import CalibrationOptions, calibration_samples, calibration_steps
-from mistral_export.export.precision.int4 import DEFAULT_BLOCK_SIZE, check_block_size
+from mistral_export.export.onnx_export import DEFAULT_OPSET, check_exportable, export_graph, export_onnx
+from mistral_export.export.precision.awq import awq_tensors
+from mistral_export.export.precision.calibration import CalibrationOptions, calibration_samples
+from mistral_export.export.precision.fp8 import Fp8Weights
+from mistral_export.export.precision.int4 import DEFAULT_BLOCK_SIZE, Int4Weights, check_block_size
 from mistral_export.export.precision.int4 import OPSET as INT4_OPSET
 from mistral_export.export.precision.int8 import Int8Weights
 from mistral_export.export.precision.w8a8 import W8A8Statistics, smoothquant_tensors
@@ -142,41 +138,35 @@ def export_precision(
         )
         return export_graph(config, stream, out_dir, weights=Int8Weights(), **options)
 
-    if precision in ("int4-awq", "fp8"):
-        out = Path(out_dir)
-        with staged_model(out) as staging:
-            if precision == "int4-awq":
-                _quantize_w4a16(
-                    model_or_folder,
-                    staging,
-                    options,
-                    calibration or CalibrationOptions(),
-                    awq,
-                    int4_block_size,
-                    progress,
-                )
-            else:
-                _quantize_fp8(model_or_folder, staging, options, calibration or CalibrationOptions(), progress)
-            check_model(staging / MODEL_FILE)
-        return out / MODEL_FILE
-
     calibration = calibration or CalibrationOptions()
+    if precision == "int4-awq":
+        return _export_w4a16(
+            model_or_folder, config, stream, source, out_dir, options, calibration, awq, int4_block_size, progress
+        )
     samples = calibration_samples(calibration, _tokenizer(model_or_folder, calibration))
-    options["metadata"][QUANTIZATION_KEY] = json.dumps(
-        {
+    if precision == "fp8":
+        smoothquant_alpha = None  # fp8 takes the same layer-by-layer ranges, unsmoothed
+        quantization = {
+            "method": "FP8 E4M3",
+            "weights": "float8e4m3fn, one scale per output channel (max |w| / 448); lm_head float16",
+            "activations": "float8e4m3fn, one static scale per tensor (max |x| / 448 over the calibration steps, "
+            "fp32, calibrated layer by layer)",
+        }
+    else:
+        quantization = {
             "method": "W8A8 SmoothQuant" if smoothquant_alpha is not None else "W8A8",
             "smoothquant_alpha": smoothquant_alpha,
             "weights": "int8, symmetric, one scale per output channel",
             "activations": "int8, symmetric, one static scale per tensor (max |x| over the calibration steps, fp32, "
             "calibrated layer by layer)",
-            "calibration": calibration.describe(),
         }
-    )
+    options["metadata"][QUANTIZATION_KEY] = json.dumps({**quantization, "calibration": calibration.describe()})
     statistics = W8A8Statistics()
+    weights = Fp8Weights(statistics.activation_max) if precision == "fp8" else Int8Weights(statistics.activation_max)
     log.info("calibration: %d samples of %d tokens", len(samples), calibration.seq_len)
     with _progress_bars(progress) as bars:
 
-        def smoothed():
+        def calibrated():
             return smoothquant_tensors(
                 source,
                 config,
@@ -188,21 +178,22 @@ def export_precision(
                 progress=bars,
             )
 
-        return export_graph(config, smoothed, out_dir, weights=Int8Weights(statistics.activation_max), **options)
+        return export_graph(config, calibrated, out_dir, weights=weights, **options)
 
 
-def _quantize_w4a16(
+def _export_w4a16(
     model_or_folder,
-    staging: Path,
+    config,
+    stream,
+    source,
+    out_dir,
     options: dict,
     calibration: CalibrationOptions,
     use_awq: bool,
     block_size: int,
     progress,
-) -> None:
-    from mistral_export.export.precision.awq import awq
-    from mistral_export.export.precision.int4 import quantize_int4_weights
-
+) -> Path:
+    check_block_size(block_size, config)
     options["metadata"][QUANTIZATION_KEY] = json.dumps(
         {
             "method": "W4A16 AWQ" if use_awq else "W4A16 round-to-nearest",
@@ -214,42 +205,17 @@ def _quantize_w4a16(
             **({"calibration": calibration.describe()} if use_awq else {}),
         }
     )
-    model = model_or_folder  # round-to-nearest: a checkpoint folder streams into the export as for fp16
-    if use_awq:
-        model = _whole_model(model_or_folder)
-        samples = calibration_samples(calibration, _tokenizer(model_or_folder, calibration))
-        with _progress_bars(progress) as bars:
-            awq(model, calibration_steps(model, samples, bars), block_size, bars)
-    source = export_onnx(model, staging / "fp16", **options)
-    quantize_int4_weights(source, staging / MODEL_FILE, block_size)
-
-
-def _quantize_fp8(model_or_folder, staging: Path, options: dict, calibration: CalibrationOptions, progress) -> None:
-    from mistral_export.export.precision.fp8 import quantize_fp8
-
-    model = _whole_model(model_or_folder)
+    weights = Int4Weights(block_size)
+    if not use_awq:  # round-to-nearest: the checkpoint streams into the export as for fp16
+        return export_graph(config, stream, out_dir, weights=weights, **options)
     samples = calibration_samples(calibration, _tokenizer(model_or_folder, calibration))
-    options["metadata"][QUANTIZATION_KEY] = json.dumps(
-        {
-            "method": "FP8 E4M3",
-            "weights": "float8e4m3fn, one scale per output channel (max |w| / 448)",
-            "activations": "float8e4m3fn, one static scale per tensor (max |x| / 448 over the calibration steps)",
-            "calibration": calibration.describe(),
-        }
-    )
-    source = export_onnx(model, staging / "fp16", **options)
+    log.info("calibration: %d samples of %d tokens", len(samples), calibration.seq_len)
     with _progress_bars(progress) as bars:
-        quantize_fp8(source, staging / MODEL_FILE, calibration_steps(model, samples, bars))
 
+        def scaled():
+            return awq_tensors(source, config, samples, block_size, device=calibration.device, progress=bars)
 
-def _whole_model(model_or_folder) -> Transformer:
-    """The fp32 eager model the whole-model calibration runs (int4-awq, fp8): a copy of the caller's (its weights
-    are scaled in place), or the checkpoint loaded."""
-    from mistral_export.model.checkpoint import load_model
-
-    if isinstance(model_or_folder, Transformer):
-        return copy.deepcopy(model_or_folder)
-    return load_model(model_or_folder)
+        return export_graph(config, scaled, out_dir, weights=weights, **options)
 
 
 def _weights(model_or_folder):

@@ -12,8 +12,9 @@ second step) is not done.
 No maintained library runs AWQ's search on a CPU for a model like this one (AutoAWQ is archived and CUDA-only;
 llm-compressor and ModelOpt run it on Hugging Face / ModelOpt-wrapped modules and leave quantizer state that an
 export from parameters drops: DESIGN.md, "Quantization facts"), hence this module.
-`search_layer` works on ONE decoder layer's inputs, so a layer-by-layer calibration loop can call it;
-`collect_layer_inputs` gathers those inputs today with forward hooks over the existing calibration steps.
+
+It runs inside the layer-by-layer calibration (layerwise.py): `GroupInputs` collects one layer's statistics, the
+layer is searched and folded while it is loaded, and `awq_tensors` streams the scaled weights to the writer.
 """
 
 from __future__ import annotations
@@ -23,82 +24,90 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from mistral_export.export.precision.calibration import Step
-from mistral_export.export.precision.int4 import fake_quantize
+from mistral_export.export.precision.int4 import round_to_grid_
+from mistral_export.export.precision.layerwise import LayerByLayer, TensorSource
 from mistral_export.model.config import ModelConfig
-from mistral_export.model.transformer import Block, Transformer
+from mistral_export.model.transformer import Block
 
 GRID = 20
 # Calibration tokens per projection the search's loss is measured on (the mean magnitude uses every token): the
-# search costs 2 * GRID * MAX_ROWS multiply-adds per weight, so for Mistral 7B 512 rows are ~150 TFLOP, about
-# an hour on a 16-core CPU; enough rows to rank 20 candidates.
+# search costs 2 * GRID * MAX_ROWS multiply-adds per weight, so for Mistral 7B 512 rows are ~140 TFLOP, about
+# ten minutes of fp32 GEMM on 2 cores; enough rows to rank 20 candidates.
 MAX_ROWS = 512
+SEARCH_ELEMENTS = 1 << 24  # weight elements per block of the search's error (64 MiB of fp32 per temporary)
 # The first Linear of each projection group: the one whose input the group shares.
 GROUP_INPUTS = ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2")
 
 
 class LayerInputs:
-    """One projection input's calibration statistics: mean |x| per channel over every token, and a row sample."""
+    """One projection input's calibration statistics: mean |x| per channel over every token, and the rows of a fixed
+    set of tokens (evenly spaced over the calibration set, so the same rows whatever order the steps run in)."""
 
-    def __init__(self):
+    def __init__(self, kept_tokens: Tensor):
+        self.kept_tokens = kept_tokens  # sorted token indices whose rows the loss is measured on
         self.total: Tensor | None = None
         self.count = 0
-        self.rows: list[Tensor] = []
-        self.kept = 0
+        self.rows: list[tuple[Tensor, Tensor]] = []  # (token indices, rows)
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, tokens: Tensor) -> None:
         x = x.detach().float().flatten(0, -2)
         magnitude = x.abs().sum(0)
         self.total = magnitude if self.total is None else self.total + magnitude
         self.count += x.shape[0]
-        if self.kept < 4 * MAX_ROWS:
-            self.rows.append(x)
-            self.kept += x.shape[0]
+        tokens = tokens.flatten().to(self.kept_tokens.device)
+        kept = torch.isin(tokens, self.kept_tokens)
+        if kept.any():
+            self.rows.append((tokens[kept], x[kept.to(x.device)]))
 
     def mean(self) -> Tensor:
         return self.total / max(self.count, 1)
 
     def sample(self) -> Tensor:
-        rows = torch.cat(self.rows)
-        return rows[torch.linspace(0, rows.shape[0] - 1, min(MAX_ROWS, rows.shape[0])).long()]
+        tokens = torch.cat([t for t, _ in self.rows])
+        return torch.cat([r for _, r in self.rows])[tokens.argsort().to(self.rows[0][1].device)]
 
 
-def collect_layer_inputs(model: Transformer, steps: Iterator[Step]) -> list[dict[str, LayerInputs]]:
-    """Per layer, the inputs of each projection group (GROUP_INPUTS) over all calibration steps."""
-    collected = [{name: LayerInputs() for name in GROUP_INPUTS} for _ in model.layers]
-    hooks = []
-    for i, block in enumerate(model.layers):
-        for name in GROUP_INPUTS:
-            hooks.append(
-                block.get_submodule(name).register_forward_pre_hook(
-                    lambda module, args, inputs=collected[i][name]: inputs.add(args[0])
-                )
-            )
-    try:
-        for _ in steps:  # the generator runs the model on each step after yielding it
-            pass
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return collected
+def kept_tokens(total_tokens: int) -> Tensor:
+    """The token indices whose rows AWQ's loss is measured on: MAX_ROWS evenly spaced over the calibration set."""
+    return torch.unique(torch.linspace(0, total_tokens - 1, min(MAX_ROWS, total_tokens)).long())
 
 
-def best_scales(x_mean: Tensor, x: Tensor, weight: Tensor, block_size: int, expand=lambda s: s) -> tuple[Tensor, float]:
+class GroupInputs:
+    """A layerwise.LayerHook: LayerInputs of each projection group's shared input (GROUP_INPUTS)."""
+
+    def __init__(self, total_tokens: int):
+        tokens = kept_tokens(total_tokens)
+        self.inputs = {name: LayerInputs(tokens) for name in GROUP_INPUTS}
+
+    def observe(self, linear: str, x: Tensor, tokens: Tensor) -> None:
+        if linear in self.inputs:
+            self.inputs[linear].add(x, tokens)
+
+
+def best_scales(
+    x_mean: Tensor, x: Tensor, weights: list[Tensor], block_size: int, expand=lambda s: s
+) -> tuple[Tensor, float]:
     """AWQ's grid search for one group: (scales over x's channels, the exponent chosen).
 
-    `weight` [N, K] is the group's weights side by side; `expand` maps a candidate scale vector onto K
-    (wo: one factor per kv channel shared by the query heads of its group).
+    `weights` ([N_i, K] each) are the group's Linears; `expand` maps a candidate scale vector onto K (wo: one factor
+    per kv channel shared by the query heads of its group). The output error is summed over blocks of output rows
+    (rounding is per row, so blocks are independent): no fp32 temporary larger than a block, whatever the layer.
     """
-    weight = weight.float()
-    reference = x @ weight.T
+    chunks = [
+        chunk for weight in weights for chunk in weight.detach().split(max(1, SEARCH_ELEMENTS // weight.shape[1]))
+    ]
+    references = [x @ chunk.float().T for chunk in chunks]
     best, chosen, error = torch.ones_like(x_mean), 0.0, float("inf")
     for step in range(GRID):
         exponent = step / GRID
         s = x_mean.clamp(min=1e-4).pow(exponent)
         s = s / (s.max() * s.min()).sqrt()
         k_scale = expand(s)
-        quantized = fake_quantize(weight * k_scale, block_size) / k_scale
-        loss = float((x @ quantized.T - reference).pow(2).mean())
+        x_scaled = x / k_scale  # (x / s) Q(W s)ᵀ: the division on the few rows of x, not on the weight
+        loss = 0.0
+        for chunk, reference in zip(chunks, references):
+            quantized = round_to_grid_(chunk.float() * k_scale, block_size)
+            loss += float((x_scaled @ quantized.T).sub_(reference).pow_(2).sum())
         if loss < error:
             best, chosen, error = s, exponent, loss
     return best, chosen
@@ -111,16 +120,16 @@ def search_layer(
     """The AWQ scales of one decoder layer's four projection groups, keyed by GROUP_INPUTS (not applied)."""
     attention, ffn = block.attention, block.feed_forward
     scales = {}
-    qkv = torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight])
+    qkv = [attention.wq.weight, attention.wk.weight, attention.wv.weight]
     scales["attention.wq"], _ = best_scales(
         inputs["attention.wq"].mean(), inputs["attention.wq"].sample(), qkv, block_size
     )
-    w13 = torch.cat([ffn.w1.weight, ffn.w3.weight])
+    w13 = [ffn.w1.weight, ffn.w3.weight]
     scales["feed_forward.w1"], _ = best_scales(
         inputs["feed_forward.w1"].mean(), inputs["feed_forward.w1"].sample(), w13, block_size
     )
     scales["feed_forward.w2"], _ = best_scales(
-        inputs["feed_forward.w2"].mean(), inputs["feed_forward.w2"].sample(), ffn.w2.weight, block_size
+        inputs["feed_forward.w2"].mean(), inputs["feed_forward.w2"].sample(), [ffn.w2.weight], block_size
     )
     # wo's input channel (h, d) is v's channel (g, d) of h's kv group g: one factor per kv channel.
     hkv, group, d = config.num_kv_heads, config.group_size, config.head_dim
@@ -128,7 +137,7 @@ def search_layer(
     scales["attention.wo"], _ = best_scales(
         kv_mean,
         inputs["attention.wo"].sample(),
-        attention.wo.weight,
+        [attention.wo.weight],
         block_size,
         expand=lambda s: s.view(hkv, 1, d).expand(hkv, group, d).reshape(-1),
     )
@@ -156,15 +165,22 @@ def apply_layer(block: Block, scales: dict[str, Tensor], config: ModelConfig) ->
     attention.wo.weight.mul_(s.expand(hkv, group, d).reshape(-1))
 
 
-def awq(model: Transformer, steps: Iterator[Step], block_size: int, progress=None) -> None:
-    """Search and fold AWQ's scales into MODEL (fp32), layer by layer, in place."""
-    collected = collect_layer_inputs(model, steps)
-    task = progress.add_task("AWQ search", total=len(model.layers)) if progress is not None else None
-    try:
-        for block, inputs in zip(model.layers, collected):
-            apply_layer(block, search_layer(block, inputs, model.config, block_size), model.config)
-            if task is not None:
-                progress.advance(task)
-    finally:
-        if task is not None:
-            progress.remove_task(task)
+def awq_tensors(
+    source: TensorSource,
+    config: ModelConfig,
+    samples: list[list[int]],
+    block_size: int,
+    *,
+    device: str = "cpu",
+    progress=None,
+) -> Iterator[tuple[str, Tensor]]:
+    """(name, fp32 tensor) of every parameter, each decoder layer with its AWQ scales folded in, searched on the
+    calibration samples one layer at a time."""
+    yield "tok_embeddings.weight", source("tok_embeddings.weight")
+    total_tokens = len(samples) * len(samples[0])
+    for layer in LayerByLayer(source, config, samples, device, progress).layers([lambda: GroupInputs(total_tokens)]):
+        apply_layer(layer.block, search_layer(layer.block, layer.hooks[0].inputs, config, block_size), config)
+        for name, tensor in layer.block.named_parameters():
+            yield f"layers.{layer.index}.{name}", tensor.detach().cpu()
+    yield "norm.weight", source("norm.weight")
+    yield "output.weight", source("output.weight")

@@ -1,11 +1,8 @@
-"""Calibration for the INT8 precisions: text → token samples → the model's real steps.
+"""Calibration for the calibrated precisions (int8, int4-awq, fp8): text → token samples → the model's real steps.
 
 Each sample is run as a sequence is served (`step_plan`): its first tokens as prefill chunks (at most the
 cache capacity each), the rest as decode steps of one token, every step reading the cache the previous
-steps wrote. layerwise.py runs these steps one decoder layer at a time (int8); `calibration_steps` runs them
-through the whole model (int4-awq and fp8, until they calibrate layer by layer too), yielding each step's inputs
-with the live cache as it is *before* the step: a consumer reads it before asking for the next step, which then
-writes it (a copy per step would be a full cache of every layer, a GiB for Mistral 7B).
+steps wrote. layerwise.py runs these steps one decoder layer at a time for every calibrated precision.
 
 The default text (`calibration_text.txt`, package data) is this project's own README and source code
 as of its writing: Python code and English prose, neither the `tiny` fixture's training corpus (the
@@ -15,15 +12,10 @@ Python standard library) nor held-out text used to validate.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import Tensor
-
 from mistral_export.errors import MistralExportError
-from mistral_export.model.transformer import Transformer, allocate_cache
 
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "calibration_text.txt"
 DEFAULT_SAMPLES = 32
@@ -99,32 +91,3 @@ def step_plan(seq_len: int, capacity: int) -> list[tuple[int, int]]:
     prefill = seq_len - decode
     chunks = [(start, min(capacity, prefill - start)) for start in range(0, prefill, capacity)]
     return chunks + [(position, 1) for position in range(prefill, seq_len)]
-
-
-@dataclass(frozen=True)
-class Step:
-    input_ids: Tensor  # [1, S]
-    past_len: Tensor  # [1]
-    cache: list[tuple[Tensor, Tensor]]  # per layer (keys, values) before this step, [1, Hkv, C, D]
-
-
-def calibration_steps(model: Transformer, samples: list[list[int]], progress=None) -> Iterator[Step]:
-    """Every step of every sample through the whole model, with the live cache before it (read it before the next
-    step writes it)."""
-    plans = [step_plan(len(sample), model.config.cache_capacity) for sample in samples]
-    task = progress.add_task("calibration", total=sum(map(len, plans))) if progress is not None else None
-    dtype = next(model.parameters()).dtype
-    try:
-        with torch.inference_mode():
-            for sample, plan in zip(samples, plans):
-                cache = allocate_cache(model.config, 1, dtype)
-                for start, length in plan:
-                    ids = torch.tensor([sample[start : start + length]], dtype=torch.int64)
-                    past_len = torch.tensor([start], dtype=torch.int64)
-                    yield Step(ids, past_len, cache)
-                    model(ids, past_len, cache)  # writes this step into the cache, in place
-                    if task is not None:
-                        progress.advance(task)
-    finally:  # a build's progress lives on: its finished bar goes
-        if task is not None:
-            progress.remove_task(task)

@@ -1,31 +1,33 @@
 """INT4 weight-only (W4A16) on the fp16 graph: 4-bit GEMM weights blockwise along K behind DequantizeLinear.
 
-Each MatMul weight [K, N] (stored transposed by the exporter) becomes an INT4 initializer with one fp16 scale per
-block of `block_size` rows of K and per output column, symmetric (zero point 0, values -7..7, scale = max|w| / 7,
-as TensorRT's INT4 weight-only path and ModelOpt's INT4 AWQ have it: a positive scale per block), read by
-DequantizeLinear(axis=0, block_size) at opset 21; activations stay fp16. A strongly typed TensorRT engine runs it
-as INT4 weight-only GEMMs; ONNX Runtime's CPU provider fuses the pair into MatMulNBits.
+Each MatMul weight [K, N] (a Linear's [N, K], stored transposed by the exporter) becomes an INT4 initializer with
+one fp16 scale per block of `block_size` rows of K and per output column, symmetric (no zero point, values -7..7,
+scale = max|w| / 7 of the fp16 weight, as TensorRT's INT4 weight-only path and ModelOpt's INT4 AWQ have it: a
+positive scale per block), read by DequantizeLinear(axis=0, block_size) at opset 21; activations stay fp16. A
+strongly typed TensorRT engine runs it as INT4 weight-only GEMMs; ONNX Runtime's CPU provider runs it too, and the
+ONNX Runtime artifact turns each into MatMulNBits over the same values and scales.
 
 The output projection (lm_head) is kept at 8 bits (int8, one scale per output channel, as int8-wo): AutoAWQ and
 llm-awq keep it fp16 because 4 bits there costs the most quality of any layer; 8 bits costs almost none at half
 the bytes (the measured numbers are in the README's precision table). The embedding and the norms stay fp16.
 
+Weights are quantized as they stream into model.onnx.data (quantized_weights.py): no fp16 copy of the model.
 ONNX Runtime's `quantize_qdq_matmul_4bits` (what `matmul_nbits_quantizer` packs with) scales each block by its
 *signed* largest value / -8, so half the scales are negative: TensorRT's DequantizeLinear contract wants positive
-scales, hence this small packer of our own. `fake_quantize` is the same rounding in torch, for the AWQ search.
+scales, hence this small quantizer of our own. `round_to_grid_` is the same rounding in fp32, for the AWQ search.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import ml_dtypes
 import numpy as np
-import onnx_ir as ir
 import torch
+from torch import Tensor
 
 from mistral_export.errors import MistralExportError
-from mistral_export.export.precision.onnx_weights import add_initializer, dequantize_int8, matmul_weights
+from mistral_export.export.precision.int8 import quantize_per_output_channel
+from mistral_export.export.precision.quantized_weights import QuantizedWeights
+from mistral_export.export.weight_streaming import WeightSlot
+from mistral_export.model.config import ModelConfig
 
 BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK_SIZE = 128
@@ -34,60 +36,80 @@ OPSET = 21  # DequantizeLinear's block_size and the INT4 type
 LM_HEAD = "output."  # the output projection's weight name prefix (kept at 8 bits)
 
 
-def check_block_size(block_size: int) -> None:
+def check_block_size(block_size: int, config: ModelConfig | None = None) -> None:
+    """A block size of BLOCK_SIZES that divides every GEMM's reduction (K) of CONFIG."""
     if block_size not in BLOCK_SIZES:
         raise MistralExportError(
             f"--int4-block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}"
         )
+    if config is None:
+        return
+    reductions = {config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim}
+    if any(k % block_size for k in reductions):
+        fitting = [b for b in BLOCK_SIZES if not any(k % b for k in reductions)]
+        raise MistralExportError(
+            f"--int4-block-size {block_size} does not divide the model's GEMM reductions {sorted(reductions)}; "
+            + (f"choose one of {', '.join(map(str, fitting))}" if fitting else "no int4 block size fits this model")
+        )
 
 
-def block_scales(blocks: np.ndarray) -> np.ndarray:
-    """fp16 scale of each block (axis 1 of [K/B, B, N]): max |w| / 7; an all-zero block gets 1."""
-    scale = (np.abs(blocks).max(axis=1) / INT4_MAX).astype(np.float16)
-    return np.where(scale > 0, scale, np.float16(1.0))
+def round_to_grid_(weight: Tensor, block_size: int) -> Tensor:
+    """An fp32 Linear weight [N, K] the caller owns, rounded in place as the export rounds it (`quantize_blocks`),
+    kept in fp32: what the AWQ search measures (no int8 round trip and no |w| copy: it rounds every weight twenty
+    times)."""
+    n, k = weight.shape
+    blocks = weight.view(n, k // block_size, block_size)
+    scale = (torch.maximum(blocks.amax(-1, keepdim=True), blocks.amin(-1, keepdim=True).neg_()) / INT4_MAX).half()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+    blocks.div_(scale).round_().clamp_(-INT4_MAX, INT4_MAX).mul_(scale)
+    return weight
 
 
-def quantize_blockwise(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """[K, N] float → (int8 values in -7..7 [K, N], fp16 scales [K / block_size, N])."""
-    k, n = weight.shape
-    blocks = weight.astype(np.float32).reshape(k // block_size, block_size, n)
-    scale = block_scales(blocks)
-    values = np.clip(np.rint(blocks / scale.astype(np.float32)[:, None, :]), -INT4_MAX, INT4_MAX)
-    return values.astype(np.int8).reshape(k, n), scale
-
-
-def fake_quantize(weight: torch.Tensor, block_size: int) -> torch.Tensor:
-    """A Linear weight [N, K] rounded as the export rounds it (blocks along K, fp16 scales), in fp32."""
+def quantize_blocks(weight: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """WEIGHT [N, K] → (int8 values in -7..7 [N, K / block_size, block_size], fp16 scales [N, K / block_size]):
+    scale max|w| / 7 per block (in fp32, stored fp16; an all-zero block gets 1), values w / scale rounded half to
+    even."""
     n, k = weight.shape
     blocks = weight.float().reshape(n, k // block_size, block_size)
-    scale = (blocks.abs().amax(-1, keepdim=True) / INT4_MAX).half().float()
+    scale = (blocks.abs().amax(-1) / INT4_MAX).half()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.clamp(torch.round(blocks / scale), -INT4_MAX, INT4_MAX) * scale).reshape(n, k)
+    values = blocks.div(scale.float().unsqueeze(-1)).round_().clamp_(-INT4_MAX, INT4_MAX).to(torch.int8)
+    return values, scale
 
 
-def quantize_int4_weights(source: Path, target: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
-    """SOURCE (fp16 model.onnx, opset 21) → TARGET: INT4 block-quantized GEMM weights, the lm_head int8."""
-    check_block_size(block_size)
-    model = ir.load(str(source))
-    for node, weight in matmul_weights(model):
-        name = weight.name
-        values = weight.const_value.numpy()
-        if name.startswith(LM_HEAD):
-            dequantize_int8(model.graph, node, weight, values)
-            continue
-        if values.shape[0] % block_size:
-            raise MistralExportError(
-                f"{name}: K = {values.shape[0]} is not a multiple of --int4-block-size "
-                f"{block_size}; choose one of {', '.join(map(str, BLOCK_SIZES))} dividing it"
-            )
-        quantized, scale = quantize_blockwise(values, block_size)
-        q = add_initializer(model.graph, f"{name}_quantized", quantized.astype(ml_dtypes.int4))
-        s = add_initializer(model.graph, f"{name}_scale", scale.astype(values.dtype))
-        dq = ir.node("DequantizeLinear", [q, s], {"axis": 0, "block_size": block_size})
-        dq.outputs[0].name = f"{name}_DequantizeLinear_Output"
-        dq.outputs[0].shape, dq.outputs[0].type = weight.shape, weight.type
-        model.graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
-        if not weight.uses():
-            model.graph.initializers.pop(name)
-    ir.save(model, str(target), external_data=target.name + ".data")
+def pack_int4(values: Tensor) -> Tensor:
+    """int8 values [N, K] in -8..7 → [N/2, K] uint8: ONNX's INT4 packing of the transposed [K, N] tensor (two
+    neighbours along N a byte, the first in the low nibble)."""
+    nibbles = values.view(torch.uint8) & 0x0F
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+class Int4Weights(QuantizedWeights):
+    """int4-awq's weight transform for `export_graph`: INT4 blocks along K for every GEMM but the lm_head (int8)."""
+
+    def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE):
+        super().__init__()
+        self.block_size = block_size
+
+    def describe(self) -> str:
+        return f"int4 GEMM weights in blocks of {self.block_size}, the lm_head int8"
+
+    def storage(self, sources: tuple[str, ...]) -> torch.dtype:
+        return torch.int8 if any(source.startswith(LM_HEAD) for source in sources) else torch.int4
+
+    def quantize(self, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
+        if dtype == torch.int8:
+            return quantize_per_output_channel(weight)
+        n, k = weight.shape
+        packed = torch.empty((n // 2, k), dtype=torch.uint8)
+        scales = torch.empty((n, k // self.block_size), dtype=torch.float16)
+        step = max(2, (1 << 23) // k // 2 * 2)  # rows at a time: small fp32 temporaries whatever the tensor
+        for start in range(0, n, step):
+            # Quantized from the fp16 value the graph would hold (the trace dtype), as the INT8 weights are.
+            rows = weight[start : start + step].detach().to("cpu", torch.float16)
+            values, scales[start : start + step] = quantize_blocks(rows, self.block_size)
+            packed[start // 2 : (start + step) // 2] = pack_int4(values.reshape(rows.shape))
+        return packed, scales.T.contiguous().numpy()  # scales [K / block_size, N]
+
+    def dequantize_attributes(self, slot: WeightSlot) -> dict:
+        return {"axis": 1} if slot.dtype == torch.int8 else {"axis": 0, "block_size": self.block_size}

@@ -17,14 +17,13 @@ where this streams.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-
 import numpy as np
 import onnx_ir as ir
 import torch
 from torch import Tensor
 
-from mistral_export.export.precision.onnx_weights import INT8_MAX, add_initializer
+from mistral_export.export.precision.onnx_weights import INT8_MAX
+from mistral_export.export.precision.quantized_weights import QuantizedWeights, quantize_activation
 from mistral_export.export.weight_streaming import WeightSlot
 
 BLOCK_ELEMENTS = 1 << 23  # rows quantized together: 32 MiB of fp32 temporaries
@@ -52,64 +51,27 @@ def quantize_per_output_channel(weight: Tensor) -> tuple[Tensor, np.ndarray]:
     return quantized, scales
 
 
-class Int8Weights:
-    """The weight transform of the INT8 precisions for `export_graph`: GEMM weights (the MatMul slots, stored
-    transposed) int8 as they stream, then DequantizeLinear in the graph; with `activation_max` (W8A8, Linear name →
-    max |x| over calibration, filled while the stream runs) also the activation's Q/DQ pair."""
+class Int8Weights(QuantizedWeights):
+    """The INT8 precisions' weight transform for `export_graph`: every GEMM weight (the lm_head included) int8 as it
+    streams, then DequantizeLinear in the graph; with `activation_max` (W8A8, Linear name → max |x| over
+    calibration, filled while the stream runs) also the activation's Q/DQ pair."""
 
     def __init__(self, activation_max: dict[str, float] | None = None):
+        super().__init__()
         self.activation_max = activation_max
-        self.scales: dict[str, np.ndarray] = {}  # source tensor → its fp16 scales
 
     def describe(self) -> str:
         return "int8 GEMM weights" + (" and activation Q/DQ" if self.activation_max is not None else "")
 
-    def slot_dtypes(self, entries) -> dict[str, torch.dtype]:
-        self.quantized = {source for _, sources, _, transposed, _ in entries if transposed for source in sources}
-        return {initializer: torch.int8 for initializer, _, _, transposed, _ in entries if transposed}
+    def storage(self, sources: tuple[str, ...]) -> torch.dtype:
+        return torch.int8
 
-    def stream(self, tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
-        for name, tensor in tensors:
-            if name in self.quantized:
-                tensor, self.scales[name] = quantize_per_output_channel(tensor)
-            yield name, tensor
+    def quantize(self, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
+        return quantize_per_output_channel(weight)
 
-    def places(self, slot: WeightSlot) -> bool:
-        return slot.dtype == torch.int8
-
-    def place(self, graph: ir.Graph, slot: WeightSlot, external: ir.ExternalTensor) -> None:
-        name = slot.initializer
-        value = graph.initializers.pop(name)
-        float_type = value.type
-        q = ir.Value(name=f"{name}_quantized", shape=ir.Shape(slot.shape), type=ir.TensorType(ir.DataType.INT8))
-        external.name = q.name
-        q.const_value = external
-        graph.register_initializer(q)
-        scale = np.concatenate([self.scales.pop(source) for source in slot.sources])
-        s = add_initializer(graph, f"{name}_scale", scale)
-        zero = add_initializer(graph, f"{name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
-        dq = ir.node("DequantizeLinear", [q, s, zero], {"axis": 1})
-        dq.outputs[0].name = f"{name}_DequantizeLinear_Output"
-        dq.outputs[0].shape, dq.outputs[0].type = value.shape, float_type
-        matmul = value.uses()[0].node
-        graph.insert_before(matmul, dq)
-        value.replace_all_uses_with(dq.outputs[0])
-        if self.activation_max is not None:
-            absmax = max(self.activation_max[source.removesuffix(".weight")] for source in slot.sources)
-            _quantize_activation(graph, matmul, symmetric_scales(np.array(absmax, dtype=np.float32)), name)
-
-
-def _quantize_activation(graph: ir.Graph, matmul: ir.Node, scale: np.ndarray, name: str) -> None:
-    x = matmul.inputs[0]
-    s = add_initializer(graph, f"{name}_input_scale", scale)
-    zero = add_initializer(graph, f"{name}_input_zero_point", np.zeros((), dtype=np.int8))
-    q = ir.node("QuantizeLinear", [x, s, zero])
-    dq = ir.node("DequantizeLinear", [q.outputs[0], s, zero])
-    q.outputs[0].name, dq.outputs[0].name = (
-        f"{name}_input_QuantizeLinear_Output",
-        f"{name}_input_DequantizeLinear_Output",
-    )
-    q.outputs[0].shape, q.outputs[0].type = x.shape, ir.TensorType(ir.DataType.INT8)
-    dq.outputs[0].shape, dq.outputs[0].type = x.shape, x.type
-    graph.insert_before(matmul, [q, dq])
-    matmul.replace_input_with(0, dq.outputs[0])
+    def quantize_activation(self, graph: ir.Graph, matmul: ir.Node, slot: WeightSlot) -> None:
+        if self.activation_max is None:
+            return
+        absmax = max(self.activation_max[source.removesuffix(".weight")] for source in slot.sources)
+        scale = symmetric_scales(np.array(absmax, dtype=np.float32))
+        quantize_activation(graph, matmul, scale, np.zeros((), dtype=np.int8), slot.initializer)

@@ -15,9 +15,10 @@ samples run as one batch (same positions), equal to one-by-one within fp32 round
 Memory besides the hidden states: one layer's fp32 weights, the layer's cache for one group of samples
 (GROUP_CACHE_BYTES), and one sample's prefill attention scores.
 
-For other precisions (AWQ: per-layer input activations and a replay of the layer with candidate scales;
-fp8: per-tensor amax), a consumer passes its own `LayerHook` factories and reads `CalibratedLayer.inputs`
-or calls `CalibratedLayer.replay`.
+Each precision passes its own `LayerHook` factories: SmoothQuant and fp8 read channel maxima (`ChannelMaxima`),
+AWQ keeps each projection group's mean magnitude and a fixed sample of its input rows (awq.py). A hook is told each
+row's token index in the calibration set (sample * seq_len + position), so what it keeps does not depend on the
+order the steps run in.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -44,10 +45,12 @@ TensorSource = Callable[[str], Tensor]  # internal parameter name -> that tensor
 
 
 class LayerHook(Protocol):
-    """What a precision collects from one decoder layer: called with every input of every Linear at every step."""
+    """What a precision collects from one decoder layer: called with every input of every Linear at every step.
 
-    def observe(self, linear: str, x: Tensor) -> None:  # linear: "attention.wq", "feed_forward.w2", ...
-        ...
+    linear: "attention.wq", "feed_forward.w2", ...; x: [B, S, in]; tokens: [B, S] each row's token index in the
+    calibration set (sample * seq_len + position)."""
+
+    def observe(self, linear: str, x: Tensor, tokens: Tensor) -> None: ...
 
 
 class ChannelMaxima:
@@ -56,7 +59,7 @@ class ChannelMaxima:
     def __init__(self) -> None:
         self.maxima: dict[str, Tensor] = {}
 
-    def observe(self, linear: str, x: Tensor) -> None:
+    def observe(self, linear: str, x: Tensor, tokens: Tensor) -> None:
         m = x.detach().abs().flatten(0, -2).amax(0).float()
         self.maxima[linear] = torch.maximum(self.maxima[linear], m) if linear in self.maxima else m
 
@@ -66,8 +69,6 @@ class CalibratedLayer:
     index: int
     block: Block  # fp32 on the calibration device, as loaded; the consumer may change its weights in place
     hooks: list  # the LayerHooks made for this layer, after every step ran through it
-    inputs: Tensor  # [N, T, hidden] the layer's input over all samples (calibration device)
-    replay: Callable[[Block], Tensor] = field(repr=False)  # outputs [N, T, hidden] of a block over all the steps
 
 
 class LayerByLayer:
@@ -109,10 +110,10 @@ class LayerByLayer:
                 made = [make() for make in hooks]
                 with torch.inference_mode():
                     outputs = self._run(block, hidden, made)
-                layer = CalibratedLayer(index, block, made, hidden, self._replay(hidden))
+                layer = CalibratedLayer(index, block, made)
                 yield layer
                 # Freed now, though the consumer's loop variable still names it until the next layer is yielded.
-                layer.block = layer.hooks = layer.inputs = layer.replay = None
+                layer.block = layer.hooks = None
                 del block, made, layer
                 hidden = outputs
                 done = index + 1
@@ -151,23 +152,17 @@ class LayerByLayer:
             block.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
         return block.eval()
 
-    def _replay(self, hidden: Tensor) -> Callable[[Block], Tensor]:
-        def replay(block: Block) -> Tensor:
-            with torch.inference_mode():
-                return self._run(block, hidden, [])
-
-        return replay
-
     def _run(self, block: Block, hidden: Tensor, hooks: list) -> Tensor:
         """The layer's outputs over every step of every sample; hooks observe every Linear's input."""
         c = self.config
         handles = []
+        tokens = None  # the running step's token indices, [B, S]
         for name, module in block.named_modules():
             if isinstance(module, nn.Linear):
 
                 def observe(module, args, name=name):
                     for hook in hooks:
-                        hook.observe(name, args[0])
+                        hook.observe(name, args[0], tokens)
 
                 handles.append(module.register_forward_pre_hook(observe))
         outputs = torch.empty_like(hidden)
@@ -186,6 +181,9 @@ class LayerByLayer:
                         x = hidden[rows][part, span]
                         past_len = torch.full((x.shape[0],), start, dtype=torch.int64, device=self.device)
                         positions = past_len.unsqueeze(1) + torch.arange(length, device=self.device)
+                        first_sample = rows.start + part.start
+                        samples = torch.arange(first_sample, first_sample + x.shape[0], device=self.device)
+                        tokens = samples.unsqueeze(1) * hidden.shape[1] + positions
                         cos, sin = rotary_cos_sin(positions, self.inv_freq, x.dtype)
                         out, _ = block(x, cos, sin, past_len, (keys[part], values[part]))
                         outputs[rows.start + part.start : rows.start + part.stop, span] = out
