@@ -198,10 +198,13 @@ def aggregate(profile: Path, warmup: int, vocab: int) -> dict:
         ),
         key=lambda x: -x["ms_per_step"],
     )
-    per_op = defaultdict(lambda: {"ms_per_step": 0.0, "mean_ms_per_step": 0.0, "calls_per_step": 0.0})
+    per_op = defaultdict(
+        lambda: {"ms_per_step": 0.0, "min_ms_per_step": 0.0, "mean_ms_per_step": 0.0, "calls_per_step": 0.0}
+    )
     for n in nodes:
-        for key in per_op[n["op"]]:
+        for key in ("ms_per_step", "mean_ms_per_step", "calls_per_step"):
             per_op[n["op"]][key] += n[key]
+        per_op[n["op"]]["min_ms_per_step"] += n["min_ms"] * n["calls_per_step"]
     ops = sorted(({"op": op, **v} for op, v in per_op.items()), key=lambda x: -x["ms_per_step"])
     run_ms = [r["dur"] / 1e3 for r in kept]
     gemm = [o for o in ops if o["op"] in GEMM_OPS]
@@ -211,27 +214,46 @@ def aggregate(profile: Path, warmup: int, vocab: int) -> dict:
         "run_ms_min": min(run_ms),
         "run_ms_median": statistics.median(run_ms),
         "kernels_ms_per_step": sum(o["ms_per_step"] for o in ops),
+        "kernels_min_ms_per_step": sum(o["min_ms_per_step"] for o in ops),
         "kernels_mean_ms_per_step": sum(o["mean_ms_per_step"] for o in ops),
         "kernel_calls_per_step": sum(o["calls_per_step"] for o in ops),
         "gemm_ms_per_step": sum(o["ms_per_step"] for o in gemm),
+        "gemm_min_ms_per_step": sum(o["min_ms_per_step"] for o in gemm),
         "gemm_calls_per_step": sum(o["calls_per_step"] for o in gemm),
         "non_gemm_ms_per_step": sum(o["ms_per_step"] for o in other),
         "non_gemm_calls_per_step": sum(o["calls_per_step"] for o in other),
         "lm_head_nodes": sorted(lm_head),
         "lm_head_ms_per_step": sum(n["ms_per_step"] for n in nodes if n["node"] in lm_head),
+        "lm_head_min_ms": sum(n["min_ms"] for n in nodes if n["node"] in lm_head),
         "per_op": ops,
         "per_node": nodes,
     }
 
 
-def profile_one(kind: str, folder: Path, threads: int, context: int, steps: int, warmup: int, work: Path) -> dict:
-    model = load(kind, folder, threads, context, str(work / f"{kind}_{folder.name}"))
-    for _ in range(warmup + steps):
-        model.step()
-    path = Path(model.session.end_profiling())
-    result = aggregate(path, warmup, model.vocab)
-    path.unlink()
-    return result
+def profile_all(
+    series: dict[str, tuple[str, Path]], threads: int, context: int, steps: int, warmup: int, work: Path
+) -> dict[str, dict]:
+    """Every series profiled in the same rounds (WARMUP steps each, then STEPS in rounds of 10, each round's series
+    in turn), so a burst of load from elsewhere falls on all of them alike."""
+    models = {
+        name: load(kind, folder, threads, context, str(work / f"{i}_{kind}"))
+        for i, (name, (kind, folder)) in enumerate(series.items())
+    }
+    for model in models.values():
+        for _ in range(warmup):
+            model.step()
+    names = list(models)
+    for r in range(-(-steps // 10)):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            for _ in range(min(10, steps - 10 * r)):
+                models[name].step()
+            time.sleep(0.05)
+    profiles = {}
+    for name, model in models.items():
+        path = Path(model.session.end_profiling())
+        profiles[name] = aggregate(path, warmup, model.vocab)
+        path.unlink()
+    return profiles
 
 
 def markdown(result: dict) -> str:
@@ -255,35 +277,38 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | `{s['folder']}` | {t['min_ms']:.3f} | {t['median_ms']:.3f} | {ratio} |")
     lines += [
         "",
-        f"Profiled ({result['steps']} steps after {result['warmup']} warmup runs each), per step. A node's time is the "
-        "median of its kernel's durations over the steps; an op type's and a column's, the sum of its nodes'. "
-        "Outside kernels: the median run less the kernels (ONNX Runtime's dispatch between nodes, the profiler's "
-        "own cost):",
+        f"Profiled ({result['steps']} steps after {result['warmup']} warmup runs each, all series in the same "
+        "rounds), per step. A node's time is the median of its kernel's durations over the steps, beside the sum "
+        "of each node's fastest; an op type's and a column's, the sum over its nodes:",
         "",
-        "| series | run ms (min / median) | kernels ms | outside kernels ms | kernel calls | GEMM ms (calls) "
+        "| series | run ms (min / median) | kernel calls | kernels ms (median / fastest) | GEMM ms (calls) "
         "| lm_head ms | non-GEMM ms (calls) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in result["series"]:
         p = result["profiles"][name]
+        non_gemm_min = p["kernels_min_ms_per_step"] - p["gemm_min_ms_per_step"]
         lines.append(
-            f"| {name} | {p['run_ms_min']:.3f} / {p['run_ms_median']:.3f} | {p['kernels_ms_per_step']:.3f} | "
-            f"{p['run_ms_median'] - p['kernels_ms_per_step']:.3f} | {p['kernel_calls_per_step']:.0f} | "
-            f"{p['gemm_ms_per_step']:.3f} ({p['gemm_calls_per_step']:.0f}) | {p['lm_head_ms_per_step']:.3f} | "
-            f"{p['non_gemm_ms_per_step']:.3f} ({p['non_gemm_calls_per_step']:.0f}) |"
+            f"| {name} | {p['run_ms_min']:.3f} / {p['run_ms_median']:.3f} | {p['kernel_calls_per_step']:.0f} | "
+            f"{p['kernels_ms_per_step']:.3f} / {p['kernels_min_ms_per_step']:.3f} | "
+            f"{p['gemm_ms_per_step']:.3f} / {p['gemm_min_ms_per_step']:.3f} ({p['gemm_calls_per_step']:.0f}) | "
+            f"{p['lm_head_ms_per_step']:.3f} / {p['lm_head_min_ms']:.3f} | "
+            f"{p['non_gemm_ms_per_step']:.3f} / {non_gemm_min:.3f} ({p['non_gemm_calls_per_step']:.0f}) |"
         )
     names = list(result["series"])
     ops = sorted({o["op"] for n in names for o in result["profiles"][n]["per_op"]})
     table = {n: {o["op"]: o for o in result["profiles"][n]["per_op"]} for n in names}
     ops.sort(key=lambda op: -max(table[n].get(op, {}).get("ms_per_step", 0) for n in names))
-    lines += ["", "Per op type, ms per step (kernel calls per step), medians as above:", ""]
+    lines += ["", "Per op type, ms per step: median / sum of the nodes' fastest (kernel calls per step):", ""]
     lines.append("| op | " + " | ".join(names) + " |")
     lines.append("| --- |" + " --- |" * len(names))
     for op in ops:
         cells = []
         for n in names:
             o = table[n].get(op)
-            cells.append(f"{o['ms_per_step']:.3f} ({o['calls_per_step']:.0f})" if o else "-")
+            cells.append(
+                f"{o['ms_per_step']:.3f} / {o['min_ms_per_step']:.3f} ({o['calls_per_step']:.0f})" if o else "-"
+            )
         lines.append(f"| {op} | " + " | ".join(cells) + " |")
     for n in names:
         lines += [
@@ -335,11 +360,8 @@ def main() -> None:
     models = {name: load(kind, folder, args.threads, context) for name, (kind, folder) in series.items()}
     timing = time_unprofiled(models, args.rounds, args.round_steps, warmup=2)
     del models
-    profiles = {}
     with tempfile.TemporaryDirectory(prefix="ort_profile_") as tmp:
-        for name, (kind, folder) in series.items():
-            profiles[name] = profile_one(kind, folder, args.threads, context, args.steps, args.warmup, Path(tmp))
-            print(f"{name}: {profiles[name]['kernels_ms_per_step']:.3f} ms of kernels per step (medians)", flush=True)
+        profiles = profile_all(series, args.threads, context, args.steps, args.warmup, Path(tmp))
     result = {
         "provenance": started,
         "load_before": load_before,
