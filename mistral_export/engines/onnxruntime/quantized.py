@@ -7,11 +7,11 @@ int8 per block on the fly, int8 dot products). It beats both the Q/DQ graph ORT 
 far (DESIGN.md, "Quantization facts"; step times in benchmarks/results/decode_cpu.md); at its default
 accuracy level it is ten times slower than fp32, so the level is always set. The block (one activation scale
 per block; our 8-bit weights have one scale per output channel whatever the block) is the largest power of two
-dividing K, at most 128: MLAS has kernels for blocks of 16, 32, 64 and 128 (larger ones go through its generic
-loop), and with the weights streamed from memory, as every decode step streams them, blocks of 128 made the
-~175M config's whole step 8-13% faster than blocks of 512 and 5% faster than blocks of 32 or 64 (2 threads,
-interleaved runs; benchmarks/results/profile_decode_cpu.md). A weight small enough to stay in the CPU's
-last-level cache (a microbenchmark's lone GEMM) shows no such difference, hence the earlier choice of 512.
+dividing K, at most 128. With the weights streamed from memory, as every decode step streams them, blocks of
+128 made the ~175M config's whole int8 step 0.86-0.92x of its time with blocks of 512 (2 threads, interleaved
+runs, benchmarks/results/profile_decode_cpu.md: its GEMMs went from ~28 to ~44 GB/s); 256 was as slow as 512,
+64 and 32 slower than 128. A weight small enough to stay in the CPU's last-level cache (a microbenchmark's lone GEMM)
+shows no such difference, hence the earlier choice of 512.
 
 So the artifact is made in two steps around `optimize_for_runtime`:
 - before: activations, caches and logits become fp32 (fp16 initializers converted, casts retargeted);
