@@ -147,9 +147,9 @@ def test_onnxruntime_artifact_runs_the_same_int8_weights_as_matmulnbits(exported
     assert ops.count("MatMulNBits") == 17 and "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
     for node in (n for n in artifact.graph.node if n.op_type == "MatMulNBits"):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        # Blocks as large as K allows, up to 512 (faster at decode; weights have one scale per output channel).
+        # Blocks as large as K allows, up to 128 (MLAS's fastest at decode; weights have one scale per output channel).
         assert (attrs["bits"], attrs["accuracy_level"]) == (8, 4) and attrs["block_size"] == min(
-            512, attrs["K"] & -attrs["K"]
+            128, attrs["K"] & -attrs["K"]
         )
     # The output projection's bytes are model.onnx's int8 weights (+128, transposed): nothing requantized.
     full = onnx.load(str(path.parent / "model.ort.onnx"))

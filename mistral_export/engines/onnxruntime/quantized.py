@@ -5,10 +5,13 @@ CPU provider has no fp16 GEMM on x86 (it wraps fp16 nodes in casts) and its fast
 contrib op `com.microsoft.MatMulNBits` (bits 8, accuracy_level 4: int8 weights, activations quantized to
 int8 per block on the fly, int8 dot products). It beats both the Q/DQ graph ORT fuses itself and fp32 by
 far (DESIGN.md, "Quantization facts"; step times in benchmarks/results/decode_cpu.md); at its default
-accuracy level it is ten times slower than fp32, so the level is always set. Larger blocks were a little
-faster at decode in an ORT profiler run (one activation scale per block; our weights have one scale per
-output channel whatever the block), with no gain past 512, so a block is the largest power of two
-dividing K, at most 512.
+accuracy level it is ten times slower than fp32, so the level is always set. The block (one activation scale
+per block; our 8-bit weights have one scale per output channel whatever the block) is the largest power of two
+dividing K, at most 128. With the weights streamed from memory, as every decode step streams them, blocks of
+128 made the ~175M config's whole int8 step 0.86-0.92x of its time with blocks of 512 (2 threads, interleaved
+runs, benchmarks/results/profile_decode_cpu.md: its GEMMs went from ~28 to ~44 GB/s); 256 was as slow as 512,
+64 and 32 slower than 128. A weight small enough to stay in the CPU's last-level cache (a microbenchmark's lone GEMM)
+shows no such difference, hence the earlier choice of 512.
 
 So the artifact is made in two steps around `optimize_for_runtime`:
 - before: activations, caches and logits become fp32 (fp16 initializers converted, casts retargeted);
@@ -32,11 +35,11 @@ from mistral_export.export.precision import PRECISION_KEY
 from mistral_export.export.precision.onnx_weights import add_initializer
 
 QUANTIZED = ("int8", "int8-wo", "int4-awq", "fp8")  # fp8 keeps its Q/DQ pairs (fp32 around them)
-MAX_BLOCK_SIZE = 512
+MAX_BLOCK_SIZE = 128
 
 
 def block_size(k: int) -> int:
-    """MatMulNBits' block for a reduction of K: the largest power of two dividing K, within 16..512 (no padding
+    """MatMulNBits' block for a reduction of K: the largest power of two dividing K, within 16..128 (no padding
     unless K is not a multiple of 16)."""
     return max(16, min(MAX_BLOCK_SIZE, k & -k))
 
