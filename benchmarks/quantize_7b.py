@@ -206,7 +206,16 @@ def main() -> None:
                 write_results(args, checkpoint_bytes, write_seconds, runs, origin)  # each run kept as soon as it ends
     finally:
         if not args.keep:
-            shutil.rmtree(args.work, ignore_errors=True)
+            if args.checkpoint:  # a checkpoint the user passed is theirs, wherever it lies: only this run's files go
+                for path in args.work.iterdir():
+                    if path.resolve() == checkpoint.resolve():
+                        continue
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(args.work, ignore_errors=True)
 
 
 def write_results(args, checkpoint_bytes: int, write_seconds: float, runs: dict, origin: dict) -> None:
