@@ -32,8 +32,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ PR_SET_PDEATHSIG = 1
 SHUTDOWN_FILE_ENV = "MISTRAL_EXPORT_SHUTDOWN_FILE"  # the server's models see the shutdown begin when it exists
 STUB_NAME = "triton_python_backend_stub"
 WATCH_INTERVAL_S = 0.5
+STUB_SCAN_S = 0.25  # how often a StubWatch looks for the stubs (a /proc walk, about a millisecond)
 FAULT_STOP_TIMEOUT_S = 2.0
 
 
@@ -187,10 +190,58 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+class StubWatch:
+    """The server's Python stubs as a thread records them from the server's start (they start while the models
+    load): a stub killed before `supervise` begins (while the frontend starts), the server aborting with it, is still
+    known and reported as the stub's death. A stub that ended and was followed by another while the server loaded is
+    not a death: the Python backend runs one to complete a model's configuration, ends it, then starts the model's
+    own (whether that one is killed before or after `serve` notices the server is ready)."""
+
+    def __init__(self, process: subprocess.Popen, interval: float = STUB_SCAN_S):
+        self.pid, self.interval = process.pid, interval
+        self.stubs: dict[int, str] = {}  # in the order first seen
+        self.while_loading: set[int] = set()
+        self.loading = True
+        self.lock = threading.Lock()
+        threading.Thread(target=self._record, name="stub-watch", daemon=True).start()
+
+    def seen(self) -> dict[int, str]:
+        """The stubs whose death would be a fault: all recorded, but those replaced while the server loaded."""
+        with self.lock:
+            order = list(self.stubs)
+            replaced = {
+                pid
+                for i, pid in enumerate(order)
+                if any(later in self.while_loading for later in order[i + 1 :]) and not running(pid)
+            }
+            return {pid: model for pid, model in self.stubs.items() if pid not in replaced}
+
+    def ready(self) -> None:
+        with self.lock:
+            self.loading = False
+
+    def _record(self) -> None:
+        while True:
+            found = _stubs(self.pid, self.seen())
+            with self.lock:
+                for pid, model in found.items():
+                    if pid not in self.stubs:
+                        self.stubs[pid] = model
+                        if self.loading:
+                            self.while_loading.add(pid)
+            try:
+                _wait_unreaped(self.pid, self.interval)  # not reaped: stop() still needs the server's pid
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+_watches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # server process -> its StubWatch
+
+
 def supervise(process: subprocess.Popen, interval: float = WATCH_INTERVAL_S) -> None:
     """Return when the server exits; when one of its Python stubs dies first, stop the server and raise ServerFault."""
-    # The stubs are there once the server is ready: known from the start, a stub killed before the first interval
-    # ends (and the server aborting with it) is still reported as the stub's death.
+    watch = _watches.get(process)
     stubs = _stubs(process.pid, {})
     while True:
         try:
@@ -198,6 +249,8 @@ def supervise(process: subprocess.Popen, interval: float = WATCH_INTERVAL_S) -> 
             exited = True
         except subprocess.TimeoutExpired:
             exited = False
+        if watch is not None:
+            stubs.update(watch.seen())
         for pid, model in stubs.items():
             if not running(pid):  # the server may abort with it (a lock the stub held in shared memory)
                 # No clean shutdown to wait for: Triton cannot unload a model whose stub is gone.
@@ -260,8 +313,10 @@ def running_server(repository: Path, ports: Ports, host: str = "127.0.0.1", log=
             stdout=log,
             stderr=subprocess.STDOUT if log is not None else None,
         )
+        _watches[process] = watch = StubWatch(process)
         try:
             wait_ready(process, host, ports.http)
+            watch.ready()
             yield process
         finally:
             stop(process, announce=shutdown_file(Path(work)))
