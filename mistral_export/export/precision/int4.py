@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mistral_export.errors import MistralExportError
-from mistral_export.export.precision.int8 import quantize_per_output_channel
+from mistral_export.export.precision.int8 import BLOCK_ELEMENTS, quantize_per_output_channel
 from mistral_export.export.precision.quantized_weights import QuantizedWeights
 from mistral_export.export.weight_streaming import WeightSlot
 from mistral_export.model.config import ModelConfig
@@ -59,10 +59,16 @@ def round_to_grid_(weight: Tensor, block_size: int) -> Tensor:
     times)."""
     n, k = weight.shape
     blocks = weight.view(n, k // block_size, block_size)
-    scale = (torch.maximum(blocks.amax(-1, keepdim=True), blocks.amin(-1, keepdim=True).neg_()) / INT4_MAX).half()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+    scale = block_scales(blocks).float().unsqueeze(-1)
     blocks.div_(scale).round_().clamp_(-INT4_MAX, INT4_MAX).mul_(scale)
     return weight
+
+
+def block_scales(blocks: Tensor) -> Tensor:
+    """fp16 scale of each block (the last axis): max|w| / 7 computed in fp32 (without an |w| copy); 1 for an all-zero
+    block."""
+    scale = (torch.maximum(blocks.amax(-1), blocks.amin(-1).neg_()).float() / INT4_MAX).half()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def quantize_blocks(weight: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
@@ -71,8 +77,7 @@ def quantize_blocks(weight: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     even."""
     n, k = weight.shape
     blocks = weight.float().reshape(n, k // block_size, block_size)
-    scale = (blocks.abs().amax(-1) / INT4_MAX).half()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = block_scales(blocks)
     values = blocks.div(scale.float().unsqueeze(-1)).round_().clamp_(-INT4_MAX, INT4_MAX).to(torch.int8)
     return values, scale
 
@@ -103,7 +108,7 @@ class Int4Weights(QuantizedWeights):
         n, k = weight.shape
         packed = torch.empty((n // 2, k), dtype=torch.uint8)
         scales = torch.empty((n, k // self.block_size), dtype=torch.float16)
-        step = max(2, (1 << 23) // k // 2 * 2)  # rows at a time: small fp32 temporaries whatever the tensor
+        step = max(2, BLOCK_ELEMENTS // k // 2 * 2)  # an even count of rows: whole bytes of packed pairs
         for start in range(0, n, step):
             # Quantized from the fp16 value the graph would hold (the trace dtype), as the INT8 weights are.
             rows = weight[start : start + step].detach().to("cpu", torch.float16)
