@@ -240,18 +240,16 @@ _watches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # server proc
 
 
 def supervise(process: subprocess.Popen, interval: float = WATCH_INTERVAL_S) -> None:
-    """Return when the server exits; when one of its Python stubs dies first, stop the server and raise ServerFault."""
-    watch = _watches.get(process)
-    stubs = _stubs(process.pid, {})
+    """Return when the server exits; when one of its Python stubs dies first, stop the server and raise ServerFault.
+    PROCESS comes from `running_server`, whose StubWatch has recorded the stubs since the server started."""
+    watch = _watches[process]
     while True:
         try:
             _wait_unreaped(process.pid, interval)
             exited = True
         except subprocess.TimeoutExpired:
             exited = False
-        if watch is not None:
-            stubs.update(watch.seen())
-        for pid, model in stubs.items():
+        for pid, model in watch.seen().items():
             if not running(pid):  # the server may abort with it (a lock the stub held in shared memory)
                 # No clean shutdown to wait for: Triton cannot unload a model whose stub is gone.
                 stop(process, timeout=FAULT_STOP_TIMEOUT_S)
@@ -261,7 +259,6 @@ def supervise(process: subprocess.Popen, interval: float = WATCH_INTERVAL_S) -> 
                 )
         if exited:
             return
-        stubs.update(_stubs(process.pid, stubs))  # stubs start while models load (and again if Triton restarts one)
 
 
 def _stubs(server_pid: int, known: dict[int, str]) -> dict[int, str]:
