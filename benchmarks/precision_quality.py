@@ -6,10 +6,11 @@ over held-out text (the standard-library files tools/train_tiny.py held out of t
 reads them: 3 files x 384 tokens, prefilled in chunks of the window). Against the fp32 eager model: top-1 agreement
 and the perplexity ratio, beside the bars in validate/thresholds.py.
 
-Variants: int4-awq as shipped (AWQ, blocks of 128, lm_head int8), blocks of 64 and 32, --no-awq (round-to-nearest),
-the lm_head in 4 bits too; fp8 as shipped (lm_head fp16) and with the lm_head in E4M3 too; int8-wo for reference.
-Then the fixture with activation-outlier channels injected (fp32 function unchanged, tests/test_precision.py's
-`outlier_model`): AWQ against round-to-nearest. The lm_head variants patch the module constant that names it.
+Variants: int4-awq as shipped (AWQ, blocks of 128, the lm_head in 4 bits), the lm_head int8 (the previous
+choice), blocks of 64 and 32, --no-awq (round-to-nearest); fp8 as shipped (lm_head fp16) and with the lm_head in E4M3 too; int8-wo for reference. Then the
+fixture with activation-outlier channels injected (fp32 function unchanged, tests/test_precision.py's
+`outlier_model`): AWQ against round-to-nearest. The variants that are not shipped patch a module constant (the
+name of fp8's lm_head) or the int4 weight transform for the run.
 
     python benchmarks/precision_quality.py [--out benchmarks/results/precision_quality]
 """
@@ -31,8 +32,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
 from mistral_export.export.precision import CalibrationOptions, export_precision
+import mistral_export.export.precision as precision_module
 from mistral_export.export.precision import fp8 as fp8_module
-from mistral_export.export.precision import int4 as int4_module
+from mistral_export.export.precision.int4 import Int4Weights
+from mistral_export.export.precision.int8 import quantize_per_output_channel
 from mistral_export.model.checkpoint import load_model
 from mistral_export.model.config import TINY_DIR
 from mistral_export.runners.base import EagerRunner, prefill
@@ -60,20 +63,22 @@ def variant(
     reference,
     ids,
     *,
-    lm_head_quantized: bool = False,
+    patches: tuple = (),
     artifact: bool = True,
     **options,
 ) -> dict:
-    """Export MODEL in PRECISION with OPTIONS, then measure model.onnx and its ONNX Runtime artifact."""
-    lm_head = (int4_module.LM_HEAD, fp8_module.LM_HEAD)
-    if lm_head_quantized:  # no weight is named so: the lm_head is quantized like every other GEMM
-        int4_module.LM_HEAD = fp8_module.LM_HEAD = "<none>"
+    """Export MODEL in PRECISION with OPTIONS (and module attributes PATCHES, (module, name, value) each, set for
+    the export), then measure model.onnx and its ONNX Runtime artifact."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
     started = time.perf_counter()
     try:
         calibration = CalibrationOptions(tokenizer=TINY_DIR)
         path = export_precision(model, folder, precision, calibration=calibration, **options)
     finally:
-        int4_module.LM_HEAD, fp8_module.LM_HEAD = lm_head
+        for module, name, value in saved:
+            setattr(module, name, value)
     write_onnxruntime_artifact(path)  # its artifact.json describes the folder for the runner
     row = {
         "export_seconds": round(time.perf_counter() - started, 1),
@@ -84,6 +89,19 @@ def variant(
     if artifact:
         row["model.ort.onnx"] = measure(OnnxRuntimeRunner(path), reference, ids)
     return row
+
+
+class Int8LmHead(Int4Weights):
+    """The previous int4-awq: the lm_head int8, one scale per output channel (as int8-wo)."""
+
+    def storage(self, sources):
+        return torch.int8 if any(source.startswith("output.") for source in sources) else torch.int4
+
+    def quantize(self, weight, dtype):
+        return quantize_per_output_channel(weight) if dtype == torch.int8 else super().quantize(weight, dtype)
+
+    def dequantize_attributes(self, slot):
+        return {"axis": 1} if slot.dtype == torch.int8 else super().dequantize_attributes(slot)
 
 
 def main() -> None:
@@ -98,13 +116,13 @@ def main() -> None:
     eager.reset(ids.shape[0])
     reference = prefill(eager, ids, CHUNK)
     plan = [
-        ("int4-awq", "int4-awq (shipped: AWQ, blocks of 128, lm_head int8)", {}),
+        ("int4-awq", "int4-awq (shipped: AWQ, blocks of 128, lm_head int4)", {}),
+        ("int4-awq", "int4-awq, lm_head int8", {"patches": ((precision_module, "Int4Weights", Int8LmHead),)}),
         ("int4-awq", "int4-awq, blocks of 64", {"int4_block_size": 64}),
         ("int4-awq", "int4-awq, blocks of 32", {"int4_block_size": 32}),
         ("int4-awq", "int4-awq --no-awq (round-to-nearest)", {"awq": False}),
-        ("int4-awq", "int4-awq, lm_head in 4 bits too", {"lm_head_quantized": True}),
         ("fp8", "fp8 (shipped: lm_head fp16)", {}),
-        ("fp8", "fp8, lm_head in E4M3 too", {"lm_head_quantized": True}),
+        ("fp8", "fp8, lm_head in E4M3 too", {"patches": ((fp8_module, "LM_HEAD", "<none>"),)}),
         ("int8-wo", "int8-wo (reference)", {}),
     ]
     rows = []

@@ -198,8 +198,8 @@ def _export_w4a16(
         {
             "method": "W4A16 AWQ" if use_awq else "W4A16 round-to-nearest",
             "awq": use_awq,
-            "weights": f"int4, symmetric, one fp16 scale per block of {block_size} along K and output channel; "
-            "lm_head int8, one scale per output channel",
+            "weights": f"int4, symmetric, one fp16 scale per block of {block_size} along K and output channel, "
+            "the lm_head included",
             "block_size": block_size,
             "activations": "float16",
             **({"calibration": calibration.describe()} if use_awq else {}),

@@ -7,9 +7,12 @@ positive scale per block), read by DequantizeLinear(axis=0, block_size) at opset
 strongly typed TensorRT engine runs it as INT4 weight-only GEMMs; ONNX Runtime's CPU provider runs it too, and the
 ONNX Runtime artifact turns each into MatMulNBits over the same values and scales.
 
-The output projection (lm_head) is kept at 8 bits (int8, one scale per output channel, as int8-wo): AutoAWQ and
-llm-awq keep it fp16 because 4 bits there costs the most quality of any layer; 8 bits costs almost none at half
-the bytes (the measured numbers are in the README's precision table). The embedding and the norms stay fp16.
+The output projection (lm_head) is in 4 bits too, as onnxruntime-genai's int4 export has it: on a model of
+Mistral 7B's shapes it is 2% of the GEMM weights, but on small configs a large share of a decode step (a quarter of
+the ~175M benchmark config's), and at 8 bits it held int4's step to 0.8x int8's. AWQ's clipping search (awq.py)
+wins back part of what 4 bits cost there; the measured numbers, with the 8-bit lm_head beside them, are in the
+README's precision table. The embedding (a row gathered per token, never streamed whole) and the norms stay fp16,
+as in AutoAWQ, ModelOpt and onnxruntime-genai.
 
 Weights are quantized as they stream into model.onnx.data (quantized_weights.py): no fp16 copy of the model.
 ONNX Runtime's `quantize_qdq_matmul_4bits` (what `matmul_nbits_quantizer` packs with) scales each block by its
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mistral_export.errors import MistralExportError
-from mistral_export.export.precision.int8 import BLOCK_ELEMENTS, quantize_per_output_channel
+from mistral_export.export.precision.int8 import BLOCK_ELEMENTS
 from mistral_export.export.precision.quantized_weights import QuantizedWeights
 from mistral_export.export.weight_streaming import WeightSlot
 from mistral_export.model.config import ModelConfig
@@ -33,7 +36,6 @@ BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK_SIZE = 128
 INT4_MAX = 7
 OPSET = 21  # DequantizeLinear's block_size and the INT4 type
-LM_HEAD = "output."  # the output projection's weight name prefix (kept at 8 bits)
 
 
 def check_block_size(block_size: int, config: ModelConfig | None = None) -> None:
@@ -90,21 +92,19 @@ def pack_int4(values: Tensor) -> Tensor:
 
 
 class Int4Weights(QuantizedWeights):
-    """int4-awq's weight transform for `export_graph`: INT4 blocks along K for every GEMM but the lm_head (int8)."""
+    """int4-awq's weight transform for `export_graph`: INT4 blocks along K for every GEMM."""
 
     def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE):
         super().__init__()
         self.block_size = block_size
 
     def describe(self) -> str:
-        return f"int4 GEMM weights in blocks of {self.block_size}, the lm_head int8"
+        return f"int4 GEMM weights in blocks of {self.block_size}"
 
     def storage(self, sources: tuple[str, ...]) -> torch.dtype:
-        return torch.int8 if any(source.startswith(LM_HEAD) for source in sources) else torch.int4
+        return torch.int4
 
     def quantize(self, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
-        if dtype == torch.int8:
-            return quantize_per_output_channel(weight)
         n, k = weight.shape
         packed = torch.empty((n // 2, k), dtype=torch.uint8)
         scales = torch.empty((n, k // self.block_size), dtype=torch.float16)
@@ -117,4 +117,4 @@ class Int4Weights(QuantizedWeights):
         return packed, scales.T.contiguous().numpy()  # scales [K / block_size, N]
 
     def dequantize_attributes(self, slot: WeightSlot) -> dict:
-        return {"axis": 1} if slot.dtype == torch.int8 else {"axis": 0, "block_size": self.block_size}
+        return {"axis": 0, "block_size": self.block_size}
