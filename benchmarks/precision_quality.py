@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import mistral_export.export.precision as precision_module
 from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
 from mistral_export.export.precision import CalibrationOptions, export_precision
-import mistral_export.export.precision as precision_module
 from mistral_export.export.precision import fp8 as fp8_module
 from mistral_export.export.precision.int4 import Int4Weights
 from mistral_export.export.precision.int8 import quantize_per_output_channel
