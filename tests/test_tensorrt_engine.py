@@ -2,8 +2,8 @@
 
 Here (no TensorRT): profile shapes from the options, artifact.json as the build folder reads it, the compatibility check
 fed recorded descriptions of "this GPU", and the exported graph's shape that in-place cache aliasing relies on.
-Where TensorRT and a GPU are present (markers `tensorrt`, `gpu`; run by benchmarks/gpu_check.sh): fp16 and int8
-engines of a 2-layer model through `build`, their `mistral` nodes as plugin layers, TensorRT against ONNX Runtime
+Where TensorRT and a GPU are present (markers `tensorrt`, `gpu`; run by benchmarks/gpu_check.sh): fp16, int8,
+int4-awq and fp8 (Ada and later) engines of a 2-layer model through `build`, their `mistral` nodes as plugin layers, TensorRT against ONNX Runtime
 through Polygraphy's Comparator and through the runner interface past the window, and the refusal of an engine
 recorded for another GPU.
 """
@@ -11,6 +11,7 @@ recorded for another GPU.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -174,24 +175,32 @@ def test_exported_cache_outputs_can_alias_their_inputs(fp16_onnx):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-GPU_CONFIG = small_config(head_dim=64, heads=8, kv_heads=2, window=32, layers=2, hidden=128, vocab=97, intermediate=192)
+# vocab: the tiny fixture's tokenizer's, for the calibrated precisions; K (128, 192, 512) takes int4 blocks of 64.
+GPU_CONFIG = small_config(
+    head_dim=64, heads=8, kv_heads=2, window=32, layers=2, hidden=128, vocab=2048, intermediate=192
+)
 
 
-@pytest.fixture(scope="module", params=["fp16", "int8"])
+@pytest.fixture(scope="module", params=["fp16", "int8", "int4-awq", "fp8"])
 def engine_build(request, tmp_path_factory):
-    from mistral_export.model.checkpoint import random_model
-    from mistral_export.pipeline.build import build
+    from mistral_export.model.checkpoint import random_model, save_hf_checkpoint
+    from mistral_export.model.config import TINY_DIR
+    from mistral_export.pipeline.build import PrecisionOptions, build
 
     out = tmp_path_factory.mktemp(f"trt-{request.param}")
     model = random_model(GPU_CONFIG, seed=0)
+    checkpoint = out / "checkpoint"  # a folder with a tokenizer: calibration reads text
+    save_hf_checkpoint(model, checkpoint)
+    shutil.copy(TINY_DIR / "tokenizer.json", checkpoint / "tokenizer.json")
     options = EngineOptions(max_batch=2, opt_batch=1, max_chunk=80, timing_cache=out / "timing.cache")
+    quantization = PrecisionOptions(int4_block_size=64, calib_samples=8, calib_seq_len=64)
     try:
-        build(model, out, request.param, "tensorrt", engine_options=options)
+        build(checkpoint, out, request.param, "tensorrt", engine_options=options, precision_options=quantization)
     except MistralExportError as exc:
-        if "not available yet" in str(exc):  # int8 comes with the precision issue
+        if "FP8 tensor cores" in str(exc):  # this GPU is older than Ada: the refusal is the expected outcome
             pytest.skip(str(exc))
         raise
-    build(model, out, request.param, "onnxruntime")  # the reference beside it, from the same ONNX
+    build(checkpoint, out, request.param, "onnxruntime", precision_options=quantization)  # the reference beside it
     return out, request.param, model
 
 
@@ -282,8 +291,6 @@ def test_tensorrt_runner_matches_onnxruntime_runner_past_the_window(engine_build
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_engine_recorded_for_another_gpu_is_refused_before_running(engine_build, tmp_path):
-    import shutil
-
     from mistral_export.runners.tensorrt import TensorRTRunner
 
     out, _, _ = engine_build
