@@ -441,6 +441,21 @@ def test_metrics_of_known_logits():
     assert not any(c["passed"] for c in checks(with_nan, "fp32", "prefill") if c["metric"] != "top1_agreement")
 
 
+def test_a_cases_top1_bar_allows_for_its_sample_and_the_pooled_bar_does_not():
+    def top1(agreeing: int, positions: int, kind: str) -> bool:
+        metrics = {"nonfinite_logits": 0, "positions": positions, "top1_agreement": agreeing / positions}
+        [bar] = [c for c in checks(metrics, "fp8", kind) if c["metric"] == "top1_agreement"]
+        return bar["passed"]
+
+    bar = THRESHOLDS["fp8"]["top1_agreement"]
+    # 197 positions at 97%: one standard error is 1.2 points, so the case's bar is 93.4%.
+    assert top1(190, 197, "prefill") and top1(184, 197, "prefill") and not top1(183, 197, "prefill")
+    assert not top1(190, 197, "pooled") and top1(math.ceil(bar * 2017), 2017, "pooled")
+    assert not top1(math.ceil(bar * 2017) - 1, 2017, "pooled")
+    # The allowance shrinks with the positions: 1684 held-out positions at 95.7% fail (bar 95.75%).
+    assert not top1(round(0.957 * 1684), 1684, "heldout") and top1(round(0.96 * 1684), 1684, "heldout")
+
+
 def test_greedy_match_counts_ties_only_within_one_fp16_step():
     # Eager's two best logits 8.000 and 7.995 (a tie: within 2^-10 * 8), then 8.00 and 7.98 (not one).
     eager = torch.tensor([[8.0, 7.995, 0.0], [8.0, 7.98, 0.0], [8.0, 7.995, 0.0]])

@@ -279,8 +279,8 @@ def markdown(report: dict) -> str:
     window = f"W={build['window']}" if build["window"] else f"no window, capacity {build['cache_capacity']}"
     lines.append(
         f"{len(ran)} artifact(s) of `{build['dir']}` against the fp32 eager model ({build['model_name']}, "
-        f"{window}){', --quick' if report['options']['quick'] else ''}. A value's bar (validate/thresholds.py) "
-        "follows it in brackets; latency columns are artifact / eager (time: < 1 is faster; tokens/s: > 1 "
+        f"{window}){', --quick' if report['options']['quick'] else ''}. A value's bar (validate/thresholds.py; a case's top-1 "
+        "bar less its sampling noise) follows it in brackets; latency columns are artifact / eager (time: < 1 is faster; tokens/s: > 1 "
         "is faster)."
     )
     lines.append("")
