@@ -166,6 +166,14 @@ def test_onnxruntime_artifact_runs_the_same_int8_weights_as_matmulnbits(exported
     )
     np.testing.assert_array_equal(packed.reshape(2048, -1)[:, :256].astype(np.int16) - 128, weight.T)
     assert (path.parent / "model.ort.onnx.data").exists()
+    # The embedding stays fp16 (model.onnx's values), only its gathered rows cast to the fp32 activations.
+    [table] = [i for i in full.graph.initializer if i.name == "tok_embeddings.weight"]
+    [original] = [i for i in portable.graph.initializer if i.name == "tok_embeddings.weight"]
+    assert table.data_type == onnx.TensorProto.FLOAT16
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(table), onnx.numpy_helper.to_array(original))
+    [gather] = [n for n in artifact.graph.node if n.op_type == "Gather" and n.input[0] == table.name]
+    [cast] = [n for n in artifact.graph.node if list(n.input) == [gather.output[0]]]
+    assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT
 
 
 @needs_tiny
