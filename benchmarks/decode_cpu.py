@@ -51,7 +51,7 @@ from mistral_export.runners.base import EagerRunner
 from mistral_export.runners.onnxruntime import OnnxRuntimeRunner, session_options
 
 from provenance import markdown as provenance_markdown
-from provenance import provenance
+from provenance import provenance, save_results
 
 SEED = 0  # of the synthetic model's random weights
 SYNTHETIC_170M = ModelConfig(
@@ -655,10 +655,7 @@ def main() -> None:
         "notes": notes,
         "node_counts": counts,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save_results(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

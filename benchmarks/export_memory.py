@@ -31,7 +31,7 @@ from mistral_export.model.checkpoint import internal_to_hf
 from mistral_export.model.config import load_config
 from mistral_export.model.transformer import Transformer
 
-from provenance import RESULTS, provenance
+from provenance import RESULTS, provenance, save_results
 from provenance import markdown as provenance_markdown
 
 CHILD = """
@@ -161,10 +161,7 @@ def main() -> None:
         },
         "provenance": origin,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save_results(args.out, result, markdown(result))
 
 
 def markdown(r: dict) -> str:

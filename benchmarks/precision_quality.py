@@ -44,7 +44,7 @@ from mistral_export.validate.thresholds import THRESHOLDS
 
 from helpers import CHUNK, held_out_ids, outlier_model, perplexity
 from provenance import markdown as provenance_markdown
-from provenance import provenance
+from provenance import provenance, save_results
 
 
 def measure(runner, reference: torch.Tensor, ids: torch.Tensor) -> dict:
@@ -143,8 +143,6 @@ def main() -> None:
         "rows": rows,
         "thresholds": {p: THRESHOLDS[p] for p in ("int4-awq", "fp8", "int8-wo")},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# int4-awq and fp8 quality on the tiny fixture (and the choices behind them)",
         "",
@@ -169,8 +167,7 @@ def main() -> None:
             f"{r['model.onnx']['top1_agreement']:.1%} | {r['model.onnx']['perplexity_ratio']:.4f} | "
             + (f"{ort['top1_agreement']:.1%} | {ort['perplexity_ratio']:.4f} |" if ort else "- | - |")
         )
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results(args.out, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from mistral_export.runners.onnxruntime import OnnxRuntimeRunner, session_options
 
 from provenance import markdown as provenance_markdown
-from provenance import provenance
+from provenance import provenance, save_results
 
 
 def profiled_options(threads: int, prefix: str | None) -> ort.SessionOptions:
@@ -378,10 +378,7 @@ def main() -> None:
         "timing": timing,
         "profiles": profiles,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save_results(args.out, result, markdown(result), indent=1)
 
 
 if __name__ == "__main__":

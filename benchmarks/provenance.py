@@ -7,6 +7,7 @@ commit comes from MISTRAL_EXPORT_COMMIT if set.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -84,6 +85,14 @@ def markdown(p: dict) -> str:
         f"Commit `{p['git_commit']}`; command `{p['command']}`; started {p['started']}.\n"
         f"Machine: {gpu}{m['cpu']}, {m['cores']} cores, {m['memory']}. Versions: {versions}.\n"
     )
+
+
+def save_results(out: Path, result: dict, text: str, indent: int = 2) -> None:
+    """OUT.json (RESULT) and OUT.md (TEXT), the folder made; TEXT printed too."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=indent) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 def gpu_tag() -> str:

@@ -39,7 +39,7 @@ from mistral_export.model.checkpoint import internal_to_hf
 from mistral_export.model.config import TINY_DIR, load_config
 from mistral_export.model.transformer import Transformer
 
-from provenance import RESULTS, provenance
+from provenance import RESULTS, provenance, save_results
 from provenance import markdown as provenance_markdown
 
 TARGET_PEAK_OVER_CHECKPOINT = 0.25
@@ -233,10 +233,7 @@ def write_results(args, checkpoint_bytes: int, write_seconds: float, runs: dict,
         "runs": runs,
         "provenance": origin,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save_results(args.out, result, markdown(result))
 
 
 def markdown(r: dict) -> str:

@@ -18,7 +18,6 @@ Writes benchmarks/results/serve_soak.{md,json} (with commit, command, versions, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import random
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.provenance import markdown as provenance_markdown
-from benchmarks.provenance import provenance
+from benchmarks.provenance import provenance, save_results
 from mistral_export.artifacts.folder import find_artifacts
 from mistral_export.deploy.processes import PROC, descendants
 from mistral_export.deploy.repository import package
@@ -298,8 +297,6 @@ def main() -> None:
         "serve_exit_code": stopped,
         "serve_stderr_errors": [line for line in serve_log.splitlines() if line.startswith("error:")],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
     met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     p50s = [m["p50_ms"] for m in per_minute]
     lines = [
@@ -338,8 +335,7 @@ def main() -> None:
         "deadline. Cancelled requests are the clients' own disconnects (their requests end on the server with a "
         "CANCELLED error nobody reads).",
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results(args.out, document, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
