@@ -709,6 +709,10 @@ def serve(
                     typer.echo(f"error: {fault}; stopping the server (restart `mistral-export serve`)", err=True)
                     raise typer.Exit(1) from None
     except KeyboardInterrupt:
+        # The server is stopped and its group killed: nothing is left for a second Ctrl-C or `kill` to stop. One that
+        # came now (the user pressing again as serve exits) would escape click and end serve as killed by SIGINT.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         typer.echo("stopped tritonserver", err=True)
         return
     if process.returncode not in (0, -signal.SIGTERM):
