@@ -8,8 +8,8 @@ rounds, interleaved, all on the same threads: ours with a random cache and past_
 (cost depends only on the cache's capacity W), genai prefilled to the context (its cache grows).
 
 genai runs in its own venv, benchmarks/.venv-genai, created on first use (`genai_python`); the worker is
-benchmarks/genai_decode.py. The floor is the bytes a step must read (GEMM weights at the precision's
-width, plus the cache) over the fastest read measured in the same run, between the series of every round
+benchmarks/genai_decode.py. The floor is the bytes a step must read (the GEMM initializers of the
+file each series runs, plus the cache) over the fastest read measured in the same run, between the series of every round
 (the best of numpy's matrix-vector product, torch's threaded sum and ONNX Runtime's own fp32 MatMul on a
 1 x K input, the kernel a decode step runs, each over 512 MiB).
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -35,11 +36,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mistral_export.artifacts.description import ArtifactDescription
 from mistral_export.engines.onnxruntime.artifact import write_onnxruntime_artifact
 from mistral_export.errors import MistralExportError
 from mistral_export.export.onnx_export import export_onnx
@@ -65,13 +68,6 @@ SYNTHETIC_170M = ModelConfig(
     sliding_window=256,
     name="synthetic-170m",
 )
-
-
-def step_bytes(config: ModelConfig, bytes_per_element: int = 4) -> tuple[int, int]:
-    """(weight bytes read per decode step, cache bytes read per step)."""
-    weights = config.parameter_count() - config.vocab_size * config.hidden_size + config.hidden_size
-    cache = config.kv_cache_bytes(config.cache_capacity, bytes_per_element)
-    return weights * bytes_per_element, cache
 
 
 def time_steps(runner, past: int, steps: int, warmup: int) -> list[float]:
@@ -234,20 +230,48 @@ class ReadFloor:
         return max(self.best.values())
 
 
-def precision_step_bytes(config: ModelConfig, precision: str) -> int:
-    """Weight bytes a decode step reads (GEMM weights at the precision's width) plus the cache (fp32 on ORT CPU
-    for fp32 and the quantized artifacts, fp16 for fp16). int4-awq's artifact: half a byte per weight and an fp32
-    scale per block of 128, its lm_head at one byte; genai's int4: every GEMM, lm_head included, half a byte per
-    weight and an fp32 scale per block of 32 (its builder's CPU defaults, read from its model.onnx)."""
-    weights, _ = step_bytes(config, 1)
-    cache = config.kv_cache_bytes(config.cache_capacity, 2 if precision == "fp16" else 4)
-    lm_head = config.vocab_size * config.hidden_size
-    if precision == "int4-awq":
-        return int((weights - lm_head) * (0.5 + 4 / 128) + lm_head) + cache
-    if precision == "int4":
-        return int(weights * (0.5 + 4 / 32)) + cache
-    width = {"fp32": 4, "fp16": 2, "int8": 1, "int8-wo": 1, "fp8": 4}[precision]  # fp8: dequantized to fp32
-    return weights * width + cache
+GEMM_OPS = ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+WEIGHT_PRODUCERS = ("DequantizeLinear", "Cast", "Transpose", "Reshape")  # ops between an initializer and a GEMM
+
+
+def gemm_read_bytes(model_path: Path) -> int:
+    """Bytes of the initializers the GEMMs of MODEL_PATH read each step (weights, scales, zero points, also
+    through a DequantizeLinear or Cast in front of the GEMM), from the file's own tensor types and shapes. The floor
+    follows the file each series runs: a formula per precision went stale when int4-awq's lm_head went to 4 bits."""
+    graph = onnx.load(model_path, load_external_data=False).graph
+    sizes = {}
+    for tensor in graph.initializer:
+        count = math.prod(tensor.dims)
+        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            sizes[tensor.name] = (count + 1) // 2
+        else:
+            sizes[tensor.name] = count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    producers = {out: node for node in graph.node for out in node.output}
+    read: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in sizes:
+            read.add(name)
+        elif (node := producers.get(name)) is not None and node.op_type in WEIGHT_PRODUCERS:
+            for source in node.input:
+                visit(source)
+
+    for node in graph.node:
+        if node.op_type in GEMM_OPS:
+            for name in node.input[1:]:  # input 0 is the activation
+                visit(name)
+    return sum(sizes[name] for name in read)
+
+
+def runner_file(model_path: Path) -> Path:
+    """The ONNX file OnnxRuntimeRunner loads for the export at MODEL_PATH (its artifact.json names it)."""
+    return model_path.parent / ArtifactDescription.read(model_path.parent).file
+
+
+def step_read_bytes(config: ModelConfig, model_path: Path, precision: str) -> int:
+    """What a decode step at W must read: MODEL_PATH's GEMM initializers, and a full cache (fp32 on ONNX Runtime's
+    CPU provider, fp16 for fp16)."""
+    return gemm_read_bytes(model_path) + config.kv_cache_bytes(config.cache_capacity, 2 if precision == "fp16" else 4)
 
 
 EXPORTS = ROOT / "build" / "decode_cpu"  # exports kept between runs
@@ -373,19 +397,20 @@ def bench_model(name: str, model, seed: int, args) -> dict:
         for label, context in contexts
     ]
     by = {r["context"]: r for r in rows}
-    floors = {
-        p: 1e3 * precision_step_bytes(config, p) / bandwidth for p in {*runners, *(GENAI_PRECISIONS if genai else ())}
-    }
+    files = {p: runner_file(path) for p, path in paths.items()}
+    if genai:
+        files |= {f"genai-{p}": folder / "model.onnx" for p, folder in genai.folders.items()}
+    floors = {s: 1e3 * step_read_bytes(config, file, s.removeprefix("genai-")) / bandwidth for s, file in files.items()}
     # Each series at W beside the time its bytes take at the fastest read measured (genai's: its precision's).
     at_floor = [
         {
             "series": s,
-            "floor_ms": floors[s.removeprefix("genai-")],
+            "floor_ms": floors[s],
             "ms_min": by["W"][f"{s}_ms_min"],
-            "over_floor": by["W"][f"{s}_ms_min"] / floors[s.removeprefix("genai-")],
+            "over_floor": by["W"][f"{s}_ms_min"] / floors[s],
         }
         for s in series
-        if s.removeprefix("genai-") in floors and "W" in by
+        if s in floors and "W" in by
     ]
     checks = {}
 
@@ -413,6 +438,9 @@ def bench_model(name: str, model, seed: int, args) -> dict:
         if "fp16" in sizes:
             checks["int4-awq_weight_bytes_over_fp16"] = sizes["int4-awq"] / sizes["fp16"]
             checks["int4-awq_weight_bytes_at_most_0.3x_fp16"] = checks["int4-awq_weight_bytes_over_fp16"] <= 0.3
+            # The same without the embedding table and norms, which int4-awq keeps in fp16
+            gemm = {p: gemm_read_bytes(paths[p]) for p in ("int4-awq", "fp16")}
+            checks["int4-awq_gemm_weight_bytes_over_fp16"] = gemm["int4-awq"] / gemm["fp16"]
         if w and "int8" in runners:
             checks["int4-awq_over_int8_at_W"] = w["int4-awq_ms_min"] / w["int8_ms_min"]
             checks["int4-awq_at_most_0.6x_int8_at_W"] = checks["int4-awq_over_int8_at_W"] <= 0.6
@@ -548,8 +576,8 @@ def markdown(result: dict) -> str:
         "Batch 1, S=1. Ours: the cache is random and past_len set to the context (W rows: cost does not "
         "depend on the position). genai: prefilled to the context with real tokens (its cache grows). Each context "
         "is raced on its own, every series' steps interleaved over rounds (each round starting with another "
-        "series); checks use the fastest step of each series (the machine is shared), medians beside. Floor = bytes a step must read (GEMM weights at the "
-        "precision's width + the cache) / the fastest read bandwidth measured in the same run (the best of "
+        "series); checks use the fastest step of each series (the machine is shared), medians beside. Floor = bytes a step must read (the GEMM "
+        "initializers of the file the series runs: weights, scales; + the cache) / the fastest read bandwidth measured in the same run (the best of "
         "numpy's matrix-vector product, torch's threaded sum and ONNX Runtime's fp32 MatMul of a 1 x K input, "
         "each over 512 MiB, measured twice per round between the series).",
         "",
