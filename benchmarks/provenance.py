@@ -21,13 +21,14 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def git_commit() -> str:
-    """HEAD's hash, marked when tracked files differ from it (the numbers then come from uncommitted code)."""
+    """HEAD's hash, marked when tracked files other than results differ from it (the numbers then come from
+    uncommitted code; a results file rewritten by an earlier run is not code)."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
         ).stdout.strip()
         changed = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":!{RESULTS.relative_to(REPO)}"],
             cwd=REPO,
             capture_output=True,
             text=True,
