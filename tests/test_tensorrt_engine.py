@@ -201,7 +201,7 @@ def engine_build(request, tmp_path_factory):
             pytest.skip(str(exc))
         raise
     build(checkpoint, out, request.param, "onnxruntime", precision_options=quantization)  # the reference beside it
-    return out, request.param, model
+    return out, request.param
 
 
 def _engine_artifact(out):
@@ -215,7 +215,7 @@ def test_mistral_nodes_become_plugin_layers(engine_build):
     import tensorrt as trt
     from polygraphy.backend.trt import EngineFromPath
 
-    out, _, _ = engine_build
+    out, _ = engine_build
     artifact = _engine_artifact(out)
     engine = EngineFromPath(str(artifact.folder / "model.plan"))()
     inspector = engine.create_engine_inspector()
@@ -238,7 +238,7 @@ def test_engine_matches_onnxruntime_through_polygraphy_comparator(engine_build):
     from polygraphy.backend.trt import EngineFromPath, TrtRunner
     from polygraphy.comparator import Comparator, SimpleCompareFunc
 
-    out, precision, _ = engine_build
+    out, precision = engine_build
     artifact = _engine_artifact(out)
     onnx_path = out / "onnx" / precision / "model.onnx"
     window, c = GPU_CONFIG.sliding_window, GPU_CONFIG
@@ -270,7 +270,7 @@ def test_tensorrt_runner_matches_onnxruntime_runner_past_the_window(engine_build
     from mistral_export.runners import open_runner
     from mistral_export.runners.base import prefill
 
-    out, precision, _ = engine_build
+    out, precision = engine_build
     trt_runner = open_runner(select_artifact(out, "tensorrt", precision))
     ort_runner = open_runner(select_artifact(out, "onnxruntime", precision))
     window = GPU_CONFIG.sliding_window
@@ -293,7 +293,7 @@ def test_tensorrt_runner_matches_onnxruntime_runner_past_the_window(engine_build
 def test_engine_recorded_for_another_gpu_is_refused_before_running(engine_build, tmp_path):
     from mistral_export.runners.tensorrt import TensorRTRunner
 
-    out, _, _ = engine_build
+    out, _ = engine_build
     copy = tmp_path / "engine"
     shutil.copytree(_engine_artifact(out).folder, copy)
     document = json.loads((copy / "artifact.json").read_text())
