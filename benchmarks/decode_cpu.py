@@ -234,18 +234,26 @@ GEMM_OPS = ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFl
 WEIGHT_PRODUCERS = ("DequantizeLinear", "Cast", "Transpose", "Reshape")  # ops between an initializer and a GEMM
 
 
-def gemm_read_bytes(model_path: Path) -> int:
-    """Bytes of the initializers the GEMMs of MODEL_PATH read each step (weights, scales, zero points, also
-    through a DequantizeLinear or Cast in front of the GEMM), from the file's own tensor types and shapes. The floor
-    follows the file each series runs: a formula per precision went stale when int4-awq's lm_head went to 4 bits."""
-    graph = onnx.load(model_path, load_external_data=False).graph
+def graph_of(model_path: Path) -> onnx.GraphProto:
+    """MODEL_PATH's main graph, its external weights left unread (their types and shapes are in the file)."""
+    return onnx.load(model_path, load_external_data=False).graph
+
+
+def itemsize(data_type: int) -> int:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+
+
+def gemm_read_bytes(graph: onnx.GraphProto) -> int:
+    """Bytes of the initializers the GEMMs of GRAPH read each step (weights, scales, zero points, also through a
+    DequantizeLinear or Cast in front of the GEMM), from the file's own tensor types and shapes. The floor follows
+    the file each series runs: a formula per precision went stale when int4-awq's lm_head went to 4 bits."""
     sizes = {}
     for tensor in graph.initializer:
         count = math.prod(tensor.dims)
         if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
             sizes[tensor.name] = (count + 1) // 2
         else:
-            sizes[tensor.name] = count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            sizes[tensor.name] = count * itemsize(tensor.data_type)
     producers = {out: node for node in graph.node for out in node.output}
     read: set[str] = set()
 
@@ -268,10 +276,12 @@ def runner_file(model_path: Path) -> Path:
     return model_path.parent / ArtifactDescription.read(model_path.parent).file
 
 
-def step_read_bytes(config: ModelConfig, model_path: Path, precision: str) -> int:
-    """What a decode step at W must read: MODEL_PATH's GEMM initializers, and a full cache (fp32 on ONNX Runtime's
-    CPU provider, fp16 for fp16)."""
-    return gemm_read_bytes(model_path) + config.kv_cache_bytes(config.cache_capacity, 2 if precision == "fp16" else 4)
+def step_read_bytes(config: ModelConfig, model_path: Path) -> int:
+    """What a decode step at W must read: MODEL_PATH's GEMM initializers, and a full cache of the type of its
+    past_key_values inputs."""
+    graph = graph_of(model_path)
+    [cache_type] = {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past_key_values.")}
+    return gemm_read_bytes(graph) + config.kv_cache_bytes(config.cache_capacity, itemsize(cache_type))
 
 
 EXPORTS = ROOT / "build" / "decode_cpu"  # exports kept between runs
@@ -400,7 +410,7 @@ def bench_model(name: str, model, seed: int, args) -> dict:
     files = {p: runner_file(path) for p, path in paths.items()}
     if genai:
         files |= {f"genai-{p}": folder / "model.onnx" for p, folder in genai.folders.items()}
-    floors = {s: 1e3 * step_read_bytes(config, file, s.removeprefix("genai-")) / bandwidth for s, file in files.items()}
+    floors = {s: 1e3 * step_read_bytes(config, file) / bandwidth for s, file in files.items()}
     # Each series at W beside the time its bytes take at the fastest read measured (genai's: its precision's).
     at_floor = [
         {
@@ -439,7 +449,7 @@ def bench_model(name: str, model, seed: int, args) -> dict:
             checks["int4-awq_weight_bytes_over_fp16"] = sizes["int4-awq"] / sizes["fp16"]
             checks["int4-awq_weight_bytes_at_most_0.3x_fp16"] = checks["int4-awq_weight_bytes_over_fp16"] <= 0.3
             # The same without the embedding table and norms, which int4-awq keeps in fp16
-            gemm = {p: gemm_read_bytes(paths[p]) for p in ("int4-awq", "fp16")}
+            gemm = {p: gemm_read_bytes(graph_of(paths[p])) for p in ("int4-awq", "fp16")}
             checks["int4-awq_gemm_weight_bytes_over_fp16"] = gemm["int4-awq"] / gemm["fp16"]
         if w and "int8" in runners:
             checks["int4-awq_over_int8_at_W"] = w["int4-awq_ms_min"] / w["int8_ms_min"]
